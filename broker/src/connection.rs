@@ -1,0 +1,858 @@
+//! One task per client connection: read → decode → act on the session → route; drain the
+//! session's mailbox → encode → write. Reads and writes are multiplexed in one `select!` so a
+//! client that does not read cannot stall us reading its acks, and a client that floods us
+//! cannot make us buffer without bound (reading stops while our write buffer is full).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::broker::Broker;
+use crate::codec::{
+    self, Ack, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, Packet,
+    ProtocolVersion, Publish, PublishProperties, PublishQoS, QoS, ReasonCode, SubAck, Subscribe,
+    TopicName, UnsubAck, Unsubscribe,
+};
+use crate::message::{Delivery, Message};
+use crate::metrics::METRICS;
+use crate::session::{Inflight, Kick, NEVER_EXPIRES, PendingWill, Stage, Subscription};
+
+/// Facts about the listener a connection came through.
+#[derive(Debug)]
+pub struct ListenerInfo {
+    /// Listener name, for logs.
+    pub name: String,
+    /// Whether unauthenticated clients may connect.
+    pub allow_anonymous: bool,
+}
+
+/// Stop taking deliveries from the mailbox once this much is waiting to be written.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Stop reading from the client while this much is waiting to be written to it.
+const OUT_READ_LIMIT: usize = 1024 * 1024;
+/// Most deliveries taken from the mailbox in one go.
+const DRAIN_BATCH: usize = 256;
+/// How long a closing connection tries to flush its last packets.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// DISCONNECT with reason 0x00: the will is discarded.
+    Normal,
+    /// DISCONNECT with any other reason (0x04 asks for the will explicitly).
+    ClientWithWill,
+    /// The socket closed or failed without DISCONNECT.
+    Lost,
+    /// The client broke the protocol; MQTT 5 clients are told why.
+    Error(ReasonCode),
+    /// No packet within 1.5 × keep alive (MQTT-3.1.2-24).
+    KeepAlive,
+    /// Another connection took the session (MQTT-3.1.4-3).
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl Close {
+    /// The DISCONNECT reason sent to an MQTT 5 client, if one is sent.
+    fn reason(self) -> Option<ReasonCode> {
+        match self {
+            Close::Error(r) => Some(r),
+            Close::KeepAlive => Some(ReasonCode::KeepAliveTimeout),
+            Close::TakenOver => Some(ReasonCode::SessionTakenOver),
+            Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
+            Close::Normal | Close::ClientWithWill | Close::Lost => None,
+        }
+    }
+}
+
+/// Serves one client until it disconnects, fails, is taken over, or the broker stops.
+pub async fn run<R, W>(
+    broker: Arc<Broker>,
+    listener: Arc<ListenerInfo>,
+    peer: SocketAddr,
+    mut rd: R,
+    mut wr: W,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let cfg = &broker.config.mqtt;
+    let mut inbuf = BytesMut::with_capacity(4096);
+    let deadline = Duration::from_secs(cfg.connect_timeout);
+    let first = tokio::select! {
+        _ = broker.shutdown.cancelled() => return,
+        r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, cfg.max_packet_size)) => r,
+    };
+    let connect = match first {
+        Err(_) => {
+            tracing::info!("no CONNECT within {}s: closing", cfg.connect_timeout);
+            return;
+        }
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => return,
+        Ok(Err(ReadError::Io(e))) => {
+            tracing::debug!(error = %e, "read failed before CONNECT");
+            return;
+        }
+        Ok(Err(ReadError::Decode(e))) => {
+            tracing::info!(error = %e.error, "bad CONNECT: closing");
+            refuse_connect(&mut wr, &e).await;
+            return;
+        }
+    };
+    tracing::trace!(%peer, "CONNECT received");
+    let mut conn = match Conn::accept(&broker, &listener, *connect, &mut wr).await {
+        Some(c) => c,
+        None => return,
+    };
+    let close = conn.serve(&mut rd, &mut wr, inbuf).await;
+    conn.finish(close, &mut wr).await;
+}
+
+#[derive(Debug)]
+enum ReadError {
+    Io(std::io::Error),
+    Decode(codec::ConnectError),
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: u32,
+) -> Result<Option<Box<Connect>>, ReadError> {
+    loop {
+        match codec::decode_connect(buf, max) {
+            Ok(Some(c)) => return Ok(Some(c)),
+            Ok(None) => {}
+            Err(e) => return Err(ReadError::Decode(e)),
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// Answers a CONNECT that could not be decoded: MQTT 5 gets a CONNACK with the reason code;
+/// an unsupported protocol level gets the CONNACK its version family understands
+/// (MQTT-3.1.2-2, MQTT 5 §3.1.2.2); other 3.x errors just close.
+async fn refuse_connect<W: AsyncWrite + Unpin>(wr: &mut W, e: &codec::ConnectError) {
+    let (version, reason) = match (&e.error, e.version) {
+        (DecodeError::UnsupportedProtocolVersion { level }, _) => {
+            let v = if *level > 5 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V3_1_1
+            };
+            (v, ReasonCode::UnsupportedProtocolVersion)
+        }
+        (DecodeError::NotConnect, _) => return,
+        (err, Some(ProtocolVersion::V5)) => (ProtocolVersion::V5, err.reason_code()),
+        _ => return,
+    };
+    let ack = ConnAck {
+        session_present: false,
+        reason,
+        properties: ConnAckProperties::default(),
+    };
+    let mut out = BytesMut::new();
+    if codec::encode_packet(&Packet::ConnAck(ack), version, &mut out).is_ok() {
+        let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&out)).await;
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// A connected client.
+struct Conn {
+    broker: Arc<Broker>,
+    version: ProtocolVersion,
+    state: crate::session::SessionState,
+    conn_id: u64,
+    kick: tokio::sync::oneshot::Receiver<Kick>,
+    out: BytesMut,
+    batch: VecDeque<Delivery>,
+    /// Outbound inflight window: min(client Receive Maximum, max_inflight).
+    window: usize,
+    /// The client's Maximum Packet Size.
+    client_max_packet: usize,
+    /// Topic aliases the client defined (index = alias − 1).
+    alias_in: Vec<Option<TopicName>>,
+    /// Topic aliases we defined toward the client, and how many it allows.
+    alias_out: HashMap<TopicName, NonZeroU16>,
+    alias_out_max: u16,
+    will: Option<PendingWill>,
+    keep_alive: Option<Duration>,
+    /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
+    connect_expiry: u32,
+}
+
+impl Conn {
+    /// Validates the CONNECT, attaches the session and sends CONNACK. `None` when the
+    /// connection was refused (CONNACK with an error was sent) or failed.
+    async fn accept<W: AsyncWrite + Unpin>(
+        broker: &Arc<Broker>,
+        listener: &ListenerInfo,
+        c: Connect,
+        wr: &mut W,
+    ) -> Option<Conn> {
+        let cfg = &broker.config.mqtt;
+        let v = c.protocol;
+        let refuse = |reason: ReasonCode, why: &'static str| {
+            tracing::info!(reason = ?reason, client_id = %c.client_id, "connection refused: {why}");
+            ConnAck {
+                session_present: false,
+                reason,
+                properties: ConnAckProperties::default(),
+            }
+        };
+        let mut refusal = None;
+        let mut assigned = None;
+        if c.client_id.is_empty() {
+            if v == ProtocolVersion::V3_1 || !cfg.allow_empty_client_id {
+                refusal = Some(refuse(
+                    ReasonCode::ClientIdentifierNotValid,
+                    "empty client id",
+                ));
+            } else if v == ProtocolVersion::V3_1_1 && !c.clean_start {
+                // MQTT-3.1.3-8: an empty id needs Clean Session = 1.
+                refusal = Some(refuse(
+                    ReasonCode::ClientIdentifierNotValid,
+                    "empty client id with clean session 0",
+                ));
+            } else {
+                assigned = Some(assign_client_id());
+            }
+        }
+        if refusal.is_none() && !listener.allow_anonymous {
+            refusal = Some(refuse(
+                ReasonCode::NotAuthorized,
+                "anonymous clients are not allowed on this listener",
+            ));
+        }
+        if refusal.is_none() && c.properties.authentication_method.is_some() {
+            refusal = Some(refuse(
+                ReasonCode::BadAuthenticationMethod,
+                "enhanced authentication is not supported",
+            ));
+        }
+        if refusal.is_none() && !cfg.retain_available && c.will.as_ref().is_some_and(|w| w.retain) {
+            refusal = Some(refuse(ReasonCode::RetainNotSupported, "retained will"));
+        }
+        if let Some(ack) = refusal {
+            let mut out = BytesMut::new();
+            if codec::encode_packet(&Packet::ConnAck(ack), v, &mut out).is_ok() {
+                let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&out)).await;
+            }
+            let _ = wr.shutdown().await;
+            return None;
+        }
+
+        let client_id: Arc<str> = match &assigned {
+            Some(id) => Arc::from(id.as_str()),
+            None => Arc::from(c.client_id.as_str()),
+        };
+        tracing::Span::current().record("client_id", &*client_id);
+
+        let requested_expiry = if v.is_v5() {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            NEVER_EXPIRES
+        };
+        let expiry = requested_expiry.min(cfg.max_session_expiry);
+
+        let mut server_keep_alive = None;
+        let mut keep_alive = c.keep_alive;
+        if v.is_v5()
+            && (keep_alive > cfg.max_keep_alive
+                || (keep_alive == 0 && cfg.max_keep_alive < u16::MAX))
+        {
+            keep_alive = cfg.max_keep_alive;
+            server_keep_alive = Some(keep_alive);
+        }
+
+        let window = c
+            .properties
+            .receive_maximum
+            .map_or(usize::from(cfg.max_inflight), |r| {
+                usize::from(r.get().min(cfg.max_inflight))
+            });
+
+        let will = c.will.as_ref().map(|w| {
+            let now = Instant::now();
+            let msg = Message {
+                topic: w.topic.clone(),
+                payload: w.payload.clone(),
+                qos: w.qos,
+                retain: w.retain,
+                properties: w.properties.message.clone(),
+                expires_at: w
+                    .properties
+                    .message
+                    .message_expiry_interval
+                    .map(|s| now + Duration::from_secs(u64::from(s))),
+                origin: 0,
+            };
+            (msg, w.properties.will_delay_interval.unwrap_or(0))
+        });
+
+        let att = broker
+            .sessions
+            .attach(client_id.clone(), c.clean_start, expiry)
+            .await;
+        let will = will.map(|(mut msg, delay)| {
+            msg.origin = att.state.key;
+            PendingWill {
+                msg: Arc::new(msg),
+                delay,
+            }
+        });
+
+        let mut props = ConnAckProperties::default();
+        if v.is_v5() {
+            if requested_expiry != expiry {
+                props.session_expiry_interval = Some(expiry);
+            }
+            props.receive_maximum = NonZeroU16::new(cfg.receive_maximum);
+            props.maximum_packet_size = NonZeroU32::new(cfg.max_packet_size);
+            props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+            props.assigned_client_identifier = assigned;
+            props.server_keep_alive = server_keep_alive;
+            if !cfg.retain_available {
+                props.retain_available = Some(false);
+            }
+            props.wildcard_subscription_available = Some(true);
+            props.subscription_identifiers_available = Some(true);
+            props.shared_subscription_available = Some(true);
+        }
+        let ack = ConnAck {
+            session_present: att.present,
+            reason: ReasonCode::Success,
+            properties: props,
+        };
+        let mut conn = Conn {
+            broker: broker.clone(),
+            version: v,
+            state: att.state,
+            conn_id: att.conn,
+            kick: att.kick,
+            out: BytesMut::with_capacity(8 * 1024),
+            batch: VecDeque::new(),
+            window,
+            client_max_packet: c.properties.maximum_packet_size.map_or(usize::MAX, |m| {
+                usize::try_from(m.get()).unwrap_or(usize::MAX)
+            }),
+            alias_in: Vec::new(),
+            alias_out: HashMap::new(),
+            alias_out_max: c.properties.topic_alias_maximum.unwrap_or(0),
+            will,
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            connect_expiry: requested_expiry,
+        };
+        conn.send(&Packet::ConnAck(ack));
+        tracing::debug!(version = %v, clean_start = c.clean_start, present = att.present, keep_alive, "connected");
+        conn.resend_inflight();
+        Some(conn)
+    }
+
+    /// The main loop.
+    async fn serve<R, W>(&mut self, rd: &mut R, wr: &mut W, mut inbuf: BytesMut) -> Close
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mailbox = self.state.mailbox.clone();
+        let shutdown = self.broker.shutdown.clone();
+        let max_packet = self.broker.config.mqtt.max_packet_size;
+        let mut last_rx = Instant::now();
+        let ka = self.keep_alive;
+        let ka_sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(ka_sleep);
+
+        // Packets that arrived together with CONNECT.
+        if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
+            return close;
+        }
+        loop {
+            self.fill();
+            let want_read = self.out.len() < OUT_READ_LIMIT;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Close::Shutdown,
+                k = &mut self.kick => {
+                    match k {
+                        Ok(Kick::TakenOver) => return Close::TakenOver,
+                        // The registry dropped our kick sender: only on takeover races;
+                        // nothing to do but keep serving.
+                        Err(_) => self.kick = tokio::sync::oneshot::channel().1,
+                    }
+                }
+                r = wr.write_buf(&mut self.out), if !self.out.is_empty() => {
+                    match r {
+                        Ok(0) | Err(_) => return Close::Lost,
+                        Ok(_) => {}
+                    }
+                }
+                r = rd.read_buf(&mut inbuf), if want_read => {
+                    match r {
+                        Ok(0) | Err(_) => return Close::Lost,
+                        Ok(_) => {
+                            last_rx = Instant::now();
+                            if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
+                                return close;
+                            }
+                        }
+                    }
+                }
+                _ = mailbox.notified() => {}
+                _ = &mut ka_sleep, if ka.is_some() => {
+                    let limit = ka.unwrap_or_default();
+                    let idle = last_rx.elapsed();
+                    if idle >= limit {
+                        tracing::info!("keep alive timeout");
+                        return Close::KeepAlive;
+                    }
+                    ka_sleep.as_mut().reset(tokio::time::Instant::now() + (limit - idle));
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in `inbuf`.
+    fn handle_input(&mut self, inbuf: &mut BytesMut, max_packet: u32) -> Option<Close> {
+        loop {
+            match codec::decode_packet(inbuf, self.version, max_packet) {
+                Ok(Some(p)) => {
+                    if let Some(close) = self.handle(p) {
+                        return Some(close);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::info!(error = %e, "bad packet: closing");
+                    return Some(Close::Error(e.reason_code()));
+                }
+            }
+        }
+    }
+
+    /// Sends the connection's last words, publishes or keeps the will, and gives the session
+    /// back to the registry.
+    async fn finish<W: AsyncWrite + Unpin>(mut self, close: Close, wr: &mut W) {
+        tracing::debug!(?close, "closing");
+        if self.version.is_v5()
+            && let Some(reason) = close.reason()
+        {
+            self.send(&Packet::Disconnect(Disconnect::new(reason)));
+        }
+        if !self.out.is_empty() {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&self.out)).await;
+        }
+        let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
+        // Deliveries taken from the mailbox but not sent go back to it, in order.
+        let unsent = std::mem::take(&mut self.batch);
+        if !unsent.is_empty() {
+            self.state.mailbox.unshift(unsent.into_iter());
+        }
+        let will = match close {
+            Close::Normal | Close::Shutdown => None,
+            _ => self.will.take(),
+        };
+        self.broker.sessions.detach(self.conn_id, self.state, will);
+    }
+
+    /// Encodes a packet into the write buffer.
+    fn send(&mut self, p: &Packet) {
+        if let Err(e) = codec::encode_packet(p, self.version, &mut self.out) {
+            tracing::warn!(error = %e, packet = p.name(), "cannot encode packet");
+        }
+    }
+
+    /// Resends, with DUP, every unacknowledged PUBLISH and PUBREL of a resumed session
+    /// (MQTT-4.4.0-1).
+    fn resend_inflight(&mut self) {
+        let inflight = std::mem::take(&mut self.state.inflight);
+        let now = Instant::now();
+        for f in &inflight {
+            match f.stage {
+                Stage::AwaitComp => self.send(&Packet::PubRel(Ack::success(f.id))),
+                Stage::AwaitAck | Stage::AwaitRec => {
+                    if let Some(p) = self.build_publish(&f.delivery, Some(f.id), true, now) {
+                        self.send(&Packet::Publish(p));
+                    }
+                }
+            }
+        }
+        self.state.inflight = inflight;
+    }
+
+    /// Moves deliveries from the mailbox into the write buffer, within the inflight window.
+    fn fill(&mut self) {
+        if self.out.len() >= OUT_HIGH_WATER {
+            return;
+        }
+        let credits = self.window.saturating_sub(self.state.inflight.len());
+        let mut batch = std::mem::take(&mut self.batch);
+        self.state.mailbox.drain(&mut batch, DRAIN_BATCH, credits);
+        let now = Instant::now();
+        while let Some(d) = batch.pop_front() {
+            self.deliver(d, now);
+            if self.out.len() >= OUT_HIGH_WATER * 4 {
+                break;
+            }
+        }
+        self.batch = batch;
+        if !self.batch.is_empty() {
+            // Hand the rest back so order holds and a later fill takes them first.
+            let rest = std::mem::take(&mut self.batch);
+            self.state.mailbox.unshift(rest.into_iter());
+        }
+    }
+
+    /// Sends one delivery: drops it if expired or too large for the client, otherwise
+    /// assigns a packet identifier (QoS 1/2) and encodes it.
+    fn deliver(&mut self, d: Delivery, now: Instant) {
+        if d.msg.is_expired(now) {
+            METRICS.expired_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let id = if d.qos == QoS::AtMostOnce {
+            None
+        } else {
+            match self.state.allocate_id() {
+                Some(id) => Some(id),
+                None => return,
+            }
+        };
+        let Some(p) = self.build_publish(&d, id, false, now) else {
+            return;
+        };
+        self.send(&Packet::Publish(p));
+        METRICS.publish_sent.fetch_add(1, Ordering::Relaxed);
+        if let Some(id) = id {
+            let stage = if d.qos == QoS::AtLeastOnce {
+                Stage::AwaitAck
+            } else {
+                Stage::AwaitRec
+            };
+            self.state.inflight.push_back(Inflight {
+                id,
+                delivery: d,
+                stage,
+            });
+        }
+    }
+
+    /// Builds the PUBLISH for a delivery, or `None` if it exceeds the client's Maximum
+    /// Packet Size (then it is dropped for this client only, MQTT-3.1.2-25).
+    fn build_publish(
+        &mut self,
+        d: &Delivery,
+        id: Option<crate::codec::PacketId>,
+        dup: bool,
+        now: Instant,
+    ) -> Option<Publish> {
+        let qos = match id {
+            Some(id) => PublishQoS::with_id(d.qos, id),
+            None => PublishQoS::AtMostOnce,
+        };
+        let mut properties = PublishProperties::default();
+        if self.version.is_v5() {
+            properties.message = d.msg.properties.clone();
+            properties.message.message_expiry_interval = d.msg.remaining_expiry(now);
+            properties.subscription_identifiers = d.sub_ids.clone();
+        }
+        let mut p = Publish {
+            dup: dup && qos != PublishQoS::AtMostOnce,
+            qos,
+            retain: d.retain,
+            topic: Some(d.msg.topic.clone()),
+            payload: d.msg.payload.clone(),
+            properties,
+        };
+        if codec::publish_len(&p, self.version) > self.client_max_packet {
+            METRICS.too_large_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(topic = %d.msg.topic, "message larger than the client's maximum packet size: dropped");
+            return None;
+        }
+        if self.alias_out_max > 0 && !dup {
+            match self.alias_out.get(&d.msg.topic) {
+                Some(alias) => {
+                    p.topic = None;
+                    p.properties.topic_alias = Some(*alias);
+                }
+                None => {
+                    let next = u16::try_from(self.alias_out.len() + 1).unwrap_or(u16::MAX);
+                    if next <= self.alias_out_max
+                        && let Some(alias) = NonZeroU16::new(next)
+                    {
+                        self.alias_out.insert(d.msg.topic.clone(), alias);
+                        p.properties.topic_alias = Some(alias);
+                    }
+                }
+            }
+        }
+        Some(p)
+    }
+
+    /// Acts on one packet from the client. `Some` closes the connection.
+    fn handle(&mut self, p: Packet) -> Option<Close> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p).err().map(Close::Error),
+            Packet::PubAck(a) => {
+                if let Some(i) = self.state.inflight_position(a.packet_id)
+                    && self
+                        .state
+                        .inflight
+                        .get(i)
+                        .is_some_and(|f| f.stage == Stage::AwaitAck)
+                {
+                    self.state.inflight.remove(i);
+                }
+                None
+            }
+            Packet::PubRec(a) => {
+                let pos = self.state.inflight_position(a.packet_id);
+                match pos.and_then(|i| self.state.inflight.get_mut(i).map(|f| (i, f))) {
+                    Some((i, f)) if f.stage == Stage::AwaitRec || f.stage == Stage::AwaitComp => {
+                        if a.reason.is_error() {
+                            // The receiver refused it: the flow ends here (MQTT 5 §4.3.3).
+                            self.state.inflight.remove(i);
+                        } else {
+                            f.stage = Stage::AwaitComp;
+                            self.send(&Packet::PubRel(Ack::success(a.packet_id)));
+                        }
+                    }
+                    _ => {
+                        let mut rel = Ack::success(a.packet_id);
+                        if self.version.is_v5() {
+                            rel.reason = ReasonCode::PacketIdentifierNotFound;
+                        }
+                        self.send(&Packet::PubRel(rel));
+                    }
+                }
+                None
+            }
+            Packet::PubComp(a) => {
+                if let Some(i) = self.state.inflight_position(a.packet_id)
+                    && self
+                        .state
+                        .inflight
+                        .get(i)
+                        .is_some_and(|f| f.stage == Stage::AwaitComp)
+                {
+                    self.state.inflight.remove(i);
+                }
+                None
+            }
+            Packet::PubRel(a) => {
+                let mut comp = Ack::success(a.packet_id);
+                if !self.state.inbound_qos2.remove(&a.packet_id) && self.version.is_v5() {
+                    comp.reason = ReasonCode::PacketIdentifierNotFound;
+                }
+                self.send(&Packet::PubComp(comp));
+                None
+            }
+            Packet::Subscribe(s) => {
+                self.on_subscribe(s);
+                None
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                None
+            }
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                None
+            }
+            Packet::Disconnect(d) => Some(self.on_disconnect(d)),
+            Packet::Connect(_) => {
+                tracing::info!("second CONNECT: protocol error");
+                Some(Close::Error(ReasonCode::ProtocolError))
+            }
+            Packet::Auth(_) => {
+                tracing::info!("AUTH without enhanced authentication: protocol error");
+                Some(Close::Error(ReasonCode::ProtocolError))
+            }
+            other => {
+                tracing::info!(
+                    packet = other.name(),
+                    "packet a client may not send: protocol error"
+                );
+                Some(Close::Error(ReasonCode::ProtocolError))
+            }
+        }
+    }
+
+    fn on_publish(&mut self, p: Publish) -> Result<(), ReasonCode> {
+        METRICS.publish_received.fetch_add(1, Ordering::Relaxed);
+        let cfg = &self.broker.config.mqtt;
+        let topic = match (p.topic, p.properties.topic_alias) {
+            (topic, Some(alias)) => {
+                if alias.get() > cfg.topic_alias_maximum {
+                    tracing::info!(alias = alias.get(), "topic alias above our maximum");
+                    return Err(ReasonCode::TopicAliasInvalid);
+                }
+                let slot = usize::from(alias.get() - 1);
+                match topic {
+                    Some(t) => {
+                        if self.alias_in.len() <= slot {
+                            self.alias_in.resize(slot + 1, None);
+                        }
+                        if let Some(s) = self.alias_in.get_mut(slot) {
+                            *s = Some(t.clone());
+                        }
+                        t
+                    }
+                    None => match self.alias_in.get(slot).cloned().flatten() {
+                        Some(t) => t,
+                        None => {
+                            tracing::info!(alias = alias.get(), "unknown topic alias");
+                            return Err(ReasonCode::ProtocolError);
+                        }
+                    },
+                }
+            }
+            (Some(t), None) => t,
+            (None, None) => return Err(ReasonCode::ProtocolError),
+        };
+        if p.retain && !cfg.retain_available {
+            return Err(ReasonCode::RetainNotSupported);
+        }
+        let now = Instant::now();
+        let msg = Arc::new(Message {
+            topic,
+            payload: p.payload,
+            qos: p.qos.qos(),
+            retain: p.retain,
+            expires_at: p
+                .properties
+                .message
+                .message_expiry_interval
+                .map(|s| now + Duration::from_secs(u64::from(s))),
+            properties: p.properties.message,
+            origin: self.state.key,
+        });
+        match p.qos {
+            PublishQoS::AtMostOnce => {
+                self.broker.router.route(&msg);
+            }
+            PublishQoS::AtLeastOnce(id) => {
+                self.broker.router.route(&msg);
+                self.send(&Packet::PubAck(Ack::success(id)));
+            }
+            PublishQoS::ExactlyOnce(id) => {
+                if !self.state.inbound_qos2.contains(&id) {
+                    if self.state.inbound_qos2.len() >= usize::from(cfg.receive_maximum) {
+                        tracing::info!(
+                            "more QoS 2 messages awaiting PUBREL than our Receive Maximum"
+                        );
+                        return Err(ReasonCode::ReceiveMaximumExceeded);
+                    }
+                    self.broker.router.route(&msg);
+                    self.state.inbound_qos2.insert(id);
+                }
+                self.send(&Packet::PubRec(Ack::success(id)));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) {
+        let id = s.properties.subscription_identifier;
+        let sub = self.state.subscriber();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        let now = Instant::now();
+        for (filter, options) in s.filters {
+            let is_new = self.broker.router.subscribe(&sub, &filter, options, id);
+            self.state
+                .subscriptions
+                .insert(filter.clone(), Subscription { options, id });
+            reasons.push(ReasonCode::granted(options.qos));
+            // Retained messages are never sent for shared subscriptions (MQTT 5 §4.8.2).
+            let send_retained = filter.share_group().is_none()
+                && match options.retain_handling {
+                    codec::RetainHandling::SendAtSubscribe => true,
+                    codec::RetainHandling::SendIfNew => is_new,
+                    codec::RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                for m in self.broker.router.retained_matching(filter.filter(), now) {
+                    retained.push(Delivery {
+                        qos: m.qos.min(options.qos),
+                        msg: m,
+                        retain: true,
+                        sub_ids: id.into_iter().collect(),
+                        shared: None,
+                    });
+                }
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: Default::default(),
+        }));
+        for d in retained {
+            let _ = self.state.mailbox.push(d);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            let existed = self.state.subscriptions.remove(&filter).is_some();
+            self.broker.router.unsubscribe(self.state.key, &filter);
+            reasons.push(if existed {
+                ReasonCode::Success
+            } else {
+                ReasonCode::NoSubscriptionExisted
+            });
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: Default::default(),
+        }));
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Close {
+        if let Some(e) = d.properties.session_expiry_interval {
+            if self.connect_expiry == 0 && e != 0 {
+                // MQTT-3.14.2-2: a session that was to end with the connection cannot be
+                // made persistent at DISCONNECT.
+                return Close::Error(ReasonCode::ProtocolError);
+            }
+            self.state.expiry = e.min(self.broker.config.mqtt.max_session_expiry);
+        }
+        if d.reason == ReasonCode::Success {
+            Close::Normal
+        } else {
+            Close::ClientWithWill
+        }
+    }
+}
+
+/// A client identifier for a client that sent none: unique within this process and unlikely
+/// to collide with ids clients choose.
+fn assign_client_id() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::BuildHasher;
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let salt = RandomState::new().hash_one(n);
+    format!("sandpiper-{salt:016x}{n:x}")
+}

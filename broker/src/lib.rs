@@ -1,0 +1,17 @@
+//! Sandpiper: an MQTT 3.1, 3.1.1 and 5.0 broker whose policy and integrations are
+//! WebAssembly components.
+//!
+//! Data flows one way: `listener` accepts sockets and hands each to a `connection` task,
+//! which decodes packets with `codec`, keeps the client's `session` state and publishes
+//! through the `router`, which queues deliveries in each subscriber's `mailbox`.
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod mailbox;
+pub mod message;
+pub mod metrics;
+pub mod router;
+pub mod session;

@@ -1,0 +1,442 @@
+//! Sessions: the state the broker keeps per client identifier, and the registry that attaches
+//! sessions to connections, hands them over on takeover and expires them.
+//!
+//! While a client is connected its connection task owns the [`SessionState`]; when it goes,
+//! the state comes back to the registry, which keeps it until it expires (running the will
+//! delay and session expiry timers) or a new connection takes it. Only the [`Mailbox`] is
+//! shared with the router at all times, so nothing on the hot path takes the registry lock.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use crate::codec::{PacketId, SubscriptionOptions, TopicFilter};
+use crate::mailbox::{Mailbox, QueueLimits};
+use crate::message::{ClientKey, Delivery, Message};
+use crate::router::{Router, Subscriber};
+
+/// Session expiry meaning "never".
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+/// How long a new connection waits for the connection it takes over to hand its session
+/// back.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One subscription of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscription {
+    /// Its options.
+    pub options: SubscriptionOptions,
+    /// Its MQTT 5 subscription identifier.
+    pub id: Option<NonZeroU32>,
+}
+
+/// Where an outbound QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitComp,
+}
+
+/// An outbound QoS 1/2 message not yet fully acknowledged.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    /// Its packet identifier.
+    pub id: PacketId,
+    /// What was sent.
+    pub delivery: Delivery,
+    /// Where the handshake stands.
+    pub stage: Stage,
+}
+
+/// Everything the broker keeps for one client identifier.
+#[derive(Debug)]
+pub struct SessionState {
+    /// The client identifier.
+    pub client_id: Arc<str>,
+    /// The key of this session instance in the router.
+    pub key: ClientKey,
+    /// The queue the router delivers into.
+    pub mailbox: Arc<Mailbox>,
+    /// Subscriptions by filter (as sent, with any share prefix).
+    pub subscriptions: HashMap<TopicFilter, Subscription>,
+    /// Outbound QoS 1/2 messages in the order they were sent.
+    pub inflight: VecDeque<Inflight>,
+    /// The next packet identifier to try.
+    pub next_id: PacketId,
+    /// Inbound QoS 2 packet identifiers awaiting PUBREL (delivered once, MQTT-4.3.3).
+    pub inbound_qos2: HashSet<PacketId>,
+    /// Session Expiry Interval in seconds; [`NEVER_EXPIRES`] for never, 0 for "ends with the
+    /// connection".
+    pub expiry: u32,
+}
+
+impl SessionState {
+    /// The router's view of this session.
+    pub fn subscriber(&self) -> Subscriber {
+        Subscriber {
+            key: self.key,
+            mailbox: self.mailbox.clone(),
+        }
+    }
+
+    /// Allocates a packet identifier not used by any message in flight.
+    pub fn allocate_id(&mut self) -> Option<PacketId> {
+        for _ in 0..u16::MAX {
+            let id = self.next_id;
+            self.next_id = id.next();
+            if !self.inflight.iter().any(|f| f.id == id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Finds an inflight message by identifier. Acknowledgements come mostly in order, so
+    /// the front is checked first.
+    pub fn inflight_position(&self, id: PacketId) -> Option<usize> {
+        self.inflight.iter().position(|f| f.id == id)
+    }
+}
+
+/// A will message waiting for its delay to pass.
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    /// The message to publish.
+    pub msg: Arc<Message>,
+    /// MQTT 5 Will Delay Interval in seconds.
+    pub delay: u32,
+}
+
+/// Why the registry asks a connection to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection with the same client identifier arrived (MQTT 5 reason 0x8E).
+    TakenOver,
+}
+
+/// The result of attaching a connection to a session.
+#[derive(Debug)]
+pub struct Attachment {
+    /// The session, now owned by the connection.
+    pub state: SessionState,
+    /// Whether an existing session was resumed (CONNACK Session Present).
+    pub present: bool,
+    /// Fires when the registry wants this connection closed.
+    pub kick: oneshot::Receiver<Kick>,
+    /// The connection's number, to give back to [`Sessions::detach`].
+    pub conn: u64,
+}
+
+type Handover = (SessionState, Option<PendingWill>);
+
+#[derive(Debug)]
+struct Attached {
+    conn: u64,
+    kick: Option<oneshot::Sender<Kick>>,
+    handover: Option<oneshot::Sender<Handover>>,
+}
+
+#[derive(Debug)]
+struct Detached {
+    state: SessionState,
+    will: Option<PendingWill>,
+    generation: u64,
+    timer: Option<AbortHandle>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Attached(Attached),
+    Detached(Detached),
+}
+
+/// The registry of sessions by client identifier.
+#[derive(Debug)]
+pub struct Sessions {
+    router: Arc<Router>,
+    limits: QueueLimits,
+    slots: Mutex<HashMap<Arc<str>, Slot>>,
+    next_key: AtomicU64,
+    next_conn: AtomicU64,
+}
+
+impl Sessions {
+    /// An empty registry delivering through `router`.
+    pub fn new(router: Arc<Router>, limits: QueueLimits) -> Sessions {
+        Sessions {
+            router,
+            limits,
+            slots: Mutex::new(HashMap::new()),
+            next_key: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Slot>> {
+        // Each critical section below is a handful of map operations without panicking
+        // points, so a poisoned lock still guards a consistent map.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_state(&self, client_id: Arc<str>, expiry: u32) -> SessionState {
+        SessionState {
+            client_id,
+            key: self.next_key.fetch_add(1, Ordering::Relaxed),
+            mailbox: Arc::new(Mailbox::new(self.limits)),
+            subscriptions: HashMap::new(),
+            inflight: VecDeque::new(),
+            next_id: PacketId::FIRST,
+            inbound_qos2: HashSet::new(),
+            expiry,
+        }
+    }
+
+    /// Number of sessions, connected or not.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when there are no sessions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Attaches a new connection to the session of `client_id`, taking it over from a
+    /// connection that holds it (MQTT-3.1.4-3). With `clean_start` any existing session is
+    /// ended first; otherwise it is resumed.
+    pub async fn attach(&self, client_id: Arc<str>, clean_start: bool, expiry: u32) -> Attachment {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let attached = |handover| {
+            Slot::Attached(Attached {
+                conn,
+                kick: Some(kick_tx),
+                handover,
+            })
+        };
+        let (found, waiting) = {
+            let mut slots = self.lock();
+            match slots.remove(&client_id) {
+                Some(Slot::Attached(mut old)) => {
+                    if let Some(k) = old.kick.take() {
+                        let _ = k.send(Kick::TakenOver);
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    slots.insert(client_id.clone(), attached(Some(tx)));
+                    (None, Some(rx))
+                }
+                Some(Slot::Detached(d)) => {
+                    if let Some(t) = &d.timer {
+                        t.abort();
+                    }
+                    slots.insert(client_id.clone(), attached(None));
+                    (Some((d.state, d.will)), None)
+                }
+                None => {
+                    slots.insert(client_id.clone(), attached(None));
+                    (None, None)
+                }
+            }
+        };
+        let found = match waiting {
+            Some(rx) => match tokio::time::timeout(HANDOVER_TIMEOUT, rx).await {
+                Ok(Ok(h)) => Some(h),
+                _ => {
+                    tracing::warn!(client_id = %client_id, "previous connection did not hand its session over; starting a new one");
+                    None
+                }
+            },
+            None => found,
+        };
+        let (mut state, present) = match found {
+            Some((state, _will)) if !clean_start => {
+                // Reconnected before the will delay passed: the will is not sent
+                // (MQTT 5 §3.1.3.2.2).
+                (state, true)
+            }
+            Some((state, will)) => {
+                if let Some(w) = will {
+                    self.router.route(&w.msg);
+                }
+                self.end(state);
+                (self.new_state(client_id, expiry), false)
+            }
+            None => (self.new_state(client_id, expiry), false),
+        };
+        state.expiry = expiry;
+        state.mailbox.set_online(true);
+        Attachment {
+            state,
+            present,
+            kick: kick_rx,
+            conn,
+        }
+    }
+
+    /// Takes back the session of a connection that ended. Publishes the will now if its delay
+    /// is 0 or the session ends now; otherwise keeps it pending with the session. Moves
+    /// unacknowledged shared-subscription messages to other members of their group.
+    pub fn detach(self: &Arc<Self>, conn: u64, mut state: SessionState, will: Option<PendingWill>) {
+        state.mailbox.set_online(false);
+        self.redistribute_shared(&mut state);
+        let will = match will {
+            Some(w) if w.delay == 0 || state.expiry == 0 => {
+                self.router.route(&w.msg);
+                None
+            }
+            other => other,
+        };
+        let mut slots = self.lock();
+        let MapEntry::Occupied(mut slot) = slots.entry(state.client_id.clone()) else {
+            drop(slots);
+            self.end_with_will(state, will);
+            return;
+        };
+        let Slot::Attached(a) = slot.get_mut() else {
+            drop(slots);
+            self.end_with_will(state, will);
+            return;
+        };
+        if a.conn != conn {
+            // Taken over: hand the session to the new connection.
+            match a.handover.take() {
+                Some(tx) => {
+                    drop(slots);
+                    if let Err((state, will)) = tx.send((state, will)) {
+                        self.end_with_will(state, will);
+                    }
+                }
+                None => {
+                    drop(slots);
+                    self.end_with_will(state, will);
+                }
+            }
+            return;
+        }
+        if state.expiry == 0 {
+            slot.remove();
+            drop(slots);
+            self.end(state);
+            return;
+        }
+        let generation = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let will_delay = will.as_ref().map(|w| w.delay);
+        let expiry = state.expiry;
+        let timer = if will_delay.is_some() || expiry != NEVER_EXPIRES {
+            let me = Arc::clone(self);
+            let id = state.client_id.clone();
+            Some(
+                tokio::spawn(
+                    async move { me.run_timers(id, generation, will_delay, expiry).await },
+                )
+                .abort_handle(),
+            )
+        } else {
+            None
+        };
+        slot.insert(Slot::Detached(Detached {
+            state,
+            will,
+            generation,
+            timer,
+        }));
+    }
+
+    async fn run_timers(
+        self: Arc<Self>,
+        client_id: Arc<str>,
+        generation: u64,
+        will_delay: Option<u32>,
+        expiry: u32,
+    ) {
+        let start = tokio::time::Instant::now();
+        if let Some(delay) = will_delay {
+            let at = start + Duration::from_secs(u64::from(delay.min(expiry)));
+            tokio::time::sleep_until(at).await;
+            let will = match self.lock().get_mut(&client_id) {
+                Some(Slot::Detached(d)) if d.generation == generation => d.will.take(),
+                _ => return,
+            };
+            if let Some(w) = will {
+                tracing::debug!(client_id = %client_id, "will delay passed: publishing will");
+                self.router.route(&w.msg);
+            }
+        }
+        if expiry == NEVER_EXPIRES {
+            return;
+        }
+        tokio::time::sleep_until(start + Duration::from_secs(u64::from(expiry))).await;
+        let state = {
+            let mut slots = self.lock();
+            match slots.get(&client_id) {
+                Some(Slot::Detached(d)) if d.generation == generation => {}
+                _ => return,
+            }
+            match slots.remove(&client_id) {
+                Some(Slot::Detached(d)) => d.state,
+                _ => return,
+            }
+        };
+        tracing::info!(client_id = %client_id, "session expired");
+        self.end(state);
+    }
+
+    fn end_with_will(&self, state: SessionState, will: Option<PendingWill>) {
+        if let Some(w) = will {
+            self.router.route(&w.msg);
+        }
+        self.end(state);
+    }
+
+    /// Ends a session: its subscriptions go, and its shared-subscription messages move to
+    /// other members.
+    fn end(&self, mut state: SessionState) {
+        state.mailbox.set_online(false);
+        self.redistribute_shared(&mut state);
+        for filter in state.subscriptions.keys() {
+            self.router.unsubscribe(state.key, filter);
+        }
+    }
+
+    /// Moves QoS 1/2 messages received through shared subscriptions, not yet acknowledged,
+    /// to another member of their group if one is connected (MQTT 5 §4.8.2).
+    fn redistribute_shared(&self, state: &mut SessionState) {
+        let key = state.key;
+        let mut keep = VecDeque::with_capacity(state.inflight.len());
+        for f in state.inflight.drain(..) {
+            if f.delivery.shared.is_some() && f.stage != Stage::AwaitComp {
+                let mut d = f.delivery.clone();
+                d.retain = false;
+                if self.router.redeliver_shared(d, key).is_ok() {
+                    continue;
+                }
+            }
+            keep.push_back(f);
+        }
+        state.inflight = keep;
+        if state.mailbox.is_empty() {
+            return;
+        }
+        let moved = state.mailbox.extract(|d| d.shared.is_some());
+        let mut back = Vec::new();
+        for d in moved {
+            if let Err(d) = self.router.redeliver_shared(d, key) {
+                back.push(d);
+            }
+        }
+        if !back.is_empty() {
+            state.mailbox.unshift(back.into_iter());
+        }
+    }
+}
