@@ -451,6 +451,10 @@ impl Conn {
     /// back to the registry.
     async fn finish<W: AsyncWrite + Unpin>(mut self, close: Close, wr: &mut W) {
         tracing::debug!(?close, "closing");
+        // From here on the session is offline: QoS 0 messages are no longer accepted for it
+        // and those still queued are dropped (MQTT-3.1.2-5 makes keeping them optional).
+        self.state.mailbox.set_online(false);
+        self.state.mailbox.extract(|d| d.qos == QoS::AtMostOnce);
         if self.version.is_v5()
             && let Some(reason) = close.reason()
         {
@@ -463,7 +467,11 @@ impl Conn {
         // Deliveries taken from the mailbox but not sent go back to it, in order.
         let unsent = std::mem::take(&mut self.batch);
         if !unsent.is_empty() {
-            self.state.mailbox.unshift(unsent.into_iter());
+            let kept: Vec<Delivery> = unsent
+                .into_iter()
+                .filter(|d| d.qos != QoS::AtMostOnce)
+                .collect();
+            self.state.mailbox.unshift(kept.into_iter());
         }
         let will = match close {
             Close::Normal | Close::Shutdown => None,

@@ -90,7 +90,7 @@ impl Mailbox {
     fn count_drop(&self, qos: QoS) {
         let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         METRICS.queue_dropped.fetch_add(1, Ordering::Relaxed);
-        if n == 1 || n % 1000 == 0 {
+        if n == 1 || n.is_multiple_of(1000) {
             tracing::warn!(
                 dropped = n,
                 qos = qos.bits(),

@@ -367,7 +367,8 @@ fn connack(r: &mut Reader<'_>, version: ProtocolVersion) -> Result<ConnAck, Deco
     if flags & 0xFE != 0 {
         return Err(DecodeError::Malformed("CONNACK reserved flags are not 0"));
     }
-    let session_present = flags & 0x01 != 0;
+    // MQTT 3.1 has no Session Present flag: the byte is unused there, and so is the bit.
+    let session_present = flags & 0x01 != 0 && version != ProtocolVersion::V3_1;
     let code = r.u8()?;
     let (reason, properties) = if version.is_v5() {
         let reason = ReasonCode::from_u8(code)
@@ -484,7 +485,7 @@ fn subscribe(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
         }
         filters.push((filter, options));
     }
-    // MQTT-3.8.3-3 (3.1.1 and 5)
+    // MQTT 3.1.1 MQTT-3.8.3-3, MQTT 5 MQTT-3.8.3-2
     if filters.is_empty() {
         return Err(DecodeError::Protocol("SUBSCRIBE without topic filters"));
     }
@@ -496,7 +497,7 @@ fn subscribe(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
 }
 
 /// The Subscription Options byte (MQTT 5 §3.8.3.1) or, for 3.x, the Requested QoS byte whose
-/// upper six bits are reserved (MQTT-3-8.3-4 of 3.1.1: malformed if not 0).
+/// upper six bits are reserved (3.1.1 MQTT-3.8.3-4: malformed if not 0).
 fn subscription_options(b: u8, v5: bool) -> Result<SubscriptionOptions, DecodeError> {
     if !v5 {
         if b & 0xFC != 0 {

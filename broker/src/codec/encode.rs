@@ -13,11 +13,13 @@ use super::packet::{
     Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 use super::properties::{
-    self as props, VARINT_MAX, Writer, bin_len, put_prefixed, put_varint, size_of, str_len,
-    varint_len,
+    self as props, Writer, bin_len, put_prefixed, put_varint, size_of, str_len, varint_len,
 };
 use super::reason::{self, Carrier};
 use super::types::{ProtocolVersion, ReasonCode};
+
+/// The largest remaining length a packet can have (MQTT 5 §2.1.4).
+const MAX_REMAINING_LENGTH: usize = 268_435_455;
 
 /// Encodes `packet` for a peer speaking `version` and appends it to `out`.
 ///
@@ -66,7 +68,7 @@ pub fn publish_len(p: &Publish, version: ProtocolVersion) -> usize {
 /// Checks the remaining length, grows `out` once for the whole packet and writes the fixed
 /// header.
 fn header(out: &mut BytesMut, first: u8, remaining: usize) -> Result<(), EncodeError> {
-    if remaining > VARINT_MAX as usize {
+    if remaining > MAX_REMAINING_LENGTH {
         return Err(EncodeError::PacketTooLarge { len: remaining });
     }
     out.reserve(1 + varint_len(remaining) + remaining);
@@ -224,7 +226,7 @@ fn publish_layout(p: &Publish, v5: bool) -> Result<PublishLayout, EncodeError> {
         0
     };
     let remaining = topic + id + if v5 { with_len(props) } else { 0 } + p.payload.len();
-    if remaining > VARINT_MAX as usize {
+    if remaining > MAX_REMAINING_LENGTH {
         return Err(EncodeError::PacketTooLarge { len: remaining });
     }
     Ok(PublishLayout { remaining, props })

@@ -1,6 +1,13 @@
 //! Bytes ⇄ packets for MQTT 3.1, 3.1.1 and 5.0. No I/O, no async: the connection layer
 //! hands in a buffer and gets packets (or "need more bytes") back, and encodes packets into
 //! its write buffer.
+//!
+//! `packet` and `types` are the model; `decode` frames and parses (through the bounds-checked
+//! `reader`), `encode` measures then writes, `properties` owns the MQTT 5 property rules for
+//! both directions, `reason` which reason codes each packet may carry and the 3.x return-code
+//! mapping, and `error` the error types with their one mapping to reason codes. Round-trip
+//! proptests and malformed-packet fixtures live in `tests/`; the fuzz target in
+//! `broker/fuzz/`.
 
 mod decode;
 mod encode;
@@ -16,3 +23,6 @@ pub use encode::{encode_packet, publish_len};
 pub use error::{ConnectError, DecodeError, EncodeError};
 pub use packet::*;
 pub use types::*;
+
+#[cfg(test)]
+mod tests;

@@ -82,7 +82,7 @@ enum Property<'a> {
     TopicAlias(NonZeroU16),
     MaximumQoS(QoS),
     RetainAvailable(bool),
-    UserProperty(&'a str, &'a str),
+    User(&'a str, &'a str),
     MaximumPacketSize(NonZeroU32),
     WildcardSubscriptionAvailable(bool),
     SubscriptionIdentifiersAvailable(bool),
@@ -161,7 +161,7 @@ impl<'a> Properties<'a> {
             }
             USER_PROPERTY => {
                 let name = r.str()?;
-                Property::UserProperty(name, r.str()?)
+                Property::User(name, r.str()?)
             }
             MAXIMUM_PACKET_SIZE => Property::MaximumPacketSize(
                 NonZeroU32::new(r.u32()?)
@@ -225,7 +225,7 @@ fn message_property(
         Property::ContentType(v) => set(&mut m.content_type, Arc::from(v)),
         Property::ResponseTopic(v) => set(&mut m.response_topic, response_topic(v)?),
         Property::CorrelationData(v) => set(&mut m.correlation_data, v),
-        Property::UserProperty(k, v) => {
+        Property::User(k, v) => {
             users.push(pair(k, v));
             Ok(())
         }
@@ -246,7 +246,7 @@ pub(super) fn connect(r: &mut Reader<'_>) -> Result<ConnectProperties, DecodeErr
             Property::TopicAliasMaximum(v) => set(&mut p.topic_alias_maximum, v)?,
             Property::RequestResponseInformation(v) => set(&mut p.request_response_information, v)?,
             Property::RequestProblemInformation(v) => set(&mut p.request_problem_information, v)?,
-            Property::UserProperty(k, v) => users.push(pair(k, v)),
+            Property::User(k, v) => users.push(pair(k, v)),
             Property::AuthenticationMethod(v) => set(&mut p.authentication_method, v.into())?,
             Property::AuthenticationData(v) => set(&mut p.authentication_data, v)?,
             _ => return Err(DecodeError::Malformed("property not allowed in CONNECT")),
@@ -299,7 +299,7 @@ pub(super) fn connack(r: &mut Reader<'_>) -> Result<ConnAckProperties, DecodeErr
             }
             Property::TopicAliasMaximum(v) => set(&mut p.topic_alias_maximum, v)?,
             Property::ReasonString(v) => set(&mut p.reason_string, v.into())?,
-            Property::UserProperty(k, v) => users.push(pair(k, v)),
+            Property::User(k, v) => users.push(pair(k, v)),
             Property::WildcardSubscriptionAvailable(v) => {
                 set(&mut p.wildcard_subscription_available, v)?
             }
@@ -355,7 +355,7 @@ pub(super) fn ack(
     while let Some(prop) = props.next()? {
         match prop {
             Property::ReasonString(v) => set(&mut p.reason_string, v.into())?,
-            Property::UserProperty(k, v) => users.push(pair(k, v)),
+            Property::User(k, v) => users.push(pair(k, v)),
             _ => return Err(DecodeError::Malformed(misplaced)),
         }
     }
@@ -371,7 +371,7 @@ pub(super) fn subscribe(r: &mut Reader<'_>) -> Result<SubscribeProperties, Decod
     while let Some(prop) = props.next()? {
         match prop {
             Property::SubscriptionIdentifier(v) => set(&mut p.subscription_identifier, v)?,
-            Property::UserProperty(k, v) => users.push(pair(k, v)),
+            Property::User(k, v) => users.push(pair(k, v)),
             _ => return Err(DecodeError::Malformed("property not allowed in SUBSCRIBE")),
         }
     }
@@ -385,7 +385,7 @@ pub(super) fn unsubscribe(r: &mut Reader<'_>) -> Result<UserProperties, DecodeEr
     let mut users = Vec::new();
     while let Some(prop) = props.next()? {
         match prop {
-            Property::UserProperty(k, v) => users.push(pair(k, v)),
+            Property::User(k, v) => users.push(pair(k, v)),
             _ => {
                 return Err(DecodeError::Malformed(
                     "property not allowed in UNSUBSCRIBE",
@@ -405,7 +405,7 @@ pub(super) fn disconnect(r: &mut Reader<'_>) -> Result<DisconnectProperties, Dec
         match prop {
             Property::SessionExpiryInterval(v) => set(&mut p.session_expiry_interval, v)?,
             Property::ReasonString(v) => set(&mut p.reason_string, v.into())?,
-            Property::UserProperty(k, v) => users.push(pair(k, v)),
+            Property::User(k, v) => users.push(pair(k, v)),
             Property::ServerReference(v) => set(&mut p.server_reference, v.into())?,
             _ => return Err(DecodeError::Malformed("property not allowed in DISCONNECT")),
         }
@@ -424,7 +424,7 @@ pub(super) fn auth(r: &mut Reader<'_>) -> Result<AuthProperties, DecodeError> {
             Property::AuthenticationMethod(v) => set(&mut p.authentication_method, v.into())?,
             Property::AuthenticationData(v) => set(&mut p.authentication_data, v)?,
             Property::ReasonString(v) => set(&mut p.reason_string, v.into())?,
-            Property::UserProperty(k, v) => users.push(pair(k, v)),
+            Property::User(k, v) => users.push(pair(k, v)),
             _ => return Err(DecodeError::Malformed("property not allowed in AUTH")),
         }
     }

@@ -453,3 +453,196 @@ impl ReasonCode {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Topic levels from a small alphabet, so that filters and topics often match.
+    fn topic() -> impl Strategy<Value = String> {
+        vec(prop_oneof!["a", "b", "", "\\$SYS", "é"], 1..5)
+            .prop_map(|l| l.join("/"))
+            .prop_filter("empty", |t| !t.is_empty())
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (
+            vec(prop_oneof!["a", "b", "", "\\$SYS", "\\+"], 1..5),
+            any::<bool>(),
+        )
+            .prop_map(|(mut levels, hash)| {
+                if hash {
+                    levels.push("#".to_owned());
+                }
+                levels.join("/")
+            })
+            .prop_filter("empty", |f| !f.is_empty())
+    }
+
+    /// Level-by-level matching written independently of `filter_matches`.
+    fn reference(filter: &[&str], topic: &[&str]) -> bool {
+        match (filter.split_first(), topic.split_first()) {
+            (Some((&"#", _)), _) => true,
+            (Some((&"+", f)), Some((_, t))) => reference(f, t),
+            (Some((fl, f)), Some((tl, t))) => fl == tl && reference(f, t),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn a_topic_matches_itself(t in topic()) {
+            prop_assert!(filter_matches(&t, &t));
+        }
+
+        #[test]
+        fn hash_matches_every_topic_but_dollar_topics(t in topic()) {
+            prop_assert_eq!(filter_matches("#", &t), !t.starts_with('$'));
+        }
+
+        #[test]
+        fn plus_matches_exactly_one_level(t in topic()) {
+            let one_level = !t.contains('/');
+            prop_assert_eq!(filter_matches("+", &t), one_level && !t.starts_with('$'));
+        }
+
+        #[test]
+        fn any_level_replaced_by_plus_matches(t in topic(), at in any::<prop::sample::Index>()) {
+            let mut levels: Vec<&str> = t.split('/').collect();
+            let i = at.index(levels.len());
+            levels[i] = "+";
+            let f = levels.join("/");
+            prop_assert_eq!(filter_matches(&f, &t), !(i == 0 && t.starts_with('$')));
+            prop_assert!(TopicFilter::new(&f).is_ok());
+        }
+
+        #[test]
+        fn a_prefix_then_hash_matches(t in topic(), at in any::<prop::sample::Index>()) {
+            let levels: Vec<&str> = t.split('/').collect();
+            let keep = at.index(levels.len() + 1);
+            let mut f: Vec<&str> = levels[..keep].to_vec();
+            f.push("#");
+            let f = f.join("/");
+            prop_assert_eq!(filter_matches(&f, &t), !(keep == 0 && t.starts_with('$')));
+        }
+
+        #[test]
+        fn more_levels_than_the_topic_never_match(t in topic()) {
+            let f = format!("{t}/+");
+            prop_assert!(!filter_matches(&f, &t));
+        }
+
+        #[test]
+        fn matches_like_the_reference(f in filter(), t in topic()) {
+            let fl: Vec<&str> = f.split('/').collect();
+            let tl: Vec<&str> = t.split('/').collect();
+            let dollar_guard = t.starts_with('$') && (f.starts_with('+') || f.starts_with('#'));
+            prop_assert_eq!(filter_matches(&f, &t), reference(&fl, &tl) && !dollar_guard);
+        }
+
+        #[test]
+        fn generated_filters_are_valid(f in filter()) {
+            let parsed = TopicFilter::new(&f).unwrap();
+            prop_assert_eq!(parsed.as_str(), f.as_str());
+            prop_assert_eq!(parsed.filter(), f.as_str());
+            prop_assert_eq!(parsed.share_group(), None);
+            prop_assert_eq!(parsed.has_wildcard(), f.contains(['+', '#']));
+        }
+
+        #[test]
+        fn topic_names_reject_wildcards_and_nul(t in topic(), at in any::<prop::sample::Index>(), c in prop_oneof![Just('+'), Just('#'), Just('\0')]) {
+            prop_assert!(TopicName::new(&t).is_ok());
+            let mut bad: Vec<char> = t.chars().collect();
+            let i = at.index(bad.len() + 1);
+            bad.insert(i, c);
+            let bad: String = bad.into_iter().collect();
+            prop_assert!(TopicName::new(&bad).is_err());
+        }
+
+        #[test]
+        fn shared_filters_split_group_and_filter(g in "[a-z]{1,5}", f in filter()) {
+            let full = format!("$share/{g}/{f}");
+            let parsed = TopicFilter::new(&full).unwrap();
+            prop_assert_eq!(parsed.share_group(), Some(g.as_str()));
+            prop_assert_eq!(parsed.filter(), f.as_str());
+            prop_assert_eq!(parsed.as_str(), full.as_str());
+        }
+
+        #[test]
+        fn hash_not_last_is_rejected(f in filter(), rest in "[a-z]{0,3}") {
+            let bad = format!("{f}/#/{rest}");
+            prop_assert_eq!(TopicFilter::new(&bad).unwrap_err(), TopicError::MisplacedWildcard);
+        }
+    }
+
+    #[test]
+    fn partial_level_wildcards_are_rejected() {
+        for bad in ["a+", "+a", "a/b#", "#/a", "a/#b", "sport+/x"] {
+            assert_eq!(
+                TopicFilter::new(bad).unwrap_err(),
+                TopicError::MisplacedWildcard,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_shares_are_rejected() {
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share//a",
+            "$share/g/",
+            "$share/+/a",
+            "$share/#/a",
+        ] {
+            assert_eq!(
+                TopicFilter::new(bad).unwrap_err(),
+                TopicError::InvalidShare,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_topics_are_rejected() {
+        assert_eq!(TopicName::new("").unwrap_err(), TopicError::Empty);
+        assert_eq!(TopicFilter::new("").unwrap_err(), TopicError::Empty);
+    }
+
+    #[test]
+    fn spec_examples_match() {
+        // MQTT 3.1.1 §4.7.1.2 and §4.7.1.3.
+        assert!(filter_matches(
+            "sport/tennis/player1/#",
+            "sport/tennis/player1"
+        ));
+        assert!(filter_matches(
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/ranking"
+        ));
+        assert!(filter_matches("sport/#", "sport"));
+        assert!(filter_matches("sport/tennis/+", "sport/tennis/player1"));
+        assert!(!filter_matches(
+            "sport/tennis/+",
+            "sport/tennis/player1/ranking"
+        ));
+        assert!(!filter_matches("sport/+", "sport"));
+        assert!(filter_matches("sport/+", "sport/"));
+        assert!(filter_matches("+/+", "/finance"));
+        assert!(filter_matches("/+", "/finance"));
+        assert!(!filter_matches("+", "/finance"));
+        assert!(!filter_matches("#", "$SYS/x"));
+        assert!(!filter_matches("+/monitor/Clients", "$SYS/monitor/Clients"));
+        assert!(filter_matches("$SYS/#", "$SYS/monitor/Clients"));
+        assert!(filter_matches("$SYS/monitor/+", "$SYS/monitor/Clients"));
+    }
+}

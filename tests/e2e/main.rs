@@ -1,0 +1,23 @@
+//! End-to-end tests: the real `sandpiper` binary, started per test on `127.0.0.1:0`,
+//! driven by rumqttc's MQTT 3.1.1 and MQTT 5 clients (and raw bytes where rumqttc
+//! cannot produce the packet under test).
+//!
+//! Every test starts its own broker, so tests are independent and run in parallel.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests report failures by panicking"
+)]
+
+mod harness;
+
+mod basic;
+mod load;
+mod qos;
+mod retained;
+mod sessions;
+mod shared;
+mod shutdown;
+mod v5;
+mod will;

@@ -1,0 +1,240 @@
+//! Persistent sessions (3.1.1 clean session 0, v5 session expiry), redelivery on
+//! resume, session expiry and session takeover.
+
+use std::time::Duration;
+
+use crate::harness::{Broker, WAIT, raw, v3, v5};
+
+fn persistent3(broker: &Broker, id: &str) -> v3::MqttOptions {
+    let mut o = v3::options(broker, id);
+    o.set_clean_session(false);
+    o
+}
+
+fn persistent5(broker: &Broker, id: &str, expiry: u32) -> v5::MqttOptions {
+    let mut o = v5::options(broker, id);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(expiry));
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_persistent_session_queues_qos1_and_qos2_but_not_qos0() {
+    let broker = Broker::start();
+    let mut sub = v3::Client::connect(persistent3(&broker, "sess-sub")).await;
+    assert!(!sub.connack.session_present, "no session existed yet");
+    sub.subscribe_ok("sess/t", v3::QoS::ExactlyOnce).await;
+    sub.disconnect().await;
+    // Let the broker finish taking the session offline; the instant right after the
+    // close is covered by `v311_qos0_right_after_disconnect_is_not_queued`.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut pubr = v3::Client::connect(v3::options(&broker, "sess-pub")).await;
+
+    pubr.publish("sess/t", v3::QoS::AtLeastOnce, false, b"m1")
+        .await;
+    pubr.publish("sess/t", v3::QoS::AtMostOnce, false, b"q0")
+        .await;
+    pubr.publish("sess/t", v3::QoS::ExactlyOnce, false, b"m2")
+        .await;
+    pubr.publish("sess/t", v3::QoS::AtLeastOnce, false, b"m3")
+        .await;
+
+    let mut sub = v3::Client::connect(persistent3(&broker, "sess-sub")).await;
+    // [MQTT-3.2.2-2] session present = 1 when resuming.
+    assert!(sub.connack.session_present);
+    // 3.1.2.4: QoS 1/2 messages are part of the session state; QoS 0 is optional in the
+    // spec and the contract keeps it out. Delivered in publish order (4.6).
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let p = sub.recv().await;
+        got.push((p.payload.to_vec(), p.qos));
+    }
+    assert_eq!(
+        got,
+        vec![
+            (b"m1".to_vec(), v3::QoS::AtLeastOnce),
+            (b"m2".to_vec(), v3::QoS::ExactlyOnce),
+            (b"m3".to_vec(), v3::QoS::AtLeastOnce),
+        ]
+    );
+    sub.expect_silence().await;
+
+    // The subscription itself survived: live messages flow without resubscribing.
+    pubr.publish("sess/t", v3::QoS::AtLeastOnce, false, b"live")
+        .await;
+    assert_eq!(&sub.recv().await.payload[..], b"live");
+}
+
+/// Once the broker has closed the connection after DISCONNECT the session is offline, so
+/// a QoS 0 message published right then must not be kept for it. The window between
+/// the close and the session going offline is narrow, so the sequence runs many times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_qos0_right_after_disconnect_is_not_queued() {
+    let broker = Broker::start();
+    let mut pubr = v3::Client::connect(v3::options(&broker, "race-pub")).await;
+    for i in 0..200 {
+        let id = format!("race-{i}");
+        let topic = format!("race/{i}");
+        let mut sub = v3::Client::connect(persistent3(&broker, &id)).await;
+        sub.subscribe_ok(&topic, v3::QoS::AtLeastOnce).await;
+        sub.disconnect().await;
+        pubr.publish(&topic, v3::QoS::AtMostOnce, false, b"q0")
+            .await;
+        pubr.publish(&topic, v3::QoS::AtLeastOnce, false, b"marker")
+            .await;
+        let mut sub = v3::Client::connect(persistent3(&broker, &id)).await;
+        assert!(sub.connack.session_present);
+        let p = sub.recv().await;
+        assert_eq!(
+            String::from_utf8_lossy(&p.payload),
+            "marker",
+            "iteration {i}: QoS 0 message kept for a session whose connection had closed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_clean_session_discards_previous_session() {
+    let broker = Broker::start();
+    let sub = {
+        let mut c = v3::Client::connect(persistent3(&broker, "wipe")).await;
+        c.subscribe_ok("wipe/t", v3::QoS::AtLeastOnce).await;
+        c
+    };
+    sub.disconnect().await;
+
+    // [MQTT-3.1.2-6] clean session 1 discards the stored session.
+    let clean = v3::Client::connect(v3::options(&broker, "wipe")).await;
+    assert!(!clean.connack.session_present);
+    clean.disconnect().await;
+
+    let mut again = v3::Client::connect(persistent3(&broker, "wipe")).await;
+    assert!(!again.connack.session_present, "old session must be gone");
+    let mut pubr = v3::Client::connect(v3::options(&broker, "wipe-pub")).await;
+    pubr.publish("wipe/t", v3::QoS::AtLeastOnce, false, b"x")
+        .await;
+    again.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_unacked_qos1_is_resent_with_dup_on_resume() {
+    let broker = Broker::start();
+    let mut opts = persistent3(&broker, "dup-sub");
+    opts.set_manual_acks(true);
+    let mut sub = v3::Client::connect(opts).await;
+    sub.subscribe_ok("dup/t", v3::QoS::AtLeastOnce).await;
+    let mut pubr = v3::Client::connect(v3::options(&broker, "dup-pub")).await;
+    pubr.publish("dup/t", v3::QoS::AtLeastOnce, false, b"again")
+        .await;
+    let first = sub.recv().await;
+    assert!(!first.dup, "first delivery attempt has DUP=0 (3.3.1.1)");
+    // Never acknowledged; the socket just drops.
+    sub.kill().await;
+
+    let mut sub = v3::Client::connect(persistent3(&broker, "dup-sub")).await;
+    assert!(sub.connack.session_present);
+    // [MQTT-4.4.0-1] unacknowledged PUBLISHes are re-sent, [MQTT-3.3.1-1] with DUP=1.
+    let again = sub.recv().await;
+    assert_eq!(&again.payload[..], b"again");
+    assert_eq!(again.qos, v3::QoS::AtLeastOnce);
+    assert!(again.dup, "redelivery must set DUP=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_session_with_expiry_queues_messages_while_offline() {
+    let broker = Broker::start();
+    let mut sub = v5::Client::connect(persistent5(&broker, "sess5", 300)).await;
+    assert!(!sub.connack.session_present);
+    sub.subscribe_ok("sess5/t", v5::QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+
+    let mut pubr = v5::Client::connect(v5::options(&broker, "sess5-pub")).await;
+    for m in [&b"a"[..], b"b", b"c"] {
+        pubr.publish("sess5/t", v5::QoS::AtLeastOnce, false, m)
+            .await;
+    }
+    pubr.publish("sess5/t", v5::QoS::AtMostOnce, false, b"q0")
+        .await;
+
+    let mut sub = v5::Client::connect(persistent5(&broker, "sess5", 300)).await;
+    assert!(sub.connack.session_present, "[MQTT-3.2.2-2]");
+    for m in [&b"a"[..], b"b", b"c"] {
+        let p = sub.recv().await;
+        assert_eq!(&p.payload[..], m);
+        assert_eq!(p.qos, v5::QoS::AtLeastOnce);
+    }
+    sub.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_session_is_gone_after_expiry_interval() {
+    let broker = Broker::start();
+    let mut sub = v5::Client::connect(persistent5(&broker, "short", 1)).await;
+    sub.subscribe_ok("short/t", v5::QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // 3.1.2.11.2: the session is discarded once the interval has passed.
+    let sub = v5::Client::connect(persistent5(&broker, "short", 1)).await;
+    assert!(
+        !sub.connack.session_present,
+        "session outlived its 1 s expiry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_session_expiry_zero_ends_session_on_disconnect() {
+    let broker = Broker::start();
+    let mut o = v5::options(&broker, "zero");
+    o.set_clean_start(false);
+    let mut sub = v5::Client::connect(o.clone()).await;
+    sub.subscribe_ok("zero/t", v5::QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    // 3.1.2.11.2: absent Session Expiry Interval means 0 → session ends with the connection.
+    let sub = v5::Client::connect(o).await;
+    assert!(!sub.connack.session_present);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_takeover_closes_first_connection() {
+    let broker = Broker::start();
+    let mut first = v3::Client::connect(v3::options(&broker, "same-id")).await;
+    let mut second = v3::Client::connect(v3::options(&broker, "same-id")).await;
+    assert_eq!(second.connack.code, v3::ConnectReturnCode::Success);
+    // [MQTT-3.1.4-2] the existing client is disconnected.
+    assert!(
+        first.inbox.closed_within(WAIT).await.is_some(),
+        "first connection still open after takeover"
+    );
+    // The new connection is fully functional.
+    second.subscribe_ok("take/t", v3::QoS::AtLeastOnce).await;
+    second
+        .publish("take/t", v3::QoS::AtLeastOnce, false, b"mine")
+        .await;
+    assert_eq!(&second.recv().await.payload[..], b"mine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_takeover_resumes_persistent_session() {
+    let broker = Broker::start();
+    let mut first = v3::Client::connect(persistent3(&broker, "roam")).await;
+    first.subscribe_ok("roam/t", v3::QoS::AtLeastOnce).await;
+    let mut second = v3::Client::connect(persistent3(&broker, "roam")).await;
+    assert!(second.connack.session_present, "session carried over");
+    assert!(first.inbox.closed_within(WAIT).await.is_some());
+    let mut pubr = v3::Client::connect(v3::options(&broker, "roam-pub")).await;
+    pubr.publish("roam/t", v3::QoS::AtLeastOnce, false, b"follow")
+        .await;
+    assert_eq!(&second.recv().await.payload[..], b"follow");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_takeover_sends_disconnect_0x8e() {
+    let broker = Broker::start();
+    // Raw first connection: see `raw::connect_v5` for why rumqttc cannot observe this.
+    let mut first = raw::connect_v5(&broker, "same-id").await;
+    let second = v5::Client::connect(v5::options(&broker, "same-id")).await;
+    assert_eq!(second.connack.code, v5::ConnectReturnCode::Success);
+    // [MQTT-3.1.4-3] DISCONNECT with 0x8E (Session taken over), then close.
+    assert_eq!(raw::disconnect_codes(&mut first).await, vec![0x8E]);
+}
