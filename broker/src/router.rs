@@ -331,25 +331,23 @@ fn collect<'a>(
 
 fn remove(node: &mut Node, levels: &[&str], filter: &TopicFilter, key: ClientKey) -> bool {
     match levels.split_first() {
-        None => {
-            match filter.share_group() {
-                None => {
-                    let before = node.entries.len();
-                    node.entries.retain(|e| e.sub.key != key);
-                    before != node.entries.len()
-                }
-                Some(_) => {
-                    let mut removed = false;
-                    for g in node.shared.iter_mut().filter(|g| g.filter == *filter) {
-                        let before = g.members.len();
-                        g.members.retain(|e| e.sub.key != key);
-                        removed |= before != g.members.len();
-                    }
-                    node.shared.retain(|g| !g.members.is_empty());
-                    removed
-                }
+        None => match filter.share_group() {
+            None => {
+                let before = node.entries.len();
+                node.entries.retain(|e| e.sub.key != key);
+                before != node.entries.len()
             }
-        }
+            Some(_) => {
+                let mut removed = false;
+                for g in node.shared.iter_mut().filter(|g| g.filter == *filter) {
+                    let before = g.members.len();
+                    g.members.retain(|e| e.sub.key != key);
+                    removed |= before != g.members.len();
+                }
+                node.shared.retain(|g| !g.members.is_empty());
+                removed
+            }
+        },
         Some((first, rest)) => {
             let Some(child) = node.children.get_mut(*first) else {
                 return false;
