@@ -288,36 +288,14 @@ impl Conn {
                 usize::from(r.get().min(cfg.max_inflight))
             });
 
-        let will = c.will.as_ref().map(|w| {
-            let now = Instant::now();
-            let msg = Message {
-                topic: w.topic.clone(),
-                payload: w.payload.clone(),
-                qos: w.qos,
-                retain: w.retain,
-                properties: w.properties.message.clone(),
-                expires_at: w
-                    .properties
-                    .message
-                    .message_expiry_interval
-                    .map(|s| now + Duration::from_secs(u64::from(s))),
-                origin: 0,
-            };
-            (msg, w.properties.will_delay_interval.unwrap_or(0))
-        });
-
         let att = broker
             .sessions
             .attach(client_id.clone(), c.clean_start, expiry)
             .await;
-        let will = will.map(|(mut msg, delay)| {
-            msg.origin = att.state.key;
-            PendingWill {
-                msg: Arc::new(msg),
-                delay,
-            }
+        let will = c.will.map(|will| PendingWill {
+            will,
+            origin: att.state.key,
         });
-
         let mut props = ConnAckProperties::default();
         if v.is_v5() {
             if requested_expiry != expiry {
@@ -735,6 +713,11 @@ impl Conn {
             (Some(t), None) => t,
             (None, None) => return Err(ReasonCode::ProtocolError),
         };
+        if !p.properties.subscription_identifiers.is_empty() {
+            // MQTT-3.3.4-6: only the server sends Subscription Identifiers.
+            tracing::info!("PUBLISH from a client with a subscription identifier");
+            return Err(ReasonCode::ProtocolError);
+        }
         if p.retain && !cfg.retain_available {
             return Err(ReasonCode::RetainNotSupported);
         }

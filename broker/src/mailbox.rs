@@ -21,10 +21,46 @@ pub struct QueueLimits {
     pub max_bytes: usize,
 }
 
-#[derive(Debug, Default)]
+/// Deliveries in two lanes, QoS 0 and QoS 1/2, each stamped with a sequence number so they
+/// leave in arrival order. While the inflight window is full, QoS 0 messages behind queued
+/// QoS 1/2 ones still go out (MQTT 5 §4.9 allows either; a full window should not delay
+/// fire-and-forget traffic), and order within each QoS is always kept (MQTT-4.6.0).
+#[derive(Debug)]
 struct Queue {
-    items: VecDeque<Delivery>,
+    qos0: VecDeque<(u64, Delivery)>,
+    acked: VecDeque<(u64, Delivery)>,
     bytes: usize,
+    next_seq: u64,
+}
+
+impl Queue {
+    fn new() -> Queue {
+        Queue {
+            qos0: VecDeque::new(),
+            acked: VecDeque::new(),
+            bytes: 0,
+            // Room below for deliveries put back at the front.
+            next_seq: u64::MAX / 2,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.qos0.len() + self.acked.len()
+    }
+
+    fn lane(&mut self, qos: QoS) -> &mut VecDeque<(u64, Delivery)> {
+        if qos == QoS::AtMostOnce {
+            &mut self.qos0
+        } else {
+            &mut self.acked
+        }
+    }
+
+    fn first_seq(&self) -> u64 {
+        let a = self.qos0.front().map_or(self.next_seq, |f| f.0);
+        let b = self.acked.front().map_or(self.next_seq, |f| f.0);
+        a.min(b)
+    }
 }
 
 /// Why a delivery was not queued.
@@ -50,7 +86,7 @@ impl Mailbox {
     /// An empty, offline mailbox.
     pub fn new(limits: QueueLimits) -> Mailbox {
         Mailbox {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue::new()),
             notify: Notify::new(),
             online: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
@@ -73,7 +109,7 @@ impl Mailbox {
         let size = d.msg.size();
         {
             let mut q = self.lock();
-            if q.items.len() >= self.limits.max_messages
+            if q.len() >= self.limits.max_messages
                 || q.bytes.saturating_add(size) > self.limits.max_bytes
             {
                 drop(q);
@@ -81,7 +117,9 @@ impl Mailbox {
                 return Err(Refused::Full);
             }
             q.bytes += size;
-            q.items.push_back(d);
+            let seq = q.next_seq;
+            q.next_seq += 1;
+            q.lane(d.qos).push_back((seq, d));
         }
         self.notify.notify_one();
         Ok(())
@@ -99,58 +137,71 @@ impl Mailbox {
         }
     }
 
-    /// Moves deliveries to `out`, in order, stopping after `max` items or before a QoS 1/2
-    /// delivery once `credits` (free inflight slots) are used up.
+    /// Moves deliveries to `out` in arrival order, at most `max` of them, taking QoS 1/2
+    /// deliveries only while `credits` (free inflight slots) last; QoS 0 deliveries behind
+    /// a blocked QoS 1/2 one still move.
     pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize, mut credits: usize) {
         let mut q = self.lock();
-        let mut taken = 0;
-        while taken < max {
-            let Some(front) = q.items.front() else { break };
-            if front.qos != QoS::AtMostOnce {
-                if credits == 0 {
-                    break;
-                }
+        while out.len() < max {
+            let s0 = q.qos0.front().map(|f| f.0);
+            let s1 = q.acked.front().map(|f| f.0).filter(|_| credits > 0);
+            let from_acked = match (s0, s1) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(a), Some(b)) => b < a,
+            };
+            let item = if from_acked {
                 credits -= 1;
-            }
-            let Some(d) = q.items.pop_front() else { break };
+                q.acked.pop_front()
+            } else {
+                q.qos0.pop_front()
+            };
+            let Some((_, d)) = item else { break };
             q.bytes = q.bytes.saturating_sub(d.msg.size());
             out.push_back(d);
-            taken += 1;
         }
     }
 
-    /// Puts deliveries back at the front, in their order (used when a session hands back
-    /// what it took but did not send).
+    /// Puts deliveries back at the front, before everything queued, in their order (used
+    /// when a connection hands back what it took but did not send).
     pub fn unshift(&self, items: impl DoubleEndedIterator<Item = Delivery>) {
         let mut q = self.lock();
+        let mut seq = q.first_seq();
         for d in items.rev() {
+            seq = seq.saturating_sub(1);
             q.bytes += d.msg.size();
-            q.items.push_front(d);
+            let qos = d.qos;
+            q.lane(qos).push_front((seq, d));
         }
     }
 
-    /// Removes and returns the deliveries for which `take` is true.
+    /// Removes and returns the deliveries for which `take` is true, in order.
     pub fn extract(&self, mut take: impl FnMut(&Delivery) -> bool) -> Vec<Delivery> {
-        let mut q = self.lock();
-        let mut out = Vec::new();
-        let mut keep = VecDeque::with_capacity(q.items.len());
+        let mut guard = self.lock();
+        let q = &mut *guard;
+        let mut out: Vec<(u64, Delivery)> = Vec::new();
         let mut bytes = 0;
-        for d in q.items.drain(..) {
-            if take(&d) {
-                out.push(d);
-            } else {
-                bytes += d.msg.size();
-                keep.push_back(d);
+        for lane in [&mut q.qos0, &mut q.acked] {
+            let mut keep = VecDeque::with_capacity(lane.len());
+            for (seq, d) in lane.drain(..) {
+                if take(&d) {
+                    out.push((seq, d));
+                } else {
+                    bytes += d.msg.size();
+                    keep.push_back((seq, d));
+                }
             }
+            *lane = keep;
         }
-        q.items = keep;
         q.bytes = bytes;
-        out
+        out.sort_by_key(|(seq, _)| *seq);
+        out.into_iter().map(|(_, d)| d).collect()
     }
 
     /// Number of queued deliveries.
     pub fn len(&self) -> usize {
-        self.lock().items.len()
+        self.lock().len()
     }
 
     /// True when nothing is queued.
@@ -174,5 +225,100 @@ impl Mailbox {
     /// Resolves when something was queued since the last call.
     pub async fn notified(&self) {
         self.notify.notified().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::codec::{MessageProperties, TopicName};
+    use crate::message::Message;
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn d(n: u8, qos: QoS) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: TopicName::new("t").unwrap(),
+                payload: Bytes::from(vec![n]),
+                qos,
+                retain: false,
+                properties: MessageProperties::default(),
+                expires_at: None,
+                origin: 0,
+            }),
+            qos,
+            retain: false,
+            sub_ids: Vec::new(),
+            shared: None,
+        }
+    }
+
+    fn online(max_messages: usize) -> Mailbox {
+        let m = Mailbox::new(QueueLimits {
+            max_messages,
+            max_bytes: 1 << 20,
+        });
+        m.set_online(true);
+        m
+    }
+
+    fn payloads(v: &VecDeque<Delivery>) -> Vec<u8> {
+        v.iter().map(|d| d.msg.payload[0]).collect()
+    }
+
+    #[test]
+    fn drains_in_arrival_order_across_qos() {
+        let m = online(10);
+        for (n, q) in [(1, QoS::AtLeastOnce), (2, QoS::AtMostOnce), (3, QoS::ExactlyOnce)] {
+            m.push(d(n, q)).unwrap();
+        }
+        let mut out = VecDeque::new();
+        m.drain(&mut out, 10, 10);
+        assert_eq!(payloads(&out), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn qos0_passes_a_full_window_but_qos1_waits() {
+        let m = online(10);
+        m.push(d(1, QoS::AtLeastOnce)).unwrap();
+        m.push(d(2, QoS::AtMostOnce)).unwrap();
+        m.push(d(3, QoS::AtLeastOnce)).unwrap();
+        let mut out = VecDeque::new();
+        m.drain(&mut out, 10, 0);
+        assert_eq!(payloads(&out), vec![2]);
+        out.clear();
+        m.drain(&mut out, 10, 1);
+        assert_eq!(payloads(&out), vec![1]);
+    }
+
+    #[test]
+    fn unshift_restores_the_front() {
+        let m = online(10);
+        for n in 1..=4 {
+            m.push(d(n, QoS::AtLeastOnce)).unwrap();
+        }
+        let mut out = VecDeque::new();
+        m.drain(&mut out, 2, 10);
+        m.push(d(5, QoS::AtMostOnce)).unwrap();
+        m.unshift(out.drain(..));
+        m.drain(&mut out, 10, 10);
+        assert_eq!(payloads(&out), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn full_queue_drops_newest_and_offline_refuses_qos0() {
+        let m = online(2);
+        m.push(d(1, QoS::AtLeastOnce)).unwrap();
+        m.push(d(2, QoS::AtLeastOnce)).unwrap();
+        assert_eq!(m.push(d(3, QoS::AtLeastOnce)), Err(Refused::Full));
+        m.set_online(false);
+        let m2 = Mailbox::new(QueueLimits {
+            max_messages: 2,
+            max_bytes: 10,
+        });
+        assert_eq!(m2.push(d(1, QoS::AtMostOnce)), Err(Refused::Offline));
+        assert_eq!(m.len(), 2);
     }
 }

@@ -11,12 +11,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::codec::{PacketId, SubscriptionOptions, TopicFilter};
+use crate::codec::{PacketId, SubscriptionOptions, TopicFilter, Will};
 use crate::mailbox::{Mailbox, QueueLimits};
 use crate::message::{ClientKey, Delivery, Message};
 use crate::router::{Router, Subscriber};
@@ -109,13 +109,40 @@ impl SessionState {
     }
 }
 
-/// A will message waiting for its delay to pass.
+/// A will message not yet published.
 #[derive(Debug, Clone)]
 pub struct PendingWill {
-    /// The message to publish.
-    pub msg: Arc<Message>,
+    /// The will as the client sent it.
+    pub will: Will,
+    /// The session that set it (for No Local).
+    pub origin: ClientKey,
+}
+
+impl PendingWill {
     /// MQTT 5 Will Delay Interval in seconds.
-    pub delay: u32,
+    pub fn delay(&self) -> u32 {
+        self.will.properties.will_delay_interval.unwrap_or(0)
+    }
+
+    /// The message to publish now. Its Message Expiry Interval counts from now, the moment
+    /// the will is published (MQTT 5 §3.1.3.2.4).
+    pub fn into_message(self) -> Arc<Message> {
+        let w = self.will;
+        let expires_at = w
+            .properties
+            .message
+            .message_expiry_interval
+            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
+        Arc::new(Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties: w.properties.message,
+            expires_at,
+            origin: self.origin,
+        })
+    }
 }
 
 /// Why the registry asks a connection to close.
@@ -158,7 +185,7 @@ struct Detached {
 #[derive(Debug)]
 enum Slot {
     Attached(Attached),
-    Detached(Detached),
+    Detached(Box<Detached>),
 }
 
 /// The registry of sessions by client identifier.
@@ -267,7 +294,7 @@ impl Sessions {
             }
             Some((state, will)) => {
                 if let Some(w) = will {
-                    self.router.route(&w.msg);
+                    self.router.route(&w.into_message());
                 }
                 self.end(state);
                 (self.new_state(client_id, expiry), false)
@@ -291,8 +318,8 @@ impl Sessions {
         state.mailbox.set_online(false);
         self.redistribute_shared(&mut state);
         let will = match will {
-            Some(w) if w.delay == 0 || state.expiry == 0 => {
-                self.router.route(&w.msg);
+            Some(w) if w.delay() == 0 || state.expiry == 0 => {
+                self.router.route(&w.into_message());
                 None
             }
             other => other,
@@ -331,7 +358,7 @@ impl Sessions {
             return;
         }
         let generation = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let will_delay = will.as_ref().map(|w| w.delay);
+        let will_delay = will.as_ref().map(PendingWill::delay);
         let expiry = state.expiry;
         let timer = if will_delay.is_some() || expiry != NEVER_EXPIRES {
             let me = Arc::clone(self);
@@ -345,12 +372,12 @@ impl Sessions {
         } else {
             None
         };
-        slot.insert(Slot::Detached(Detached {
+        slot.insert(Slot::Detached(Box::new(Detached {
             state,
             will,
             generation,
             timer,
-        }));
+        })));
     }
 
     async fn run_timers(
@@ -370,7 +397,7 @@ impl Sessions {
             };
             if let Some(w) = will {
                 tracing::debug!(client_id = %client_id, "will delay passed: publishing will");
-                self.router.route(&w.msg);
+                self.router.route(&w.into_message());
             }
         }
         if expiry == NEVER_EXPIRES {
@@ -394,7 +421,7 @@ impl Sessions {
 
     fn end_with_will(&self, state: SessionState, will: Option<PendingWill>) {
         if let Some(w) = will {
-            self.router.route(&w.msg);
+            self.router.route(&w.into_message());
         }
         self.end(state);
     }
