@@ -27,6 +27,9 @@ pub enum DecodeError {
         /// The protocol level byte of the CONNECT.
         level: u8,
     },
+    /// A Topic Alias of 0 (MQTT-3.3.2-8), answered with 0x94 Topic Alias invalid.
+    #[error("topic alias 0")]
+    TopicAliasZero,
     /// The first packet of a connection was not CONNECT (MQTT-3.1.0-1): close without answer.
     #[error("first packet is not CONNECT")]
     NotConnect,
@@ -39,6 +42,7 @@ impl DecodeError {
             DecodeError::Malformed(_) => ReasonCode::MalformedPacket,
             DecodeError::Protocol(_) | DecodeError::NotConnect => ReasonCode::ProtocolError,
             DecodeError::PacketTooLarge { .. } => ReasonCode::PacketTooLarge,
+            DecodeError::TopicAliasZero => ReasonCode::TopicAliasInvalid,
             DecodeError::UnsupportedProtocolVersion { .. } => {
                 ReasonCode::UnsupportedProtocolVersion
             }

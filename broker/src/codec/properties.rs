@@ -149,7 +149,7 @@ impl<'a> Properties<'a> {
             ),
             TOPIC_ALIAS_MAXIMUM => Property::TopicAliasMaximum(r.u16()?),
             TOPIC_ALIAS => Property::TopicAlias(
-                NonZeroU16::new(r.u16()?).ok_or(DecodeError::Protocol("Topic Alias of 0"))?,
+                NonZeroU16::new(r.u16()?).ok_or(DecodeError::TopicAliasZero)?,
             ),
             MAXIMUM_QOS => Property::MaximumQoS(match r.u8()? {
                 0 => QoS::AtMostOnce,

@@ -444,7 +444,9 @@ fn maximum_packet_size_zero() {
 
 #[test]
 fn topic_alias_zero() {
-    protocol(&decode_err(&v5_publish_with_props(&[3, 0x23, 0, 0]), V5));
+    let e = decode_err(&v5_publish_with_props(&[3, 0x23, 0, 0]), V5);
+    assert_eq!(e, DecodeError::TopicAliasZero);
+    assert_eq!(e.reason_code(), ReasonCode::TopicAliasInvalid);
 }
 
 #[test]
