@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -12,6 +12,7 @@ use crate::listener;
 use crate::mailbox::QueueLimits;
 use crate::router::Router;
 use crate::session::Sessions;
+use crate::store::{Store, StoreError, record};
 
 /// What every connection of one broker shares.
 #[derive(Debug)]
@@ -26,23 +27,53 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Durable state.
+    pub store: Arc<Store>,
 }
 
 impl Broker {
-    /// A broker with empty state.
-    pub fn new(config: Config) -> Arc<Broker> {
-        let router = Arc::new(Router::new());
+    /// Opens the store and rebuilds the state it holds: retained messages, persistent
+    /// sessions with their subscriptions and queues. Must run inside the tokio runtime
+    /// (restored sessions get their expiry timers).
+    pub fn new(config: Config) -> Result<Arc<Broker>, StoreError> {
+        let (store, mut recovered) = Store::open(&config.store)?;
+        let store = Arc::new(store);
+        let path = config.store.data_dir.display().to_string();
+        let damaged = |e: record::RecordError| StoreError::Damaged {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let router = Arc::new(Router::with_store(store.clone()));
+        let now = Instant::now();
+        let mut retained = 0;
+        for bytes in std::mem::take(&mut recovered.retained) {
+            let msg = record::decode_retained(&bytes).map_err(damaged)?;
+            if !msg.is_expired(now) {
+                router.retain_in_memory(&Arc::new(msg));
+                retained += 1;
+            }
+        }
         let limits = QueueLimits {
             max_messages: config.mqtt.max_queued_messages,
             max_bytes: config.mqtt.max_queued_bytes,
         };
-        Arc::new(Broker {
-            sessions: Arc::new(Sessions::new(router.clone(), limits)),
+        let sessions = Arc::new(Sessions::new(router.clone(), limits, Some(store.clone())));
+        let restored = sessions.restore(&mut recovered).map_err(damaged)?;
+        tracing::info!(
+            data_dir = %path,
+            durability = ?config.store.durability,
+            sessions = restored,
+            retained,
+            "store opened"
+        );
+        Ok(Arc::new(Broker {
+            sessions,
             router,
             config,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-        })
+            store,
+        }))
     }
 
     /// Binds every listener and serves until `shutdown` is cancelled, then closes every
@@ -69,6 +100,7 @@ impl Broker {
                 "connections still open after the shutdown grace period"
             );
         }
+        self.store.close();
         tracing::info!("broker stopped");
         Ok(bound)
     }

@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use crate::store::{Durability, StoreConfig};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -16,6 +18,9 @@ pub struct Config {
     /// MQTT protocol settings and per-client limits.
     #[serde(default)]
     pub mqtt: MqttConfig,
+    /// Durable storage.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -121,6 +126,7 @@ impl Default for Config {
         Config {
             listeners: default_listeners(),
             mqtt: MqttConfig::default(),
+            store: StoreConfig::default(),
             log: LogConfig::default(),
         }
     }

@@ -22,6 +22,7 @@ use crate::codec::{
 use crate::message::{Delivery, Message};
 use crate::metrics::METRICS;
 use crate::session::{Inflight, Kick, NEVER_EXPIRES, PendingWill, Stage, Subscription};
+use crate::store::{Op, record};
 
 /// Facts about the listener a connection came through.
 #[derive(Debug)]
@@ -191,6 +192,10 @@ struct Conn {
     alias_out_max: u16,
     will: Option<PendingWill>,
     keep_alive: Option<Duration>,
+    /// Packets waiting for a store ticket to be durable, in send order.
+    held: VecDeque<(u64, BytesMut)>,
+    /// The highest durable store ticket.
+    committed: tokio::sync::watch::Receiver<u64>,
     /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
     connect_expiry: u32,
 }
@@ -334,6 +339,8 @@ impl Conn {
             alias_out: HashMap::new(),
             alias_out_max: c.properties.topic_alias_maximum.unwrap_or(0),
             will,
+            held: VecDeque::new(),
+            committed: broker.store.committed(),
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: requested_expiry,
@@ -364,6 +371,9 @@ impl Conn {
         }
         loop {
             self.fill();
+            if !self.held.is_empty() {
+                self.release_held();
+            }
             let want_read = self.out.len() < OUT_READ_LIMIT;
             tokio::select! {
                 biased;
@@ -394,6 +404,13 @@ impl Conn {
                     }
                 }
                 _ = mailbox.notified() => {}
+                r = self.committed.changed(), if !self.held.is_empty() => {
+                    if r.is_err() {
+                        // The store is gone (shutting down): nothing more becomes durable.
+                        return Close::Shutdown;
+                    }
+                    self.release_held();
+                }
                 _ = &mut ka_sleep, if ka.is_some() => {
                     let limit = ka.unwrap_or_default();
                     let idle = last_rx.elapsed();
@@ -433,6 +450,13 @@ impl Conn {
         // and those still queued are dropped (MQTT-3.1.2-5 makes keeping them optional).
         self.state.mailbox.set_online(false);
         self.state.mailbox.extract(|d| d.qos == QoS::AtMostOnce);
+        if let Some(&(last, _)) = self.held.back() {
+            // Acknowledgements promised on durability go out only once durable.
+            let mut committed = self.committed.clone();
+            let _ = tokio::time::timeout(CLOSE_FLUSH, committed.wait_for(|c| *c >= last)).await;
+            self.release_held();
+            self.held.clear();
+        }
         if self.version.is_v5()
             && let Some(reason) = close.reason()
         {
@@ -458,10 +482,48 @@ impl Conn {
         self.broker.sessions.detach(self.conn_id, self.state, will);
     }
 
-    /// Encodes a packet into the write buffer.
+    /// Encodes a packet into the write buffer, behind any packet still held for the store.
     fn send(&mut self, p: &Packet) {
-        if let Err(e) = codec::encode_packet(p, self.version, &mut self.out) {
+        self.send_after(None, p);
+    }
+
+    /// Encodes a packet to be written once store ticket `ticket` is durable (a PUBACK,
+    /// PUBREC or SUBACK that promises what is on disk). Output keeps its order: anything
+    /// sent after a held packet waits for it.
+    fn send_after(&mut self, ticket: Option<u64>, p: &Packet) {
+        let last = self.held.back().map(|(t, _)| *t);
+        let ticket = match ticket.max(last) {
+            None => None,
+            Some(t) if last.is_none() && t <= *self.committed.borrow() => None,
+            Some(t) => Some(t),
+        };
+        let Some(ticket) = ticket else {
+            if let Err(e) = codec::encode_packet(p, self.version, &mut self.out) {
+                tracing::warn!(error = %e, packet = p.name(), "cannot encode packet");
+            }
+            return;
+        };
+        let mut buf = match self.held.pop_back() {
+            Some((t, buf)) if t == ticket => buf,
+            Some(other) => {
+                self.held.push_back(other);
+                BytesMut::new()
+            }
+            None => BytesMut::new(),
+        };
+        if let Err(e) = codec::encode_packet(p, self.version, &mut buf) {
             tracing::warn!(error = %e, packet = p.name(), "cannot encode packet");
+        }
+        self.held.push_back((ticket, buf));
+    }
+
+    /// Moves held packets whose tickets are durable to the write buffer.
+    fn release_held(&mut self) {
+        let done = *self.committed.borrow();
+        while self.held.front().is_some_and(|(t, _)| *t <= done) {
+            if let Some((_, buf)) = self.held.pop_front() {
+                self.out.extend_from_slice(&buf);
+            }
         }
     }
 
@@ -511,6 +573,7 @@ impl Conn {
     fn deliver(&mut self, d: Delivery, now: Instant) {
         if d.msg.is_expired(now) {
             METRICS.expired_dropped.fetch_add(1, Ordering::Relaxed);
+            self.state.mailbox.forget(&d);
             return;
         }
         let id = if d.qos == QoS::AtMostOnce {
@@ -522,9 +585,22 @@ impl Conn {
             }
         };
         let Some(p) = self.build_publish(&d, id, false, now) else {
+            self.state.mailbox.forget(&d);
             return;
         };
-        self.send(&Packet::Publish(p));
+        // A QoS 2 message of a persistent session is sent once its packet id is durable:
+        // after a restart it is resent with the same id, so the receiver can tell the
+        // duplicate (exactly once, MQTT 4.3.3).
+        let mut ticket = None;
+        if let (Some(id), QoS::ExactlyOnce, Some(sid), Some((store, key))) =
+            (id, d.qos, d.store_id, self.state.mailbox.store())
+        {
+            match record::encode_queued(&d, Some((id, Stage::AwaitRec))) {
+                Ok(bytes) => ticket = store.submit_one(Op::PutQueued(key, sid, bytes)),
+                Err(e) => tracing::warn!(error = %e, "cannot store an in-flight message"),
+            }
+        }
+        self.send_after(ticket, &Packet::Publish(p));
         METRICS.publish_sent.fetch_add(1, Ordering::Relaxed);
         if let Some(id) = id {
             let stage = if d.qos == QoS::AtLeastOnce {
@@ -592,20 +668,23 @@ impl Conn {
         Some(p)
     }
 
+    /// Ends the flow of an outbound message at `stage` (PUBACK or PUBCOMP received) and
+    /// deletes its durable copy.
+    fn complete(&mut self, id: crate::codec::PacketId, stage: Stage) {
+        if let Some(i) = self.state.inflight_position(id)
+            && self.state.inflight.get(i).is_some_and(|f| f.stage == stage)
+            && let Some(f) = self.state.inflight.remove(i)
+        {
+            self.state.mailbox.forget(&f.delivery);
+        }
+    }
+
     /// Acts on one packet from the client. `Some` closes the connection.
     fn handle(&mut self, p: Packet) -> Option<Close> {
         match p {
             Packet::Publish(p) => self.on_publish(p).err().map(Close::Error),
             Packet::PubAck(a) => {
-                if let Some(i) = self.state.inflight_position(a.packet_id)
-                    && self
-                        .state
-                        .inflight
-                        .get(i)
-                        .is_some_and(|f| f.stage == Stage::AwaitAck)
-                {
-                    self.state.inflight.remove(i);
-                }
+                self.complete(a.packet_id, Stage::AwaitAck);
                 None
             }
             Packet::PubRec(a) => {
@@ -614,7 +693,9 @@ impl Conn {
                     Some((i, f)) if f.stage == Stage::AwaitRec || f.stage == Stage::AwaitComp => {
                         if a.reason.is_error() {
                             // The receiver refused it: the flow ends here (MQTT 5 §4.3.3).
-                            self.state.inflight.remove(i);
+                            if let Some(f) = self.state.inflight.remove(i) {
+                                self.state.mailbox.forget(&f.delivery);
+                            }
                         } else {
                             f.stage = Stage::AwaitComp;
                             self.send(&Packet::PubRel(Ack::success(a.packet_id)));
@@ -631,20 +712,16 @@ impl Conn {
                 None
             }
             Packet::PubComp(a) => {
-                if let Some(i) = self.state.inflight_position(a.packet_id)
-                    && self
-                        .state
-                        .inflight
-                        .get(i)
-                        .is_some_and(|f| f.stage == Stage::AwaitComp)
-                {
-                    self.state.inflight.remove(i);
-                }
+                self.complete(a.packet_id, Stage::AwaitComp);
                 None
             }
             Packet::PubRel(a) => {
                 let mut comp = Ack::success(a.packet_id);
-                if !self.state.inbound_qos2.remove(&a.packet_id) && self.version.is_v5() {
+                if self.state.inbound_qos2.remove(&a.packet_id) {
+                    if let Some((store, key)) = self.state.mailbox.store() {
+                        store.submit_one(Op::DeleteQos2In(key, a.packet_id.get()));
+                    }
+                } else if self.version.is_v5() {
                     comp.reason = ReasonCode::PacketIdentifierNotFound;
                 }
                 self.send(&Packet::PubComp(comp));
@@ -740,10 +817,13 @@ impl Conn {
                 self.broker.router.route(&msg);
             }
             PublishQoS::AtLeastOnce(id) => {
-                self.broker.router.route(&msg);
-                self.send(&Packet::PubAck(Ack::success(id)));
+                // PUBACK only once the message is durable in every persistent
+                // subscriber's queue (and as retained message).
+                let routed = self.broker.router.route(&msg);
+                self.send_after(routed.ticket, &Packet::PubAck(Ack::success(id)));
             }
             PublishQoS::ExactlyOnce(id) => {
+                let mut ticket = None;
                 if !self.state.inbound_qos2.contains(&id) {
                     if self.state.inbound_qos2.len() >= usize::from(cfg.receive_maximum) {
                         tracing::info!(
@@ -751,10 +831,13 @@ impl Conn {
                         );
                         return Err(ReasonCode::ReceiveMaximumExceeded);
                     }
-                    self.broker.router.route(&msg);
+                    ticket = self.broker.router.route(&msg).ticket;
                     self.state.inbound_qos2.insert(id);
+                    if let Some((store, key)) = self.state.mailbox.store() {
+                        ticket = ticket.max(store.submit_one(Op::PutQos2In(key, id.get())));
+                    }
                 }
-                self.send(&Packet::PubRec(Ack::success(id)));
+                self.send_after(ticket, &Packet::PubRec(Ack::success(id)));
             }
         }
         Ok(())
@@ -787,15 +870,20 @@ impl Conn {
                         retain: true,
                         sub_ids: id.into_iter().collect(),
                         shared: None,
+                        store_id: None,
                     });
                 }
             }
         }
-        self.send(&Packet::SubAck(SubAck {
-            packet_id: s.packet_id,
-            reasons,
-            properties: Default::default(),
-        }));
+        let ticket = self.broker.sessions.save(&self.state, 0, None);
+        self.send_after(
+            ticket,
+            &Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                reasons,
+                properties: Default::default(),
+            }),
+        );
         for d in retained {
             let _ = self.state.mailbox.push(d);
         }
@@ -812,11 +900,15 @@ impl Conn {
                 ReasonCode::NoSubscriptionExisted
             });
         }
-        self.send(&Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            reasons,
-            properties: Default::default(),
-        }));
+        let ticket = self.broker.sessions.save(&self.state, 0, None);
+        self.send_after(
+            ticket,
+            &Packet::UnsubAck(UnsubAck {
+                packet_id: u.packet_id,
+                reasons,
+                properties: Default::default(),
+            }),
+        );
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Close {

@@ -15,3 +15,4 @@ pub mod message;
 pub mod metrics;
 pub mod router;
 pub mod session;
+pub mod store;

@@ -3,14 +3,15 @@
 //! through a `Notify`.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
 use crate::codec::QoS;
-use crate::message::Delivery;
+use crate::message::{ClientKey, Delivery};
 use crate::metrics::METRICS;
+use crate::store::{Op, Store, record};
 
 /// Limits of one session's queue (messages not yet in flight).
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +32,8 @@ struct Queue {
     acked: VecDeque<(u64, Delivery)>,
     bytes: usize,
     next_seq: u64,
+    /// Next entry id in the durable queue (persistent sessions only).
+    next_store_id: u64,
 }
 
 impl Queue {
@@ -41,6 +44,7 @@ impl Queue {
             bytes: 0,
             // Room below for deliveries put back at the front.
             next_seq: u64::MAX / 2,
+            next_store_id: 1,
         }
     }
 
@@ -80,6 +84,15 @@ pub struct Mailbox {
     online: AtomicBool,
     dropped: AtomicU64,
     limits: QueueLimits,
+    durable: Option<Durable>,
+}
+
+/// Where a persistent session's queue is written.
+#[derive(Debug)]
+struct Durable {
+    store: Arc<Store>,
+    key: ClientKey,
+    on: AtomicBool,
 }
 
 impl Mailbox {
@@ -91,6 +104,63 @@ impl Mailbox {
             online: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             limits,
+            durable: None,
+        }
+    }
+
+    /// An empty, offline mailbox whose QoS 1/2 deliveries are written to `store` under the
+    /// session `key` while [`Mailbox::set_persistent`] is on.
+    pub fn with_store(limits: QueueLimits, store: Arc<Store>, key: ClientKey) -> Mailbox {
+        Mailbox {
+            durable: Some(Durable {
+                store,
+                key,
+                on: AtomicBool::new(false),
+            }),
+            ..Mailbox::new(limits)
+        }
+    }
+
+    /// Turns writing to the store on or off (a session with expiry 0 costs no disk writes).
+    pub fn set_persistent(&self, on: bool) {
+        if let Some(d) = &self.durable {
+            d.on.store(on, Ordering::Release);
+        }
+    }
+
+    /// Whether deliveries are written to the store.
+    pub fn is_persistent(&self) -> bool {
+        self.durable
+            .as_ref()
+            .is_some_and(|d| d.on.load(Ordering::Acquire))
+    }
+
+    /// The store and session key, when persistent.
+    pub fn store(&self) -> Option<(&Arc<Store>, ClientKey)> {
+        self.durable
+            .as_ref()
+            .filter(|d| d.on.load(Ordering::Acquire))
+            .map(|d| (&d.store, d.key))
+    }
+
+    /// Deletes the durable copy of a delivery that was acknowledged or dropped.
+    pub fn forget(&self, d: &Delivery) {
+        if let (Some(id), Some((store, key))) = (d.store_id, self.store()) {
+            store.submit_one(Op::DeleteQueued(key, id));
+        }
+    }
+
+    /// Restores deliveries read from the store at start, in order, past the queue limits
+    /// (they were accepted before the restart).
+    pub fn restore(&self, items: Vec<Delivery>, next_store_id: u64) {
+        let mut q = self.lock();
+        q.next_store_id = q.next_store_id.max(next_store_id);
+        for d in items {
+            q.bytes += d.msg.size();
+            let seq = q.next_seq;
+            q.next_seq += 1;
+            let qos = d.qos;
+            q.lane(qos).push_back((seq, d));
         }
     }
 
@@ -101,12 +171,15 @@ impl Mailbox {
     }
 
     /// Queues a delivery and wakes the connection. Overflow policy: the new message is
-    /// dropped, counted and logged; QoS 0 to an offline session is not kept.
-    pub fn push(&self, d: Delivery) -> Result<(), Refused> {
+    /// dropped, counted and logged; QoS 0 to an offline session is not kept. For a
+    /// persistent session a QoS 1/2 delivery is also written to the store: the returned
+    /// ticket is durable once the store has committed it.
+    pub fn push(&self, mut d: Delivery) -> Result<Option<u64>, Refused> {
         if d.qos == QoS::AtMostOnce && !self.is_online() {
             return Err(Refused::Offline);
         }
         let size = d.msg.size();
+        let mut ticket = None;
         {
             let mut q = self.lock();
             if q.len() >= self.limits.max_messages
@@ -116,13 +189,26 @@ impl Mailbox {
                 self.count_drop(d.qos);
                 return Err(Refused::Full);
             }
+            if d.qos != QoS::AtMostOnce
+                && let Some((store, key)) = self.store()
+            {
+                // Written under the queue lock so the entry is submitted before anyone can
+                // take, send and acknowledge it (a delete must never overtake its insert).
+                let id = q.next_store_id;
+                q.next_store_id += 1;
+                d.store_id = Some(id);
+                match record::encode_queued(&d, None) {
+                    Ok(bytes) => ticket = store.submit_one(Op::PutQueued(key, id, bytes)),
+                    Err(e) => tracing::warn!(error = %e, "cannot store a queued message"),
+                }
+            }
             q.bytes += size;
             let seq = q.next_seq;
             q.next_seq += 1;
             q.lane(d.qos).push_back((seq, d));
         }
         self.notify.notify_one();
-        Ok(())
+        Ok(ticket)
     }
 
     fn count_drop(&self, qos: QoS) {
@@ -252,6 +338,7 @@ mod tests {
             retain: false,
             sub_ids: Vec::new(),
             shared: None,
+            store_id: None,
         }
     }
 
@@ -271,7 +358,11 @@ mod tests {
     #[test]
     fn drains_in_arrival_order_across_qos() {
         let m = online(10);
-        for (n, q) in [(1, QoS::AtLeastOnce), (2, QoS::AtMostOnce), (3, QoS::ExactlyOnce)] {
+        for (n, q) in [
+            (1, QoS::AtLeastOnce),
+            (2, QoS::AtMostOnce),
+            (3, QoS::ExactlyOnce),
+        ] {
             m.push(d(n, q)).unwrap();
         }
         let mut out = VecDeque::new();

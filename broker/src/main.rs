@@ -18,6 +18,9 @@ struct Cli {
     /// Configuration file (TOML). Without it: one listener on 127.0.0.1:1883.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Folder of the durable store (overrides `[store] data_dir`; default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -25,7 +28,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match &cli.config {
+    let mut config = match &cli.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
@@ -35,6 +38,9 @@ fn main() -> ExitCode {
         },
         None => Config::default(),
     };
+    if let Some(dir) = cli.data_dir {
+        config.store.data_dir = dir;
+    }
     if cli.check_config {
         println!("configuration ok");
         return ExitCode::SUCCESS;
@@ -68,7 +74,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let broker = Broker::new(config);
+    let broker = Broker::new(config)?;
     let shutdown = broker.shutdown.clone();
     // Signal handlers are installed before any listener is bound, so a SIGTERM sent as soon
     // as the broker reports it is listening still shuts it down in order.

@@ -67,4 +67,6 @@ pub struct Delivery {
     pub sub_ids: Vec<NonZeroU32>,
     /// The shared subscription it came through, so it can move to another member.
     pub shared: Option<TopicFilter>,
+    /// Its entry in the durable queue of a persistent session.
+    pub store_id: Option<u64>,
 }

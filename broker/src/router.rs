@@ -14,6 +14,7 @@ use std::time::Instant;
 use crate::codec::{QoS, SubscriptionOptions, TopicFilter};
 use crate::mailbox::Mailbox;
 use crate::message::{ClientKey, Delivery, Message};
+use crate::store::{Op, Store, record};
 
 /// A session as the router sees it: its key and its mailbox.
 #[derive(Debug, Clone)]
@@ -57,11 +58,31 @@ struct RetainedNode {
     msg: Option<Arc<Message>>,
 }
 
+/// What routing one message did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// Sessions it was queued for.
+    pub delivered: usize,
+    /// The store ticket to wait for before acknowledging (persistent recipients or a
+    /// retained message were written).
+    pub ticket: Option<u64>,
+}
+
+impl Routed {
+    fn add(&mut self, pushed: Result<Option<u64>, crate::mailbox::Refused>) {
+        if let Ok(t) = pushed {
+            self.delivered += 1;
+            self.ticket = self.ticket.max(t);
+        }
+    }
+}
+
 /// The router of one broker.
 #[derive(Debug, Default)]
 pub struct Router {
     trie: RwLock<Node>,
     retained: RwLock<RetainedNode>,
+    store: Option<Arc<Store>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -78,6 +99,14 @@ impl Router {
     /// An empty router.
     pub fn new() -> Router {
         Router::default()
+    }
+
+    /// An empty router that writes retained messages to `store`.
+    pub fn with_store(store: Arc<Store>) -> Router {
+        Router {
+            store: Some(store),
+            ..Router::default()
+        }
     }
 
     /// Adds or replaces the subscription of `sub` to `filter`. Returns true if it is new
@@ -140,23 +169,22 @@ impl Router {
     }
 
     /// Stores the message if it is retained, then routes it.
-    pub fn route(&self, msg: &Arc<Message>) -> usize {
-        if msg.retain {
-            self.retain(msg);
-        }
-        self.publish(msg)
+    pub fn route(&self, msg: &Arc<Message>) -> Routed {
+        let ticket = if msg.retain { self.retain(msg) } else { None };
+        let mut r = self.publish(msg);
+        r.ticket = r.ticket.max(ticket);
+        r
     }
 
-    /// Routes a message to every matching session. Returns how many sessions it was queued
-    /// for.
-    pub fn publish(&self, msg: &Arc<Message>) -> usize {
+    /// Routes a message to every matching session.
+    pub fn publish(&self, msg: &Arc<Message>) -> Routed {
         let root = read(&self.trie);
         let mut matches: Vec<&Entry> = Vec::new();
         let mut groups: Vec<&SharedGroup> = Vec::new();
         let topic = msg.topic.as_str();
         collect(&root, topic, true, &mut matches, &mut groups);
 
-        let mut delivered = 0;
+        let mut routed = Routed::default();
         if matches.len() > 1 {
             matches.sort_by_key(|e| e.sub.key);
         }
@@ -186,10 +214,9 @@ impl Router {
                     retain,
                     sub_ids: ids,
                     shared: None,
+                    store_id: None,
                 };
-                if first.sub.mailbox.push(d).is_ok() {
-                    delivered += 1;
-                }
+                routed.add(first.sub.mailbox.push(d));
             }
             i = j;
         }
@@ -202,13 +229,12 @@ impl Router {
                     retain: e.options.retain_as_published && msg.retain,
                     sub_ids: e.id.into_iter().collect(),
                     shared: Some(g.filter.clone()),
+                    store_id: None,
                 };
-                if e.sub.mailbox.push(d).is_ok() {
-                    delivered += 1;
-                }
+                routed.add(e.sub.mailbox.push(d));
             }
         }
-        delivered
+        routed
     }
 
     /// Hands a delivery of the shared subscription `filter` to a member other than
@@ -236,12 +262,32 @@ impl Router {
         }
         d.qos = d.msg.qos.min(e.options.qos);
         d.sub_ids = e.id.into_iter().collect();
-        e.sub.mailbox.push(d.clone()).map_err(|_| d)
+        d.store_id = None;
+        e.sub.mailbox.push(d.clone()).map(|_| ()).map_err(|_| d)
     }
 
     /// Stores a retained message, or clears the topic's retained message when the payload
-    /// is empty (MQTT-3.3.1-10/11).
-    pub fn retain(&self, msg: &Arc<Message>) {
+    /// is empty (MQTT-3.3.1-10/11), in memory and in the store. Returns the store ticket.
+    pub fn retain(&self, msg: &Arc<Message>) -> Option<u64> {
+        self.retain_in_memory(msg);
+        let store = self.store.as_ref()?;
+        let topic: Arc<str> = Arc::from(msg.topic.as_str());
+        if msg.payload.is_empty() {
+            store.submit_one(Op::DeleteRetained(topic))
+        } else {
+            match record::encode_retained(msg) {
+                Ok(bytes) => store.submit_one(Op::PutRetained(topic, bytes)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot store a retained message");
+                    None
+                }
+            }
+        }
+    }
+
+    /// Stores or clears a retained message in memory only (used at start, for messages read
+    /// from the store).
+    pub fn retain_in_memory(&self, msg: &Arc<Message>) {
         let mut root = write(&self.retained);
         if msg.payload.is_empty() {
             let levels: Vec<&str> = msg.topic.as_str().split('/').collect();
@@ -467,7 +513,7 @@ mod tests {
             SubscriptionOptions::qos(QoS::AtLeastOnce),
             NonZeroU32::new(2),
         );
-        assert_eq!(r.publish(&msg("a/b", QoS::ExactlyOnce)), 1);
+        assert_eq!(r.publish(&msg("a/b", QoS::ExactlyOnce)).delivered, 1);
         let got = drain(&s);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].qos, QoS::AtLeastOnce);
@@ -492,14 +538,14 @@ mod tests {
             SubscriptionOptions::qos(QoS::AtMostOnce),
             None,
         );
-        assert_eq!(r.publish(&msg("$SYS/x", QoS::AtMostOnce)), 0);
+        assert_eq!(r.publish(&msg("$SYS/x", QoS::AtMostOnce)).delivered, 0);
         r.subscribe(
             &s,
             &TopicFilter::new("$SYS/#").unwrap(),
             SubscriptionOptions::qos(QoS::AtMostOnce),
             None,
         );
-        assert_eq!(r.publish(&msg("$SYS/x", QoS::AtMostOnce)), 1);
+        assert_eq!(r.publish(&msg("$SYS/x", QoS::AtMostOnce)).delivered, 1);
     }
 
     #[test]
@@ -511,7 +557,7 @@ mod tests {
         r.subscribe(&a, &f, SubscriptionOptions::qos(QoS::AtLeastOnce), None);
         r.subscribe(&b, &f, SubscriptionOptions::qos(QoS::AtLeastOnce), None);
         for _ in 0..10 {
-            assert_eq!(r.publish(&msg("t/1", QoS::AtLeastOnce)), 1);
+            assert_eq!(r.publish(&msg("t/1", QoS::AtLeastOnce)).delivered, 1);
         }
         assert_eq!(drain(&a).len() + drain(&b).len(), 10);
     }
@@ -589,7 +635,7 @@ mod tests {
             let s = sub(1);
             r.subscribe(&s, &f, SubscriptionOptions::qos(QoS::AtMostOnce), None);
             let m = msg(t.as_str(), QoS::AtMostOnce);
-            prop_assert_eq!(r.publish(&m) == 1, filter_matches(&filter, &topic));
+            prop_assert_eq!(r.publish(&m).delivered == 1, filter_matches(&filter, &topic));
             let rr = Router::new();
             let mut stored = clone_msg(&m);
             stored.retain = true;

@@ -20,6 +20,8 @@ use crate::codec::{PacketId, SubscriptionOptions, TopicFilter, Will};
 use crate::mailbox::{Mailbox, QueueLimits};
 use crate::message::{ClientKey, Delivery, Message};
 use crate::router::{Router, Subscriber};
+use crate::store::record::{self, RecordError, SessionRecord};
+use crate::store::{Op, Recovered, Store};
 
 /// Session expiry meaning "never".
 pub const NEVER_EXPIRES: u32 = u32::MAX;
@@ -193,6 +195,7 @@ enum Slot {
 pub struct Sessions {
     router: Arc<Router>,
     limits: QueueLimits,
+    store: Option<Arc<Store>>,
     slots: Mutex<HashMap<Arc<str>, Slot>>,
     next_key: AtomicU64,
     next_conn: AtomicU64,
@@ -200,10 +203,11 @@ pub struct Sessions {
 
 impl Sessions {
     /// An empty registry delivering through `router`.
-    pub fn new(router: Arc<Router>, limits: QueueLimits) -> Sessions {
+    pub fn new(router: Arc<Router>, limits: QueueLimits, store: Option<Arc<Store>>) -> Sessions {
         Sessions {
             router,
             limits,
+            store,
             slots: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
@@ -217,16 +221,166 @@ impl Sessions {
     }
 
     fn new_state(&self, client_id: Arc<str>, expiry: u32) -> SessionState {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         SessionState {
             client_id,
-            key: self.next_key.fetch_add(1, Ordering::Relaxed),
-            mailbox: Arc::new(Mailbox::new(self.limits)),
+            key,
+            mailbox: Arc::new(self.mailbox(key)),
             subscriptions: HashMap::new(),
             inflight: VecDeque::new(),
             next_id: PacketId::FIRST,
             inbound_qos2: HashSet::new(),
             expiry,
         }
+    }
+
+    fn mailbox(&self, key: ClientKey) -> Mailbox {
+        match &self.store {
+            Some(store) => Mailbox::with_store(self.limits, store.clone(), key),
+            None => Mailbox::new(self.limits),
+        }
+    }
+
+    /// Writes the session record of a persistent session; returns the store ticket.
+    /// `disconnected_at` is 0 while a connection holds the session.
+    pub fn save(
+        &self,
+        state: &SessionState,
+        disconnected_at: u64,
+        will: Option<&PendingWill>,
+    ) -> Option<u64> {
+        let (store, key) = state.mailbox.store()?;
+        let rec = SessionRecord {
+            key,
+            expiry: state.expiry,
+            disconnected_at,
+            next_id: state.next_id.get(),
+            subscriptions: state
+                .subscriptions
+                .iter()
+                .map(|(f, s)| (f.clone(), s.options, s.id))
+                .collect(),
+            will: will.map(|w| w.will.clone()),
+        };
+        match record::encode_session(&rec) {
+            Ok(bytes) => store.submit_one(Op::PutSession(state.client_id.clone(), bytes)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store a session");
+                None
+            }
+        }
+    }
+
+    /// Rebuilds the sessions read from the store at start: subscriptions go back into the
+    /// router, queued and in-flight messages into the session. Sessions that expired while
+    /// the broker was down are ended (publishing their pending will).
+    pub fn restore(self: &Arc<Self>, recovered: &mut Recovered) -> Result<usize, RecordError> {
+        let now_ms = record::unix_ms_now();
+        let mut restored = 0;
+        let sessions = std::mem::take(&mut recovered.sessions);
+        for (client_id, bytes) in sessions {
+            let rec = record::decode_session(&bytes)?;
+            let client_id: Arc<str> = Arc::from(client_id.as_str());
+            self.next_key.fetch_max(rec.key + 1, Ordering::Relaxed);
+            let mailbox = Arc::new(self.mailbox(rec.key));
+            mailbox.set_persistent(true);
+            let mut state = SessionState {
+                client_id: client_id.clone(),
+                key: rec.key,
+                mailbox,
+                subscriptions: HashMap::new(),
+                inflight: VecDeque::new(),
+                next_id: PacketId::new(rec.next_id).unwrap_or(PacketId::FIRST),
+                inbound_qos2: HashSet::new(),
+                expiry: rec.expiry,
+            };
+            let sub = state.subscriber();
+            for (filter, options, id) in rec.subscriptions {
+                self.router.subscribe(&sub, &filter, options, id);
+                state
+                    .subscriptions
+                    .insert(filter, Subscription { options, id });
+            }
+            let mut queued = Vec::new();
+            let mut next_store_id = 1;
+            for (id, bytes) in recovered.queues.remove(&rec.key).unwrap_or_default() {
+                let q = record::decode_queued(&bytes, id)?;
+                next_store_id = next_store_id.max(id + 1);
+                match q.inflight {
+                    Some((pid, stage)) => state.inflight.push_back(Inflight {
+                        id: pid,
+                        delivery: q.delivery,
+                        stage,
+                    }),
+                    None => queued.push(q.delivery),
+                }
+            }
+            state.mailbox.restore(queued, next_store_id);
+            for id in recovered.qos2_in.remove(&rec.key).unwrap_or_default() {
+                if let Some(id) = PacketId::new(id) {
+                    state.inbound_qos2.insert(id);
+                }
+            }
+            let will = rec.will.map(|will| PendingWill {
+                will,
+                origin: rec.key,
+            });
+            // A session that was connected when the broker stopped counts as disconnected
+            // now.
+            let since = if rec.disconnected_at == 0 {
+                0
+            } else {
+                now_ms.saturating_sub(rec.disconnected_at)
+            };
+            let elapsed = Duration::from_millis(since);
+            let expiry = rec.expiry;
+            let expires_in = (expiry != NEVER_EXPIRES)
+                .then(|| Duration::from_secs(u64::from(expiry)).saturating_sub(elapsed));
+            if expires_in == Some(Duration::ZERO) {
+                tracing::info!(client_id = %client_id, "session expired while the broker was down");
+                self.end_with_will(state, will);
+                continue;
+            }
+            let will_in = will.as_ref().map(|w| {
+                Duration::from_secs(u64::from(w.delay().min(expiry))).saturating_sub(elapsed)
+            });
+            if rec.disconnected_at == 0 {
+                self.save(&state, now_ms, will.as_ref());
+            }
+            let generation = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            let timer = self.spawn_timers(client_id.clone(), generation, will_in, expires_in);
+            self.lock().insert(
+                client_id,
+                Slot::Detached(Box::new(Detached {
+                    state,
+                    will,
+                    generation,
+                    timer,
+                })),
+            );
+            restored += 1;
+        }
+        Ok(restored)
+    }
+
+    fn spawn_timers(
+        self: &Arc<Self>,
+        client_id: Arc<str>,
+        generation: u64,
+        will_in: Option<Duration>,
+        expires_in: Option<Duration>,
+    ) -> Option<AbortHandle> {
+        if will_in.is_none() && expires_in.is_none() {
+            return None;
+        }
+        let me = Arc::clone(self);
+        Some(
+            tokio::spawn(async move {
+                me.run_timers(client_id, generation, will_in, expires_in)
+                    .await
+            })
+            .abort_handle(),
+        )
     }
 
     /// Number of sessions, connected or not.
@@ -302,6 +456,16 @@ impl Sessions {
             None => (self.new_state(client_id, expiry), false),
         };
         state.expiry = expiry;
+        if expiry == 0 && state.mailbox.is_persistent() {
+            // Resumed, but to end with this connection: nothing of it stays on disk.
+            if let Some((store, key)) = state.mailbox.store() {
+                store.submit_one(Op::DeleteSession(state.client_id.clone(), key));
+            }
+            state.mailbox.set_persistent(false);
+        } else if expiry > 0 {
+            state.mailbox.set_persistent(true);
+            self.save(&state, 0, None);
+        }
         state.mailbox.set_online(true);
         Attachment {
             state,
@@ -358,20 +522,13 @@ impl Sessions {
             return;
         }
         let generation = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let will_delay = will.as_ref().map(PendingWill::delay);
         let expiry = state.expiry;
-        let timer = if will_delay.is_some() || expiry != NEVER_EXPIRES {
-            let me = Arc::clone(self);
-            let id = state.client_id.clone();
-            Some(
-                tokio::spawn(
-                    async move { me.run_timers(id, generation, will_delay, expiry).await },
-                )
-                .abort_handle(),
-            )
-        } else {
-            None
-        };
+        let will_in = will
+            .as_ref()
+            .map(|w| Duration::from_secs(u64::from(w.delay().min(expiry))));
+        let expires_in = (expiry != NEVER_EXPIRES).then(|| Duration::from_secs(u64::from(expiry)));
+        self.save(&state, record::unix_ms_now(), will.as_ref());
+        let timer = self.spawn_timers(state.client_id.clone(), generation, will_in, expires_in);
         slot.insert(Slot::Detached(Box::new(Detached {
             state,
             will,
@@ -384,15 +541,20 @@ impl Sessions {
         self: Arc<Self>,
         client_id: Arc<str>,
         generation: u64,
-        will_delay: Option<u32>,
-        expiry: u32,
+        will_in: Option<Duration>,
+        expires_in: Option<Duration>,
     ) {
         let start = tokio::time::Instant::now();
-        if let Some(delay) = will_delay {
-            let at = start + Duration::from_secs(u64::from(delay.min(expiry)));
-            tokio::time::sleep_until(at).await;
+        if let Some(delay) = will_in {
+            tokio::time::sleep_until(start + delay).await;
             let will = match self.lock().get_mut(&client_id) {
-                Some(Slot::Detached(d)) if d.generation == generation => d.will.take(),
+                Some(Slot::Detached(d)) if d.generation == generation => {
+                    let w = d.will.take();
+                    if w.is_some() {
+                        self.save(&d.state, record::unix_ms_now(), None);
+                    }
+                    w
+                }
                 _ => return,
             };
             if let Some(w) = will {
@@ -400,10 +562,10 @@ impl Sessions {
                 self.router.route(&w.into_message());
             }
         }
-        if expiry == NEVER_EXPIRES {
+        let Some(expires_in) = expires_in else {
             return;
-        }
-        tokio::time::sleep_until(start + Duration::from_secs(u64::from(expiry))).await;
+        };
+        tokio::time::sleep_until(start + expires_in).await;
         let state = {
             let mut slots = self.lock();
             match slots.get(&client_id) {
@@ -431,6 +593,10 @@ impl Sessions {
     fn end(&self, mut state: SessionState) {
         state.mailbox.set_online(false);
         self.redistribute_shared(&mut state);
+        if let Some((store, key)) = state.mailbox.store() {
+            store.submit_one(Op::DeleteSession(state.client_id.clone(), key));
+        }
+        state.mailbox.set_persistent(false);
         for filter in state.subscriptions.keys() {
             self.router.unsubscribe(state.key, filter);
         }
@@ -446,6 +612,7 @@ impl Sessions {
                 let mut d = f.delivery.clone();
                 d.retain = false;
                 if self.router.redeliver_shared(d, key).is_ok() {
+                    state.mailbox.forget(&f.delivery);
                     continue;
                 }
             }
@@ -458,8 +625,17 @@ impl Sessions {
         let moved = state.mailbox.extract(|d| d.shared.is_some());
         let mut back = Vec::new();
         for d in moved {
-            if let Err(d) = self.router.redeliver_shared(d, key) {
-                back.push(d);
+            let copy = d.store_id.map(|_| d.clone());
+            match self.router.redeliver_shared(d, key) {
+                Ok(()) => {
+                    if let Some(c) = copy {
+                        state.mailbox.forget(&c);
+                    }
+                }
+                Err(mut d) => {
+                    d.store_id = copy.and_then(|c| c.store_id);
+                    back.push(d);
+                }
             }
         }
         if !back.is_empty() {

@@ -127,6 +127,8 @@ impl Broker {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandpiper"));
         cmd.arg("--config")
             .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -14,7 +14,7 @@ mod encode;
 mod error;
 pub mod packet;
 mod properties;
-mod reader;
+pub(crate) mod reader;
 mod reason;
 pub mod types;
 

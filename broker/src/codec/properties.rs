@@ -148,9 +148,9 @@ impl<'a> Properties<'a> {
                 NonZeroU16::new(r.u16()?).ok_or(DecodeError::Protocol("Receive Maximum of 0"))?,
             ),
             TOPIC_ALIAS_MAXIMUM => Property::TopicAliasMaximum(r.u16()?),
-            TOPIC_ALIAS => Property::TopicAlias(
-                NonZeroU16::new(r.u16()?).ok_or(DecodeError::TopicAliasZero)?,
-            ),
+            TOPIC_ALIAS => {
+                Property::TopicAlias(NonZeroU16::new(r.u16()?).ok_or(DecodeError::TopicAliasZero)?)
+            }
             MAXIMUM_QOS => Property::MaximumQoS(match r.u8()? {
                 0 => QoS::AtMostOnce,
                 1 => QoS::AtLeastOnce,

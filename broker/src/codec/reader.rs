@@ -13,7 +13,7 @@ pub(super) const SHORT: DecodeError = DecodeError::Malformed("packet ends inside
 /// `bytes`: `Ok(None)` when more bytes are needed, else the value and how many bytes it took.
 /// At most four bytes, and the encoding must be minimal (MQTT-1.5.5-1): a multi-byte
 /// encoding whose last byte is 0 could have been shorter.
-pub(super) fn parse_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
+pub(crate) fn parse_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
     let mut value: u32 = 0;
     for (i, &b) in bytes.iter().take(4).enumerate() {
         value |= u32::from(b & 0x7F) << (7 * i);
@@ -36,7 +36,7 @@ pub(super) fn parse_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, DecodeE
 }
 
 /// Reads the fields of one packet body front to back.
-pub(super) struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     data: &'a Bytes,
     pos: usize,
     end: usize,
@@ -44,7 +44,7 @@ pub(super) struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     /// A reader over the whole of `data`.
-    pub(super) fn new(data: &'a Bytes) -> Reader<'a> {
+    pub(crate) fn new(data: &'a Bytes) -> Reader<'a> {
         Reader {
             data,
             pos: 0,
@@ -53,12 +53,12 @@ impl<'a> Reader<'a> {
     }
 
     /// True when every byte has been read.
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.pos >= self.end
     }
 
     /// How many bytes are left.
-    pub(super) fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.end.saturating_sub(self.pos)
     }
 
@@ -78,7 +78,7 @@ impl<'a> Reader<'a> {
     }
 
     /// One byte.
-    pub(super) fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         match self.take(1)? {
             [b] => Ok(*b),
             _ => Err(SHORT),
@@ -86,7 +86,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A Two Byte Integer, big-endian.
-    pub(super) fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         match self.take(2)? {
             [a, b] => Ok(u16::from_be_bytes([*a, *b])),
             _ => Err(SHORT),
@@ -94,7 +94,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A Four Byte Integer, big-endian.
-    pub(super) fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         match self.take(4)? {
             [a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
             _ => Err(SHORT),
@@ -102,7 +102,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A Variable Byte Integer; it must end inside the packet.
-    pub(super) fn varint(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn varint(&mut self) -> Result<u32, DecodeError> {
         let avail = self.data.get(self.pos..self.end).ok_or(SHORT)?;
         let (value, len) = parse_varint(avail)?.ok_or(SHORT)?;
         self.range(len)?;
@@ -110,14 +110,14 @@ impl<'a> Reader<'a> {
     }
 
     /// Two-byte length then that many raw bytes, borrowed.
-    pub(super) fn prefixed(&mut self) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn prefixed(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.u16()?;
         self.take(usize::from(len))
     }
 
     /// A UTF-8 Encoded String (MQTT 5 §1.5.4): well-formed UTF-8 (which excludes surrogates
     /// and overlong forms, MQTT-1.5.4-1) without U+0000 (MQTT-1.5.4-2).
-    pub(super) fn str(&mut self) -> Result<&'a str, DecodeError> {
+    pub(crate) fn str(&mut self) -> Result<&'a str, DecodeError> {
         let raw = self.prefixed()?;
         let s = std::str::from_utf8(raw)
             .map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
@@ -128,21 +128,21 @@ impl<'a> Reader<'a> {
     }
 
     /// Binary Data (two-byte length then bytes), as a zero-copy slice of the packet.
-    pub(super) fn binary(&mut self) -> Result<Bytes, DecodeError> {
+    pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.u16()?;
         let (start, end) = self.range(usize::from(len))?;
         Ok(self.data.slice(start..end))
     }
 
     /// Everything left, as a zero-copy slice of the packet.
-    pub(super) fn rest(&mut self) -> Bytes {
+    pub(crate) fn rest(&mut self) -> Bytes {
         let (start, end) = (self.pos.min(self.end), self.end);
         self.pos = end;
         self.data.slice(start..end)
     }
 
     /// A reader over the next `n` bytes, which this reader skips.
-    pub(super) fn sub(&mut self, n: usize) -> Result<Reader<'a>, DecodeError> {
+    pub(crate) fn sub(&mut self, n: usize) -> Result<Reader<'a>, DecodeError> {
         let (start, end) = self.range(n)?;
         Ok(Reader {
             data: self.data,
@@ -152,7 +152,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Fails if bytes are left over: a packet must end where its last field ends.
-    pub(super) fn finish(&self) -> Result<(), DecodeError> {
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
         if self.is_empty() {
             Ok(())
         } else {

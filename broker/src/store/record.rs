@@ -1,0 +1,455 @@
+//! The byte layout of stored records. Messages are kept as MQTT 5 PUBLISH packets (the codec
+//! already encodes and validates every property), wrapped in a few fixed fields. Each record
+//! starts with a format byte so a later version can read older records.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::codec::reader::Reader;
+use crate::codec::{
+    self, DecodeError, MessageProperties, Packet, PacketId, ProtocolVersion, Publish,
+    PublishProperties, PublishQoS, QoS, RetainHandling, SubscriptionOptions, TopicFilter, Will,
+    WillProperties,
+};
+use crate::message::{ClientKey, Delivery, Message};
+use crate::session::Stage;
+
+const FORMAT: u8 = 1;
+
+/// A record that does not decode: the store is damaged or from another version.
+#[derive(Debug, thiserror::Error)]
+#[error("damaged record: {0}")]
+pub struct RecordError(String);
+
+impl From<DecodeError> for RecordError {
+    fn from(e: DecodeError) -> Self {
+        RecordError(e.to_string())
+    }
+}
+
+fn bad(what: &str) -> RecordError {
+    RecordError(what.to_owned())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn instant_to_unix_ms(at: Instant) -> u64 {
+    let now = Instant::now();
+    let base = unix_ms_now();
+    if at >= now {
+        base.saturating_add(u64::try_from((at - now).as_millis()).unwrap_or(u64::MAX))
+    } else {
+        base.saturating_sub(u64::try_from((now - at).as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+fn unix_ms_to_instant(ms: u64) -> Instant {
+    let now = Instant::now();
+    let base = unix_ms_now();
+    if ms >= base {
+        now + Duration::from_millis(ms - base)
+    } else {
+        now.checked_sub(Duration::from_millis(base - ms))
+            .unwrap_or(now)
+    }
+}
+
+fn put_u64(out: &mut BytesMut, v: u64) {
+    out.put_u64(v);
+}
+
+fn get_u64(r: &mut Reader<'_>) -> Result<u64, RecordError> {
+    let hi = u64::from(r.u32()?);
+    let lo = u64::from(r.u32()?);
+    Ok(hi << 32 | lo)
+}
+
+fn put_str(out: &mut BytesMut, s: &str) -> Result<(), RecordError> {
+    let len = u16::try_from(s.len()).map_err(|_| bad("string longer than 65535 bytes"))?;
+    out.put_u16(len);
+    out.put_slice(s.as_bytes());
+    Ok(())
+}
+
+/// Encodes the message part shared by queue entries, retained messages and wills.
+/// `keep_expiry_interval` keeps the Message Expiry Interval property (wills, whose expiry
+/// counts from publication); otherwise the absolute deadline is stored.
+fn put_message(
+    out: &mut BytesMut,
+    m: &Message,
+    keep_expiry_interval: bool,
+) -> Result<(), RecordError> {
+    put_u64(out, m.expires_at.map_or(0, instant_to_unix_ms));
+    put_u64(out, m.origin);
+    let mut properties = m.properties.clone();
+    if !keep_expiry_interval {
+        properties.message_expiry_interval = None;
+    }
+    let p = Publish {
+        dup: false,
+        qos: PublishQoS::with_id(m.qos, PacketId::FIRST),
+        retain: m.retain,
+        topic: Some(m.topic.clone()),
+        payload: m.payload.clone(),
+        properties: PublishProperties {
+            topic_alias: None,
+            subscription_identifiers: Vec::new(),
+            message: properties,
+        },
+    };
+    let mut packet = BytesMut::new();
+    codec::encode_packet(&Packet::Publish(p), ProtocolVersion::V5, &mut packet)
+        .map_err(|e| RecordError(e.to_string()))?;
+    let len = u32::try_from(packet.len()).map_err(|_| bad("message too large"))?;
+    out.put_u32(len);
+    out.put_slice(&packet);
+    Ok(())
+}
+
+fn get_message(r: &mut Reader<'_>) -> Result<Message, RecordError> {
+    let expires = get_u64(r)?;
+    let origin = get_u64(r)?;
+    let len = usize::try_from(r.u32()?).map_err(|_| bad("length"))?;
+    let mut sub = r.sub(len)?;
+    let mut buf = BytesMut::from(&sub.rest()[..]);
+    let packet = codec::decode_packet(&mut buf, ProtocolVersion::V5, u32::MAX)?;
+    let Some(Packet::Publish(p)) = packet else {
+        return Err(bad("stored message is not a PUBLISH"));
+    };
+    let topic = p.topic.ok_or_else(|| bad("stored message without topic"))?;
+    Ok(Message {
+        topic,
+        payload: p.payload,
+        qos: p.qos.qos(),
+        retain: p.retain,
+        properties: p.properties.message,
+        expires_at: (expires != 0).then(|| unix_ms_to_instant(expires)),
+        origin,
+    })
+}
+
+/// A retained message.
+pub fn encode_retained(m: &Message) -> Result<Vec<u8>, RecordError> {
+    let mut out = BytesMut::new();
+    out.put_u8(FORMAT);
+    put_message(&mut out, m, false)?;
+    Ok(out.to_vec())
+}
+
+/// Decodes a retained message.
+pub fn decode_retained(bytes: &[u8]) -> Result<Message, RecordError> {
+    let data = Bytes::copy_from_slice(bytes);
+    let mut r = Reader::new(&data);
+    if r.u8()? != FORMAT {
+        return Err(bad("unknown retained record format"));
+    }
+    get_message(&mut r)
+}
+
+/// A queued or in-flight delivery of a persistent session.
+#[derive(Debug)]
+pub struct QueuedRecord {
+    /// The delivery.
+    pub delivery: Delivery,
+    /// In flight with this packet id and stage, or `None` if still queued.
+    pub inflight: Option<(PacketId, Stage)>,
+}
+
+fn stage_byte(s: Option<(PacketId, Stage)>) -> (u8, u16) {
+    match s {
+        None => (0, 0),
+        Some((id, Stage::AwaitAck)) => (1, id.get()),
+        Some((id, Stage::AwaitRec)) => (2, id.get()),
+        Some((id, Stage::AwaitComp)) => (3, id.get()),
+    }
+}
+
+/// Encodes a delivery (queued, or in flight with its packet id).
+pub fn encode_queued(
+    d: &Delivery,
+    inflight: Option<(PacketId, Stage)>,
+) -> Result<Vec<u8>, RecordError> {
+    let mut out = BytesMut::new();
+    out.put_u8(FORMAT);
+    out.put_u8(d.qos.bits());
+    out.put_u8(u8::from(d.retain));
+    let (stage, id) = stage_byte(inflight);
+    out.put_u8(stage);
+    out.put_u16(id);
+    let n = u8::try_from(d.sub_ids.len()).map_err(|_| bad("too many subscription ids"))?;
+    out.put_u8(n);
+    for id in &d.sub_ids {
+        out.put_u32(id.get());
+    }
+    put_str(&mut out, d.shared.as_ref().map_or("", |f| f.as_str()))?;
+    put_message(&mut out, &d.msg, false)?;
+    Ok(out.to_vec())
+}
+
+/// Decodes a delivery record; `store_id` is its key in the queue table.
+pub fn decode_queued(bytes: &[u8], store_id: u64) -> Result<QueuedRecord, RecordError> {
+    let data = Bytes::copy_from_slice(bytes);
+    let mut r = Reader::new(&data);
+    if r.u8()? != FORMAT {
+        return Err(bad("unknown queue record format"));
+    }
+    let qos = QoS::from_bits(r.u8()?).ok_or_else(|| bad("qos"))?;
+    let retain = r.u8()? != 0;
+    let stage = r.u8()?;
+    let id = PacketId::new(r.u16()?);
+    let inflight = match (stage, id) {
+        (0, _) => None,
+        (1, Some(id)) => Some((id, Stage::AwaitAck)),
+        (2, Some(id)) => Some((id, Stage::AwaitRec)),
+        (3, Some(id)) => Some((id, Stage::AwaitComp)),
+        _ => return Err(bad("inflight stage")),
+    };
+    let n = r.u8()?;
+    let mut sub_ids = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        sub_ids.push(NonZeroU32::new(r.u32()?).ok_or_else(|| bad("subscription id 0"))?);
+    }
+    let shared = r.str()?;
+    let shared = if shared.is_empty() {
+        None
+    } else {
+        Some(TopicFilter::new(shared).map_err(|e| RecordError(e.to_string()))?)
+    };
+    let msg = get_message(&mut r)?;
+    Ok(QueuedRecord {
+        delivery: Delivery {
+            msg: Arc::new(msg),
+            qos,
+            retain,
+            sub_ids,
+            shared,
+            store_id: Some(store_id),
+        },
+        inflight,
+    })
+}
+
+/// What is stored of a session.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    /// Router key of the session (queue entries are stored under it).
+    pub key: ClientKey,
+    /// Session Expiry Interval.
+    pub expiry: u32,
+    /// When the client disconnected (Unix ms), 0 while connected.
+    pub disconnected_at: u64,
+    /// Next packet id to try.
+    pub next_id: u16,
+    /// Subscriptions.
+    pub subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
+    /// A will waiting for its delay, with the session that set it.
+    pub will: Option<Will>,
+}
+
+fn options_byte(o: SubscriptionOptions) -> u8 {
+    o.qos.bits()
+        | u8::from(o.no_local) << 2
+        | u8::from(o.retain_as_published) << 3
+        | (o.retain_handling as u8) << 4
+}
+
+fn options_from(b: u8) -> Result<SubscriptionOptions, RecordError> {
+    Ok(SubscriptionOptions {
+        qos: QoS::from_bits(b & 3).ok_or_else(|| bad("subscription qos"))?,
+        no_local: b & 4 != 0,
+        retain_as_published: b & 8 != 0,
+        retain_handling: match (b >> 4) & 3 {
+            0 => RetainHandling::SendAtSubscribe,
+            1 => RetainHandling::SendIfNew,
+            2 => RetainHandling::DoNotSend,
+            _ => return Err(bad("retain handling")),
+        },
+    })
+}
+
+/// Encodes a session.
+pub fn encode_session(s: &SessionRecord) -> Result<Vec<u8>, RecordError> {
+    let mut out = BytesMut::new();
+    out.put_u8(FORMAT);
+    put_u64(&mut out, s.key);
+    out.put_u32(s.expiry);
+    put_u64(&mut out, s.disconnected_at);
+    out.put_u16(s.next_id);
+    let n = u32::try_from(s.subscriptions.len()).map_err(|_| bad("subscriptions"))?;
+    out.put_u32(n);
+    for (filter, options, id) in &s.subscriptions {
+        put_str(&mut out, filter.as_str())?;
+        out.put_u8(options_byte(*options));
+        out.put_u32(id.map_or(0, NonZeroU32::get));
+    }
+    match &s.will {
+        None => out.put_u8(0),
+        Some(w) => {
+            out.put_u8(1);
+            out.put_u32(w.properties.will_delay_interval.unwrap_or(0));
+            let m = Message {
+                topic: w.topic.clone(),
+                payload: w.payload.clone(),
+                qos: w.qos,
+                retain: w.retain,
+                properties: w.properties.message.clone(),
+                expires_at: None,
+                origin: s.key,
+            };
+            put_message(&mut out, &m, true)?;
+        }
+    }
+    Ok(out.to_vec())
+}
+
+/// Decodes a session.
+pub fn decode_session(bytes: &[u8]) -> Result<SessionRecord, RecordError> {
+    let data = Bytes::copy_from_slice(bytes);
+    let mut r = Reader::new(&data);
+    if r.u8()? != FORMAT {
+        return Err(bad("unknown session record format"));
+    }
+    let key = get_u64(&mut r)?;
+    let expiry = r.u32()?;
+    let disconnected_at = get_u64(&mut r)?;
+    let next_id = r.u16()?;
+    let n = r.u32()?;
+    let mut subscriptions = Vec::new();
+    for _ in 0..n {
+        let filter = TopicFilter::new(r.str()?).map_err(|e| RecordError(e.to_string()))?;
+        let options = options_from(r.u8()?)?;
+        let id = NonZeroU32::new(r.u32()?);
+        subscriptions.push((filter, options, id));
+    }
+    let will = match r.u8()? {
+        0 => None,
+        _ => {
+            let delay = r.u32()?;
+            let m = get_message(&mut r)?;
+            Some(Will {
+                topic: m.topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: m.retain,
+                properties: WillProperties {
+                    will_delay_interval: Some(delay),
+                    message: MessageProperties { ..m.properties },
+                },
+            })
+        }
+    };
+    Ok(SessionRecord {
+        key,
+        expiry,
+        disconnected_at,
+        next_id,
+        subscriptions,
+        will,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::codec::{TopicName, UserProperties};
+
+    fn msg() -> Message {
+        Message {
+            topic: TopicName::new("a/b").unwrap(),
+            payload: Bytes::from_static(b"payload"),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            properties: MessageProperties {
+                content_type: Some(Arc::from("text/plain")),
+                user_properties: UserProperties::new(vec![(Arc::from("k"), Arc::from("v"))]),
+                ..Default::default()
+            },
+            expires_at: Some(Instant::now() + Duration::from_secs(100)),
+            origin: 7,
+        }
+    }
+
+    #[test]
+    fn queued_round_trip() {
+        let d = Delivery {
+            msg: Arc::new(msg()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            sub_ids: vec![NonZeroU32::new(3).unwrap()],
+            shared: Some(TopicFilter::new("$share/g/a/#").unwrap()),
+            store_id: None,
+        };
+        let id = PacketId::new(9).unwrap();
+        let bytes = encode_queued(&d, Some((id, Stage::AwaitRec))).unwrap();
+        let back = decode_queued(&bytes, 42).unwrap();
+        assert_eq!(back.inflight, Some((id, Stage::AwaitRec)));
+        assert_eq!(back.delivery.store_id, Some(42));
+        assert_eq!(back.delivery.qos, QoS::AtLeastOnce);
+        assert_eq!(back.delivery.sub_ids, d.sub_ids);
+        assert_eq!(back.delivery.shared, d.shared);
+        let m = &back.delivery.msg;
+        assert_eq!(m.topic.as_str(), "a/b");
+        assert_eq!(&m.payload[..], b"payload");
+        assert_eq!(m.properties, d.msg.properties);
+        assert_eq!(m.origin, 7);
+        let left = m.remaining_expiry(Instant::now()).unwrap();
+        assert!((98..=100).contains(&left), "{left}");
+    }
+
+    #[test]
+    fn session_round_trip() {
+        let s = SessionRecord {
+            key: 1 << 40,
+            expiry: 3600,
+            disconnected_at: 123,
+            next_id: 77,
+            subscriptions: vec![(
+                TopicFilter::new("x/+").unwrap(),
+                SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    no_local: true,
+                    retain_as_published: true,
+                    retain_handling: RetainHandling::DoNotSend,
+                },
+                NonZeroU32::new(5),
+            )],
+            will: Some(Will {
+                topic: TopicName::new("w").unwrap(),
+                payload: Bytes::from_static(b"bye"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: WillProperties {
+                    will_delay_interval: Some(10),
+                    message: MessageProperties {
+                        message_expiry_interval: Some(60),
+                        ..Default::default()
+                    },
+                },
+            }),
+        };
+        let back = decode_session(&encode_session(&s).unwrap()).unwrap();
+        assert_eq!(back.key, s.key);
+        assert_eq!(back.expiry, 3600);
+        assert_eq!(back.disconnected_at, 123);
+        assert_eq!(back.next_id, 77);
+        assert_eq!(back.subscriptions, s.subscriptions);
+        assert_eq!(back.will, s.will);
+    }
+
+    #[test]
+    fn truncated_records_are_errors_not_panics() {
+        let bytes = encode_retained(&msg()).unwrap();
+        for n in 0..bytes.len() {
+            assert!(decode_retained(&bytes[..n]).is_err());
+        }
+    }
+}
