@@ -105,6 +105,7 @@ pub struct Broker {
     logs: Arc<Mutex<Vec<String>>>,
     dir: PathBuf,
     status: Option<ExitStatus>,
+    keep_dir: bool,
 }
 
 impl Broker {
@@ -117,6 +118,12 @@ impl Broker {
     pub fn start_with(mqtt: &str) -> Self {
         let dir = std::env::temp_dir().join(unique_name("sandpiper-e2e"));
         std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self::start_in(dir, mqtt)
+    }
+
+    /// Broker using the folder `dir` (its config and its data folder, kept from an earlier
+    /// broker by [`Broker::kill9`] or [`Broker::stop`]).
+    pub fn start_in(dir: PathBuf, mqtt: &str) -> Self {
         let config = dir.join("sandpiper.toml");
         let text = format!(
             "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n\
@@ -174,7 +181,33 @@ impl Broker {
             logs,
             dir,
             status: None,
+            keep_dir: false,
         }
+    }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the broker with SIGKILL (a crash) and returns its folder for a restart.
+    pub fn kill9(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        self.status = self.child.wait().ok();
+        self.keep_dir = true;
+        self.dir.clone()
+    }
+
+    /// Stops the broker with SIGTERM, waits for it, and returns its folder for a restart.
+    pub fn stop(mut self) -> PathBuf {
+        self.terminate();
+        let status = self.wait_exit_blocking(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "broker did not stop cleanly: {status:?}"
+        );
+        self.keep_dir = true;
+        self.dir.clone()
     }
 
     pub fn port(&self) -> u16 {
@@ -255,7 +288,9 @@ impl Drop for Broker {
             }
             eprintln!("---- end of sandpiper log ----");
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

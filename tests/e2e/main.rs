@@ -13,6 +13,7 @@
 mod harness;
 
 mod basic;
+mod durability;
 mod load;
 mod qos;
 mod retained;
