@@ -196,6 +196,8 @@ struct Conn {
     held: VecDeque<(u64, BytesMut)>,
     /// The highest durable store ticket.
     committed: tokio::sync::watch::Receiver<u64>,
+    /// Queued messages are on disk but not yet readable: fill again after the next commit.
+    waiting_for_store: bool,
     /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
     connect_expiry: u32,
 }
@@ -341,6 +343,7 @@ impl Conn {
             will,
             held: VecDeque::new(),
             committed: broker.store.committed(),
+            waiting_for_store: false,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: requested_expiry,
@@ -404,7 +407,7 @@ impl Conn {
                     }
                 }
                 _ = mailbox.notified() => {}
-                r = self.committed.changed(), if !self.held.is_empty() => {
+                r = self.committed.changed(), if !self.held.is_empty() || self.waiting_for_store => {
                     if r.is_err() {
                         // The store is gone (shutting down): nothing more becomes durable.
                         return Close::Shutdown;
@@ -552,7 +555,7 @@ impl Conn {
         }
         let credits = self.window.saturating_sub(self.state.inflight.len());
         let mut batch = std::mem::take(&mut self.batch);
-        self.state.mailbox.drain(&mut batch, DRAIN_BATCH, credits);
+        self.waiting_for_store = !self.state.mailbox.drain(&mut batch, DRAIN_BATCH, credits);
         let now = Instant::now();
         while let Some(d) = batch.pop_front() {
             self.deliver(d, now);

@@ -34,6 +34,17 @@ struct Queue {
     next_seq: u64,
     /// Next entry id in the durable queue (persistent sessions only).
     next_store_id: u64,
+    /// QoS 1/2 deliveries of a persistent session that are on disk only.
+    disk: DiskTail,
+}
+
+/// The part of a persistent session's queue that lives only in the store: the entries with
+/// ids above `after`, `count` of them. They are read back in batches as the connection
+/// drains the queue, so an offline session's backlog costs no memory.
+#[derive(Debug, Default, Clone, Copy)]
+struct DiskTail {
+    count: usize,
+    after: u64,
 }
 
 impl Queue {
@@ -45,11 +56,12 @@ impl Queue {
             // Room below for deliveries put back at the front.
             next_seq: u64::MAX / 2,
             next_store_id: 1,
+            disk: DiskTail::default(),
         }
     }
 
     fn len(&self) -> usize {
-        self.qos0.len() + self.acked.len()
+        self.qos0.len() + self.acked.len() + self.disk.count
     }
 
     fn lane(&mut self, qos: QoS) -> &mut VecDeque<(u64, Delivery)> {
@@ -66,6 +78,11 @@ impl Queue {
         a.min(b)
     }
 }
+
+/// Most QoS 1/2 deliveries of a persistent session kept in memory; more wait on disk.
+const RAM_QUEUE: usize = 1024;
+/// Most entries read from disk at once.
+const LOAD_BATCH: usize = 256;
 
 /// Why a delivery was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,18 +167,13 @@ impl Mailbox {
         }
     }
 
-    /// Restores deliveries read from the store at start, in order, past the queue limits
-    /// (they were accepted before the restart).
-    pub fn restore(&self, items: Vec<Delivery>, next_store_id: u64) {
+    /// Sets up, at start, the queue read from the store: `count` entries with ids above
+    /// `after` are on disk (read back as the queue drains), `bytes` their size.
+    pub fn restore_disk(&self, count: usize, after: u64, bytes: usize, next_store_id: u64) {
         let mut q = self.lock();
         q.next_store_id = q.next_store_id.max(next_store_id);
-        for d in items {
-            q.bytes += d.msg.size();
-            let seq = q.next_seq;
-            q.next_seq += 1;
-            let qos = d.qos;
-            q.lane(qos).push_back((seq, d));
-        }
+        q.disk = DiskTail { count, after };
+        q.bytes += bytes;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -198,7 +210,20 @@ impl Mailbox {
                 q.next_store_id += 1;
                 d.store_id = Some(id);
                 match record::encode_queued(&d, None) {
-                    Ok(bytes) => ticket = store.submit_one(Op::PutQueued(key, id, bytes)),
+                    Ok(bytes) => {
+                        ticket = store.submit_one(Op::PutQueued(key, id, bytes));
+                        // Offline, or behind a backlog: the message stays on disk only.
+                        if q.disk.count > 0 || !self.is_online() || q.acked.len() >= RAM_QUEUE {
+                            if q.disk.count == 0 {
+                                q.disk.after = id - 1;
+                            }
+                            q.disk.count += 1;
+                            q.bytes += size;
+                            drop(q);
+                            self.notify.notify_one();
+                            return Ok(ticket);
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "cannot store a queued message"),
                 }
             }
@@ -225,10 +250,19 @@ impl Mailbox {
 
     /// Moves deliveries to `out` in arrival order, at most `max` of them, taking QoS 1/2
     /// deliveries only while `credits` (free inflight slots) last; QoS 0 deliveries behind
-    /// a blocked QoS 1/2 one still move.
-    pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize, mut credits: usize) {
+    /// a blocked QoS 1/2 one still move. Entries on disk are read back as needed. Returns
+    /// false when entries are on disk but not yet readable (their commit is under way): the
+    /// caller tries again once the store has committed more.
+    pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize, mut credits: usize) -> bool {
         let mut q = self.lock();
+        let start = out.len();
         while out.len() < max {
+            if q.acked.is_empty() && q.disk.count > 0 && credits > 0 {
+                let want = credits.min(max - out.len()).min(LOAD_BATCH);
+                if !self.load(&mut q, want) {
+                    break;
+                }
+            }
             let s0 = q.qos0.front().map(|f| f.0);
             let s1 = q.acked.front().map(|f| f.0).filter(|_| credits > 0);
             let from_acked = match (s0, s1) {
@@ -247,6 +281,48 @@ impl Mailbox {
             q.bytes = q.bytes.saturating_sub(d.msg.size());
             out.push_back(d);
         }
+        if q.len() == 0 {
+            // Sizes of entries read at start were estimates: an empty queue holds 0 bytes.
+            q.bytes = 0;
+        }
+        let stalled = out.len() == start && q.acked.is_empty() && q.disk.count > 0 && credits > 0;
+        !stalled
+    }
+
+    /// Reads up to `want` entries from the disk tail into the QoS 1/2 lane. False when none
+    /// could be read.
+    fn load(&self, q: &mut Queue, want: usize) -> bool {
+        let Some((store, key)) = self.store() else {
+            q.disk = DiskTail::default();
+            return false;
+        };
+        let rows = match store.read_queue(key, q.disk.after, want) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a queue from the store");
+                return false;
+            }
+        };
+        let mut loaded = false;
+        for (id, bytes) in rows {
+            q.disk.after = id;
+            match record::decode_queued(&bytes, id) {
+                // Entries in flight at a restart were restored with the session.
+                Ok(rec) if rec.inflight.is_some() => {}
+                Ok(rec) => {
+                    let seq = q.next_seq;
+                    q.next_seq += 1;
+                    q.acked.push_back((seq, rec.delivery));
+                    q.disk.count = q.disk.count.saturating_sub(1);
+                    loaded = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, id, "damaged queue entry skipped");
+                    q.disk.count = q.disk.count.saturating_sub(1);
+                }
+            }
+        }
+        loaded
     }
 
     /// Puts deliveries back at the front, before everything queued, in their order (used
@@ -305,6 +381,16 @@ impl Mailbox {
         self.online.store(online, Ordering::Release);
         if online {
             self.notify.notify_one();
+        } else if self.is_persistent() {
+            // An offline persistent session keeps its QoS 1/2 queue on disk only.
+            let mut q = self.lock();
+            let all_stored = q.acked.iter().all(|(_, d)| d.store_id.is_some());
+            if all_stored && let Some(first) = q.acked.front().and_then(|(_, d)| d.store_id) {
+                let n = q.acked.len();
+                q.acked.clear();
+                q.disk.after = first - 1;
+                q.disk.count += n;
+            }
         }
     }
 
@@ -411,5 +497,81 @@ mod tests {
         });
         assert_eq!(m2.push(d(1, QoS::AtMostOnce)), Err(Refused::Offline));
         assert_eq!(m.len(), 2);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod disk_tests {
+    use super::*;
+    use crate::codec::{MessageProperties, TopicName};
+    use crate::message::Message;
+    use crate::store::StoreConfig;
+    use bytes::Bytes;
+
+    fn d(n: u32) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: TopicName::new("t").unwrap(),
+                payload: Bytes::from(n.to_be_bytes().to_vec()),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: MessageProperties::default(),
+                expires_at: None,
+                origin: 0,
+            }),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            sub_ids: Vec::new(),
+            shared: None,
+            store_id: None,
+        }
+    }
+
+    #[test]
+    fn offline_queue_lives_on_disk_and_drains_in_order() {
+        let dir = std::env::temp_dir().join(format!(
+            "sandpiper-mailbox-{}-{}",
+            std::process::id(),
+            crate::store::record::unix_ms_now()
+        ));
+        let (store, _) = Store::open(&StoreConfig {
+            data_dir: dir.clone(),
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let store = Arc::new(store);
+        let limits = QueueLimits {
+            max_messages: 100_000,
+            max_bytes: 1 << 30,
+        };
+        let m = Mailbox::with_store(limits, store.clone(), 9);
+        m.set_persistent(true);
+        m.set_online(true);
+        for n in 0..10 {
+            m.push(d(n)).unwrap();
+        }
+        m.set_online(false);
+        for n in 10..5000 {
+            m.push(d(n)).unwrap();
+        }
+        // Nothing of the backlog is held in memory.
+        assert!(m.lock().acked.is_empty());
+        assert_eq!(m.len(), 5000);
+        store.flush();
+        m.set_online(true);
+        let mut out = VecDeque::new();
+        let mut got = Vec::new();
+        while got.len() < 5000 {
+            assert!(m.drain(&mut out, 300, 300));
+            assert!(!out.is_empty(), "stalled after {}", got.len());
+            for x in out.drain(..) {
+                got.push(u32::from_be_bytes(x.msg.payload[..].try_into().unwrap()));
+            }
+        }
+        assert_eq!(got, (0..5000).collect::<Vec<_>>());
+        assert!(m.is_empty());
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

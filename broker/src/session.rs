@@ -301,21 +301,23 @@ impl Sessions {
                     .subscriptions
                     .insert(filter, Subscription { options, id });
             }
-            let mut queued = Vec::new();
-            let mut next_store_id = 1;
-            for (id, bytes) in recovered.queues.remove(&rec.key).unwrap_or_default() {
+            let summary = recovered.queues.remove(&rec.key).unwrap_or_default();
+            for (id, bytes) in summary.inflight {
                 let q = record::decode_queued(&bytes, id)?;
-                next_store_id = next_store_id.max(id + 1);
-                match q.inflight {
-                    Some((pid, stage)) => state.inflight.push_back(Inflight {
+                if let Some((pid, stage)) = q.inflight {
+                    state.inflight.push_back(Inflight {
                         id: pid,
                         delivery: q.delivery,
                         stage,
-                    }),
-                    None => queued.push(q.delivery),
+                    });
                 }
             }
-            state.mailbox.restore(queued, next_store_id);
+            state.mailbox.restore_disk(
+                summary.queued,
+                summary.after,
+                summary.bytes,
+                summary.max_id + 1,
+            );
             for id in recovered.qos2_in.remove(&rec.key).unwrap_or_default() {
                 if let Some(id) = PacketId::new(id) {
                     state.inbound_qos2.insert(id);

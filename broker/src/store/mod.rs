@@ -126,13 +126,29 @@ pub enum Op {
     DeleteKv(Arc<str>, Arc<str>),
 }
 
+/// What the store holds of one session's queue at start. Queued entries stay on disk; only
+/// the ones that were in flight (QoS 2 with a packet id) are read in full.
+#[derive(Debug, Default)]
+pub struct QueueSummary {
+    /// Entries in flight: (entry id, record).
+    pub inflight: Vec<(u64, Vec<u8>)>,
+    /// Number of queued (not in flight) entries.
+    pub queued: usize,
+    /// Their total record size.
+    pub bytes: usize,
+    /// The id just below the first queued entry.
+    pub after: u64,
+    /// The highest entry id.
+    pub max_id: u64,
+}
+
 /// What the store held at start.
 #[derive(Debug, Default)]
 pub struct Recovered {
     /// Session records by client id.
     pub sessions: Vec<(String, Vec<u8>)>,
-    /// Queue entries by session key, in order: (entry id, record).
-    pub queues: HashMap<ClientKey, Vec<(u64, Vec<u8>)>>,
+    /// Queue summaries by session key.
+    pub queues: HashMap<ClientKey, QueueSummary>,
     /// Inbound QoS 2 packet ids by session key.
     pub qos2_in: HashMap<ClientKey, Vec<u16>>,
     /// Retained message records.
@@ -257,10 +273,18 @@ impl Store {
         for row in queue.iter().map_err(|e| damaged(path, e))? {
             let (k, v) = row.map_err(|e| damaged(path, e))?;
             let (key, id) = k.value();
-            rec.queues
-                .entry(key)
-                .or_default()
-                .push((id, v.value().to_vec()));
+            let bytes = v.value();
+            let q = rec.queues.entry(key).or_default();
+            q.max_id = q.max_id.max(id);
+            if record::queued_in_flight(bytes).map_err(|e| damaged(path, e))? {
+                q.inflight.push((id, bytes.to_vec()));
+            } else {
+                if q.queued == 0 {
+                    q.after = id - 1;
+                }
+                q.queued += 1;
+                q.bytes += bytes.len();
+            }
         }
         let q2 = read.open_table(QOS2_IN).map_err(|e| damaged(path, e))?;
         for row in q2.iter().map_err(|e| damaged(path, e))? {
@@ -301,6 +325,28 @@ impl Store {
     /// The highest ticket that is durable.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+
+    /// Reads up to `limit` committed queue entries of session `key` with ids above `after`.
+    pub fn read_queue(
+        &self,
+        key: ClientKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let read = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
+        let t = read.open_table(QUEUE).map_err(|e| damaged(&self.path, e))?;
+        let mut out = Vec::new();
+        let start = after.saturating_add(1);
+        for row in t
+            .range((key, start)..=(key, u64::MAX))
+            .map_err(|e| damaged(&self.path, e))?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(|e| damaged(&self.path, e))?;
+            out.push((k.value().1, v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Reads a plugin key.
@@ -518,9 +564,9 @@ mod tests {
                 .submit(vec![
                     Op::PutSession(Arc::from("a"), vec![1]),
                     Op::PutSession(Arc::from("b"), vec![2]),
-                    Op::PutQueued(1, 1, vec![10]),
-                    Op::PutQueued(1, 2, vec![11]),
-                    Op::PutQueued(2, 1, vec![20]),
+                    Op::PutQueued(1, 1, vec![1, 1, 0, 0, 10]),
+                    Op::PutQueued(1, 2, vec![1, 1, 0, 0, 11]),
+                    Op::PutQueued(2, 1, vec![1, 1, 0, 0, 20]),
                     Op::PutQos2In(1, 5),
                     Op::PutRetained(Arc::from("r"), vec![3]),
                 ])
@@ -532,7 +578,13 @@ mod tests {
         let (store, rec) = Store::open(&config(&dir)).unwrap();
         assert_eq!(rec.sessions, vec![("b".to_owned(), vec![2])]);
         assert_eq!(rec.queues.len(), 1);
-        assert_eq!(rec.queues[&2], vec![(1, vec![20])]);
+        let q = &rec.queues[&2];
+        assert_eq!((q.queued, q.after, q.max_id), (1, 0, 1));
+        assert!(q.inflight.is_empty());
+        assert_eq!(
+            store.read_queue(2, 0, 10).unwrap(),
+            vec![(1, vec![1, 1, 0, 0, 20])]
+        );
         assert!(rec.qos2_in.is_empty());
         assert_eq!(rec.retained, vec![vec![3]]);
         store.close();

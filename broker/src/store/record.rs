@@ -194,6 +194,14 @@ pub fn encode_queued(
     Ok(out.to_vec())
 }
 
+/// Whether a delivery record is in flight (has a packet id), without decoding it all.
+pub fn queued_in_flight(bytes: &[u8]) -> Result<bool, RecordError> {
+    match bytes {
+        [FORMAT, _, _, stage, ..] => Ok(*stage != 0),
+        _ => Err(bad("queue record header")),
+    }
+}
+
 /// Decodes a delivery record; `store_id` is its key in the queue table.
 pub fn decode_queued(bytes: &[u8], store_id: u64) -> Result<QueuedRecord, RecordError> {
     let data = Bytes::copy_from_slice(bytes);
