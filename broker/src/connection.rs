@@ -367,6 +367,7 @@ impl Conn {
         let ka = self.keep_alive;
         let ka_sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(ka_sleep);
+        let mut kick_gone = false;
 
         // Packets that arrived together with CONNECT.
         if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
@@ -381,12 +382,12 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Close::Shutdown,
-                k = &mut self.kick => {
+                k = &mut self.kick, if !kick_gone => {
                     match k {
                         Ok(Kick::TakenOver) => return Close::TakenOver,
-                        // The registry dropped our kick sender: only on takeover races;
-                        // nothing to do but keep serving.
-                        Err(_) => self.kick = tokio::sync::oneshot::channel().1,
+                        // The registry dropped our kick sender without using it: nothing
+                        // can kick us any more; keep serving.
+                        Err(_) => kick_gone = true,
                     }
                 }
                 r = wr.write_buf(&mut self.out), if !self.out.is_empty() => {
