@@ -381,8 +381,13 @@ impl Mailbox {
         self.online.store(online, Ordering::Release);
         if online {
             self.notify.notify_one();
-        } else if self.is_persistent() {
-            // An offline persistent session keeps its QoS 1/2 queue on disk only.
+        }
+    }
+
+    /// Drops the in-memory copy of a persistent session's QoS 1/2 queue: an offline session
+    /// keeps it on disk only, and reads it back when a connection drains it.
+    pub fn spill(&self) {
+        if self.is_persistent() {
             let mut q = self.lock();
             let all_stored = q.acked.iter().all(|(_, d)| d.store_id.is_some());
             if all_stored && let Some(first) = q.acked.front().and_then(|(_, d)| d.store_id) {
@@ -552,6 +557,7 @@ mod disk_tests {
             m.push(d(n)).unwrap();
         }
         m.set_online(false);
+        m.spill();
         for n in 10..5000 {
             m.push(d(n)).unwrap();
         }

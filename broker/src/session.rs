@@ -482,7 +482,8 @@ impl Sessions {
     /// unacknowledged shared-subscription messages to other members of their group.
     pub fn detach(self: &Arc<Self>, conn: u64, mut state: SessionState, will: Option<PendingWill>) {
         state.mailbox.set_online(false);
-        self.redistribute_shared(&mut state);
+        self.redistribute_shared(&mut state, false);
+        state.mailbox.spill();
         let will = match will {
             Some(w) if w.delay() == 0 || state.expiry == 0 => {
                 self.router.route(&w.into_message());
@@ -594,7 +595,7 @@ impl Sessions {
     /// other members.
     fn end(&self, mut state: SessionState) {
         state.mailbox.set_online(false);
-        self.redistribute_shared(&mut state);
+        self.redistribute_shared(&mut state, true);
         if let Some((store, key)) = state.mailbox.store() {
             store.submit_one(Op::DeleteSession(state.client_id.clone(), key));
         }
@@ -606,11 +607,20 @@ impl Sessions {
 
     /// Moves QoS 1/2 messages received through shared subscriptions, not yet acknowledged,
     /// to another member of their group if one is connected (MQTT 5 §4.8.2).
-    fn redistribute_shared(&self, state: &mut SessionState) {
+    ///
+    /// A QoS 2 message whose delivery has begun (PUBLISH sent) stays with the session while
+    /// it exists, to be completed on reconnect (MQTT-4.8.2-4); it moves only when the
+    /// session `ending`. Completed QoS 2 handshakes (PUBREC received) never move.
+    fn redistribute_shared(&self, state: &mut SessionState, ending: bool) {
         let key = state.key;
         let mut keep = VecDeque::with_capacity(state.inflight.len());
         for f in state.inflight.drain(..) {
-            if f.delivery.shared.is_some() && f.stage != Stage::AwaitComp {
+            let movable = match f.stage {
+                Stage::AwaitAck => true,
+                Stage::AwaitRec => ending,
+                Stage::AwaitComp => false,
+            };
+            if f.delivery.shared.is_some() && movable {
                 let mut d = f.delivery.clone();
                 d.retain = false;
                 if self.router.redeliver_shared(d, key).is_ok() {
