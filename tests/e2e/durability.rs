@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS};
 
-use crate::harness::{Broker, WAIT};
+use crate::harness::{Broker, WAIT, v5};
 
 const LIMITS: &str = "max_queued_messages = 1000000\nmax_queued_bytes = 1000000000";
 const STORM: u32 = 50_000;
@@ -248,4 +248,68 @@ async fn retained_subscriptions_and_expiry_survive_restarts() {
     let dir = broker.stop();
     let broker = Broker::start_in(dir, "");
     assert_eq!(drain_subscriber(&broker).await, vec![7]);
+}
+
+fn persistent5(broker: &Broker, id: &str, expiry: u32) -> v5::MqttOptions {
+    let mut o = v5::options(broker, id);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(expiry));
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_is_honoured_across_restarts() {
+    let broker = Broker::start();
+    // One session that expires while the broker is down, one that outlives the restart.
+    for (id, expiry) in [("brief", 2), ("lasting", 600)] {
+        let mut c = v5::Client::connect(persistent5(&broker, id, expiry)).await;
+        c.subscribe_ok("exp/t", v5::QoS::AtLeastOnce).await;
+        c.disconnect().await;
+    }
+    let mut p = v5::Client::connect(v5::options(&broker, "exp-pub")).await;
+    p.publish("exp/t", v5::QoS::AtLeastOnce, false, b"queued")
+        .await;
+    p.disconnect().await;
+    let dir = broker.kill9();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let broker = Broker::start_in(dir, "");
+    let brief = v5::Client::connect(persistent5(&broker, "brief", 2)).await;
+    assert!(
+        !brief.connack.session_present,
+        "a session that expired while the broker was down is gone"
+    );
+    let mut lasting = v5::Client::connect(persistent5(&broker, "lasting", 600)).await;
+    assert!(lasting.connack.session_present);
+    assert_eq!(&lasting.recv().await.payload[..], b"queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_expiry_is_honoured_across_restarts() {
+    let broker = Broker::start();
+    let mut p = v5::Client::connect(v5::options(&broker, "rexp-pub")).await;
+    let short = v5::PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    p.publish_with(
+        "rexp/short",
+        v5::QoS::AtLeastOnce,
+        true,
+        b"short",
+        Some(short),
+    )
+    .await;
+    p.publish("rexp/long", v5::QoS::AtLeastOnce, true, b"long")
+        .await;
+    p.disconnect().await;
+    let dir = broker.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let broker = Broker::start_in(dir, "");
+    let mut s = v5::Client::connect(v5::options(&broker, "rexp-sub")).await;
+    s.subscribe_ok("rexp/#", v5::QoS::AtLeastOnce).await;
+    let got = s.recv().await;
+    assert_eq!(&got.payload[..], b"long");
+    s.expect_silence().await;
 }
