@@ -56,6 +56,7 @@ impl Broker {
         let limits = QueueLimits {
             max_messages: config.mqtt.max_queued_messages,
             max_bytes: config.mqtt.max_queued_bytes,
+            backpressure: config.mqtt.backpressure_timeout_ms > 0,
         };
         let sessions = Arc::new(Sessions::new(router.clone(), limits, Some(store.clone())));
         let restored = sessions.restore(&mut recovered).map_err(damaged)?;

@@ -68,6 +68,11 @@ pub struct MqttConfig {
     pub max_queued_messages: usize,
     /// Most bytes (topic + payload) queued for one session beyond those in flight.
     pub max_queued_bytes: usize,
+    /// How long a publisher is held back when a connected subscriber's queue is half full,
+    /// in milliseconds. A subscriber that does not make room in that time is marked slow:
+    /// its messages overflow (are dropped) instead, until it catches up. 0 turns
+    /// back-pressure off (queues overflow at once).
+    pub backpressure_timeout_ms: u64,
     /// Topic aliases an MQTT 5 client may define toward the broker.
     pub topic_alias_maximum: u16,
     /// Upper bound of a session's expiry interval, in seconds; also the expiry of MQTT 3.x
@@ -89,6 +94,7 @@ impl Default for MqttConfig {
             max_inflight: 128,
             max_queued_messages: 1000,
             max_queued_bytes: 16 * 1024 * 1024,
+            backpressure_timeout_ms: 1000,
             topic_alias_maximum: 64,
             max_session_expiry: u32::MAX,
             retain_available: true,

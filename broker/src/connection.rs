@@ -39,6 +39,11 @@ const OUT_HIGH_WATER: usize = 64 * 1024;
 const OUT_READ_LIMIT: usize = 1024 * 1024;
 /// Most deliveries taken from the mailbox in one go.
 const DRAIN_BATCH: usize = 256;
+/// Smallest and largest read buffer reservation. An idle connection keeps the small one
+/// (memory per idle client is what limits how many a broker holds); a busy one doubles it
+/// while reads fill it.
+const MIN_READ: usize = 512;
+const MAX_READ: usize = 64 * 1024;
 /// How long a closing connection tries to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -86,7 +91,7 @@ pub async fn run<R, W>(
     W: AsyncWrite + Unpin,
 {
     let cfg = &broker.config.mqtt;
-    let mut inbuf = BytesMut::with_capacity(4096);
+    let mut inbuf = BytesMut::with_capacity(MIN_READ);
     let deadline = Duration::from_secs(cfg.connect_timeout);
     let first = tokio::select! {
         _ = broker.shutdown.cancelled() => return,
@@ -198,6 +203,9 @@ struct Conn {
     committed: tokio::sync::watch::Receiver<u64>,
     /// Queued messages are on disk but not yet readable: fill again after the next commit.
     waiting_for_store: bool,
+    /// A subscriber of ours is congested: reading stops until it has room, or until the
+    /// deadline, after which it is marked slow.
+    paused: Option<(Arc<crate::mailbox::Mailbox>, tokio::time::Instant)>,
     /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
     connect_expiry: u32,
 }
@@ -331,7 +339,7 @@ impl Conn {
             state: att.state,
             conn_id: att.conn,
             kick: att.kick,
-            out: BytesMut::with_capacity(8 * 1024),
+            out: BytesMut::new(),
             batch: VecDeque::new(),
             window,
             client_max_packet: c.properties.maximum_packet_size.map_or(usize::MAX, |m| {
@@ -344,6 +352,7 @@ impl Conn {
             held: VecDeque::new(),
             committed: broker.store.committed(),
             waiting_for_store: false,
+            paused: None,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: requested_expiry,
@@ -368,6 +377,7 @@ impl Conn {
         let ka_sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(ka_sleep);
         let mut kick_gone = false;
+        let mut read_hint = MIN_READ;
 
         // Packets that arrived together with CONNECT.
         if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
@@ -378,7 +388,20 @@ impl Conn {
             if !self.held.is_empty() {
                 self.release_held();
             }
-            let want_read = self.out.len() < OUT_READ_LIMIT;
+            let want_read = self.out.len() < OUT_READ_LIMIT && self.paused.is_none();
+            if want_read && inbuf.capacity() - inbuf.len() < read_hint {
+                if inbuf.is_empty() && inbuf.capacity() > 4 * read_hint {
+                    // Give back what a burst grew.
+                    inbuf = BytesMut::with_capacity(read_hint);
+                } else {
+                    inbuf.reserve(read_hint);
+                }
+            }
+            if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER * 4 {
+                self.out = BytesMut::new();
+            }
+            let spare = inbuf.capacity() - inbuf.len();
+            let paused = self.paused.clone();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Close::Shutdown,
@@ -399,7 +422,14 @@ impl Conn {
                 r = rd.read_buf(&mut inbuf), if want_read => {
                     match r {
                         Ok(0) | Err(_) => return Close::Lost,
-                        Ok(_) => {
+                        Ok(n) => {
+                            read_hint = if n >= spare {
+                                (read_hint * 2).min(MAX_READ)
+                            } else if n < read_hint / 4 {
+                                (read_hint / 2).max(MIN_READ)
+                            } else {
+                                read_hint
+                            };
                             last_rx = Instant::now();
                             if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
                                 return close;
@@ -408,6 +438,12 @@ impl Conn {
                     }
                 }
                 _ = mailbox.notified() => {}
+                room = wait_for_room(&paused), if paused.is_some() => {
+                    if !room && let Some((mb, _)) = &paused {
+                        mb.mark_stalled();
+                    }
+                    self.paused = None;
+                }
                 r = self.committed.changed(), if !self.held.is_empty() || self.waiting_for_store => {
                     if r.is_err() {
                         // The store is gone (shutting down): nothing more becomes durable.
@@ -683,6 +719,16 @@ impl Conn {
         }
     }
 
+    /// Stops reading from this publisher until `congested` (a subscriber's queue) has room.
+    fn pause_for(&mut self, congested: Option<Arc<crate::mailbox::Mailbox>>) {
+        if let Some(mb) = congested
+            && self.paused.is_none()
+        {
+            let timeout = Duration::from_millis(self.broker.config.mqtt.backpressure_timeout_ms);
+            self.paused = Some((mb, tokio::time::Instant::now() + timeout));
+        }
+    }
+
     /// Acts on one packet from the client. `Some` closes the connection.
     fn handle(&mut self, p: Packet) -> Option<Close> {
         match p {
@@ -818,12 +864,14 @@ impl Conn {
         });
         match p.qos {
             PublishQoS::AtMostOnce => {
-                self.broker.router.route(&msg);
+                let routed = self.broker.router.route(&msg);
+                self.pause_for(routed.congested);
             }
             PublishQoS::AtLeastOnce(id) => {
                 // PUBACK only once the message is durable in every persistent
                 // subscriber's queue (and as retained message).
                 let routed = self.broker.router.route(&msg);
+                self.pause_for(routed.congested);
                 self.send_after(routed.ticket, &Packet::PubAck(Ack::success(id)));
             }
             PublishQoS::ExactlyOnce(id) => {
@@ -835,7 +883,9 @@ impl Conn {
                         );
                         return Err(ReasonCode::ReceiveMaximumExceeded);
                     }
-                    ticket = self.broker.router.route(&msg).ticket;
+                    let routed = self.broker.router.route(&msg);
+                    self.pause_for(routed.congested);
+                    ticket = routed.ticket;
                     self.state.inbound_qos2.insert(id);
                     if let Some((store, key)) = self.state.mailbox.store() {
                         ticket = ticket.max(store.submit_one(Op::PutQos2In(key, id.get())));
@@ -929,6 +979,18 @@ impl Conn {
         } else {
             Close::ClientWithWill
         }
+    }
+}
+
+/// Waits until the congested subscriber has room (true) or the deadline passes (false).
+async fn wait_for_room(
+    paused: &Option<(Arc<crate::mailbox::Mailbox>, tokio::time::Instant)>,
+) -> bool {
+    match paused {
+        Some((mb, deadline)) => tokio::time::timeout_at(*deadline, mb.wait_for_room())
+            .await
+            .is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -20,6 +20,19 @@ pub struct QueueLimits {
     pub max_messages: usize,
     /// Most queued bytes (topic + payload).
     pub max_bytes: usize,
+    /// Whether a connected session whose queue is half full asks publishers to wait
+    /// (back-pressure) instead of letting the queue overflow.
+    pub backpressure: bool,
+}
+
+/// A delivery that was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pushed {
+    /// The store ticket to wait for before acknowledging, for a persistent session.
+    pub ticket: Option<u64>,
+    /// The queue is half full: the publisher should wait for room
+    /// ([`Mailbox::wait_for_room`]) before sending more.
+    pub congested: bool,
 }
 
 /// Deliveries in two lanes, QoS 0 and QoS 1/2, each stamped with a sequence number so they
@@ -102,6 +115,13 @@ pub struct Mailbox {
     dropped: AtomicU64,
     limits: QueueLimits,
     durable: Option<Durable>,
+    /// Publishers waiting for room are woken through this.
+    room: Notify,
+    /// Someone waits on `room`.
+    waiting: AtomicBool,
+    /// The session did not make room within the back-pressure timeout: it no longer holds
+    /// publishers back (its messages overflow instead) until it has caught up.
+    stalled: AtomicBool,
 }
 
 /// Where a persistent session's queue is written.
@@ -122,6 +142,9 @@ impl Mailbox {
             dropped: AtomicU64::new(0),
             limits,
             durable: None,
+            room: Notify::new(),
+            waiting: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         }
     }
 
@@ -186,12 +209,13 @@ impl Mailbox {
     /// dropped, counted and logged; QoS 0 to an offline session is not kept. For a
     /// persistent session a QoS 1/2 delivery is also written to the store: the returned
     /// ticket is durable once the store has committed it.
-    pub fn push(&self, mut d: Delivery) -> Result<Option<u64>, Refused> {
+    pub fn push(&self, mut d: Delivery) -> Result<Pushed, Refused> {
         if d.qos == QoS::AtMostOnce && !self.is_online() {
             return Err(Refused::Offline);
         }
         let size = d.msg.size();
         let mut ticket = None;
+        let congested;
         {
             let mut q = self.lock();
             if q.len() >= self.limits.max_messages
@@ -219,9 +243,10 @@ impl Mailbox {
                             }
                             q.disk.count += 1;
                             q.bytes += size;
+                            let congested = self.congested(q.len());
                             drop(q);
                             self.notify.notify_one();
-                            return Ok(ticket);
+                            return Ok(Pushed { ticket, congested });
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot store a queued message"),
@@ -231,9 +256,10 @@ impl Mailbox {
             let seq = q.next_seq;
             q.next_seq += 1;
             q.lane(d.qos).push_back((seq, d));
+            congested = self.congested(q.len());
         }
         self.notify.notify_one();
-        Ok(ticket)
+        Ok(Pushed { ticket, congested })
     }
 
     fn count_drop(&self, qos: QoS) {
@@ -256,6 +282,7 @@ impl Mailbox {
     pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize, mut credits: usize) -> bool {
         let mut q = self.lock();
         let start = out.len();
+        let mut stalled = false;
         while out.len() < max {
             if q.acked.is_empty() && q.disk.count > 0 && credits > 0 {
                 let want = credits.min(max - out.len()).min(LOAD_BATCH);
@@ -281,11 +308,21 @@ impl Mailbox {
             q.bytes = q.bytes.saturating_sub(d.msg.size());
             out.push_back(d);
         }
+        stalled |= out.len() == start && q.acked.is_empty() && q.disk.count > 0 && credits > 0;
         if q.len() == 0 {
             // Sizes of entries read at start were estimates: an empty queue holds 0 bytes.
             q.bytes = 0;
         }
-        let stalled = out.len() == start && q.acked.is_empty() && q.disk.count > 0 && credits > 0;
+        let len = q.len();
+        drop(q);
+        if len < self.pressure_at() {
+            if self.waiting.swap(false, Ordering::AcqRel) {
+                self.room.notify_waiters();
+            }
+            if len < self.pressure_at() / 2 && self.stalled.swap(false, Ordering::AcqRel) {
+                tracing::info!("subscriber caught up: back-pressure resumes");
+            }
+        }
         !stalled
     }
 
@@ -381,6 +418,48 @@ impl Mailbox {
         self.online.store(online, Ordering::Release);
         if online {
             self.notify.notify_one();
+        } else if self.waiting.swap(false, Ordering::AcqRel) {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// The queue length from which publishers are asked to wait.
+    fn pressure_at(&self) -> usize {
+        (self.limits.max_messages / 2).max(1)
+    }
+
+    fn congested(&self, len: usize) -> bool {
+        self.limits.backpressure
+            && len >= self.pressure_at()
+            && self.is_online()
+            && !self.stalled.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the queue has room again (below half its limit), the session went
+    /// offline, or it was marked stalled.
+    pub async fn wait_for_room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::Release);
+            if !self.congested(self.len()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The session did not make room in time: stop holding publishers back for it.
+    pub fn mark_stalled(&self) {
+        if !self.stalled.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                queued = self.len(),
+                "subscriber is not keeping up: its messages overflow instead of holding publishers back"
+            );
+        }
+        if self.waiting.swap(false, Ordering::AcqRel) {
+            self.room.notify_waiters();
         }
     }
 
@@ -437,6 +516,7 @@ mod tests {
         let m = Mailbox::new(QueueLimits {
             max_messages,
             max_bytes: 1 << 20,
+            backpressure: true,
         });
         m.set_online(true);
         m
@@ -499,6 +579,7 @@ mod tests {
         let m2 = Mailbox::new(QueueLimits {
             max_messages: 2,
             max_bytes: 10,
+            backpressure: true,
         });
         assert_eq!(m2.push(d(1, QoS::AtMostOnce)), Err(Refused::Offline));
         assert_eq!(m.len(), 2);
@@ -549,6 +630,7 @@ mod disk_tests {
         let limits = QueueLimits {
             max_messages: 100_000,
             max_bytes: 1 << 30,
+            backpressure: true,
         };
         let m = Mailbox::with_store(limits, store.clone(), 9);
         m.set_persistent(true);

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use crate::codec::{QoS, SubscriptionOptions, TopicFilter};
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, Pushed};
 use crate::message::{ClientKey, Delivery, Message};
 use crate::store::{Op, Store, record};
 
@@ -59,20 +59,25 @@ struct RetainedNode {
 }
 
 /// What routing one message did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Routed {
     /// Sessions it was queued for.
     pub delivered: usize,
     /// The store ticket to wait for before acknowledging (persistent recipients or a
     /// retained message were written).
     pub ticket: Option<u64>,
+    /// A recipient whose queue is half full: the publisher should wait for room.
+    pub congested: Option<Arc<Mailbox>>,
 }
 
 impl Routed {
-    fn add(&mut self, pushed: Result<Option<u64>, crate::mailbox::Refused>) {
-        if let Ok(t) = pushed {
+    fn add(&mut self, mailbox: &Arc<Mailbox>, pushed: Result<Pushed, crate::mailbox::Refused>) {
+        if let Ok(p) = pushed {
             self.delivered += 1;
-            self.ticket = self.ticket.max(t);
+            self.ticket = self.ticket.max(p.ticket);
+            if p.congested && self.congested.is_none() {
+                self.congested = Some(mailbox.clone());
+            }
         }
     }
 }
@@ -216,7 +221,7 @@ impl Router {
                     shared: None,
                     store_id: None,
                 };
-                routed.add(first.sub.mailbox.push(d));
+                routed.add(&first.sub.mailbox, first.sub.mailbox.push(d));
             }
             i = j;
         }
@@ -231,7 +236,7 @@ impl Router {
                     shared: Some(g.filter.clone()),
                     store_id: None,
                 };
-                routed.add(e.sub.mailbox.push(d));
+                routed.add(&e.sub.mailbox, e.sub.mailbox.push(d));
             }
         }
         routed
@@ -472,6 +477,7 @@ mod tests {
         let mailbox = Arc::new(Mailbox::new(QueueLimits {
             max_messages: 1000,
             max_bytes: 1 << 20,
+            backpressure: true,
         }));
         mailbox.set_online(true);
         Subscriber { key, mailbox }

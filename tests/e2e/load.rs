@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Broker, WAIT, queue, v3};
+use crate::harness::{Broker, WAIT, queue, raw, v3};
 
 const PUBLISHERS: usize = 4;
 const PER_PUBLISHER: usize = 2000;
@@ -11,9 +11,65 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_publishers_to_one_wildcard_subscriber_lose_nothing() {
-    // The contract drops messages beyond max_queued_messages (default 1000) when the
-    // subscriber falls behind; the queue must hold a full burst for "lose nothing".
-    let broker = Broker::start_with("max_queued_messages = 10000");
+    fan_in("max_queued_messages = 10000").await;
+}
+
+/// With the default queue limit (1000) the subscriber falls behind the four publishers;
+/// back-pressure holds the publishers instead of dropping acknowledged messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_pressure_keeps_a_lagging_subscriber_lossless() {
+    fan_in("").await;
+}
+
+/// A subscriber that stops reading is marked slow after the back-pressure timeout; from
+/// then on the publisher is not held back by it and the healthy subscriber gets everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_subscriber_does_not_hold_back_others() {
+    let broker = Broker::start_with("backpressure_timeout_ms = 300");
+    // A raw client that subscribes and then never reads again.
+    let mut stuck = raw::connect_tcp(&broker).await;
+    raw::send(&mut stuck, &raw::connect_v311("stuck", true, 0)).await;
+    raw::expect_packet(&mut stuck).await;
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&(6u16).to_be_bytes());
+    body.extend_from_slice(b"slow/#");
+    body.push(1);
+    raw::send(&mut stuck, &raw::packet(0x82, &body)).await;
+    raw::expect_packet(&mut stuck).await;
+
+    let mut healthy = v3::Client::connect(v3::options(&broker, "healthy")).await;
+    healthy.subscribe_ok("slow/#", v3::QoS::AtLeastOnce).await;
+    let publisher = v3::Client::connect(v3::options(&broker, "slow-pub")).await;
+    const N: usize = 20_000;
+    let started = Instant::now();
+    let producer = tokio::spawn(async move {
+        for seq in 0..N {
+            queue(
+                publisher
+                    .client
+                    .publish("slow/t", v3::QoS::AtLeastOnce, false, seq.to_string()),
+                "PUBLISH",
+            )
+            .await;
+        }
+        publisher
+    });
+    for seq in 0..N {
+        let p = healthy
+            .recv_within(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("healthy subscriber got only {seq} of {N}"));
+        assert_eq!(p.payload, seq.to_string().as_bytes());
+    }
+    let elapsed = started.elapsed();
+    let _publisher = producer.await.expect("publisher task");
+    // One hold of 300 ms at most, not one per message.
+    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
+    drop(stuck);
+}
+
+async fn fan_in(mqtt: &str) {
+    let broker = Broker::start_with(mqtt);
     let mut sub = v3::Client::connect(v3::options(&broker, "load-sub")).await;
     sub.subscribe_ok("load/#", v3::QoS::AtLeastOnce).await;
 
