@@ -167,7 +167,9 @@ pub struct Attachment {
     pub conn: u64,
 }
 
-type Handover = (SessionState, Option<PendingWill>);
+/// What a connection that was taken over hands to the new one: its session, unless that
+/// session ended with the connection (expiry 0).
+type Handover = Option<(SessionState, Option<PendingWill>)>;
 
 #[derive(Debug)]
 struct Attached {
@@ -434,7 +436,7 @@ impl Sessions {
         };
         let found = match waiting {
             Some(rx) => match tokio::time::timeout(HANDOVER_TIMEOUT, rx).await {
-                Ok(Ok(h)) => Some(h),
+                Ok(Ok(h)) => h,
                 _ => {
                     tracing::warn!(client_id = %client_id, "previous connection did not hand its session over; starting a new one");
                     None
@@ -505,9 +507,15 @@ impl Sessions {
         if a.conn != conn {
             // Taken over: hand the session to the new connection.
             match a.handover.take() {
+                Some(tx) if state.expiry == 0 => {
+                    // The session ended with its connection: nothing to resume.
+                    drop(slots);
+                    self.end_with_will(state, will);
+                    let _ = tx.send(None);
+                }
                 Some(tx) => {
                     drop(slots);
-                    if let Err((state, will)) = tx.send((state, will)) {
+                    if let Err(Some((state, will))) = tx.send(Some((state, will))) {
                         self.end_with_will(state, will);
                     }
                 }

@@ -238,3 +238,20 @@ async fn v5_takeover_sends_disconnect_0x8e() {
     // [MQTT-3.1.4-3] DISCONNECT with 0x8E (Session taken over), then close.
     assert_eq!(raw::disconnect_codes(&mut first).await, vec![0x8E]);
 }
+
+/// A session that ends with its connection (Clean Session 1) is not handed to a connection
+/// that takes the client id over with Clean Session 0: there is no session to resume
+/// (MQTT-3.1.2-6, MQTT-3.2.2-2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_of_a_clean_session_resumes_nothing() {
+    let broker = Broker::start();
+    let mut a = raw::connect_tcp(&broker).await;
+    raw::send(&mut a, &raw::connect_v311("clean-taken", true, 0)).await;
+    let (kind, body) = raw::expect_packet(&mut a).await;
+    assert_eq!((kind, body), (0x20, vec![0, 0]));
+    let mut b = raw::connect_tcp(&broker).await;
+    raw::send(&mut b, &raw::connect_v311("clean-taken", false, 0)).await;
+    let (kind, body) = raw::expect_packet(&mut b).await;
+    assert_eq!(kind, 0x20);
+    assert_eq!(body, vec![0, 0], "CONNACK must say no session present");
+}
