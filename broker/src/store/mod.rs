@@ -56,6 +56,8 @@ pub struct StoreConfig {
     pub durability: Durability,
     /// fsync period of `periodic`, in milliseconds.
     pub fsync_interval_ms: u64,
+    /// Page cache of the database, in MiB.
+    pub cache_mb: usize,
 }
 
 impl Default for StoreConfig {
@@ -64,6 +66,7 @@ impl Default for StoreConfig {
             data_dir: PathBuf::from("./data"),
             durability: Durability::Sync,
             fsync_interval_ms: 100,
+            cache_mb: 64,
         }
     }
 }
@@ -200,7 +203,12 @@ impl Store {
             reason,
         };
         std::fs::create_dir_all(&config.data_dir).map_err(|e| open_err(e.to_string()))?;
-        let db = match Database::create(&path) {
+        // redb's page cache is the store's main memory cost: it bounds what a large backlog
+        // costs in memory.
+        let db = match Database::builder()
+            .set_cache_size(config.cache_mb.saturating_mul(1024 * 1024))
+            .create(&path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::Storage(e)) => return Err(damaged(&path, e)),
             Err(e) => return Err(open_err(e.to_string())),
