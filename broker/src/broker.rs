@@ -29,6 +29,8 @@ pub struct Broker {
     pub tasks: TaskTracker,
     /// Durable state.
     pub store: Arc<Store>,
+    /// Bumped to make TLS listeners re-read their certificates (SIGHUP).
+    pub reload: tokio::sync::watch::Sender<u64>,
 }
 
 impl Broker {
@@ -74,7 +76,14 @@ impl Broker {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             store,
+            reload: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    /// Makes every TLS listener re-read its certificate, key and client CA files; a
+    /// listener whose files do not load keeps its current ones.
+    pub fn reload_certificates(&self) {
+        self.reload.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Binds every listener and serves until `shutdown` is cancelled, then closes every
@@ -82,8 +91,10 @@ impl Broker {
     pub async fn run(self: Arc<Self>, grace: Duration) -> std::io::Result<Vec<SocketAddr>> {
         let mut bound = Vec::new();
         let mut accept_loops = Vec::new();
+        // Open connections over all listeners, for `max_connections`.
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for l in &self.config.listeners {
-            let (addr, task) = listener::start(self.clone(), l.clone()).await?;
+            let (addr, task) = listener::start(self.clone(), l.clone(), open.clone()).await?;
             bound.push(addr);
             accept_loops.push(task);
         }

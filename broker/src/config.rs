@@ -2,9 +2,11 @@
 //! unknown keys are rejected, so a typo never silently falls back to a default.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::codec::ProtocolVersion;
 
 pub use crate::store::{Durability, StoreConfig};
 
@@ -32,18 +34,174 @@ pub struct Config {
 pub struct ListenerConfig {
     /// Name used in logs; defaults to `listener-N`.
     pub name: Option<String>,
+    /// Transport: `tcp` (default), `tls`, `ws` or `wss`.
+    #[serde(default)]
+    pub kind: ListenerKind,
     /// Address and port to bind; port 0 picks a free port (logged at start).
     pub bind: SocketAddr,
     /// Whether clients may connect without being authenticated. Defaults to true only when
     /// `bind` is a loopback address: a broker reachable from the network is closed unless
     /// the operator opens it.
     pub allow_anonymous: Option<bool>,
+    /// PEM certificate chain (server certificate first); `tls` and `wss` only, required there.
+    /// A relative path is relative to the configuration file's folder.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM certificates of the CAs that sign client certificates: turns on mutual TLS.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client must present a certificate (default true). With
+    /// false a client without one is served as any other client; a presented certificate
+    /// must still verify.
+    pub require_client_cert: Option<bool>,
+    /// With `client_ca`: the Common Name of a verified client certificate becomes the
+    /// client's user name, and such a client counts as authenticated (it is let in even
+    /// where anonymous clients are not).
+    #[serde(default)]
+    pub username_from_cert: bool,
+    /// HTTP path of the WebSocket endpoint (`ws` and `wss`); default `/mqtt`.
+    pub path: Option<String>,
+    /// Most connections open at once on this listener; 0 = only the global
+    /// `[mqtt] max_connections` applies.
+    #[serde(default)]
+    pub max_connections: usize,
+    /// Most new connections per second from one source IP address. Default: no limit on a
+    /// loopback `bind`, 100 otherwise. 0 = no limit.
+    pub max_connection_rate: Option<u32>,
+    /// MQTT versions accepted on this listener (`"3.1"`, `"3.1.1"`, `"5"`); default all.
+    pub protocols: Option<Vec<Protocol>>,
 }
+
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// MQTT over plain TCP.
+    #[default]
+    Tcp,
+    /// MQTT over TLS (rustls, TLS 1.2 and 1.3).
+    Tls,
+    /// MQTT over WebSocket (subprotocol `mqtt`).
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+impl ListenerKind {
+    /// Whether the transport is encrypted.
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerKind::Tls | ListenerKind::Wss)
+    }
+
+    /// Whether the transport is WebSocket.
+    pub fn is_ws(self) -> bool {
+        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
+    }
+}
+
+/// An MQTT protocol version as named in `protocols`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// MQTT 3.1 (protocol level 3).
+    #[serde(rename = "3.1")]
+    V3_1,
+    /// MQTT 3.1.1 (protocol level 4).
+    #[serde(rename = "3.1.1")]
+    V3_1_1,
+    /// MQTT 5.0 (protocol level 5).
+    #[serde(rename = "5", alias = "5.0")]
+    V5,
+}
+
+impl Protocol {
+    /// The codec's version.
+    pub fn version(self) -> ProtocolVersion {
+        match self {
+            Protocol::V3_1 => ProtocolVersion::V3_1,
+            Protocol::V3_1_1 => ProtocolVersion::V3_1_1,
+            Protocol::V5 => ProtocolVersion::V5,
+        }
+    }
+}
+
+/// Connections per second per source IP allowed by default on a non-loopback listener.
+pub const DEFAULT_CONNECTION_RATE: u32 = 100;
 
 impl ListenerConfig {
     /// The effective anonymous policy of this listener.
     pub fn anonymous_allowed(&self) -> bool {
         self.allow_anonymous.unwrap_or(self.bind.ip().is_loopback())
+    }
+
+    /// The effective per-source-IP connection rate (per second); 0 = unlimited.
+    pub fn connection_rate(&self) -> u32 {
+        self.max_connection_rate
+            .unwrap_or(if self.bind.ip().is_loopback() {
+                0
+            } else {
+                DEFAULT_CONNECTION_RATE
+            })
+    }
+
+    /// The WebSocket path.
+    pub fn ws_path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/mqtt")
+    }
+
+    /// The protocol versions accepted.
+    pub fn versions(&self) -> Vec<ProtocolVersion> {
+        match &self.protocols {
+            Some(p) => p.iter().map(|p| p.version()).collect(),
+            None => vec![
+                ProtocolVersion::V3_1,
+                ProtocolVersion::V3_1_1,
+                ProtocolVersion::V5,
+            ],
+        }
+    }
+
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let invalid = |reason: String| {
+            Err(ConfigError::Listener {
+                listener: self.name.clone().unwrap_or_else(|| format!("listener-{i}")),
+                reason,
+            })
+        };
+        if self.kind.is_tls() {
+            if self.cert.is_none() || self.key.is_none() {
+                return invalid("a tls or wss listener needs `cert` and `key`".to_owned());
+            }
+        } else {
+            for (key, set) in [
+                ("cert", self.cert.is_some()),
+                ("key", self.key.is_some()),
+                ("client_ca", self.client_ca.is_some()),
+            ] {
+                if set {
+                    return invalid(format!("`{key}` is only for tls and wss listeners"));
+                }
+            }
+        }
+        if self.client_ca.is_none()
+            && (self.require_client_cert.is_some() || self.username_from_cert)
+        {
+            return invalid(
+                "`require_client_cert` and `username_from_cert` need `client_ca`".to_owned(),
+            );
+        }
+        match &self.path {
+            Some(_) if !self.kind.is_ws() => {
+                return invalid("`path` is only for ws and wss listeners".to_owned());
+            }
+            Some(p) if !p.starts_with('/') => {
+                return invalid("`path` must start with /".to_owned());
+            }
+            _ => {}
+        }
+        if self.protocols.as_ref().is_some_and(|p| p.is_empty()) {
+            return invalid("`protocols` must name at least one version".to_owned());
+        }
+        Ok(())
     }
 }
 
@@ -82,6 +240,19 @@ pub struct MqttConfig {
     pub retain_available: bool,
     /// Whether clients may connect with an empty client identifier (then one is assigned).
     pub allow_empty_client_id: bool,
+    /// Most client connections open at once over all listeners; beyond it a CONNECT is
+    /// answered with 0x97 (MQTT 5) or return code 3 (3.x).
+    pub max_connections: usize,
+    /// Seconds a client has to finish a packet it started; a partial packet older than
+    /// this closes the connection. Idle connections are the keep alive's business.
+    pub packet_timeout: u64,
+    /// Most subscriptions one session may hold; the excess filters of a SUBSCRIBE get
+    /// 0x97 quota exceeded (3.x: 0x80).
+    pub max_subscriptions: usize,
+    /// Longest topic name or filter, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated parts) in a topic name or filter.
+    pub max_topic_levels: usize,
 }
 
 impl Default for MqttConfig {
@@ -99,6 +270,11 @@ impl Default for MqttConfig {
             max_session_expiry: u32::MAX,
             retain_available: true,
             allow_empty_client_id: true,
+            max_connections: 100_000,
+            packet_timeout: 30,
+            max_subscriptions: 1000,
+            max_topic_length: 65535,
+            max_topic_levels: 128,
         }
     }
 }
@@ -122,8 +298,18 @@ impl Default for LogConfig {
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig {
         name: Some("default".to_owned()),
+        kind: ListenerKind::Tcp,
         bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
         allow_anonymous: None,
+        cert: None,
+        key: None,
+        client_ca: None,
+        require_client_cert: None,
+        username_from_cert: false,
+        path: None,
+        max_connections: 0,
+        max_connection_rate: None,
+        protocols: None,
     }]
 }
 
@@ -152,6 +338,14 @@ pub enum ConfigError {
     /// The TOML does not parse or has unknown keys or wrong types.
     #[error("{0}")]
     Parse(#[from] toml::de::Error),
+    /// A listener's settings do not fit together.
+    #[error("listener {listener}: {reason}")]
+    Listener {
+        /// The listener's name.
+        listener: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A value is out of range.
     #[error("invalid setting {key}: {reason}")]
     Invalid {
@@ -169,7 +363,21 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        // Certificate paths are relative to the file that names them.
+        if let Some(dir) = path.parent() {
+            for l in &mut config.listeners {
+                for p in [&mut l.cert, &mut l.key, &mut l.client_ca]
+                    .into_iter()
+                    .flatten()
+                {
+                    if p.is_relative() {
+                        *p = dir.join(&*p);
+                    }
+                }
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates configuration text.
@@ -190,6 +398,9 @@ impl Config {
         if self.listeners.is_empty() {
             return invalid("listener", "at least one listener is required");
         }
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.validate(i)?;
+        }
         if !(64..=268_435_460).contains(&m.max_packet_size) {
             return invalid("mqtt.max_packet_size", "must be between 64 and 268435460");
         }
@@ -201,6 +412,15 @@ impl Config {
         }
         if m.connect_timeout == 0 {
             return invalid("mqtt.connect_timeout", "must be at least 1 second");
+        }
+        if m.packet_timeout == 0 {
+            return invalid("mqtt.packet_timeout", "must be at least 1 second");
+        }
+        if m.max_connections == 0 {
+            return invalid("mqtt.max_connections", "must be at least 1");
+        }
+        if m.max_topic_length == 0 || m.max_topic_levels == 0 {
+            return invalid("mqtt.max_topic_length", "topic limits must be at least 1");
         }
         if m.max_queued_messages == 0 || m.max_queued_bytes == 0 {
             return invalid(
@@ -237,6 +457,35 @@ mod tests {
         let c = Config::parse("[[listener]]\nbind = \"0.0.0.0:1883\"\n").unwrap();
         assert!(!c.listeners[0].anonymous_allowed());
         assert_eq!(c.listeners[0].name.as_deref(), Some("listener-0"));
+    }
+
+    #[test]
+    fn listener_kinds_and_their_keys() {
+        let c = Config::parse(
+            "[[listener]]\nkind = \"wss\"\nbind = \"0.0.0.0:8084\"\ncert = \"c.pem\"\n\
+             key = \"k.pem\"\nprotocols = [\"3.1.1\", \"5\"]\n",
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.kind, ListenerKind::Wss);
+        assert_eq!(l.ws_path(), "/mqtt");
+        assert_eq!(l.connection_rate(), DEFAULT_CONNECTION_RATE);
+        assert_eq!(
+            l.versions(),
+            vec![ProtocolVersion::V3_1_1, ProtocolVersion::V5]
+        );
+        for bad in [
+            "[[listener]]\nkind = \"tls\"\nbind = \"127.0.0.1:0\"\n",
+            "[[listener]]\nbind = \"127.0.0.1:0\"\ncert = \"c.pem\"\n",
+            "[[listener]]\nbind = \"127.0.0.1:0\"\npath = \"/mqtt\"\n",
+            "[[listener]]\nkind = \"ws\"\nbind = \"127.0.0.1:0\"\npath = \"mqtt\"\n",
+            "[[listener]]\nbind = \"127.0.0.1:0\"\nusername_from_cert = true\n",
+            "[[listener]]\nbind = \"127.0.0.1:0\"\nprotocols = []\n",
+            "[[listener]]\nbind = \"127.0.0.1:0\"\nprotocols = [\"4\"]\n",
+            "[[listener]]\nkind = \"quic\"\nbind = \"127.0.0.1:0\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "accepted: {bad}");
+        }
     }
 
     #[test]

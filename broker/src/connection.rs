@@ -24,13 +24,33 @@ use crate::metrics::METRICS;
 use crate::session::{Inflight, Kick, NEVER_EXPIRES, PendingWill, Stage, Subscription};
 use crate::store::{Op, record};
 
-/// Facts about the listener a connection came through.
-#[derive(Debug)]
+/// Facts about the listener a connection came through (and, for TLS, about the client's
+/// certificate: the future authenticate hook gets them from here).
+#[derive(Debug, Clone)]
 pub struct ListenerInfo {
     /// Listener name, for logs.
     pub name: String,
     /// Whether unauthenticated clients may connect.
     pub allow_anonymous: bool,
+    /// MQTT versions accepted; a CONNECT of another gets 0x84 (3.x: return code 1).
+    pub protocols: Vec<ProtocolVersion>,
+    /// Whether a verified client certificate's Common Name is the client's user name, which
+    /// also makes the client authenticated.
+    pub username_from_cert: bool,
+    /// The client certificate this connection presented, verified against the listener's
+    /// client CA (TLS listeners only; set per connection).
+    pub client_cert: Option<crate::transport::tls::ClientCert>,
+}
+
+impl ListenerInfo {
+    /// The user name a verified client certificate gives, when the listener uses it
+    /// (`username_from_cert`): the certificate's Common Name.
+    pub fn cert_username(&self) -> Option<&str> {
+        if !self.username_from_cert {
+            return None;
+        }
+        self.client_cert.as_ref()?.common_name.as_deref()
+    }
 }
 
 /// Stop taking deliveries from the mailbox once this much is waiting to be written.
@@ -231,7 +251,12 @@ impl Conn {
         };
         let mut refusal = None;
         let mut assigned = None;
-        if c.client_id.is_empty() {
+        if !listener.protocols.contains(&v) {
+            refusal = Some(refuse(
+                ReasonCode::UnsupportedProtocolVersion,
+                "protocol version not enabled on this listener",
+            ));
+        } else if c.client_id.is_empty() {
             if v == ProtocolVersion::V3_1 || !cfg.allow_empty_client_id {
                 refusal = Some(refuse(
                     ReasonCode::ClientIdentifierNotValid,
@@ -247,7 +272,10 @@ impl Conn {
                 assigned = Some(assign_client_id());
             }
         }
-        if refusal.is_none() && !listener.allow_anonymous {
+        // A client whose certificate names it is authenticated by TLS; there is no other
+        // authentication yet (the plugin hook will get `listener.client_cert`).
+        let cert_user = listener.cert_username();
+        if refusal.is_none() && !listener.allow_anonymous && cert_user.is_none() {
             refusal = Some(refuse(
                 ReasonCode::NotAuthorized,
                 "anonymous clients are not allowed on this listener",
@@ -378,10 +406,21 @@ impl Conn {
         tokio::pin!(ka_sleep);
         let mut kick_gone = false;
         let mut read_hint = MIN_READ;
+        // A packet started but not finished must be within `packet_timeout` (a client that
+        // sends half a packet and stalls is dropped, not kept by its keep alive).
+        let packet_timeout = Duration::from_secs(self.broker.config.mqtt.packet_timeout);
+        let mut partial_since: Option<tokio::time::Instant> = None;
+        let partial_sleep = tokio::time::sleep(packet_timeout);
+        tokio::pin!(partial_sleep);
 
         // Packets that arrived together with CONNECT.
         if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
             return close;
+        }
+        if !inbuf.is_empty() {
+            let now = tokio::time::Instant::now();
+            partial_since = Some(now);
+            partial_sleep.as_mut().reset(now + packet_timeout);
         }
         loop {
             self.fill();
@@ -431,8 +470,17 @@ impl Conn {
                                 read_hint
                             };
                             last_rx = Instant::now();
+                            let before = inbuf.len();
                             if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
                                 return close;
+                            }
+                            if inbuf.is_empty() {
+                                partial_since = None;
+                            } else if partial_since.is_none() || inbuf.len() < before {
+                                // A new packet started (or one completed and the next began).
+                                let now = tokio::time::Instant::now();
+                                partial_since = Some(now);
+                                partial_sleep.as_mut().reset(now + packet_timeout);
                             }
                         }
                     }
@@ -450,6 +498,10 @@ impl Conn {
                         return Close::Shutdown;
                     }
                     self.release_held();
+                }
+                _ = &mut partial_sleep, if partial_since.is_some() && want_read => {
+                    tracing::info!("partial packet not completed within {}s: closing", packet_timeout.as_secs());
+                    return Close::Lost;
                 }
                 _ = &mut ka_sleep, if ka.is_some() => {
                     let limit = ka.unwrap_or_default();
@@ -848,6 +900,34 @@ impl Conn {
         if p.retain && !cfg.retain_available {
             return Err(ReasonCode::RetainNotSupported);
         }
+        if topic.as_str().len() > cfg.max_topic_length
+            || topic.as_str().split('/').count() > cfg.max_topic_levels
+        {
+            // Not routed. MQTT 5 refuses a QoS 1/2 message with PUBACK / PUBREC 0x90 and
+            // keeps the connection; QoS 0 has no acknowledgement, so it gets DISCONNECT
+            // 0x90; MQTT 3.x can only be closed.
+            tracing::info!(
+                len = topic.as_str().len(),
+                "topic over the length or level limit"
+            );
+            let id = match p.qos {
+                PublishQoS::AtLeastOnce(id) | PublishQoS::ExactlyOnce(id)
+                    if self.version.is_v5() =>
+                {
+                    id
+                }
+                _ => return Err(ReasonCode::TopicNameInvalid),
+            };
+            let mut ack = Ack::success(id);
+            ack.reason = ReasonCode::TopicNameInvalid;
+            let ack = if matches!(p.qos, PublishQoS::AtLeastOnce(_)) {
+                Packet::PubAck(ack)
+            } else {
+                Packet::PubRec(ack)
+            };
+            self.send(&ack);
+            return Ok(());
+        }
         let now = Instant::now();
         let msg = Arc::new(Message {
             topic,
@@ -903,7 +983,28 @@ impl Conn {
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let now = Instant::now();
+        let cfg = &self.broker.config.mqtt;
+        let (max_subs, max_len, max_levels) = (
+            cfg.max_subscriptions,
+            cfg.max_topic_length,
+            cfg.max_topic_levels,
+        );
         for (filter, options) in s.filters {
+            if filter.as_str().len() > max_len || filter.filter().split('/').count() > max_levels {
+                tracing::info!(
+                    len = filter.as_str().len(),
+                    "topic filter over the length or level limit"
+                );
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if self.state.subscriptions.len() >= max_subs
+                && !self.state.subscriptions.contains_key(&filter)
+            {
+                tracing::info!(max_subs, "subscription limit reached");
+                reasons.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
             let is_new = self.broker.router.subscribe(&sub, &filter, options, id);
             self.state
                 .subscriptions

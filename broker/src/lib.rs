@@ -1,7 +1,8 @@
 //! Sandpiper: an MQTT 3.1, 3.1.1 and 5.0 broker whose policy and integrations are
 //! WebAssembly components.
 //!
-//! Data flows one way: `listener` accepts sockets and hands each to a `connection` task,
+//! Data flows one way: `listener` accepts sockets, `transport` wraps them (TLS, WebSocket)
+//! and hands each to a `connection` task,
 //! which decodes packets with `codec`, keeps the client's `session` state and publishes
 //! through the `router`, which queues deliveries in each subscriber's `mailbox`.
 
@@ -16,3 +17,4 @@ pub mod metrics;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod transport;

@@ -79,6 +79,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Signal handlers are installed before any listener is bound, so a SIGTERM sent as soon
     // as the broker reports it is listening still shuts it down in order.
     let signals = Signals::install();
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let b = broker.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading TLS certificates");
+                b.reload_certificates();
+            }
+        });
+    }
     tokio::spawn(async move {
         signals.wait().await;
         tracing::info!("shutting down");

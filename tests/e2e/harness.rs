@@ -124,11 +124,26 @@ impl Broker {
     /// Broker using the folder `dir` (its config and its data folder, kept from an earlier
     /// broker by [`Broker::kill9`] or [`Broker::stop`]).
     pub fn start_in(dir: PathBuf, mqtt: &str) -> Self {
-        let config = dir.join("sandpiper.toml");
         let text = format!(
             "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n\
              [mqtt]\n{mqtt}\n\n[log]\nlevel = \"info\"\n"
         );
+        Self::start_config_in(dir, &text)
+    }
+
+    /// A fresh temporary folder for [`Broker::start_config_in`] (and the files a test
+    /// puts beside the config, such as certificates).
+    pub fn temp_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(unique_name("sandpiper-e2e"));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        dir
+    }
+
+    /// Broker with a whole configuration file `text` (listeners and all) in `dir`.
+    /// [`Broker::addr`] is the first listener's address; [`Broker::listener_addr`] finds
+    /// the others by name.
+    pub fn start_config_in(dir: PathBuf, text: &str) -> Self {
+        let config = dir.join("sandpiper.toml");
         std::fs::write(&config, text).expect("write config");
 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandpiper"));
@@ -182,6 +197,28 @@ impl Broker {
             dir,
             status: None,
             keep_dir: false,
+        }
+    }
+
+    /// The address of the listener named `name` (from its `listening` log line).
+    pub fn listener_addr(&self, name: &str) -> SocketAddr {
+        let deadline = Instant::now() + STARTUP;
+        let needle = format!("name={name} ");
+        loop {
+            if let Some(addr) = self
+                .logs()
+                .iter()
+                .filter(|l| l.contains(&needle))
+                .find_map(|l| listen_addr(l))
+            {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `listening` line for listener {name}; log:\n{}",
+                self.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -14,11 +14,13 @@ mod harness;
 
 mod basic;
 mod durability;
+mod limits;
 mod load;
 mod qos;
 mod retained;
 mod sessions;
 mod shared;
 mod shutdown;
+mod transports;
 mod v5;
 mod will;
