@@ -1,0 +1,93 @@
+// MQTT.js in a real headless Chromium (Debian's chromium, driven by playwright-core) subscribes
+// over Sandpiper's WebSocket listener and receives a message that mosquitto_pub publishes over
+// plain TCP. Run by tests/run; alone: `cd tests/browser && npm ci && npm test` after
+// `cargo build -p sandpiper --bin sandpiper` (SANDPIPER_BIN overrides the binary).
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFile } from 'node:child_process';
+import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
+import { promisify } from 'node:util';
+import { chromium } from 'playwright-core';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const require = createRequire(import.meta.url);
+const BIN = process.env.SANDPIPER_BIN ?? join(here, '..', '..', 'target', 'debug', 'sandpiper');
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const MQTT_JS = join(dirname(require.resolve('mqtt/package.json')), 'dist', 'mqtt.min.js');
+
+/** Starts the broker with a TCP and a WebSocket listener; resolves with their ports. */
+function startBroker(dir) {
+  const config = join(dir, 'sandpiper.toml');
+  writeFileSync(config, [
+    '[[listener]]', 'name = "tcp"', 'bind = "127.0.0.1:0"', '',
+    '[[listener]]', 'name = "ws"', 'kind = "ws"', 'bind = "127.0.0.1:0"', 'path = "/mqtt"', '',
+    '[log]', 'level = "info"', '',
+  ].join('\n'));
+  // RUST_LOG would override the config's level and could hide the `listening` lines.
+  const { RUST_LOG: _ignored, ...env } = process.env;
+  const proc = spawn(BIN, ['--config', config, '--data-dir', join(dir, 'data')], {
+    env: { ...env, NO_COLOR: '1' },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let log = '';
+  const ports = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`broker did not start:\n${log}`)), 20000);
+    proc.stderr.on('data', (chunk) => {
+      log += chunk;
+      const found = {};
+      for (const m of log.matchAll(/listening name=(\w+).*addr=\S+:(\d+)/g)) found[m[1]] = Number(m[2]);
+      if (found.tcp && found.ws) { clearTimeout(timer); resolve(found); }
+    });
+    proc.on('exit', (code) => reject(new Error(`broker exited (${code}):\n${log}`)));
+  });
+  return { proc, ports, log: () => log };
+}
+
+for (const protocolVersion of [4, 5]) {
+  test(`MQTT.js ${protocolVersion === 5 ? '5.0' : '3.1.1'} in Chromium over ws:// receives mosquitto_pub's message`,
+    { timeout: 60000 }, async () => {
+      const dir = mkdtempSync(join(tmpdir(), 'sandpiper-browser-'));
+      const broker = startBroker(dir);
+      let context;
+      try {
+        const { tcp, ws } = await broker.ports;
+        context = await chromium.launchPersistentContext(join(dir, 'profile'), {
+          executablePath: CHROMIUM,
+          headless: true,
+          args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+            '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+        });
+        const page = context.pages()[0] ?? await context.newPage();
+        await page.addScriptTag({ path: MQTT_JS });
+        const topic = `browser/${protocolVersion}/${Date.now()}`;
+        // Connect and subscribe; resolves once the SUBACK is in.
+        const granted = await page.evaluate(({ url, topic, protocolVersion }) => new Promise((resolve, reject) => {
+          window.received = [];
+          const client = window.mqtt.connect(url, { protocolVersion, clientId: `chromium-${protocolVersion}`, reconnectPeriod: 0 });
+          window.client = client;
+          client.on('error', (e) => reject(String(e)));
+          client.on('message', (t, payload) => window.received.push([t, payload.toString()]));
+          client.on('connect', () => client.subscribe(topic, { qos: 1 }, (err, granted) => (err ? reject(String(err)) : resolve(granted))));
+        }), { url: `ws://127.0.0.1:${ws}/mqtt`, topic, protocolVersion });
+        assert.equal(granted[0].qos, 1);
+
+        await promisify(execFile)('mosquitto_pub', ['-h', '127.0.0.1', '-p', String(tcp), '-q', '1', '-t', topic, '-m', 'hello browser'], { timeout: 15000 });
+
+        await page.waitForFunction(() => window.received.length > 0, null, { timeout: 10000 });
+        const received = await page.evaluate(() => window.received);
+        assert.deepEqual(received, [[topic, 'hello browser']]);
+        await page.evaluate(() => new Promise((resolve) => window.client.end(false, resolve)));
+      } catch (e) {
+        throw new Error(`${e.stack ?? e}\nbroker log:\n${broker.log()}`);
+      } finally {
+        await context?.close();
+        broker.proc.kill('SIGTERM');
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+}
