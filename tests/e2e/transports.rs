@@ -444,3 +444,38 @@ async fn listener_accepts_only_its_protocol_versions() {
     );
     let _v5 = raw::connect_v5(&broker, "new").await;
 }
+
+/// A client that opens a TLS or WebSocket connection and never completes the handshake is
+/// closed at `connect_timeout`, like one that never sends CONNECT.
+#[tokio::test]
+async fn silent_handshakes_are_closed_at_the_connect_deadline() {
+    let dir = Broker::temp_dir();
+    let certs = generate_certs(&dir);
+    let config = format!(
+        "{}\n[[listener]]\nname = \"ws\"\nkind = \"ws\"\nbind = \"127.0.0.1:0\"\n\n\
+         [mqtt]\nconnect_timeout = 1\n\n{LOG}",
+        tls_listener("tls", "tls", &certs, "")
+    );
+    let broker = Broker::start_config_in(dir, &config);
+    for name in ["tls", "ws"] {
+        let mut s = TcpStream::connect(broker.listener_addr(name))
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = timeout(Duration::from_secs(5), async {
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{name}: silent handshake not closed");
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "{name}: closed after {:?}",
+            t.elapsed()
+        );
+    }
+}
