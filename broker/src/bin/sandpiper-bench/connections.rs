@@ -99,7 +99,7 @@ pub async fn run(plan: &ConnPlan, s: &Settings) -> anyhow::Result<Record> {
             let (addr, version, deadline) = (s.addr, s.version, s.connect_timeout);
             set.spawn(async move {
                 let t = Instant::now();
-                let r = Client::connect(addr, version, &id, deadline).await;
+                let r = Client::connect(addr, version, &id, false, deadline).await;
                 (r.map(|c| c.stream), t.elapsed(), Instant::now())
             });
             started += 1;

@@ -491,9 +491,15 @@ pub async fn run(plan: &Plan, s: &Settings) -> anyhow::Result<Record> {
     let mut subs = Vec::new();
     for (i, (filter, _)) in plan.subscribers.iter().enumerate() {
         let id = format!("spb-{tag}-s{i}");
-        let mut c = Client::connect(s.addr, s.version, &id, s.connect_timeout)
-            .await
-            .with_context(|| format!("subscriber {i}"))?;
+        let mut c = Client::connect(
+            s.addr,
+            s.version,
+            &id,
+            s.persistent_subscribers,
+            s.connect_timeout,
+        )
+        .await
+        .with_context(|| format!("subscriber {i}"))?;
         let granted = c
             .subscribe(filter, plan.qos, s.connect_timeout)
             .await
@@ -510,7 +516,7 @@ pub async fn run(plan: &Plan, s: &Settings) -> anyhow::Result<Record> {
     let mut pubs = Vec::new();
     for i in 0..plan.publishers.len() {
         let id = format!("spb-{tag}-p{i}");
-        let c = Client::connect(s.addr, s.version, &id, s.connect_timeout)
+        let c = Client::connect(s.addr, s.version, &id, false, s.connect_timeout)
             .await
             .with_context(|| format!("publisher {i}"))?;
         pubs.push(c);

@@ -90,6 +90,9 @@ struct Common {
     /// Print one JSON object per line instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Subscribers use persistent sessions (to measure a broker's durable path).
+    #[arg(long, global = true)]
+    persistent_subscribers: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +183,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Broker name in the output.
     pub label: String,
+    /// Subscribers ask for persistent sessions (Clean Session 0 / Session Expiry 3600 s).
+    pub persistent_subscribers: bool,
 }
 
 /// Bounds on every knob, so that no run can go on for ever or exhaust the machine.
@@ -249,6 +254,7 @@ async fn settings(c: &Common) -> anyhow::Result<Settings> {
         batch: c.batch,
         connect_timeout: seconds("connect-timeout", c.connect_timeout, false)?,
         label: c.label.clone(),
+        persistent_subscribers: c.persistent_subscribers,
     })
 }
 

@@ -41,23 +41,29 @@ pub fn encode(p: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> anyho
 }
 
 impl Client {
-    /// Opens a TCP connection, sends CONNECT (clean session, keep alive off) and waits for
+    /// Opens a TCP connection, sends CONNECT (keep alive off; a clean session unless
+    /// `persistent`, which asks for a session that outlives the connection) and waits for
     /// a successful CONNACK, all within `deadline`.
     pub async fn connect(
         addr: SocketAddr,
         version: ProtocolVersion,
         client_id: &str,
+        persistent: bool,
         deadline: Duration,
     ) -> anyhow::Result<Client> {
-        tokio::time::timeout(deadline, Self::connect_inner(addr, version, client_id))
-            .await
-            .with_context(|| format!("no CONNACK within {deadline:?}"))?
+        tokio::time::timeout(
+            deadline,
+            Self::connect_inner(addr, version, client_id, persistent),
+        )
+        .await
+        .with_context(|| format!("no CONNACK within {deadline:?}"))?
     }
 
     async fn connect_inner(
         addr: SocketAddr,
         version: ProtocolVersion,
         client_id: &str,
+        persistent: bool,
     ) -> anyhow::Result<Client> {
         let stream = TcpStream::connect(addr)
             .await
@@ -70,7 +76,7 @@ impl Client {
         };
         let connect = Connect {
             protocol: version,
-            clean_start: true,
+            clean_start: !persistent,
             // Keep alive off: an idle connection must stay open for the whole run, and
             // throughput runs never go quiet.
             keep_alive: 0,
@@ -78,7 +84,10 @@ impl Client {
             will: None,
             username: None,
             password: None,
-            properties: ConnectProperties::default(),
+            properties: ConnectProperties {
+                session_expiry_interval: (persistent && version.is_v5()).then_some(3600),
+                ..ConnectProperties::default()
+            },
         };
         let mut out = BytesMut::new();
         encode(&Packet::Connect(Box::new(connect)), version, &mut out)?;
