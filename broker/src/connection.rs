@@ -682,13 +682,25 @@ impl Conn {
         };
         // A QoS 2 message of a persistent session is sent once its packet id is durable:
         // after a restart it is resent with the same id, so the receiver can tell the
-        // duplicate (exactly once, MQTT 4.3.3).
+        // duplicate (exactly once, MQTT 4.3.3). A QoS 1 message's id is recorded too, without
+        // waiting: after a restart it is resent with DUP and, if the record made it, its
+        // original id (MQTT-4.4.0-1); at least once holds either way.
         let mut ticket = None;
-        if let (Some(id), QoS::ExactlyOnce, Some(sid), Some((store, key))) =
-            (id, d.qos, d.store_id, self.state.mailbox.store())
+        if let (Some(id), Some(sid), Some((store, key))) =
+            (id, d.store_id, self.state.mailbox.store())
         {
-            match record::encode_queued(&d, Some((id, Stage::AwaitRec))) {
-                Ok(bytes) => ticket = store.submit_one(Op::PutQueued(key, sid, bytes)),
+            let stage = if d.qos == QoS::ExactlyOnce {
+                Stage::AwaitRec
+            } else {
+                Stage::AwaitAck
+            };
+            match record::encode_queued(&d, Some((id, stage))) {
+                Ok(bytes) => {
+                    let t = store.submit_one(Op::PutQueued(key, sid, bytes));
+                    if stage == Stage::AwaitRec {
+                        ticket = t;
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot store an in-flight message"),
             }
         }
@@ -800,6 +812,16 @@ impl Conn {
                             }
                         } else {
                             f.stage = Stage::AwaitComp;
+                            // Remember that PUBREL, not PUBLISH, is owed after a restart.
+                            if let (Some(sid), Some((store, key))) =
+                                (f.delivery.store_id, self.state.mailbox.store())
+                                && let Ok(bytes) = record::encode_queued(
+                                    &f.delivery,
+                                    Some((a.packet_id, Stage::AwaitComp)),
+                                )
+                            {
+                                store.submit_one(Op::PutQueued(key, sid, bytes));
+                            }
                             self.send(&Packet::PubRel(Ack::success(a.packet_id)));
                         }
                     }

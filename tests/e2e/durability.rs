@@ -313,3 +313,42 @@ async fn retained_message_expiry_is_honoured_across_restarts() {
     assert_eq!(&got.payload[..], b"long");
     s.expect_silence().await;
 }
+
+/// A truncated or overwritten store stops the broker at start with an error naming the
+/// file, never a panic and never a silent start with the data gone.
+#[test]
+fn damaged_store_is_refused_with_a_clear_error() {
+    let broker = Broker::start();
+    let dir = broker.stop();
+    let file = dir.join("data").join("sandpiper.redb");
+    let len = std::fs::metadata(&file).expect("store file").len();
+    for damage in ["truncated", "garbage"] {
+        match damage {
+            "truncated" => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&file)
+                    .expect("open store");
+                f.set_len(len / 3).expect("truncate");
+            }
+            _ => std::fs::write(&file, vec![0xA5; 8192]).expect("overwrite"),
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandpiper"))
+            .arg("--config")
+            .arg(dir.join("sandpiper.toml"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .output()
+            .expect("run sandpiper");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{damage}: started on a damaged store:\n{log}"
+        );
+        assert!(
+            log.contains("sandpiper.redb") && !log.contains("panicked"),
+            "{damage}: unclear error:\n{log}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
