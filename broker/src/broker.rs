@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::listener;
 use crate::mailbox::QueueLimits;
+use crate::plugins::Plugins;
 use crate::router::Router;
 use crate::session::Sessions;
 use crate::store::{Store, StoreError, record};
@@ -31,6 +32,8 @@ pub struct Broker {
     pub store: Arc<Store>,
     /// Bumped to make TLS listeners re-read their certificates (SIGHUP).
     pub reload: tokio::sync::watch::Sender<u64>,
+    /// The plugin chain and its watcher.
+    pub plugins: Arc<Plugins>,
 }
 
 impl Broker {
@@ -69,7 +72,16 @@ impl Broker {
             retained,
             "store opened"
         );
+        let plugins = match config.plugins.enabled {
+            true => Arc::new(Plugins::new(
+                Some(config.plugins.dir.clone()),
+                config.store.data_dir.join("plugin-cache"),
+                Some(store.clone()),
+            )),
+            false => Plugins::disabled(),
+        };
         Ok(Arc::new(Broker {
+            plugins,
             sessions,
             router,
             config,
@@ -93,6 +105,10 @@ impl Broker {
         let mut accept_loops = Vec::new();
         // Open connections over all listeners, for `max_connections`.
         let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // Plugins present at start are loaded before the first client is accepted.
+        let plugins = self.plugins.clone();
+        let stop = self.shutdown.clone();
+        let _ = tokio::task::spawn_blocking(move || plugins.start(stop)).await;
         for l in &self.config.listeners {
             let (addr, task) = listener::start(self.clone(), l.clone(), open.clone()).await?;
             bound.push(addr);

@@ -26,6 +26,30 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The plugin host.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+}
+
+/// `[plugins]`: where the broker looks for WebAssembly plugins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Folder watched for `NAME.wasm` (+ sidecar `NAME.toml`); relative to the
+    /// configuration file (or the working directory without one). A missing folder holds
+    /// no plugins (and is picked up when it appears).
+    pub dir: PathBuf,
+    /// Whether plugins are loaded at all.
+    pub enabled: bool,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: PathBuf::from("plugins"),
+            enabled: true,
+        }
+    }
 }
 
 /// One listener.
@@ -320,6 +344,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -366,6 +391,9 @@ impl Config {
         let mut config = Config::parse(&text)?;
         // Certificate paths are relative to the file that names them.
         if let Some(dir) = path.parent() {
+            if config.plugins.dir.is_relative() {
+                config.plugins.dir = dir.join(&config.plugins.dir);
+            }
             for l in &mut config.listeners {
                 for p in [&mut l.cert, &mut l.key, &mut l.client_ca]
                     .into_iter()

@@ -135,7 +135,7 @@ pub async fn run<R, W>(
         }
     };
     tracing::trace!(%peer, "CONNECT received");
-    let mut conn = match Conn::accept(&broker, &listener, *connect, &mut wr).await {
+    let mut conn = match Conn::accept(&broker, &listener, peer, *connect, &mut wr).await {
         Some(c) => c,
         None => return,
     };
@@ -228,6 +228,8 @@ struct Conn {
     paused: Option<(Arc<crate::mailbox::Mailbox>, tokio::time::Instant)>,
     /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
     connect_expiry: u32,
+    /// Authorization by plugins, with this connection's cached decisions.
+    gate: crate::plugins::gate::Gate,
 }
 
 impl Conn {
@@ -236,6 +238,7 @@ impl Conn {
     async fn accept<W: AsyncWrite + Unpin>(
         broker: &Arc<Broker>,
         listener: &ListenerInfo,
+        peer: SocketAddr,
         c: Connect,
         wr: &mut W,
     ) -> Option<Conn> {
@@ -272,10 +275,38 @@ impl Conn {
                 assigned = Some(assign_client_id());
             }
         }
-        // A client whose certificate names it is authenticated by TLS; there is no other
-        // authentication yet (the plugin hook will get `listener.client_cert`).
+        // A client whose certificate names it is authenticated by TLS; an authenticate
+        // plugin that allows it authenticates it too, and one that denies it refuses it.
         let cert_user = listener.cert_username();
-        if refusal.is_none() && !listener.allow_anonymous && cert_user.is_none() {
+        let mut plugin_auth = crate::plugins::AuthDecision::NoOpinion;
+        if refusal.is_none()
+            && broker.plugins.hooks() & crate::plugins::Hooks::AUTHENTICATE != 0
+            && c.properties.authentication_method.is_none()
+        {
+            let info = crate::plugins::ConnectInfo {
+                client_id: assigned.clone().unwrap_or_else(|| c.client_id.to_string()),
+                username: c.username.clone(),
+                password: c.password.as_ref().map(|p| p.to_vec()),
+                peer,
+                listener: listener.name.clone(),
+                protocol: v,
+                cert_subject: listener.client_cert.as_ref().map(|c| c.subject.clone()),
+                user_properties: c
+                    .properties
+                    .user_properties
+                    .as_slice()
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+            };
+            plugin_auth = broker.plugins.authenticate(info).await;
+            if let crate::plugins::AuthDecision::Deny(code) = plugin_auth {
+                let reason = ReasonCode::from_u8(code).unwrap_or(ReasonCode::NotAuthorized);
+                refusal = Some(refuse(reason, "refused by an authentication plugin"));
+            }
+        }
+        let plugin_user = matches!(plugin_auth, crate::plugins::AuthDecision::Allow { .. });
+        if refusal.is_none() && !listener.allow_anonymous && cert_user.is_none() && !plugin_user {
             refusal = Some(refuse(
                 ReasonCode::NotAuthorized,
                 "anonymous clients are not allowed on this listener",
@@ -331,6 +362,25 @@ impl Conn {
                 usize::from(r.get().min(cfg.max_inflight))
             });
 
+        let (username, attributes) = match plugin_auth {
+            crate::plugins::AuthDecision::Allow {
+                username,
+                attributes,
+            } => (username, attributes),
+            _ => (
+                cert_user.map(str::to_owned).or(c.username.clone()),
+                Vec::new(),
+            ),
+        };
+        let gate = crate::plugins::gate::Gate::new(
+            broker.plugins.clone(),
+            crate::plugins::ClientInfo {
+                client_id: client_id.to_string(),
+                username,
+                listener: listener.name.clone(),
+                attributes,
+            },
+        );
         let att = broker
             .sessions
             .attach(client_id.clone(), c.clean_start, expiry)
@@ -384,6 +434,7 @@ impl Conn {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: requested_expiry,
+            gate,
         };
         conn.send(&Packet::ConnAck(ack));
         tracing::debug!(version = %v, clean_start = c.clean_start, present = att.present, keep_alive, "connected");
@@ -950,11 +1001,22 @@ impl Conn {
             self.send(&ack);
             return Ok(());
         }
+        let mut max_qos = QoS::ExactlyOnce;
+        if self.gate.active() {
+            let action = crate::plugins::Action::Publish;
+            match self
+                .gate
+                .check(action, topic.as_str(), p.qos.qos(), p.retain)
+            {
+                crate::plugins::Verdict::Allow(q) => max_qos = q.unwrap_or(max_qos),
+                crate::plugins::Verdict::Deny(code) => return self.refuse_publish(p.qos, code),
+            }
+        }
         let now = Instant::now();
         let msg = Arc::new(Message {
             topic,
             payload: p.payload,
-            qos: p.qos.qos(),
+            qos: p.qos.qos().min(max_qos),
             retain: p.retain,
             expires_at: p
                 .properties
@@ -999,6 +1061,28 @@ impl Conn {
         Ok(())
     }
 
+    /// A PUBLISH an authorize plugin refused: MQTT 5 QoS 1/2 get PUBACK / PUBREC with the
+    /// plugin's reason code; QoS 0 and MQTT 3.x are acknowledged as usual and dropped, as
+    /// 3.x has no way to refuse one message (MQTT-3.3.5-2).
+    fn refuse_publish(&mut self, qos: PublishQoS, code: u8) -> Result<(), ReasonCode> {
+        tracing::debug!(code, "PUBLISH not authorized: dropped");
+        let (id, rec) = match qos {
+            PublishQoS::AtMostOnce => return Ok(()),
+            PublishQoS::AtLeastOnce(id) => (id, false),
+            PublishQoS::ExactlyOnce(id) => (id, true),
+        };
+        let mut ack = Ack::success(id);
+        if self.version.is_v5() {
+            ack.reason = ReasonCode::from_u8(code).unwrap_or(ReasonCode::NotAuthorized);
+        }
+        self.send(&if rec {
+            Packet::PubRec(ack)
+        } else {
+            Packet::PubAck(ack)
+        });
+        Ok(())
+    }
+
     fn on_subscribe(&mut self, s: Subscribe) {
         let id = s.properties.subscription_identifier;
         let sub = self.state.subscriber();
@@ -1011,7 +1095,29 @@ impl Conn {
             cfg.max_topic_length,
             cfg.max_topic_levels,
         );
-        for (filter, options) in s.filters {
+        let verdicts = if self.gate.active() {
+            let requests: Vec<_> = (s.filters.iter())
+                .map(|(f, o)| crate::plugins::Request {
+                    action: crate::plugins::Action::Subscribe,
+                    topic: f.filter(),
+                    qos: o.qos,
+                    retain: false,
+                })
+                .collect();
+            self.gate.check_many(&requests)
+        } else {
+            Vec::new()
+        };
+        for (i, (filter, mut options)) in s.filters.into_iter().enumerate() {
+            match verdicts.get(i) {
+                Some(crate::plugins::Verdict::Deny(code)) => {
+                    let r = ReasonCode::from_u8(*code).unwrap_or(ReasonCode::NotAuthorized);
+                    reasons.push(r);
+                    continue;
+                }
+                Some(crate::plugins::Verdict::Allow(Some(q))) => options.qos = options.qos.min(*q),
+                _ => {}
+            }
             if filter.as_str().len() > max_len || filter.filter().split('/').count() > max_levels {
                 tracing::info!(
                     len = filter.as_str().len(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use sandpiper::broker::Broker;
 use sandpiper::config::Config;
 use tracing_subscriber::EnvFilter;
@@ -24,10 +24,80 @@ struct Cli {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Plugin tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Validate a component against the plugin contract and list the hooks it implements
+    /// (exit code 1 when it does not load).
+    Check {
+        /// The component (`.wasm`).
+        file: PathBuf,
+    },
+}
+
+/// `sandpiper plugin check FILE`: compiles and links the component as the broker would
+/// (sidecar `FILE.toml` included when present) and instantiates it once, running `init`.
+fn plugin_check(file: &std::path::Path) -> ExitCode {
+    use sandpiper::plugins::{host::Host, plugin::Plugin, sidecar::Sidecar};
+    let fail = |what: String| {
+        eprintln!("sandpiper: {}: {what}", file.display());
+        ExitCode::FAILURE
+    };
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => return fail(e.to_string()),
+    };
+    let side = file.with_extension("toml");
+    let sidecar = match std::fs::read_to_string(&side) {
+        Ok(t) => match Sidecar::parse(&t) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("{}: {e}", side.display())),
+        },
+        Err(_) => Sidecar::default(),
+    };
+    let cache = std::env::temp_dir().join("sandpiper-plugin-check-cache");
+    let host = match Host::new(&cache) {
+        Ok(h) => h,
+        Err(e) => return fail(format!("plugin engine: {e}")),
+    };
+    let name = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin");
+    match Plugin::load(&host, name, &bytes, sidecar, None) {
+        Ok(p) => {
+            let hooks = p.hooks.names();
+            if hooks.is_empty() {
+                println!("{name}: valid component, but it implements no hook");
+            } else {
+                println!("{name}: ok; hooks: {}", hooks.join(", "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("{e:#}")),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Plugin {
+        command: PluginCommand::Check { file },
+    }) = &cli.command
+    {
+        return plugin_check(file);
+    }
     let mut config = match &cli.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub publish_sent: AtomicU64,
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// Plugin calls that failed (trap, timeout, memory cap, wrong answer).
+    pub plugin_failures: AtomicU64,
 }
 
 /// The counters of this process.
@@ -27,4 +29,5 @@ pub static METRICS: Metrics = Metrics {
     publish_received: AtomicU64::new(0),
     publish_sent: AtomicU64::new(0),
     connections: AtomicU64::new(0),
+    plugin_failures: AtomicU64::new(0),
 };

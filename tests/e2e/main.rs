@@ -16,6 +16,7 @@ mod basic;
 mod durability;
 mod limits;
 mod load;
+mod plugins;
 mod qos;
 mod retained;
 mod sessions;

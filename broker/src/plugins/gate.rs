@@ -1,0 +1,93 @@
+//! The per-connection side of authorization: who the client is (as authentication left
+//! it) and the decisions already made for it. Decisions are cached per action, topic, QoS
+//! and retain flag; the cache lives and dies with the connection and is cleared whenever
+//! the plugin chain changes (its generation moves).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Action, ClientInfo, Hooks, Plugins, Request, Verdict};
+use crate::codec::QoS;
+
+/// Most cached decisions per connection; beyond, the cache starts over (a client that
+/// publishes to ever new topics cannot grow it without bound).
+const MAX_CACHED: usize = 4096;
+
+type Key = (Action, QoS, bool, Box<str>);
+
+/// One connection's authorization state.
+pub struct Gate {
+    plugins: Arc<Plugins>,
+    client: ClientInfo,
+    cache: HashMap<Key, Verdict>,
+    generation: u64,
+}
+
+impl Gate {
+    /// A gate for an authenticated client.
+    pub fn new(plugins: Arc<Plugins>, client: ClientInfo) -> Gate {
+        let generation = plugins.generation();
+        Gate {
+            plugins,
+            client,
+            cache: HashMap::new(),
+            generation,
+        }
+    }
+
+    /// Whether any plugin authorizes: one relaxed atomic load. When false, everything is
+    /// allowed and [`Gate::check`] need not be called.
+    #[inline]
+    pub fn active(&self) -> bool {
+        self.plugins.hooks() & Hooks::AUTHORIZE != 0
+    }
+
+    /// The verdict for one request (cached).
+    pub fn check(&mut self, action: Action, topic: &str, qos: QoS, retain: bool) -> Verdict {
+        let req = Request {
+            action,
+            topic,
+            qos,
+            retain,
+        };
+        self.check_many(std::slice::from_ref(&req))
+            .first()
+            .copied()
+            .unwrap_or(Verdict::Deny(super::NOT_AUTHORIZED))
+    }
+
+    /// Verdicts for a batch of requests; only the ones not cached go to the plugins, in
+    /// one call per plugin.
+    pub fn check_many(&mut self, requests: &[Request<'_>]) -> Vec<Verdict> {
+        let generation = self.plugins.generation();
+        if generation != self.generation {
+            self.cache.clear();
+            self.generation = generation;
+        }
+        let key = |r: &Request<'_>| (r.action, r.qos, r.retain, Box::<str>::from(r.topic));
+        let mut out: Vec<Option<Verdict>> = requests
+            .iter()
+            .map(|r| self.cache.get(&key(r)).copied())
+            .collect();
+        let missing: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
+        if !missing.is_empty() {
+            let ask: Vec<Request<'_>> = missing.iter().map(|&i| requests[i].clone()).collect();
+            let verdicts = self.plugins.authorize(&self.client, &ask);
+            if self.cache.len() + missing.len() > MAX_CACHED {
+                self.cache.clear();
+            }
+            // A chain swapped during the call may have answered with the old chain: use
+            // the answers, but cache them only if the generation did not move.
+            let cache = self.plugins.generation() == generation;
+            for (&i, v) in missing.iter().zip(verdicts) {
+                out[i] = Some(v);
+                if cache {
+                    self.cache.insert(key(&requests[i]), v);
+                }
+            }
+        }
+        out.into_iter()
+            .map(|v| v.unwrap_or(Verdict::Deny(super::NOT_AUTHORIZED)))
+            .collect()
+    }
+}

@@ -1,0 +1,346 @@
+//! The wasmtime side shared by every plugin: one `Engine` (cranelift, component model,
+//! `concurrency_support` off, epoch interruption, pooling allocator, on-disk cache of
+//! compiled code), the `Linker` built once, the epoch ticker thread, and the per-instance
+//! store data with the host imports (log, kv, publish, metrics, config).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::host::{config, kv, log, metrics, publish};
+use super::bindings::{Plugin as PluginWorld, sandpiper::plugin::types};
+use crate::store::{Op, Store as DataStore};
+
+/// One epoch tick. A call's time budget is rounded up to whole ticks, so a hook is stopped
+/// between `time_ms` and `time_ms + TICK` after it started.
+pub const TICK: Duration = Duration::from_millis(2);
+
+/// Pooling allocator sizing for this machine (2 cores, 24 GiB): at most this many
+/// instances alive over all plugins. Each memory slot reserves `MAX_MEMORY_MB` MiB of
+/// address space (plus guard), so 256 slots reserve ~ 300 GiB of virtual address space
+/// and nothing of RAM until touched.
+const POOL_INSTANCES: u32 = 256;
+
+/// The engine, linker and ticker shared by all plugins.
+pub struct Host {
+    /// The one engine.
+    pub engine: Engine,
+    /// Host imports and WASI, linked once.
+    pub linker: Linker<State>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Host {
+    /// Builds the engine (compiled code cached under `cache_dir`) and starts the ticker.
+    pub fn new(cache_dir: &Path) -> wasmtime::Result<Host> {
+        let engine = match Engine::new(&engine_config(cache_dir, true)?) {
+            Ok(e) => e,
+            Err(e) => {
+                // Address space can be limited (ulimit -v, some containers): fall back to
+                // on-demand allocation, which costs a few µs more per instantiation.
+                tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand allocation");
+                Engine::new(&engine_config(cache_dir, false)?)?
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        PluginWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, s) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    e.increment_epoch();
+                }
+            })
+            .map_err(|e| wasmtime::format_err!("epoch thread: {e}"))?;
+        Ok(Host {
+            engine,
+            linker,
+            stop,
+        })
+    }
+
+    /// Compiles (or loads from the cache) a component.
+    pub fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        Component::new(&self.engine, bytes)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config(cache_dir: &Path, pooling: bool) -> wasmtime::Result<wasmtime::Config> {
+    let mut c = wasmtime::Config::new();
+    c.wasm_component_model(true);
+    // Synchronous component calls are 50–100× slower with it on (DESIGN.md, measured).
+    c.concurrency_support(false);
+    c.epoch_interruption(true);
+    c.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    let mut cache = wasmtime::CacheConfig::new();
+    // wasmtime wants an absolute cache path.
+    cache.with_directory(std::path::absolute(cache_dir)?);
+    c.cache(Some(wasmtime::Cache::new(cache)?));
+    if pooling {
+        let max = u64::from(super::sidecar::MAX_MEMORY_MB) << 20;
+        c.memory_reservation(max);
+        c.memory_guard_size(32 << 20);
+        let mut p = wasmtime::PoolingAllocationConfig::default();
+        p.total_component_instances(POOL_INSTANCES);
+        p.total_core_instances(POOL_INSTANCES * 4);
+        p.total_memories(POOL_INSTANCES * 2);
+        p.total_tables(POOL_INSTANCES * 4);
+        p.total_stacks(POOL_INSTANCES);
+        p.max_memory_size(usize::try_from(max).unwrap_or(usize::MAX));
+        // Pages given back to the OS on reuse beyond this: keeps idle slots cheap.
+        p.linear_memory_keep_resident(64 << 10);
+        c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(p));
+    }
+    Ok(c)
+}
+
+/// What one plugin instance's host imports reach: shared by every instance of a plugin.
+pub struct PluginEnv {
+    /// Plugin name (the file name without `.wasm`): log field, kv namespace, metric prefix.
+    pub name: Arc<str>,
+    /// The sidecar's `[config]` table.
+    pub config: toml::Table,
+    /// The broker's durable store (kv table).
+    pub store: Option<Arc<DataStore>>,
+    /// Counters and gauges the plugin defined.
+    pub metrics: PluginMetrics,
+}
+
+/// A plugin's counters and gauges (at most 64 names).
+#[derive(Default)]
+pub struct PluginMetrics {
+    values: std::sync::Mutex<Vec<(String, Metric)>>,
+}
+
+/// One counter or gauge.
+pub enum Metric {
+    /// Monotonic counter.
+    Counter(AtomicU64),
+    /// Gauge.
+    Gauge(AtomicI64),
+}
+
+impl PluginMetrics {
+    fn with(&self, name: &str, make: fn() -> Metric, f: impl FnOnce(&Metric)) {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return;
+        }
+        let mut v = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, m)) = v.iter().find(|(n, _)| n == name) {
+            f(m);
+        } else if v.len() < 64 {
+            let m = make();
+            f(&m);
+            v.push((name.to_owned(), m));
+        }
+    }
+
+    /// Current values, for metrics export and tests.
+    pub fn snapshot(&self) -> Vec<(String, i128)> {
+        let v = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        v.iter()
+            .map(|(n, m)| {
+                let x = match m {
+                    Metric::Counter(c) => i128::from(c.load(Ordering::Relaxed)),
+                    Metric::Gauge(g) => i128::from(g.load(Ordering::Relaxed)),
+                };
+                (n.clone(), x)
+            })
+            .collect()
+    }
+}
+
+/// The data of one plugin instance's `Store`.
+pub struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Memory cap of this instance.
+    pub limits: StoreLimits,
+    env: Arc<PluginEnv>,
+}
+
+impl State {
+    /// Store data for a new instance: WASI with no preopened directories, no environment,
+    /// no arguments, no stdio and no network (the defaults of `WasiCtxBuilder`).
+    pub fn new(env: Arc<PluginEnv>, memory_bytes: usize) -> State {
+        State {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: wasmtime::StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .instances(64)
+                .tables(64)
+                .memories(8)
+                .trap_on_grow_failure(true)
+                .build(),
+            env,
+        }
+    }
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for State {}
+
+impl log::Host for State {
+    fn log(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
+        let plugin = &*self.env.name;
+        // Bounded: a plugin cannot flood the log with megabyte lines.
+        let message = truncate(&message, 4096);
+        let fields: Vec<_> = fields
+            .iter()
+            .take(16)
+            .map(|(k, v)| format!("{}={}", truncate(k, 64), truncate(v, 256)))
+            .collect();
+        let fields = fields.join(" ");
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, fields, "{message}"),
+            log::Level::Debug => tracing::debug!(plugin, fields, "{message}"),
+            log::Level::Info => tracing::info!(plugin, fields, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, fields, "{message}"),
+            log::Level::Error => tracing::error!(plugin, fields, "{message}"),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
+}
+
+const KV_MAX_KEY: usize = 1024;
+const KV_MAX_VALUE: usize = 1 << 20;
+
+impl kv::Host for State {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::Error> {
+        if key.len() > KV_MAX_KEY {
+            return Err(kv::Error::TooLarge);
+        }
+        let Some(store) = &self.env.store else {
+            return Ok(None);
+        };
+        store
+            .kv_get(&self.env.name, &key)
+            .map_err(|e| kv::Error::Store(e.to_string()))
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), kv::Error> {
+        if key.len() > KV_MAX_KEY || value.len() > KV_MAX_VALUE {
+            return Err(kv::Error::TooLarge);
+        }
+        let Some(store) = &self.env.store else {
+            return Err(kv::Error::Store("no store".into()));
+        };
+        let op = Op::PutKv(self.env.name.clone(), Arc::from(key), value);
+        wait_durable(store, store.submit_one(op))
+    }
+
+    fn delete(&mut self, key: String) -> Result<(), kv::Error> {
+        if key.len() > KV_MAX_KEY {
+            return Err(kv::Error::TooLarge);
+        }
+        let Some(store) = &self.env.store else {
+            return Ok(());
+        };
+        let op = Op::DeleteKv(self.env.name.clone(), Arc::from(key));
+        wait_durable(store, store.submit_one(op))
+    }
+}
+
+/// Waits (at most 2 s) until the store has committed `ticket`, so that a `get` after a
+/// `set` sees the new value and the write is durable when the guest hears `ok`. With
+/// `durability = "periodic"` there is no ticket and the write is visible at the next
+/// commit.
+fn wait_durable(store: &DataStore, ticket: Option<u64>) -> Result<(), kv::Error> {
+    let Some(ticket) = ticket else {
+        return Ok(());
+    };
+    let rx = store.committed();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while *rx.borrow() < ticket {
+        if std::time::Instant::now() > deadline {
+            return Err(kv::Error::Store("store commit timed out".into()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+impl publish::Host for State {
+    fn publish(&mut self, _msg: types::Message) -> Result<(), publish::Error> {
+        // Routing plugin messages is not wired yet (ARCHITECTURE.md, "Not yet built").
+        Err(publish::Error::Unavailable)
+    }
+}
+
+impl metrics::Host for State {
+    fn counter_add(&mut self, name: String, delta: u64) {
+        self.env.metrics.with(
+            &name,
+            || Metric::Counter(AtomicU64::new(0)),
+            |m| {
+                if let Metric::Counter(c) = m {
+                    c.fetch_add(delta, Ordering::Relaxed);
+                }
+            },
+        );
+    }
+
+    fn gauge_set(&mut self, name: String, value: i64) {
+        self.env.metrics.with(
+            &name,
+            || Metric::Gauge(AtomicI64::new(0)),
+            |m| {
+                if let Metric::Gauge(g) = m {
+                    g.store(value, Ordering::Relaxed);
+                }
+            },
+        );
+    }
+}
+
+impl config::Host for State {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.env.config.get(&key).map(|v| match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    }
+
+    fn toml(&mut self) -> String {
+        self.env.config.to_string()
+    }
+}

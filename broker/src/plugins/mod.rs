@@ -1,0 +1,445 @@
+//! The plugin host: WebAssembly components (the `sandpiper:plugin` WIT contract in `wit/`)
+//! loaded from the plugins folder, called at fixed hook points by the connection layer.
+//!
+//! Boundary: this module knows the contract, wasmtime and the plugins folder; it knows
+//! nothing of sockets or sessions. The connection calls [`Plugins::authenticate`] at
+//! CONNECT and [`Plugins::authorize`] at SUBSCRIBE and PUBLISH, after checking
+//! [`Plugins::hooks`]: one relaxed atomic load, so a broker without plugins pays nothing
+//! else. The chain is an `Arc<Chain>` swapped whole on reload (calls in flight finish on
+//! the version they started with); each swap bumps [`Plugins::generation`], which
+//! connections compare to drop their cached authorize decisions.
+
+mod bindings;
+pub mod gate;
+pub mod host;
+pub mod plugin;
+pub mod sidecar;
+mod watch;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use bindings::hooks::{authenticate as auth, authorize as authz};
+use bindings::sandpiper::plugin::types;
+
+use crate::codec::{ProtocolVersion, QoS};
+pub use plugin::{Hooks, Plugin};
+use sidecar::DecideFailure;
+
+/// The ordered plugin chain of one moment.
+#[derive(Default)]
+pub struct Chain {
+    /// Plugins by (priority, name).
+    pub plugins: Vec<Arc<Plugin>>,
+}
+
+impl Chain {
+    fn mask(&self) -> u32 {
+        self.plugins.iter().fold(0, |m, p| m | p.hooks.0)
+    }
+}
+
+/// The plugin host of one broker.
+pub struct Plugins {
+    /// Union of the hooks of the current chain (hot-path check).
+    mask: AtomicU32,
+    /// Bumped on every chain change.
+    generation: AtomicU64,
+    chain: RwLock<Arc<Chain>>,
+    host: OnceLock<Option<Arc<host::Host>>>,
+    dir: Option<PathBuf>,
+    cache_dir: PathBuf,
+    store: Option<Arc<crate::store::Store>>,
+}
+
+/// What the connection knows about a connecting client.
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    /// Client identifier (assigned one if the client sent none).
+    pub client_id: String,
+    /// User name of CONNECT.
+    pub username: Option<String>,
+    /// Password of CONNECT.
+    pub password: Option<Vec<u8>>,
+    /// Peer address.
+    pub peer: std::net::SocketAddr,
+    /// Listener name.
+    pub listener: String,
+    /// Protocol version.
+    pub protocol: ProtocolVersion,
+    /// Subject of a verified client certificate.
+    pub cert_subject: Option<String>,
+    /// MQTT 5 user properties of CONNECT.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// The chain's answer to a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthDecision {
+    /// Let in; the user name (possibly replaced) and attributes go with the connection.
+    Allow {
+        /// User name for later hooks (the CONNECT's unless a plugin replaced it).
+        username: Option<String>,
+        /// Attributes for later hooks.
+        attributes: Vec<(String, String)>,
+    },
+    /// Refuse with this CONNACK reason code.
+    Deny(u8),
+    /// No plugin had an opinion: the listener's own rule applies.
+    NoOpinion,
+}
+
+/// Who asks [`Plugins::authorize`]: an authenticated client.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// Client identifier.
+    pub client_id: String,
+    /// User name (after authentication).
+    pub username: Option<String>,
+    /// Listener name.
+    pub listener: String,
+    /// Attributes set by authentication.
+    pub attributes: Vec<(String, String)>,
+}
+
+/// What an authorize request is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// PUBLISH to a topic.
+    Publish,
+    /// SUBSCRIBE to a filter.
+    Subscribe,
+    /// A will message's topic.
+    Will,
+    /// Retained message delivery on subscribe.
+    Retained,
+}
+
+/// One authorize question.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// What.
+    pub action: Action,
+    /// Topic name or filter.
+    pub topic: &'a str,
+    /// QoS of the message or asked for the subscription.
+    pub qos: QoS,
+    /// RETAIN flag.
+    pub retain: bool,
+}
+
+/// The chain's answer to one authorize request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed, with at most this QoS if given.
+    Allow(Option<QoS>),
+    /// Refused with this reason code.
+    Deny(u8),
+}
+
+/// Reason code of a refusal whose plugin gave none we can send.
+pub const NOT_AUTHORIZED: u8 = 0x87;
+
+impl Plugins {
+    /// A host with no plugins folder: every check is a no-op.
+    pub fn disabled() -> Arc<Plugins> {
+        Arc::new(Plugins::new(None, PathBuf::new(), None))
+    }
+
+    /// A host watching `dir` (nothing is loaded until [`Plugins::start`]); compiled code is
+    /// cached under `cache_dir`.
+    pub fn new(
+        dir: Option<PathBuf>,
+        cache_dir: PathBuf,
+        store: Option<Arc<crate::store::Store>>,
+    ) -> Plugins {
+        Plugins {
+            mask: AtomicU32::new(0),
+            generation: AtomicU64::new(0),
+            chain: RwLock::new(Arc::new(Chain::default())),
+            host: OnceLock::new(),
+            dir,
+            cache_dir,
+            store,
+        }
+    }
+
+    /// Loads what the folder holds now, then watches it (every 250 ms) until `shutdown`.
+    pub fn start(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        if self.dir.is_none() {
+            return;
+        }
+        let mut w = watch::Watcher::default();
+        w.scan(self);
+        watch::spawn(Arc::downgrade(self), w, shutdown);
+    }
+
+    /// The engine, made on first use (a broker that never sees a plugin never builds one).
+    fn host(&self) -> Option<Arc<host::Host>> {
+        self.host
+            .get_or_init(|| {
+                let _ = std::fs::create_dir_all(&self.cache_dir);
+                match host::Host::new(&self.cache_dir) {
+                    Ok(h) => Some(Arc::new(h)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "plugin engine failed to start; plugins disabled");
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+
+    /// Union of the hooks the chain has ([`Hooks`] bits). One relaxed load.
+    #[inline]
+    pub fn hooks(&self) -> u32 {
+        self.mask.load(Ordering::Relaxed)
+    }
+
+    /// Changes on every chain change; cached decisions of an older generation are stale.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The current chain.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Installs a new chain (sorted by priority, then name).
+    fn install(&self, mut plugins: Vec<Arc<Plugin>>) {
+        plugins.sort_by(|a, b| (a.sidecar.priority, &a.name).cmp(&(b.sidecar.priority, &b.name)));
+        let chain = Arc::new(Chain { plugins });
+        let mask = chain.mask();
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = chain;
+        self.mask.store(mask, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Asks the chain about a CONNECT. Runs the plugins on a blocking thread (a hook may
+    /// take its whole time budget, e.g. a slow password hash).
+    pub async fn authenticate(self: &Arc<Self>, info: ConnectInfo) -> AuthDecision {
+        if self.hooks() & Hooks::AUTHENTICATE == 0 {
+            return AuthDecision::NoOpinion;
+        }
+        let chain = self.chain();
+        tokio::task::spawn_blocking(move || authenticate_chain(&chain, &info))
+            .await
+            .unwrap_or(AuthDecision::Deny(NOT_AUTHORIZED))
+    }
+
+    /// Asks the chain about a batch of requests of one client; one verdict per request.
+    /// Synchronous: a call costs at most the plugins' time budgets (on a multi-threaded
+    /// runtime the worker is handed over to other tasks meanwhile).
+    pub fn authorize(&self, client: &ClientInfo, requests: &[Request<'_>]) -> Vec<Verdict> {
+        if self.hooks() & Hooks::AUTHORIZE == 0 {
+            return vec![Verdict::Allow(None); requests.len()];
+        }
+        let chain = self.chain();
+        let run = || authorize_chain(&chain, client, requests);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
+            }
+            _ => run(),
+        }
+    }
+}
+
+fn qos_to_wit(q: QoS) -> types::Qos {
+    match q {
+        QoS::AtMostOnce => types::Qos::AtMostOnce,
+        QoS::AtLeastOnce => types::Qos::AtLeastOnce,
+        QoS::ExactlyOnce => types::Qos::ExactlyOnce,
+    }
+}
+
+fn qos_from_wit(q: types::Qos) -> QoS {
+    match q {
+        types::Qos::AtMostOnce => QoS::AtMostOnce,
+        types::Qos::AtLeastOnce => QoS::AtLeastOnce,
+        types::Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn attrs(a: &[(String, String)]) -> Vec<types::Attribute> {
+    a.iter()
+        .map(|(n, v)| types::Attribute {
+            name: n.clone(),
+            value: v.clone(),
+        })
+        .collect()
+}
+
+/// CONNACK reason codes a plugin may refuse with (MQTT 5 §3.2.2.2, errors only).
+fn connack_code(c: u8) -> u8 {
+    const OK: &[u8] = &[
+        0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
+        0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
+    ];
+    if OK.contains(&c) { c } else { NOT_AUTHORIZED }
+}
+
+/// SUBACK and PUBACK/PUBREC error codes a plugin may refuse with (§3.9.3, §3.4.2.1).
+fn ack_code(action: Action, c: u8) -> u8 {
+    const SUB: &[u8] = &[0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2];
+    const PUB: &[u8] = &[0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
+    let ok = if action == Action::Subscribe {
+        SUB
+    } else {
+        PUB
+    };
+    if ok.contains(&c) { c } else { NOT_AUTHORIZED }
+}
+
+fn authenticate_chain(chain: &Chain, info: &ConnectInfo) -> AuthDecision {
+    let wit = auth::ConnectInfo {
+        client_id: info.client_id.clone(),
+        username: info.username.clone(),
+        password: info.password.clone(),
+        peer: info.peer.to_string(),
+        listener: info.listener.clone(),
+        protocol: match info.protocol {
+            ProtocolVersion::V3_1 => types::ProtocolVersion::V31,
+            ProtocolVersion::V3_1_1 => types::ProtocolVersion::V311,
+            ProtocolVersion::V5 => types::ProtocolVersion::V5,
+        },
+        cert_subject: info.cert_subject.clone(),
+        auth_method: None,
+        auth_data: None,
+        user_properties: info
+            .user_properties
+            .iter()
+            .map(|(n, v)| types::UserProperty {
+                name: n.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+    };
+    for p in &chain.plugins {
+        if !p.hooks.has(Hooks::AUTHENTICATE) {
+            continue;
+        }
+        let _span =
+            tracing::debug_span!("plugin", plugin = %p.name, hook = "authenticate").entered();
+        let r = p.call("authenticate", |s| match &s.guests.authenticate {
+            Some(g) => g.call_authenticate(&mut s.store, &wit),
+            None => Ok(auth::Decision::Ignore),
+        });
+        match r {
+            Ok(auth::Decision::Allow(g)) => {
+                return AuthDecision::Allow {
+                    username: g.username.or_else(|| info.username.clone()),
+                    attributes: g
+                        .attributes
+                        .into_iter()
+                        .map(|a| (a.name, a.value))
+                        .collect(),
+                };
+            }
+            Ok(auth::Decision::Deny(code)) => return AuthDecision::Deny(connack_code(code)),
+            // Enhanced authentication is not offered yet, so no client can take part in a
+            // challenge: a plugin asking for one is refusing this client.
+            Ok(auth::Decision::Continue(_)) => return AuthDecision::Deny(NOT_AUTHORIZED),
+            Ok(auth::Decision::Ignore) => {}
+            Err(_) => {
+                if p.sidecar.on_failure.authenticate == DecideFailure::Deny {
+                    return AuthDecision::Deny(NOT_AUTHORIZED);
+                }
+            }
+        }
+    }
+    AuthDecision::NoOpinion
+}
+
+fn authorize_chain(chain: &Chain, client: &ClientInfo, requests: &[Request<'_>]) -> Vec<Verdict> {
+    let mut out: Vec<Option<Verdict>> = vec![None; requests.len()];
+    let wit_client = types::Client {
+        client_id: client.client_id.clone(),
+        username: client.username.clone(),
+        listener: client.listener.clone(),
+        attributes: attrs(&client.attributes),
+    };
+    for p in &chain.plugins {
+        if !p.hooks.has(Hooks::AUTHORIZE) {
+            continue;
+        }
+        // The undecided requests this plugin's topics select, in order.
+        let idx: Vec<usize> = (0..requests.len())
+            .filter(|&i| out[i].is_none())
+            .filter(|&i| {
+                let r = &requests[i];
+                r.action == Action::Subscribe || p.sidecar.selects(r.topic)
+            })
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let batch: Vec<authz::Request> = idx
+            .iter()
+            .map(|&i| {
+                let r = &requests[i];
+                authz::Request {
+                    action: match r.action {
+                        Action::Publish => authz::Action::Publish,
+                        Action::Subscribe => authz::Action::Subscribe,
+                        Action::Will => authz::Action::Will,
+                        Action::Retained => authz::Action::Retained,
+                    },
+                    topic: r.topic.to_owned(),
+                    qos: qos_to_wit(r.qos),
+                    retain: r.retain,
+                }
+            })
+            .collect();
+        let _span = tracing::debug_span!("plugin", plugin = %p.name, hook = "authorize").entered();
+        let r = p
+            .call("authorize", |s| match &s.guests.authorize {
+                Some(g) => g.call_authorize(&mut s.store, &wit_client, &batch),
+                None => Ok(vec![authz::Decision::Ignore; batch.len()]),
+            })
+            .and_then(|d| {
+                if d.len() == batch.len() {
+                    Ok(d)
+                } else {
+                    Err(p.arity("authorize", batch.len(), d.len()))
+                }
+            });
+        match r {
+            Ok(decisions) => {
+                for (&i, d) in idx.iter().zip(decisions) {
+                    out[i] = match d {
+                        authz::Decision::Allow => Some(Verdict::Allow(None)),
+                        authz::Decision::AllowQos(q) => Some(Verdict::Allow(Some(qos_from_wit(q)))),
+                        authz::Decision::Deny(c) => {
+                            Some(Verdict::Deny(ack_code(requests[i].action, c)))
+                        }
+                        authz::Decision::Ignore => None,
+                    };
+                }
+            }
+            Err(_) => {
+                if p.sidecar.on_failure.authorize == DecideFailure::Deny {
+                    for &i in &idx {
+                        out[i] = Some(Verdict::Deny(NOT_AUTHORIZED));
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|v| v.unwrap_or(Verdict::Allow(None)))
+        .collect()
+}
+
+impl std::fmt::Debug for Plugins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugins")
+            .field("dir", &self.dir)
+            .field("hooks", &self.hooks())
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}

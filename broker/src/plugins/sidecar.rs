@@ -1,0 +1,198 @@
+//! The sidecar file `NAME.toml` beside `NAME.wasm`: the plugin's place in the chain, its
+//! limits, its failure policies, the topics it sees and its own `[config]` table.
+
+use serde::Deserialize;
+
+/// What a plugin's sidecar says (every key optional).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sidecar {
+    /// Place in the chain: lower runs first; ties are ordered by file name.
+    pub priority: i32,
+    /// Topic filters selecting the messages `authorize` (publish), `transform`,
+    /// `deliver` and `sink` are called for. Default: every topic (`#`).
+    pub topics: Vec<String>,
+    /// Linear memory cap per instance, MiB (at most [`MAX_MEMORY_MB`]).
+    pub memory_mb: u32,
+    /// Time budget of one hook call, milliseconds.
+    pub time_ms: u32,
+    /// Time budget of instantiation plus `init`, milliseconds.
+    pub init_ms: u32,
+    /// Instances kept alive for this plugin (calls beyond wait for a free one).
+    pub instances: u32,
+    /// What a failed call (trap, timeout, memory exhaustion, wrong answer) means.
+    pub on_failure: FailurePolicies,
+    /// The plugin's own configuration (`config` host import).
+    pub config: toml::Table,
+}
+
+/// Largest `memory_mb` a sidecar may ask for (the pooling allocator reserves this much
+/// address space per memory slot).
+pub const MAX_MEMORY_MB: u32 = 1024;
+
+impl Default for Sidecar {
+    fn default() -> Sidecar {
+        Sidecar {
+            priority: 100,
+            topics: vec!["#".to_owned()],
+            memory_mb: 64,
+            time_ms: 100,
+            init_ms: 2000,
+            instances: 2,
+            on_failure: FailurePolicies::default(),
+            config: toml::Table::new(),
+        }
+    }
+}
+
+/// Failure policy per hook.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailurePolicies {
+    /// authenticate: `deny` (default, fail closed) or `ignore` (ask the next plugin).
+    pub authenticate: DecideFailure,
+    /// authorize: `deny` (default, fail closed) or `ignore`.
+    pub authorize: DecideFailure,
+    /// transform: `keep` (default, fail open) or `drop`.
+    pub transform: PassFailure,
+    /// deliver: `keep` (default) or `drop`.
+    pub deliver: PassFailure,
+}
+
+impl Default for FailurePolicies {
+    fn default() -> FailurePolicies {
+        FailurePolicies {
+            authenticate: DecideFailure::Deny,
+            authorize: DecideFailure::Deny,
+            transform: PassFailure::Keep,
+            deliver: PassFailure::Keep,
+        }
+    }
+}
+
+/// What a failed authenticate/authorize call decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecideFailure {
+    /// Refuse (0x87 not authorized).
+    Deny,
+    /// As if the plugin had answered `ignore`.
+    Ignore,
+}
+
+/// What a failed transform/deliver call does with the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PassFailure {
+    /// Pass them on unchanged.
+    Keep,
+    /// Drop them.
+    Drop,
+}
+
+/// Why a sidecar was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// Not TOML, or an unknown key or a wrong type.
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value out of range.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Sidecar {
+    /// Parses and validates sidecar text.
+    pub fn parse(text: &str) -> Result<Sidecar, SidecarError> {
+        let s: Sidecar = toml::from_str(text)?;
+        let invalid = |key, reason: &str| {
+            Err(SidecarError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if s.memory_mb == 0 || s.memory_mb > MAX_MEMORY_MB {
+            return invalid("memory_mb", "must be between 1 and 1024");
+        }
+        if s.time_ms == 0 || s.time_ms > 60_000 {
+            return invalid("time_ms", "must be between 1 and 60000");
+        }
+        if s.init_ms == 0 || s.init_ms > 600_000 {
+            return invalid("init_ms", "must be between 1 and 600000");
+        }
+        if s.instances == 0 || s.instances > 64 {
+            return invalid("instances", "must be between 1 and 64");
+        }
+        for f in &s.topics {
+            if crate::codec::TopicFilter::new(f).is_err() {
+                return Err(SidecarError::Invalid {
+                    key: "topics",
+                    reason: format!("{f:?} is not a topic filter"),
+                });
+            }
+        }
+        Ok(s)
+    }
+
+    /// Whether `topic` is selected by the plugin's `topics` filters.
+    pub fn selects(&self, topic: &str) -> bool {
+        self.topics.iter().any(|f| filter_matches(f, topic))
+    }
+}
+
+/// MQTT topic matching (`+` one level, `#` the rest; `$`-topics never match a leading
+/// wildcard, MQTT-4.7.2-1).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let s = Sidecar::parse("").unwrap();
+        assert_eq!(s.priority, 100);
+        assert_eq!(s.on_failure.authorize, DecideFailure::Deny);
+        assert!(Sidecar::parse("memory_mb = 0").is_err());
+        assert!(Sidecar::parse("nope = 1").is_err());
+        assert!(Sidecar::parse("topics = [\"a/#/b\"]").is_err());
+        let s = Sidecar::parse(
+            "priority = 5\ntopics=[\"a/+\"]\n[on_failure]\nauthorize=\"ignore\"\n[config]\nx=1",
+        )
+        .unwrap();
+        assert_eq!(s.on_failure.authorize, DecideFailure::Ignore);
+        assert!(s.selects("a/b") && !s.selects("a/b/c"));
+        assert_eq!(s.config.get("x").and_then(|v| v.as_integer()), Some(1));
+    }
+
+    #[test]
+    fn matching() {
+        assert!(filter_matches("#", "a/b"));
+        assert!(filter_matches("a/#", "a"));
+        assert!(filter_matches("a/+/c", "a/b/c"));
+        assert!(!filter_matches("a/+", "a/b/c"));
+        assert!(!filter_matches("#", "$SYS/x"));
+        assert!(filter_matches("$SYS/#", "$SYS/x"));
+    }
+}

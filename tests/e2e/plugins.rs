@@ -1,0 +1,315 @@
+//! The plugin host through the binary: the bundled `acl` plugin (authorize at SUBSCRIBE
+//! and PUBLISH), live reload of the plugins folder with decision-cache invalidation, a
+//! broken replacement leaving the old version serving, and hostile plugins (built from
+//! `tests/plugins/hostile`): an infinite loop, unbounded allocation, a trap, an `init` that
+//! never returns, against which the failure policy holds and other clients keep being
+//! served.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Broker, v3};
+
+/// Builds the bundled plugins once per test run (`plugins/build`) and returns the path
+/// of the component `name`.
+fn bundled(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dist = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+        let status = std::process::Command::new(root.join("build"))
+            .status()
+            .expect("run plugins/build");
+        assert!(status.success(), "plugins/build failed");
+        root.join("dist")
+    });
+    dist.join(format!("{name}.wasm"))
+}
+
+/// Builds `tests/plugins` once per test run and returns the path of `hostile.wasm`.
+fn hostile() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            // Shares the bundled plugins' target folder (and its compiled wit-bindgen).
+            let target = root.join("plugins/target");
+            let status = std::process::Command::new("cargo")
+                .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+                .arg("--manifest-path")
+                .arg(root.join("tests/plugins/Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .status()
+                .expect("run cargo for tests/plugins");
+            assert!(status.success(), "building tests/plugins failed");
+            target.join("wasm32-wasip2/release/hostile.wasm")
+        })
+        .clone()
+}
+
+/// A broker whose plugins folder holds `NAME.wasm` (a copy of `wasm`) and `NAME.toml`.
+async fn broker_with(name: &str, wasm: &Path, sidecar: &str) -> Broker {
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(plugins.join(format!("{name}.toml")), sidecar).unwrap();
+    std::fs::copy(wasm, plugins.join(format!("{name}.wasm"))).unwrap();
+    Broker::start_in(dir, "")
+}
+
+/// Round trip of one QoS 1 message on a well-behaved topic, with its latency.
+async fn round_trip(broker: &Broker, id: &str) -> Duration {
+    let mut c = v3::Client::connect(v3::options(broker, id)).await;
+    c.subscribe_ok(&format!("good/{id}"), v3::QoS::AtLeastOnce)
+        .await;
+    let t = Instant::now();
+    c.publish(&format!("good/{id}"), v3::QoS::AtLeastOnce, false, b"ok")
+        .await;
+    assert_eq!(&c.recv().await.payload[..], b"ok");
+    let took = t.elapsed();
+    c.disconnect().await;
+    took
+}
+
+/// A hostile authorize hook on `bad/...` is stopped, fails closed (SUBACK 0x80), is
+/// logged with `why`, and the plugin keeps serving others on a fresh instance.
+async fn hostile_authorize(mode: &str, limits: &str, why: &str) {
+    let sidecar = format!("time_ms = 50\n{limits}\n[config]\nmode = \"{mode}\"\n");
+    let broker = broker_with("hostile", &hostile(), &sidecar).await;
+    wait_for_log(&broker, "plugin loaded").await;
+    let mut c = v3::Client::connect(v3::options(&broker, &format!("victim-{mode}"))).await;
+    let t = Instant::now();
+    assert_eq!(
+        c.subscribe("bad/x", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Failure,
+        "fail closed"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    wait_for_log(&broker, why).await;
+    // Other clients (and this one, on a fresh instance) are served at normal latency.
+    c.subscribe_ok("good/after", v3::QoS::AtMostOnce).await;
+    for i in 0..3 {
+        let took = round_trip(&broker, &format!("other-{mode}-{i}")).await;
+        assert!(
+            took < Duration::from_millis(500),
+            "round trip took {took:?}"
+        );
+    }
+    c.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_infinite_loop_hits_the_time_budget() {
+    hostile_authorize("loop", "", "time budget of 50 ms exceeded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_unbounded_allocation_hits_the_memory_cap() {
+    hostile_authorize("alloc", "memory_mb = 16", "plugin call failed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_trap_replaces_the_instance() {
+    hostile_authorize("trap", "", "trap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_policy_ignore_lets_the_request_through() {
+    let sidecar = "time_ms = 50\n[on_failure]\nauthorize = \"ignore\"\n[config]\nmode = \"trap\"\n";
+    let broker = broker_with("hostile", &hostile(), sidecar).await;
+    wait_for_log(&broker, "plugin loaded").await;
+    let mut c = v3::Client::connect(v3::options(&broker, "lenient")).await;
+    c.subscribe_ok("bad/x", v3::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_or_failing_init_is_refused_and_the_broker_serves() {
+    for mode in ["slow-init", "fail-init"] {
+        let sidecar = format!("init_ms = 200\n[config]\nmode = \"{mode}\"\n");
+        let broker = broker_with("hostile", &hostile(), &sidecar).await;
+        wait_for_log(&broker, "plugin refused").await;
+        // Not loaded: nothing is denied.
+        let mut c = v3::Client::connect(v3::options(&broker, "after-init")).await;
+        c.subscribe_ok("bad/x", v3::QoS::AtMostOnce).await;
+        c.disconnect().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticate_plugin_denies_and_fails_closed() {
+    let sidecar = "time_ms = 50\n[config]\nmode = \"loop\"\n";
+    let broker = broker_with("hostile", &hostile(), sidecar).await;
+    wait_for_log(&broker, "plugin loaded").await;
+    // A looping authenticate is stopped and refuses (3.1.1 return code 5).
+    let r = v3::Client::try_connect(v3::options(&broker, "bad-client")).await;
+    assert!(r.is_err(), "a failed authenticate must refuse the client");
+    // A well-behaved answer lets the next client in.
+    let c = v3::Client::connect(v3::options(&broker, "good-client")).await;
+    c.disconnect().await;
+
+    let sidecar = "[config]\nmode = \"deny\"\n";
+    let broker = broker_with("hostile", &hostile(), sidecar).await;
+    wait_for_log(&broker, "plugin loaded").await;
+    let r = v3::Client::try_connect(v3::options(&broker, "anyone")).await;
+    assert!(r.is_err(), "denied by the plugin");
+}
+
+const ACL_RULES: &str = r#"
+[config]
+default = "deny"
+[[config.rules]]
+allow = "readwrite"
+topic = "devices/%c/#"
+[[config.rules]]
+allow = "read"
+topic = "public/#"
+[[config.rules]]
+deny = "write"
+topic = "devices/%c/secret"
+"#;
+
+/// Copies `acl.wasm` and the sidecar into `plugins` the way an operator should: write
+/// beside, then rename, so the watcher never sees a half-written file.
+fn install_acl(plugins: &Path, rules: &str) {
+    std::fs::create_dir_all(plugins).unwrap();
+    std::fs::write(plugins.join("acl.toml.tmp"), rules).unwrap();
+    std::fs::rename(plugins.join("acl.toml.tmp"), plugins.join("acl.toml")).unwrap();
+    std::fs::copy(bundled("acl"), plugins.join("acl.wasm.tmp")).unwrap();
+    std::fs::rename(plugins.join("acl.wasm.tmp"), plugins.join("acl.wasm")).unwrap();
+}
+
+async fn wait_for_log(broker: &Broker, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.logs().iter().any(|l| l.contains(needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle:?}; log:\n{}",
+            broker.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_plugin_authorizes_subscribe_and_publish() {
+    let dir = Broker::temp_dir();
+    install_acl(&dir.join("plugins"), ACL_RULES);
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+
+    let mut dev = v3::Client::connect(v3::options(&broker, "dev1")).await;
+    dev.subscribe_ok("devices/dev1/#", v3::QoS::AtLeastOnce)
+        .await;
+    dev.subscribe_ok("public/#", v3::QoS::AtLeastOnce).await;
+    // Another client's topics, and a filter overlapping a deny rule: refused (3.1.1 0x80).
+    assert_eq!(
+        dev.subscribe("devices/dev2/#", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Failure
+    );
+    assert_eq!(
+        dev.subscribe("#", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Failure
+    );
+    // Allowed publish comes back; a denied one (read-only topic, deny rule) is
+    // acknowledged and dropped silently, as MQTT 3.1.1 has no way to refuse it.
+    dev.publish("public/news", v3::QoS::AtLeastOnce, false, b"no")
+        .await;
+    dev.publish("devices/dev1/secret", v3::QoS::AtLeastOnce, false, b"no")
+        .await;
+    dev.publish("devices/dev1/temp", v3::QoS::AtLeastOnce, false, b"yes")
+        .await;
+    let p = dev.recv().await;
+    assert_eq!(p.topic, "devices/dev1/temp");
+    dev.expect_silence().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_reload_applies_within_a_second_and_a_broken_version_is_refused() {
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    let broker = Broker::start_in(dir, "");
+    let mut c = v3::Client::connect(v3::options(&broker, "dev7")).await;
+    c.subscribe_ok("devices/dev7/#", v3::QoS::AtLeastOnce).await;
+    // No plugin: anything goes, and the decision for other/x is now cached... by nobody.
+    c.publish("devices/dev7/a", v3::QoS::AtLeastOnce, false, b"1")
+        .await;
+    assert_eq!(&c.recv().await.payload[..], b"1");
+    c.subscribe_ok("other/x", v3::QoS::AtMostOnce).await;
+
+    // Add the ACL while the client stays connected: within a second it applies.
+    let added = Instant::now();
+    install_acl(&plugins, ACL_RULES);
+    loop {
+        let code = c.subscribe("other/y", v3::QoS::AtMostOnce).await;
+        if code == v3::SubscribeReasonCode::Failure {
+            break;
+        }
+        assert!(added.elapsed() < Duration::from_secs(3), "ACL not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        added.elapsed() < Duration::from_millis(1500),
+        "reload took {:?}",
+        added.elapsed()
+    );
+
+    // A broken replacement is refused and the loaded version keeps serving.
+    std::fs::write(plugins.join("acl.wasm.tmp"), b"not a component").unwrap();
+    std::fs::rename(plugins.join("acl.wasm.tmp"), plugins.join("acl.wasm")).unwrap();
+    wait_for_log(&broker, "the previous version keeps serving").await;
+    assert_eq!(
+        c.subscribe("other/z", v3::QoS::AtMostOnce).await,
+        v3::SubscribeReasonCode::Failure
+    );
+    c.subscribe_ok("devices/dev7/b", v3::QoS::AtMostOnce).await;
+
+    // Removing it lifts the rules (and drops the cached denials).
+    std::fs::remove_file(plugins.join("acl.wasm")).unwrap();
+    wait_for_log(&broker, "plugin removed").await;
+    c.subscribe_ok("other/z", v3::QoS::AtMostOnce).await;
+    c.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_auth_plugin_authenticates_where_anonymous_is_refused() {
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // Password "s3cret" (10000 iterations: fast enough for a test).
+    std::fs::write(
+        plugins.join("password-auth.toml"),
+        "[config.users]\nalice = \"pbkdf2-sha256$10000$c2FuZHBpcGVyLXRlc3Qtcw==$K6GWkoqN0dMmyiWMBl3ERfaH2ptcRpood7eHV/X1+AI=\"\n",
+    )
+    .unwrap();
+    std::fs::copy(bundled("password-auth"), plugins.join("password-auth.wasm")).unwrap();
+    let broker = Broker::start_config_in(
+        dir,
+        "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = false\n",
+    );
+    wait_for_log(&broker, "plugin loaded").await;
+
+    let with = |user: Option<(&str, &str)>, id: &str| {
+        let mut o = v3::options(&broker, id);
+        if let Some((u, p)) = user {
+            o.set_credentials(u, p);
+        }
+        o
+    };
+    let c = v3::Client::connect(with(Some(("alice", "s3cret")), "pw-ok")).await;
+    assert_eq!(c.connack.code, v3::ConnectReturnCode::Success);
+    c.disconnect().await;
+    for (user, id) in [
+        (Some(("alice", "wrong")), "pw-bad"),
+        (Some(("mallory", "s3cret")), "pw-unknown"),
+        (None, "pw-anonymous"),
+    ] {
+        let r = v3::Client::try_connect(with(user, id)).await;
+        assert!(r.is_err(), "{id} must be refused");
+    }
+}
