@@ -542,6 +542,13 @@ impl Conn {
                         mb.mark_stalled();
                     }
                     self.paused = None;
+                    // Packets read before the pause, not handled yet.
+                    if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
+                        return close;
+                    }
+                    if inbuf.is_empty() {
+                        partial_since = None;
+                    }
                 }
                 r = self.committed.changed(), if !self.held.is_empty() || self.waiting_for_store => {
                     if r.is_err() {
@@ -568,8 +575,13 @@ impl Conn {
     }
 
     /// Decodes and handles every complete packet in `inbuf`.
+    /// Stops early while a subscriber we published to is congested: the rest waits in
+    /// `inbuf` until it has room, so one read cannot overrun a queue.
     fn handle_input(&mut self, inbuf: &mut BytesMut, max_packet: u32) -> Option<Close> {
         loop {
+            if self.paused.is_some() {
+                return None;
+            }
             match codec::decode_packet(inbuf, self.version, max_packet) {
                 Ok(Some(p)) => {
                     if let Some(close) = self.handle(p) {
