@@ -14,5 +14,5 @@ wasmtime::component::bindgen!({
     world: "plugin",
 });
 
+pub use self::sandpiper::plugin as host;
 pub use exports::sandpiper::plugin as hooks;
-pub use sandpiper::plugin as host;
