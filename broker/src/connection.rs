@@ -62,7 +62,7 @@ const DRAIN_BATCH: usize = 256;
 /// Smallest and largest read buffer reservation. An idle connection keeps the small one
 /// (memory per idle client is what limits how many a broker holds); a busy one doubles it
 /// while reads fill it.
-const MIN_READ: usize = 512;
+const MIN_READ: usize = 256;
 const MAX_READ: usize = 64 * 1024;
 /// How long a closing connection tries to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
@@ -135,12 +135,15 @@ pub async fn run<R, W>(
         }
     };
     tracing::trace!(%peer, "CONNECT received");
-    let mut conn = match Conn::accept(&broker, &listener, peer, *connect, &mut wr).await {
+    // Accepting (authentication plugins, session takeover) and finishing are boxed so that
+    // their state does not enlarge the future every idle connection keeps while serving.
+    let accept = Box::pin(Conn::accept(&broker, &listener, peer, *connect, &mut wr));
+    let mut conn = match accept.await {
         Some(c) => c,
         None => return,
     };
     let close = conn.serve(&mut rd, &mut wr, inbuf).await;
-    conn.finish(close, &mut wr).await;
+    Box::pin(conn.finish(close, &mut wr)).await;
 }
 
 #[derive(Debug)]

@@ -183,8 +183,12 @@ async fn serve_socket(
             let (rd, wr) = tcp.into_split();
             return serve(broker, info, peer, rd, wr, refusal).await;
         }
+        // The handshakes are boxed: an async fn's state is as large as its largest await,
+        // and every plain TCP connection would otherwise carry room for a TLS handshake for
+        // its whole life (memory per idle connection is what bounds how many a broker holds).
         (ListenerKind::Ws, _) => {
-            match tokio::time::timeout(deadline, ws::accept(tcp, &l.ws_path, max_message)).await {
+            let accept = Box::pin(ws::accept(tcp, &l.ws_path, max_message));
+            match tokio::time::timeout(deadline, accept).await {
                 Ok(Ok(ws)) => transport::split(ws),
                 Ok(Err(e)) => return tracing::debug!(error = %e, "WebSocket handshake failed"),
                 Err(_) => return tracing::debug!("WebSocket handshake timed out"),
@@ -202,7 +206,7 @@ async fn serve_socket(
                     .map_err(std::io::Error::other)?;
                 Ok::<_, std::io::Error>((transport::split(ws), cert))
             };
-            match tokio::time::timeout(deadline, handshake).await {
+            match tokio::time::timeout(deadline, Box::pin(handshake)).await {
                 Ok(Ok((halves, cert))) => {
                     if let Some(cert) = cert {
                         tracing::debug!(subject = %cert.subject, "client certificate");
@@ -219,7 +223,7 @@ async fn serve_socket(
         }
         (ListenerKind::Tls | ListenerKind::Wss, None) => return,
     };
-    serve(broker, info, peer, rd, wr, refusal).await;
+    Box::pin(serve(broker, info, peer, rd, wr, refusal)).await;
 }
 
 async fn serve<R, W>(
