@@ -188,6 +188,17 @@ async fn refuse_connect<W: AsyncWrite + Unpin>(wr: &mut W, e: &codec::ConnectErr
         (err, Some(ProtocolVersion::V5)) => (ProtocolVersion::V5, err.reason_code()),
         _ => return,
     };
+    send_connack_and_close(wr, version, reason, CLOSE_FLUSH).await;
+}
+
+/// Answers a refused CONNECT with a CONNACK carrying `reason` in the client's version, then
+/// closes; each step bounded by `wait`.
+pub(crate) async fn send_connack_and_close<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    version: ProtocolVersion,
+    reason: ReasonCode,
+    wait: Duration,
+) {
     let ack = ConnAck {
         session_present: false,
         reason,
@@ -195,9 +206,9 @@ async fn refuse_connect<W: AsyncWrite + Unpin>(wr: &mut W, e: &codec::ConnectErr
     };
     let mut out = BytesMut::new();
     if codec::encode_packet(&Packet::ConnAck(ack), version, &mut out).is_ok() {
-        let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&out)).await;
+        let _ = tokio::time::timeout(wait, wr.write_all(&out)).await;
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(wait, wr.shutdown()).await;
 }
 
 /// A connected client.
@@ -249,11 +260,7 @@ impl Conn {
         let v = c.protocol;
         let refuse = |reason: ReasonCode, why: &'static str| {
             tracing::info!(reason = ?reason, client_id = %c.client_id, "connection refused: {why}");
-            ConnAck {
-                session_present: false,
-                reason,
-                properties: ConnAckProperties::default(),
-            }
+            reason
         };
         let mut refusal = None;
         let mut assigned = None;
@@ -324,12 +331,8 @@ impl Conn {
         if refusal.is_none() && !cfg.retain_available && c.will.as_ref().is_some_and(|w| w.retain) {
             refusal = Some(refuse(ReasonCode::RetainNotSupported, "retained will"));
         }
-        if let Some(ack) = refusal {
-            let mut out = BytesMut::new();
-            if codec::encode_packet(&Packet::ConnAck(ack), v, &mut out).is_ok() {
-                let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&out)).await;
-            }
-            let _ = wr.shutdown().await;
+        if let Some(reason) = refusal {
+            send_connack_and_close(wr, v, reason, CLOSE_FLUSH).await;
             return None;
         }
 

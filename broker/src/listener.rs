@@ -15,13 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::broker::Broker;
-use crate::codec::{self, ConnAck, ConnAckProperties, Packet, ReasonCode};
+use crate::codec::{self, ReasonCode};
 use crate::config::{ListenerConfig, ListenerKind};
 use crate::connection::{self, ListenerInfo};
 use crate::metrics::METRICS;
@@ -267,16 +267,7 @@ where
     let Ok(Some(version)) = tokio::time::timeout(REFUSE_WAIT, read).await else {
         return;
     };
-    let ack = ConnAck {
-        session_present: false,
-        reason,
-        properties: ConnAckProperties::default(),
-    };
-    let mut out = BytesMut::new();
-    if codec::encode_packet(&Packet::ConnAck(ack), version, &mut out).is_ok() {
-        let _ = tokio::time::timeout(REFUSE_WAIT, wr.write_all(&out)).await;
-    }
-    let _ = tokio::time::timeout(REFUSE_WAIT, wr.shutdown()).await;
+    connection::send_connack_and_close(&mut wr, version, reason, REFUSE_WAIT).await;
 }
 
 /// One connection counted in the global and the listener's gauges while it lives.
