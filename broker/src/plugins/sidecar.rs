@@ -1,6 +1,7 @@
 //! The sidecar file `NAME.toml` beside `NAME.wasm`: the plugin's place in the chain, its
 //! limits, its failure policies, the topics it sees and its own `[config]` table.
 
+use crate::codec::filter_matches;
 use serde::Deserialize;
 
 /// What a plugin's sidecar says (every key optional).
@@ -142,25 +143,6 @@ impl Sidecar {
     /// Whether `topic` is selected by the plugin's `topics` filters.
     pub fn selects(&self, topic: &str) -> bool {
         self.topics.iter().any(|f| filter_matches(f, topic))
-    }
-}
-
-/// MQTT topic matching (`+` one level, `#` the rest; `$`-topics never match a leading
-/// wildcard, MQTT-4.7.2-1).
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 
