@@ -13,7 +13,7 @@ use crate::harness::{Broker, v3};
 
 /// Builds the bundled plugins once per test run (`plugins/build`) and returns the path
 /// of the component `name`.
-fn bundled(name: &str) -> PathBuf {
+pub(crate) fn bundled(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dist = BUILT.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
@@ -27,7 +27,7 @@ fn bundled(name: &str) -> PathBuf {
 }
 
 /// Builds `tests/plugins` once per test run and returns the path of `hostile.wasm`.
-fn hostile() -> PathBuf {
+pub(crate) fn hostile() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
@@ -49,7 +49,7 @@ fn hostile() -> PathBuf {
 }
 
 /// A broker whose plugins folder holds `NAME.wasm` (a copy of `wasm`) and `NAME.toml`.
-async fn broker_with(name: &str, wasm: &Path, sidecar: &str) -> Broker {
+pub(crate) async fn broker_with(name: &str, wasm: &Path, sidecar: &str) -> Broker {
     let dir = Broker::temp_dir();
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
@@ -176,7 +176,7 @@ topic = "devices/%c/secret"
 
 /// Copies `acl.wasm` and the sidecar into `plugins` the way an operator should: write
 /// beside, then rename, so the watcher never sees a half-written file.
-fn install_acl(plugins: &Path, rules: &str) {
+pub(crate) fn install_acl(plugins: &Path, rules: &str) {
     std::fs::create_dir_all(plugins).unwrap();
     std::fs::write(plugins.join("acl.toml.tmp"), rules).unwrap();
     std::fs::rename(plugins.join("acl.toml.tmp"), plugins.join("acl.toml")).unwrap();
@@ -184,7 +184,7 @@ fn install_acl(plugins: &Path, rules: &str) {
     std::fs::rename(plugins.join("acl.wasm.tmp"), plugins.join("acl.wasm")).unwrap();
 }
 
-async fn wait_for_log(broker: &Broker, needle: &str) {
+pub(crate) async fn wait_for_log(broker: &Broker, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !broker.logs().iter().any(|l| l.contains(needle)) {
         assert!(
