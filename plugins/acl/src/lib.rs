@@ -17,13 +17,8 @@
 
 use std::sync::OnceLock;
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "sandpiper:plugin/authorizer",
-});
-
-use exports::sandpiper::plugin::authorize::{Action, Decision, Guest, Request};
-use sandpiper::plugin::types::Client;
+use sandpiper_plugin::authorize::{Action, Authorize, Decision, Request};
+use sandpiper_plugin::types::Client;
 
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -63,9 +58,7 @@ struct Rule {
 
 fn config() -> &'static Result<Config, String> {
     static CONFIG: OnceLock<Result<Config, String>> = OnceLock::new();
-    CONFIG.get_or_init(|| {
-        toml::from_str(&sandpiper::plugin::config::toml()).map_err(|e| e.to_string())
-    })
+    CONFIG.get_or_init(|| sandpiper_plugin::config().map_err(|e| e.to_string()))
 }
 
 fn who_matches(pattern: &Option<String>, value: Option<&str>) -> bool {
@@ -146,10 +139,11 @@ fn decide(cfg: &Config, client: &Client, r: &Request) -> Decision {
                 return Decision::Deny(0x87);
             }
         }
-        if let Some(a) = rule.allow {
-            if applies(a, r.action) && covers(&topic, &r.topic) {
-                allowed = true;
-            }
+        if let Some(a) = rule.allow
+            && applies(a, r.action)
+            && covers(&topic, &r.topic)
+        {
+            allowed = true;
         }
     }
     match (allowed, cfg.default) {
@@ -161,21 +155,17 @@ fn decide(cfg: &Config, client: &Client, r: &Request) -> Decision {
 
 struct Acl;
 
-impl Guest for Acl {
+impl Authorize for Acl {
     fn authorize(client: Client, requests: Vec<Request>) -> Vec<Decision> {
         match config() {
             Ok(cfg) => requests.iter().map(|r| decide(cfg, &client, r)).collect(),
             // A broken rule file denies everything (and says why).
             Err(e) => {
-                sandpiper::plugin::log::log(
-                    sandpiper::plugin::log::Level::Error,
-                    &format!("acl: invalid [config]: {e}"),
-                    &[],
-                );
+                sandpiper_plugin::log::error(&format!("acl: {e}"));
                 requests.iter().map(|_| Decision::Deny(0x87)).collect()
             }
         }
     }
 }
 
-export!(Acl);
+sandpiper_plugin::export!(Acl with [authorize]);

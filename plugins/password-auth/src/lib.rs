@@ -18,12 +18,7 @@ use std::sync::OnceLock;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "sandpiper:plugin/authenticator",
-});
-
-use exports::sandpiper::plugin::authenticate::{ConnectInfo, Decision, Grant, Guest, Step};
+use sandpiper_plugin::authenticate::{Authenticate, ConnectInfo, Decision};
 
 /// MQTT 5 0x86: bad user name or password (3.x return code 4).
 const BAD_CREDENTIALS: u8 = 0x86;
@@ -44,18 +39,14 @@ struct Config {
 fn users() -> &'static Users {
     static USERS: OnceLock<Users> = OnceLock::new();
     USERS.get_or_init(|| {
-        match toml::from_str::<Config>(&sandpiper::plugin::config::toml()) {
+        match sandpiper_plugin::config::<Config>() {
             Ok(c) => Users {
                 users: c.users,
                 ignore_unknown: c.unknown_users.as_deref() == Some("ignore"),
             },
             Err(e) => {
                 // Nobody gets in with a broken user table (and the log says why).
-                sandpiper::plugin::log::log(
-                    sandpiper::plugin::log::Level::Error,
-                    &format!("password-auth: invalid [config]: {e}"),
-                    &[],
-                );
+                sandpiper_plugin::log::error(&format!("password-auth: {e}"));
                 Users {
                     users: BTreeMap::new(),
                     ignore_unknown: false,
@@ -95,7 +86,7 @@ fn verify(stored: &str, password: &[u8]) -> bool {
 
 struct PasswordAuth;
 
-impl Guest for PasswordAuth {
+impl Authenticate for PasswordAuth {
     fn authenticate(info: ConnectInfo) -> Decision {
         let Some(name) = info.username.as_deref() else {
             return Decision::Ignore;
@@ -110,19 +101,11 @@ impl Guest for PasswordAuth {
         };
         let password = info.password.as_deref().unwrap_or_default();
         if verify(stored, password) {
-            Decision::Allow(Grant {
-                username: None,
-                attributes: Vec::new(),
-                auth_data: None,
-            })
+            Decision::allow()
         } else {
             Decision::Deny(BAD_CREDENTIALS)
         }
     }
-
-    fn auth_step(_step: Step) -> Decision {
-        Decision::Ignore
-    }
 }
 
-export!(PasswordAuth);
+sandpiper_plugin::export!(PasswordAuth with [authenticate]);
