@@ -77,9 +77,18 @@ impl Broker {
                 Some(config.plugins.dir.clone()),
                 config.store.data_dir.join("plugin-cache"),
                 Some(store.clone()),
+                usize::try_from(config.mqtt.max_packet_size).unwrap_or(usize::MAX),
             )),
             false => Plugins::disabled(),
         };
+        let events = Arc::downgrade(&plugins);
+        let _ = sessions
+            .on_expired
+            .set(crate::session::ExpiryListener(Box::new(move |id| {
+                if let Some(p) = events.upgrade() {
+                    p.emit(crate::plugins::events::Event::SessionExpired(id.to_owned()));
+                }
+            })));
         Ok(Arc::new(Broker {
             plugins,
             sessions,
@@ -109,6 +118,15 @@ impl Broker {
         let plugins = self.plugins.clone();
         let stop = self.shutdown.clone();
         let _ = tokio::task::spawn_blocking(move || plugins.start(stop)).await;
+        if let Some(rx) = self.plugins.take_published() {
+            let me = Arc::downgrade(&self);
+            let r = std::thread::Builder::new()
+                .name("plugin-publish".into())
+                .spawn(move || route_published(me, rx));
+            if let Err(e) = r {
+                tracing::error!(error = %e, "plugin publish thread failed to start");
+            }
+        }
         for l in &self.config.listeners {
             let (addr, task) = listener::start(self.clone(), l.clone(), open.clone()).await?;
             bound.push(addr);
@@ -131,5 +149,56 @@ impl Broker {
         self.store.close();
         tracing::info!("broker stopped");
         Ok(bound)
+    }
+}
+
+/// Routes the messages plugins publish, in order, through the other plugins' transforms,
+/// until the broker is gone or shutting down.
+fn route_published(
+    broker: std::sync::Weak<Broker>,
+    rx: std::sync::mpsc::Receiver<crate::plugins::host::Published>,
+) {
+    use crate::plugins::flow::Fate;
+    let nobody = crate::plugins::ClientInfo {
+        client_id: String::new(),
+        username: None,
+        listener: String::new(),
+        attributes: Vec::new(),
+    };
+    loop {
+        let p = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(p) => p,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match broker.upgrade() {
+                Some(b) if !b.shutdown.is_cancelled() => continue,
+                _ => return,
+            },
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(b) = broker.upgrade() else { return };
+        let mut drafts = [p.draft];
+        let mut fates = [Fate::Route];
+        b.plugins
+            .transform(&nobody, &mut drafts, &mut fates, Some(&p.plugin));
+        let [d] = drafts;
+        if fates[0] != Fate::Route {
+            continue;
+        }
+        if d.retain && !b.config.mqtt.retain_available {
+            continue;
+        }
+        let now = Instant::now();
+        let msg = Arc::new(crate::message::Message {
+            expires_at: d
+                .properties
+                .message_expiry_interval
+                .map(|s| now + Duration::from_secs(u64::from(s))),
+            topic: d.topic,
+            payload: d.payload,
+            qos: d.qos,
+            retain: d.retain,
+            properties: d.properties,
+            origin: 0,
+        });
+        b.router.route(&msg);
     }
 }

@@ -21,6 +21,8 @@ use crate::codec::{
 };
 use crate::message::{Delivery, Message};
 use crate::metrics::METRICS;
+use crate::plugins::events::{DropReason, Event};
+use crate::plugins::flow::{Draft, Fate, Rejection};
 use crate::session::{Inflight, Kick, NEVER_EXPIRES, PendingWill, Stage, Subscription};
 use crate::store::{Op, record};
 
@@ -66,6 +68,8 @@ const MIN_READ: usize = 256;
 const MAX_READ: usize = 64 * 1024;
 /// How long a closing connection tries to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+/// Most publishes handed to the transform hook in one call.
+const TRANSFORM_BATCH: usize = 64;
 
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +248,8 @@ struct Conn {
     connect_expiry: u32,
     /// Authorization by plugins, with this connection's cached decisions.
     gate: crate::plugins::gate::Gate,
+    /// Publishes of the current read waiting for the transform hook, in order.
+    pending: Vec<(Draft, PublishQoS)>,
 }
 
 impl Conn {
@@ -378,7 +384,7 @@ impl Conn {
                 Vec::new(),
             ),
         };
-        let gate = crate::plugins::gate::Gate::new(
+        let mut gate = crate::plugins::gate::Gate::new(
             broker.plugins.clone(),
             crate::plugins::ClientInfo {
                 client_id: client_id.to_string(),
@@ -387,11 +393,29 @@ impl Conn {
                 attributes,
             },
         );
+        let mut will = c.will;
+        if let Some(w) = &mut will
+            && gate.active()
+        {
+            use crate::plugins::{Action, Verdict};
+            match gate.check(Action::Will, w.topic.as_str(), w.qos, w.retain) {
+                Verdict::Allow(q) => w.qos = w.qos.min(q.unwrap_or(QoS::ExactlyOnce)),
+                Verdict::Deny(code) => {
+                    // MQTT 5 §3.1.2.5: a will the server will not publish refuses the
+                    // connect (0x87 unless the plugin named a CONNACK code).
+                    let reason = ReasonCode::from_u8(crate::plugins::connack_code(code))
+                        .unwrap_or(ReasonCode::NotAuthorized);
+                    refuse(reason, "will refused by an authorization plugin");
+                    send_connack_and_close(wr, v, reason, CLOSE_FLUSH).await;
+                    return None;
+                }
+            }
+        }
         let att = broker
             .sessions
             .attach(client_id.clone(), c.clean_start, expiry)
             .await;
-        let will = c.will.map(|will| PendingWill {
+        let will = will.map(|will| PendingWill {
             will,
             origin: att.state.key,
         });
@@ -441,9 +465,18 @@ impl Conn {
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: requested_expiry,
             gate,
+            pending: Vec::new(),
         };
         conn.send(&Packet::ConnAck(ack));
         tracing::debug!(version = %v, clean_start = c.clean_start, present = att.present, keep_alive, "connected");
+        if broker.plugins.wants_events() {
+            broker.plugins.emit(Event::Connected {
+                client: conn.gate.client().clone(),
+                peer,
+                protocol: v,
+                session_present: att.present,
+            });
+        }
         conn.resend_inflight();
         Some(conn)
     }
@@ -584,12 +617,24 @@ impl Conn {
     /// Stops early while a subscriber we published to is congested: the rest waits in
     /// `inbuf` until it has room, so one read cannot overrun a queue.
     fn handle_input(&mut self, inbuf: &mut BytesMut, max_packet: u32) -> Option<Close> {
+        let close = self.decode_input(inbuf, max_packet);
+        // Publishes before the packet that closes were accepted: they are answered first.
+        self.flush_pending().or(close)
+    }
+
+    fn decode_input(&mut self, inbuf: &mut BytesMut, max_packet: u32) -> Option<Close> {
         loop {
             if self.paused.is_some() {
                 return None;
             }
             match codec::decode_packet(inbuf, self.version, max_packet) {
                 Ok(Some(p)) => {
+                    // Answers keep the order of the packets they answer.
+                    if !matches!(p, Packet::Publish(_))
+                        && let Some(close) = self.flush_pending()
+                    {
+                        return Some(close);
+                    }
                     if let Some(close) = self.handle(p) {
                         return Some(close);
                     }
@@ -603,10 +648,89 @@ impl Conn {
         }
     }
 
+    /// Runs the transform hook over the publishes waiting for it, then routes and answers
+    /// each in order.
+    fn flush_pending(&mut self) -> Option<Close> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let (mut drafts, flows): (Vec<Draft>, Vec<PublishQoS>) =
+            std::mem::take(&mut self.pending).into_iter().unzip();
+        let mut fates = vec![Fate::Route; drafts.len()];
+        let plugins = self.broker.plugins.clone();
+        plugins.transform(self.gate.client(), &mut drafts, &mut fates, None);
+        for ((d, flow), fate) in drafts.into_iter().zip(flows).zip(fates) {
+            let r = match fate {
+                Fate::Route => {
+                    let msg = self.message(d);
+                    self.accept_publish(Some(&msg), flow)
+                }
+                Fate::Drop => {
+                    tracing::debug!(topic = %d.topic.as_str(), "PUBLISH dropped by a transform plugin");
+                    self.dropped(String::new(), d.topic.as_str(), DropReason::Plugin);
+                    self.accept_publish(None, flow)
+                }
+                Fate::Reject(code) => {
+                    tracing::debug!(topic = %d.topic.as_str(), code, "PUBLISH rejected by a transform plugin");
+                    match Rejection::of(code) {
+                        _ if !self.version.is_v5() => self.accept_publish(None, flow),
+                        Rejection::Ack(code) => self.refuse_publish(flow, code),
+                        Rejection::Disconnect(code) => {
+                            Err(ReasonCode::from_u8(code).unwrap_or(ReasonCode::NotAuthorized))
+                        }
+                    }
+                }
+            };
+            if let Err(reason) = r {
+                return Some(Close::Error(reason));
+            }
+        }
+        None
+    }
+
+    /// The message a draft becomes once routed.
+    fn message(&self, d: Draft) -> Arc<Message> {
+        let now = Instant::now();
+        Arc::new(Message {
+            expires_at: d
+                .properties
+                .message_expiry_interval
+                .map(|s| now + Duration::from_secs(u64::from(s))),
+            topic: d.topic,
+            payload: d.payload,
+            qos: d.qos,
+            retain: d.retain,
+            properties: d.properties,
+            origin: self.state.key,
+        })
+    }
+
+    /// Tells the events hook that a message was dropped (for `client_id`, or for everyone).
+    fn dropped(&self, client_id: String, topic: &str, reason: DropReason) {
+        if self.broker.plugins.wants_events() {
+            self.broker.plugins.emit(Event::MessageDropped {
+                client_id,
+                topic: topic.to_owned(),
+                reason,
+            });
+        }
+    }
+
     /// Sends the connection's last words, publishes or keeps the will, and gives the session
     /// back to the registry.
     async fn finish<W: AsyncWrite + Unpin>(mut self, close: Close, wr: &mut W) {
         tracing::debug!(?close, "closing");
+        if self.broker.plugins.wants_events() {
+            let reason = match close {
+                Close::Normal => Some(0),
+                Close::ClientWithWill => Some(ReasonCode::DisconnectWithWill.code()),
+                other => other.reason().map(ReasonCode::code),
+            };
+            self.broker.plugins.emit(Event::Disconnected {
+                client: self.gate.client().clone(),
+                reason,
+            });
+        }
         // From here on the session is offline: QoS 0 messages are no longer accepted for it
         // and those still queued are dropped (MQTT-3.1.2-5 makes keeping them optional).
         self.state.mailbox.set_online(false);
@@ -714,6 +838,17 @@ impl Conn {
         let credits = self.window.saturating_sub(self.state.inflight.len());
         let mut batch = std::mem::take(&mut self.batch);
         self.waiting_for_store = !self.state.mailbox.drain(&mut batch, DRAIN_BATCH, credits);
+        if self.broker.plugins.hooks() & crate::plugins::Hooks::DELIVER != 0 {
+            let plugins = self.broker.plugins.clone();
+            for d in plugins.deliver(self.gate.client(), &mut batch) {
+                self.dropped(
+                    self.gate.client().client_id.clone(),
+                    d.msg.topic.as_str(),
+                    DropReason::Plugin,
+                );
+                self.state.mailbox.forget(&d);
+            }
+        }
         let now = Instant::now();
         while let Some(d) = batch.pop_front() {
             self.deliver(d, now);
@@ -734,6 +869,11 @@ impl Conn {
     fn deliver(&mut self, d: Delivery, now: Instant) {
         if d.msg.is_expired(now) {
             METRICS.expired_dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped(
+                self.gate.client().client_id.clone(),
+                d.msg.topic.as_str(),
+                DropReason::Expired,
+            );
             self.state.mailbox.forget(&d);
             return;
         }
@@ -818,6 +958,11 @@ impl Conn {
         };
         if codec::publish_len(&p, self.version) > self.client_max_packet {
             METRICS.too_large_dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped(
+                self.gate.client().client_id.clone(),
+                d.msg.topic.as_str(),
+                DropReason::TooLarge,
+            );
             tracing::debug!(topic = %d.msg.topic, "message larger than the client's maximum packet size: dropped");
             return None;
         }
@@ -1030,44 +1175,68 @@ impl Conn {
                 crate::plugins::Verdict::Deny(code) => return self.refuse_publish(p.qos, code),
             }
         }
-        let now = Instant::now();
-        let msg = Arc::new(Message {
+        let draft = Draft {
             topic,
             payload: p.payload,
             qos: p.qos.qos().min(max_qos),
             retain: p.retain,
-            expires_at: p
-                .properties
-                .message
-                .message_expiry_interval
-                .map(|s| now + Duration::from_secs(u64::from(s))),
             properties: p.properties.message,
-            origin: self.state.key,
-        });
-        match p.qos {
+        };
+        if self.broker.plugins.hooks() & crate::plugins::Hooks::TRANSFORM != 0 {
+            if let PublishQoS::ExactlyOnce(id) = p.qos
+                && self.state.inbound_qos2.contains(&id)
+            {
+                // A resent QoS 2 message already accepted: answered, not transformed again.
+                if let Some(Close::Error(reason)) = self.flush_pending() {
+                    return Err(reason);
+                }
+                return self.accept_publish(None, p.qos);
+            }
+            // Transformed together with the rest of this read (one plugin call).
+            self.pending.push((draft, p.qos));
+            if self.pending.len() >= TRANSFORM_BATCH
+                && let Some(Close::Error(reason)) = self.flush_pending()
+            {
+                return Err(reason);
+            }
+            return Ok(());
+        }
+        let msg = self.message(draft);
+        self.accept_publish(Some(&msg), p.qos)
+    }
+
+    /// Routes an accepted message (`None`: accepted and dropped) and acknowledges it.
+    fn accept_publish(
+        &mut self,
+        msg: Option<&Arc<Message>>,
+        flow: PublishQoS,
+    ) -> Result<(), ReasonCode> {
+        let route = |me: &mut Self| {
+            let routed = me.broker.router.route(msg?);
+            me.pause_for(routed.congested);
+            routed.ticket
+        };
+        match flow {
             PublishQoS::AtMostOnce => {
-                let routed = self.broker.router.route(&msg);
-                self.pause_for(routed.congested);
+                route(self);
             }
             PublishQoS::AtLeastOnce(id) => {
                 // PUBACK only once the message is durable in every persistent
                 // subscriber's queue (and as retained message).
-                let routed = self.broker.router.route(&msg);
-                self.pause_for(routed.congested);
-                self.send_after(routed.ticket, &Packet::PubAck(Ack::success(id)));
+                let ticket = route(self);
+                self.send_after(ticket, &Packet::PubAck(Ack::success(id)));
             }
             PublishQoS::ExactlyOnce(id) => {
                 let mut ticket = None;
                 if !self.state.inbound_qos2.contains(&id) {
-                    if self.state.inbound_qos2.len() >= usize::from(cfg.receive_maximum) {
+                    let max = self.broker.config.mqtt.receive_maximum;
+                    if self.state.inbound_qos2.len() >= usize::from(max) {
                         tracing::info!(
                             "more QoS 2 messages awaiting PUBREL than our Receive Maximum"
                         );
                         return Err(ReasonCode::ReceiveMaximumExceeded);
                     }
-                    let routed = self.broker.router.route(&msg);
-                    self.pause_for(routed.congested);
-                    ticket = routed.ticket;
+                    ticket = route(self);
                     self.state.inbound_qos2.insert(id);
                     if let Some((store, key)) = self.state.mailbox.store() {
                         ticket = ticket.max(store.submit_one(Op::PutQos2In(key, id.get())));
@@ -1156,6 +1325,13 @@ impl Conn {
                 .subscriptions
                 .insert(filter.clone(), Subscription { options, id });
             reasons.push(ReasonCode::granted(options.qos));
+            if self.broker.plugins.wants_events() {
+                self.broker.plugins.emit(Event::Subscribed {
+                    client: self.gate.client().clone(),
+                    filter: filter.as_str().to_owned(),
+                    qos: options.qos,
+                });
+            }
             // Retained messages are never sent for shared subscriptions (MQTT 5 §4.8.2).
             let send_retained = filter.share_group().is_none()
                 && match options.retain_handling {
@@ -1172,6 +1348,7 @@ impl Conn {
                         sub_ids: id.into_iter().collect(),
                         shared: None,
                         store_id: None,
+                        hooked: false,
                     });
                 }
             }
@@ -1185,9 +1362,41 @@ impl Conn {
                 properties: Default::default(),
             }),
         );
+        if self.gate.active() && !retained.is_empty() {
+            retained = self.authorize_retained(retained);
+        }
         for d in retained {
             let _ = self.state.mailbox.push(d);
         }
+    }
+
+    /// Keeps the retained messages the authorize hook lets this client receive.
+    fn authorize_retained(&mut self, retained: Vec<Delivery>) -> Vec<Delivery> {
+        let requests: Vec<_> = retained
+            .iter()
+            .map(|d| crate::plugins::Request {
+                action: crate::plugins::Action::Retained,
+                topic: d.msg.topic.as_str(),
+                qos: d.qos,
+                retain: true,
+            })
+            .collect();
+        let verdicts = self.gate.check_many(&requests);
+        drop(requests);
+        retained
+            .into_iter()
+            .zip(verdicts)
+            .filter_map(|(mut d, v)| match v {
+                crate::plugins::Verdict::Allow(q) => {
+                    d.qos = d.qos.min(q.unwrap_or(QoS::ExactlyOnce));
+                    Some(d)
+                }
+                crate::plugins::Verdict::Deny(_) => {
+                    tracing::debug!(topic = %d.msg.topic.as_str(), "retained message not authorized");
+                    None
+                }
+            })
+            .collect()
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) {
@@ -1195,6 +1404,12 @@ impl Conn {
         for filter in u.filters {
             let existed = self.state.subscriptions.remove(&filter).is_some();
             self.broker.router.unsubscribe(self.state.key, &filter);
+            if existed && self.broker.plugins.wants_events() {
+                self.broker.plugins.emit(Event::Unsubscribed {
+                    client: self.gate.client().clone(),
+                    filter: filter.as_str().to_owned(),
+                });
+            }
             reasons.push(if existed {
                 ReasonCode::Success
             } else {

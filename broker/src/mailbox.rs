@@ -509,6 +509,7 @@ mod tests {
             sub_ids: Vec::new(),
             shared: None,
             store_id: None,
+            hooked: false,
         }
     }
 
@@ -611,6 +612,7 @@ mod disk_tests {
             sub_ids: Vec::new(),
             shared: None,
             store_id: None,
+            hooked: false,
         }
     }
 

@@ -76,7 +76,7 @@ fn plugin_check(file: &std::path::Path) -> ExitCode {
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("plugin");
-    match Plugin::load(&host, name, &bytes, sidecar, None) {
+    match Plugin::load(&host, name, &bytes, sidecar, Default::default()) {
         Ok(p) => {
             let hooks = p.hooks.names();
             if hooks.is_empty() {

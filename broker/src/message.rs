@@ -69,4 +69,7 @@ pub struct Delivery {
     pub shared: Option<TopicFilter>,
     /// Its entry in the durable queue of a persistent session.
     pub store_id: Option<u64>,
+    /// Already passed the `deliver` plugin hook (a delivery handed back to the mailbox
+    /// unsent is not passed twice).
+    pub hooked: bool,
 }

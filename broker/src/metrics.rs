@@ -19,6 +19,10 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Plugin calls that failed (trap, timeout, memory cap, wrong answer).
     pub plugin_failures: AtomicU64,
+    /// Plugin events dropped because the events queue was full.
+    pub plugin_events_dropped: AtomicU64,
+    /// Messages published by plugins dropped because their queue was full.
+    pub plugin_publish_dropped: AtomicU64,
 }
 
 /// The counters of this process.
@@ -30,4 +34,6 @@ pub static METRICS: Metrics = Metrics {
     publish_sent: AtomicU64::new(0),
     connections: AtomicU64::new(0),
     plugin_failures: AtomicU64::new(0),
+    plugin_events_dropped: AtomicU64::new(0),
+    plugin_publish_dropped: AtomicU64::new(0),
 };

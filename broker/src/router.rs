@@ -220,6 +220,7 @@ impl Router {
                     sub_ids: ids,
                     shared: None,
                     store_id: None,
+                    hooked: false,
                 };
                 routed.add(&first.sub.mailbox, first.sub.mailbox.push(d));
             }
@@ -235,6 +236,7 @@ impl Router {
                     sub_ids: e.id.into_iter().collect(),
                     shared: Some(g.filter.clone()),
                     store_id: None,
+                    hooked: false,
                 };
                 routed.add(&e.sub.mailbox, e.sub.mailbox.push(d));
             }

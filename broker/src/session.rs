@@ -201,6 +201,17 @@ pub struct Sessions {
     slots: Mutex<HashMap<Arc<str>, Slot>>,
     next_key: AtomicU64,
     next_conn: AtomicU64,
+    /// Told the client id of every session that expires (the plugins' events hook).
+    pub on_expired: std::sync::OnceLock<ExpiryListener>,
+}
+
+/// Called with the client id of a session that expired.
+pub struct ExpiryListener(pub Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for ExpiryListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExpiryListener")
+    }
 }
 
 impl Sessions {
@@ -213,6 +224,7 @@ impl Sessions {
             slots: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
+            on_expired: std::sync::OnceLock::new(),
         }
     }
 
@@ -589,6 +601,9 @@ impl Sessions {
             }
         };
         tracing::info!(client_id = %client_id, "session expired");
+        if let Some(l) = self.on_expired.get() {
+            (l.0)(&client_id);
+        }
         self.end(state);
     }
 

@@ -16,6 +16,7 @@ mod basic;
 mod durability;
 mod limits;
 mod load;
+mod plugin_hooks;
 mod plugins;
 mod qos;
 mod retained;

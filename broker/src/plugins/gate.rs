@@ -35,6 +35,11 @@ impl Gate {
         }
     }
 
+    /// Who the client is, as authentication left it.
+    pub fn client(&self) -> &ClientInfo {
+        &self.client
+    }
+
     /// Whether any plugin authorizes: one relaxed atomic load. When false, everything is
     /// allowed and [`Gate::check`] need not be called.
     #[inline]

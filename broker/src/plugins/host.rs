@@ -109,6 +109,37 @@ fn engine_config(cache_dir: &Path, pooling: bool) -> wasmtime::Result<wasmtime::
     Ok(c)
 }
 
+/// Messages published by plugins waiting to be routed; beyond, `publish` answers
+/// `unavailable`.
+pub const OUTBOX: usize = 4096;
+
+/// A message a plugin published, on its way to the router.
+#[derive(Debug)]
+pub struct Published {
+    /// The plugin that published it (its own transform hook is skipped).
+    pub plugin: Arc<str>,
+    /// The message.
+    pub draft: super::flow::Draft,
+}
+
+/// Where the `publish` import puts messages.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    /// The broker's end takes them in order.
+    pub tx: std::sync::mpsc::SyncSender<Published>,
+    /// Largest payload accepted (the broker's `max_packet_size`).
+    pub max_payload: usize,
+}
+
+/// What a plugin's host imports reach beyond the plugin itself.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    /// The durable store (`kv`).
+    pub store: Option<Arc<DataStore>>,
+    /// The router's queue (`publish`).
+    pub outbox: Option<Outbox>,
+}
+
 /// What one plugin instance's host imports reach: shared by every instance of a plugin.
 pub struct PluginEnv {
     /// Plugin name (the file name without `.wasm`): log field, kv namespace, metric prefix.
@@ -117,6 +148,8 @@ pub struct PluginEnv {
     pub config: toml::Table,
     /// The broker's durable store (kv table).
     pub store: Option<Arc<DataStore>>,
+    /// Where `publish` puts messages.
+    pub outbox: Option<Outbox>,
     /// Counters and gauges the plugin defined.
     pub metrics: PluginMetrics,
 }
@@ -300,9 +333,24 @@ fn wait_durable(store: &DataStore, ticket: Option<u64>) -> Result<(), kv::Error>
 }
 
 impl publish::Host for State {
-    fn publish(&mut self, _msg: types::Message) -> Result<(), publish::Error> {
-        // Routing plugin messages is not wired yet (ARCHITECTURE.md, "Not yet built").
-        Err(publish::Error::Unavailable)
+    fn publish(&mut self, msg: types::Message) -> Result<(), publish::Error> {
+        let Some(outbox) = &self.env.outbox else {
+            return Err(publish::Error::Unavailable);
+        };
+        if msg.payload.len() > outbox.max_payload {
+            return Err(publish::Error::TooLarge);
+        }
+        let draft = super::flow::Draft::from_wit(msg).map_err(|_| publish::Error::InvalidTopic)?;
+        let p = Published {
+            plugin: self.env.name.clone(),
+            draft,
+        };
+        outbox.tx.try_send(p).map_err(|_| {
+            crate::metrics::METRICS
+                .plugin_publish_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            publish::Error::Unavailable
+        })
     }
 }
 

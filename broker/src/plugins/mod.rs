@@ -10,6 +10,8 @@
 //! connections compare to drop their cached authorize decisions.
 
 mod bindings;
+pub mod events;
+pub mod flow;
 pub mod gate;
 pub mod host;
 pub mod plugin;
@@ -18,7 +20,8 @@ mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bindings::hooks::{authenticate as auth, authorize as authz};
 use bindings::sandpiper::plugin::types;
@@ -51,6 +54,10 @@ pub struct Plugins {
     dir: Option<PathBuf>,
     cache_dir: PathBuf,
     store: Option<Arc<crate::store::Store>>,
+    events_tx: SyncSender<events::Event>,
+    events_rx: Mutex<Option<Receiver<events::Event>>>,
+    outbox: host::Outbox,
+    outbox_rx: Mutex<Option<Receiver<host::Published>>>,
 }
 
 /// What the connection knows about a connecting client.
@@ -144,16 +151,20 @@ pub const NOT_AUTHORIZED: u8 = 0x87;
 impl Plugins {
     /// A host with no plugins folder: every check is a no-op.
     pub fn disabled() -> Arc<Plugins> {
-        Arc::new(Plugins::new(None, PathBuf::new(), None))
+        Arc::new(Plugins::new(None, PathBuf::new(), None, 0))
     }
 
     /// A host watching `dir` (nothing is loaded until [`Plugins::start`]); compiled code is
-    /// cached under `cache_dir`.
+    /// cached under `cache_dir`. Plugins may publish payloads of at most `max_payload`
+    /// bytes.
     pub fn new(
         dir: Option<PathBuf>,
         cache_dir: PathBuf,
         store: Option<Arc<crate::store::Store>>,
+        max_payload: usize,
     ) -> Plugins {
+        let (events_tx, events_rx) = sync_channel(events::QUEUE);
+        let (outbox_tx, outbox_rx) = sync_channel(host::OUTBOX);
         Plugins {
             mask: AtomicU32::new(0),
             generation: AtomicU64::new(0),
@@ -162,17 +173,50 @@ impl Plugins {
             dir,
             cache_dir,
             store,
+            events_tx,
+            events_rx: Mutex::new(Some(events_rx)),
+            outbox: host::Outbox {
+                tx: outbox_tx,
+                max_payload,
+            },
+            outbox_rx: Mutex::new(Some(outbox_rx)),
         }
     }
 
-    /// Loads what the folder holds now, then watches it (every 250 ms) until `shutdown`.
+    /// Loads what the folder holds now, then watches it (every 250 ms) and hands events to
+    /// the plugins until `shutdown`.
     pub fn start(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         if self.dir.is_none() {
             return;
         }
+        if let Some(rx) = self
+            .events_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            events::spawn(Arc::downgrade(self), rx, shutdown.clone());
+        }
         let mut w = watch::Watcher::default();
         w.scan(self);
         watch::spawn(Arc::downgrade(self), w, shutdown);
+    }
+
+    /// The messages plugins publish (`publish` import), in order; the broker takes this
+    /// once and routes them.
+    pub fn take_published(&self) -> Option<Receiver<host::Published>> {
+        self.outbox_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// What a plugin's host imports reach besides its own state.
+    fn services(&self) -> host::Services {
+        host::Services {
+            store: self.store.clone(),
+            outbox: Some(self.outbox.clone()),
+        }
     }
 
     /// The engine, made on first use (a broker that never sees a plugin never builds one).
@@ -238,13 +282,18 @@ impl Plugins {
             return vec![Verdict::Allow(None); requests.len()];
         }
         let chain = self.chain();
-        let run = || authorize_chain(&chain, client, requests);
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(run)
-            }
-            _ => run(),
+        blocking(|| authorize_chain(&chain, client, requests))
+    }
+}
+
+/// Runs a synchronous plugin call from a connection task: on a multi-threaded runtime the
+/// worker hands its other tasks over meanwhile (a call may take its whole time budget).
+fn blocking<R>(run: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
         }
+        _ => run(),
     }
 }
 
@@ -274,7 +323,7 @@ fn attrs(a: &[(String, String)]) -> Vec<types::Attribute> {
 }
 
 /// CONNACK reason codes a plugin may refuse with (MQTT 5 §3.2.2.2, errors only).
-fn connack_code(c: u8) -> u8 {
+pub(crate) fn connack_code(c: u8) -> u8 {
     const OK: &[u8] = &[
         0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
         0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,

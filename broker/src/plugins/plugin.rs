@@ -14,7 +14,7 @@ use wasmtime::component::{Component, InstancePre};
 use super::bindings::hooks::{
     authenticate, authorize, deliver, events, lifecycle, sink, transform,
 };
-use super::host::{Host, PluginEnv, State, TICK};
+use super::host::{Host, PluginEnv, Services, State, TICK};
 use super::sidecar::Sidecar;
 
 /// The hooks a component exports, as a bit set.
@@ -184,10 +184,10 @@ impl Plugin {
         name: &str,
         bytes: &[u8],
         sidecar: Sidecar,
-        store: Option<Arc<crate::store::Store>>,
+        services: Services,
     ) -> wasmtime::Result<Plugin> {
         let component = host.compile(bytes)?;
-        Plugin::from_component(host, name, &component, sidecar, store)
+        Plugin::from_component(host, name, &component, sidecar, services)
     }
 
     /// [`Plugin::load`] from a compiled component.
@@ -196,14 +196,15 @@ impl Plugin {
         name: &str,
         component: &Component,
         sidecar: Sidecar,
-        store: Option<Arc<crate::store::Store>>,
+        services: Services,
     ) -> wasmtime::Result<Plugin> {
         let pre = host.linker.instantiate_pre(component)?;
         let exports = Exports::find(&pre)?;
         let env = Arc::new(PluginEnv {
             name: Arc::from(name),
             config: sidecar.config.clone(),
-            store,
+            store: services.store,
+            outbox: services.outbox,
             metrics: Default::default(),
         });
         let plugin = Plugin {
@@ -327,6 +328,15 @@ impl Plugin {
             .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(plugin = %self.name, hook, want, got, "plugin answered the wrong number of results");
         CallError::Arity { want, got }
+    }
+
+    /// Counts and logs an answer the broker cannot use (the rest of the answer stands).
+    pub fn bad_answer(&self, hook: &'static str, why: &'static str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::METRICS
+            .plugin_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(plugin = %self.name, hook, "plugin answer ignored: {why}");
     }
 
     /// The plugin's metrics.

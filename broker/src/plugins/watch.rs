@@ -98,7 +98,7 @@ fn load(plugins: &Plugins, dir: &Path, name: &str) -> Result<Plugin, String> {
         Err(e) => return Err(format!("{}: {e}", side.display())),
     };
     let host = plugins.host().ok_or("plugin engine unavailable")?;
-    Plugin::load(&host, name, &bytes, sidecar, plugins.store.clone()).map_err(|e| format!("{e:#}"))
+    Plugin::load(&host, name, &bytes, sidecar, plugins.services()).map_err(|e| format!("{e:#}"))
 }
 
 /// Polls the folder on a thread of its own until shutdown or until the host is dropped.

@@ -240,6 +240,7 @@ pub fn decode_queued(bytes: &[u8], store_id: u64) -> Result<QueuedRecord, Record
             sub_ids,
             shared,
             store_id: Some(store_id),
+            hooked: false,
         },
         inflight,
     })
@@ -395,6 +396,7 @@ mod tests {
             sub_ids: vec![NonZeroU32::new(3).unwrap()],
             shared: Some(TopicFilter::new("$share/g/a/#").unwrap()),
             store_id: None,
+            hooked: false,
         };
         let id = PacketId::new(9).unwrap();
         let bytes = encode_queued(&d, Some((id, Stage::AwaitRec))).unwrap();
