@@ -46,6 +46,7 @@ pub mod lifecycle;
 pub mod log;
 pub mod reason;
 pub mod sink;
+pub mod topic;
 pub mod transform;
 pub mod types;
 
