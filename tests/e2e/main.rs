@@ -17,6 +17,7 @@ mod durability;
 mod limits;
 mod load;
 mod plugin_hooks;
+mod plugin_jwt;
 mod plugins;
 mod qos;
 mod retained;
