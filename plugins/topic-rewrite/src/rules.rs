@@ -199,7 +199,7 @@ fn parse_template(to: &str, wildcards: usize) -> Result<Vec<Part>, String> {
                     ));
                 }
                 // Skip to the closing brace.
-                while let Some((j, _)) = chars.next() {
+                for (j, _) in chars.by_ref() {
                     if j == i + close {
                         break;
                     }
