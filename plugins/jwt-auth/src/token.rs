@@ -292,7 +292,9 @@ pub(crate) fn verify(
         .and_then(Value::as_str)
         .filter(|u| !u.is_empty() && !u.contains('\0'))
         .ok_or(Refusal::NoUsername)?;
-    if settings.username_must_match && connect_username.is_some_and(|u| u != username) {
+    // An empty CONNECT user name counts as none (MQTT 5 clients that must send one).
+    let given = connect_username.filter(|u| !u.is_empty());
+    if settings.username_must_match && given.is_some_and(|u| u != username) {
         return Err(Refusal::UsernameMismatch);
     }
     Ok(Identity {
@@ -616,6 +618,7 @@ Uv7G9wb9mx/eFXFVfQIDAQAB
             "dev-7"
         );
         assert!(verify(t.as_bytes(), &s, Some("dev-7"), NOW).is_ok());
+        assert!(verify(t.as_bytes(), &s, Some(""), NOW).is_ok());
         assert_eq!(
             verify(t.as_bytes(), &s, Some("dev-8"), NOW),
             Err(Refusal::UsernameMismatch)
