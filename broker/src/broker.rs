@@ -200,5 +200,6 @@ fn route_published(
             origin: 0,
         });
         b.router.route(&msg);
+        b.plugins.sink_offer("", &msg);
     }
 }

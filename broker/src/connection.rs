@@ -1212,9 +1212,16 @@ impl Conn {
         flow: PublishQoS,
     ) -> Result<(), ReasonCode> {
         let route = |me: &mut Self| {
-            let routed = me.broker.router.route(msg?);
+            let msg = msg?;
+            let routed = me.broker.router.route(msg);
             me.pause_for(routed.congested);
-            routed.ticket
+            let plugins = &me.broker.plugins;
+            let sunk = if plugins.hooks() & crate::plugins::Hooks::SINK != 0 {
+                plugins.sink_offer(&me.gate.client().client_id, msg)
+            } else {
+                None
+            };
+            routed.ticket.max(sunk)
         };
         match flow {
             PublishQoS::AtMostOnce => {

@@ -120,7 +120,7 @@ impl Draft {
     }
 }
 
-fn message_to_wit(m: &Message, qos: QoS, retain: bool) -> types::Message {
+pub(super) fn message_to_wit(m: &Message, qos: QoS, retain: bool) -> types::Message {
     types::Message {
         topic: m.topic.as_str().to_owned(),
         payload: m.payload.to_vec(),
@@ -146,7 +146,7 @@ impl Plugins {
         }
         let chain = self.chain();
         let run = || transform_chain(&chain, publisher, drafts, fates, skip);
-        super::blocking(run);
+        self.blocking(run);
     }
 
     /// Runs the deliver chain over the deliveries about to be written to `subscriber` that
@@ -161,7 +161,7 @@ impl Plugins {
             return Vec::new();
         }
         let chain = self.chain();
-        super::blocking(|| deliver_chain(&chain, subscriber, batch))
+        self.blocking(|| deliver_chain(&chain, subscriber, batch))
     }
 }
 

@@ -13,13 +13,27 @@ use crate::codec::QoS;
 /// publishes to ever new topics cannot grow it without bound).
 const MAX_CACHED: usize = 4096;
 
-type Key = (Action, QoS, bool, Box<str>);
+/// Cached verdicts of one topic, one slot per action × QoS × retain flag: a hit is one
+/// hash of the topic, without allocating.
+type Slots = [Option<Verdict>; 24];
+
+fn slot(action: Action, qos: QoS, retain: bool) -> usize {
+    let a = match action {
+        Action::Publish => 0,
+        Action::Subscribe => 1,
+        Action::Will => 2,
+        Action::Retained => 3,
+    };
+    (a * 3 + qos as usize) * 2 + usize::from(retain)
+}
 
 /// One connection's authorization state.
 pub struct Gate {
     plugins: Arc<Plugins>,
     client: ClientInfo,
-    cache: HashMap<Key, Verdict>,
+    cache: HashMap<Box<str>, Slots>,
+    /// Verdicts cached (over every topic).
+    cached: usize,
     generation: u64,
 }
 
@@ -31,6 +45,7 @@ impl Gate {
             plugins,
             client,
             cache: HashMap::new(),
+            cached: 0,
             generation,
         }
     }
@@ -49,6 +64,14 @@ impl Gate {
 
     /// The verdict for one request (cached).
     pub fn check(&mut self, action: Action, topic: &str, qos: QoS, retain: bool) -> Verdict {
+        self.refresh();
+        if let Some(v) = self
+            .cache
+            .get(topic)
+            .and_then(|s| s[slot(action, qos, retain)])
+        {
+            return v;
+        }
         let req = Request {
             action,
             topic,
@@ -64,35 +87,54 @@ impl Gate {
     /// Verdicts for a batch of requests; only the ones not cached go to the plugins, in
     /// one call per plugin.
     pub fn check_many(&mut self, requests: &[Request<'_>]) -> Vec<Verdict> {
-        let generation = self.plugins.generation();
-        if generation != self.generation {
-            self.cache.clear();
-            self.generation = generation;
-        }
-        let key = |r: &Request<'_>| (r.action, r.qos, r.retain, Box::<str>::from(r.topic));
+        self.refresh();
+        let generation = self.generation;
         let mut out: Vec<Option<Verdict>> = requests
             .iter()
-            .map(|r| self.cache.get(&key(r)).copied())
+            .map(|r| {
+                let s = self.cache.get(r.topic)?;
+                s[slot(r.action, r.qos, r.retain)]
+            })
             .collect();
         let missing: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
         if !missing.is_empty() {
             let ask: Vec<Request<'_>> = missing.iter().map(|&i| requests[i].clone()).collect();
             let verdicts = self.plugins.authorize(&self.client, &ask);
-            if self.cache.len() + missing.len() > MAX_CACHED {
+            if self.cached + missing.len() > MAX_CACHED {
                 self.cache.clear();
+                self.cached = 0;
             }
             // A chain swapped during the call may have answered with the old chain: use
             // the answers, but cache them only if the generation did not move.
             let cache = self.plugins.generation() == generation;
             for (&i, v) in missing.iter().zip(verdicts) {
                 out[i] = Some(v);
+                let r = &requests[i];
                 if cache {
-                    self.cache.insert(key(&requests[i]), v);
+                    let slots = match self.cache.get_mut(r.topic) {
+                        Some(s) => s,
+                        None => self.cache.entry(Box::from(r.topic)).or_insert([None; 24]),
+                    };
+                    let s = &mut slots[slot(r.action, r.qos, r.retain)];
+                    if s.is_none() {
+                        self.cached += 1;
+                    }
+                    *s = Some(v);
                 }
             }
         }
         out.into_iter()
             .map(|v| v.unwrap_or(Verdict::Deny(super::NOT_AUTHORIZED)))
             .collect()
+    }
+
+    /// Drops the cached verdicts if the chain changed since they were made.
+    fn refresh(&mut self) {
+        let generation = self.plugins.generation();
+        if generation != self.generation {
+            self.cache.clear();
+            self.cached = 0;
+            self.generation = generation;
+        }
     }
 }

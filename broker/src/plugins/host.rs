@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, StoreLimits};
+use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::host::{config, kv, log, metrics, publish};
@@ -150,6 +151,10 @@ pub struct PluginEnv {
     pub store: Option<Arc<DataStore>>,
     /// Where `publish` puts messages.
     pub outbox: Option<Outbox>,
+    /// The addresses the plugin may connect to (sidecar `network`, resolved at load).
+    pub network: Arc<[std::net::SocketAddr]>,
+    /// Whether `network` names hosts (then the plugin may look names up).
+    pub network_names: bool,
     /// Counters and gauges the plugin defined.
     pub metrics: PluginMetrics,
 }
@@ -214,10 +219,33 @@ pub struct State {
 
 impl State {
     /// Store data for a new instance: WASI with no preopened directories, no environment,
-    /// no arguments, no stdio and no network (the defaults of `WasiCtxBuilder`).
+    /// no arguments and no stdio; TCP connections only to the plugin's `network`
+    /// addresses (none: no sockets at all), no listening, no UDP, no name lookups.
     pub fn new(env: Arc<PluginEnv>, memory_bytes: usize) -> State {
+        let mut wasi = WasiCtx::builder();
+        if !env.network.is_empty() {
+            let allowed = env.network.clone();
+            let plugin = env.name.clone();
+            // Name lookups only for plugins given host names (the connect is checked anyway).
+            let names = env.network_names;
+            wasi.allow_tcp(true)
+                .allow_ip_name_lookup(names)
+                .socket_addr_check(move |addr, use_| {
+                    let ok = match use_ {
+                        // The implicit bind before a connect.
+                        SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                        SocketAddrUse::TcpConnect => allowed.contains(&addr),
+                        _ => false,
+                    };
+                    if !ok {
+                        tracing::warn!(plugin = %plugin, %addr, use_ = ?use_,
+                            "plugin network use refused: address not in its sidecar's network list");
+                    }
+                    Box::pin(async move { ok })
+                });
+        }
         State {
-            wasi: WasiCtx::builder().build(),
+            wasi: wasi.build(),
             table: ResourceTable::new(),
             limits: wasmtime::StoreLimitsBuilder::new()
                 .memory_size(memory_bytes)

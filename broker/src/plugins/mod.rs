@@ -16,12 +16,14 @@ pub mod gate;
 pub mod host;
 pub mod plugin;
 pub mod sidecar;
+pub mod sink;
 mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use bindings::hooks::{authenticate as auth, authorize as authz};
 use bindings::sandpiper::plugin::types;
@@ -58,6 +60,13 @@ pub struct Plugins {
     events_rx: Mutex<Option<Receiver<events::Event>>>,
     outbox: host::Outbox,
     outbox_rx: Mutex<Option<Receiver<host::Published>>>,
+    sinks: sink::Sinks,
+    /// Until when (ms after `epoch`) hook calls hand their worker over (see `blocking`).
+    slow_until: AtomicU64,
+    epoch: Instant,
+    /// Set by [`Plugins::start`]: what the sink threads hold and stop on.
+    me: OnceLock<std::sync::Weak<Plugins>>,
+    shutdown: OnceLock<tokio_util::sync::CancellationToken>,
 }
 
 /// What the connection knows about a connecting client.
@@ -180,6 +189,11 @@ impl Plugins {
                 max_payload,
             },
             outbox_rx: Mutex::new(Some(outbox_rx)),
+            sinks: sink::Sinks::default(),
+            slow_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            me: OnceLock::new(),
+            shutdown: OnceLock::new(),
         }
     }
 
@@ -189,6 +203,8 @@ impl Plugins {
         if self.dir.is_none() {
             return;
         }
+        let _ = self.me.set(Arc::downgrade(self));
+        let _ = self.shutdown.set(shutdown.clone());
         if let Some(rx) = self
             .events_rx
             .lock()
@@ -257,6 +273,12 @@ impl Plugins {
         plugins.sort_by(|a, b| (a.sidecar.priority, &a.name).cmp(&(b.sidecar.priority, &b.name)));
         let chain = Arc::new(Chain { plugins });
         let mask = chain.mask();
+        for p in &chain.plugins {
+            if p.hooks.has(Hooks::SINK) {
+                // Its queue drains from now on (a restart's backlog included).
+                self.sink_queue(&p.name);
+            }
+        }
         *self.chain.write().unwrap_or_else(|p| p.into_inner()) = chain;
         self.mask.store(mask, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -282,18 +304,37 @@ impl Plugins {
             return vec![Verdict::Allow(None); requests.len()];
         }
         let chain = self.chain();
-        blocking(|| authorize_chain(&chain, client, requests))
+        self.blocking(|| authorize_chain(&chain, client, requests))
     }
 }
 
-/// Runs a synchronous plugin call from a connection task: on a multi-threaded runtime the
-/// worker hands its other tasks over meanwhile (a call may take its whole time budget).
-fn blocking<R>(run: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(run)
+/// A hook call slower than this marks the chain slow.
+const SLOW_CALL: Duration = Duration::from_millis(2);
+/// How long a slow call keeps the chain marked slow.
+const SLOW_FOR: Duration = Duration::from_secs(10);
+
+impl Plugins {
+    /// Runs a synchronous plugin call from a connection task. Hook calls normally take a
+    /// microsecond or two and run in place; handing the worker's other tasks over to
+    /// another thread (`block_in_place`) costs more than that. Once a call has taken more
+    /// than 2 ms (a slow or hostile plugin, which may use its whole time budget), calls
+    /// hand the worker over for the next 10 s, so other clients keep being served.
+    fn blocking<R>(&self, run: impl FnOnce() -> R) -> R {
+        let now = self.epoch.elapsed();
+        let slow = now.as_millis() < u128::from(self.slow_until.load(Ordering::Relaxed));
+        let start = Instant::now();
+        let r = match tokio::runtime::Handle::try_current() {
+            Ok(h) if slow && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
+            }
+            _ => run(),
+        };
+        if start.elapsed() > SLOW_CALL {
+            let until = (now + start.elapsed() + SLOW_FOR).as_millis();
+            self.slow_until
+                .store(u64::try_from(until).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
-        _ => run(),
+        r
     }
 }
 

@@ -205,6 +205,11 @@ impl Plugin {
             config: sidecar.config.clone(),
             store: services.store,
             outbox: services.outbox,
+            network: sidecar.resolve_network(name).into(),
+            network_names: sidecar
+                .network
+                .iter()
+                .any(|a| a.parse::<std::net::SocketAddr>().is_err()),
             metrics: Default::default(),
         });
         let plugin = Plugin {

@@ -23,6 +23,11 @@ pub struct Sidecar {
     pub instances: u32,
     /// What a failed call (trap, timeout, memory exhaustion, wrong answer) means.
     pub on_failure: FailurePolicies,
+    /// Addresses (`ip:port` or `host:port`) the plugin may open TCP connections to through
+    /// WASI sockets; empty: no network at all.
+    pub network: Vec<String>,
+    /// Batching, queueing and retries of the `sink` hook.
+    pub sink: SinkSettings,
     /// The plugin's own configuration (`config` host import).
     pub config: toml::Table,
 }
@@ -41,7 +46,37 @@ impl Default for Sidecar {
             init_ms: 2000,
             instances: 2,
             on_failure: FailurePolicies::default(),
+            network: Vec::new(),
+            sink: SinkSettings::default(),
             config: toml::Table::new(),
+        }
+    }
+}
+
+/// The `[sink]` table.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkSettings {
+    /// Most records per `write` call.
+    pub batch: u32,
+    /// How long a batch may wait to fill, milliseconds.
+    pub linger_ms: u32,
+    /// Most records queued for the sink; beyond, the oldest are dropped and counted.
+    pub max_queue: u64,
+    /// First retry delay after a failed batch, milliseconds (doubled per failure).
+    pub retry_min_ms: u32,
+    /// Longest retry delay, milliseconds.
+    pub retry_max_ms: u32,
+}
+
+impl Default for SinkSettings {
+    fn default() -> SinkSettings {
+        SinkSettings {
+            batch: 256,
+            linger_ms: 100,
+            max_queue: 1_000_000,
+            retry_min_ms: 200,
+            retry_max_ms: 30_000,
         }
     }
 }
@@ -129,6 +164,31 @@ impl Sidecar {
         if s.instances == 0 || s.instances > 64 {
             return invalid("instances", "must be between 1 and 64");
         }
+        for a in &s.network {
+            let port = a.rsplit_once(':').and_then(|(h, p)| {
+                (!h.is_empty()).then_some(())?;
+                p.parse::<u16>().ok()
+            });
+            if port.is_none() {
+                return Err(SidecarError::Invalid {
+                    key: "network",
+                    reason: format!("{a:?} is not host:port"),
+                });
+            }
+        }
+        let k = &s.sink;
+        if k.batch == 0 || k.batch > 65_536 {
+            return invalid("sink.batch", "must be between 1 and 65536");
+        }
+        if k.max_queue == 0 {
+            return invalid("sink.max_queue", "must be at least 1");
+        }
+        if k.retry_min_ms == 0 || k.retry_max_ms < k.retry_min_ms {
+            return invalid(
+                "sink.retry_min_ms",
+                "must be at least 1 and at most retry_max_ms",
+            );
+        }
         for f in &s.topics {
             if crate::codec::TopicFilter::new(f).is_err() {
                 return Err(SidecarError::Invalid {
@@ -138,6 +198,22 @@ impl Sidecar {
             }
         }
         Ok(s)
+    }
+
+    /// The socket addresses `network` names, host names resolved now; unresolvable ones
+    /// are logged and left out.
+    pub fn resolve_network(&self, plugin: &str) -> Vec<std::net::SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let mut out = Vec::new();
+        for a in &self.network {
+            match a.to_socket_addrs() {
+                Ok(addrs) => out.extend(addrs),
+                Err(e) => {
+                    tracing::warn!(plugin, address = %a, error = %e, "plugin network address does not resolve; left out");
+                }
+            }
+        }
+        out
     }
 
     /// Whether `topic` is selected by the plugin's `topics` filters.

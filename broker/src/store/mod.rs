@@ -33,6 +33,7 @@ const QUEUE: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("queue");
 const QOS2_IN: TableDefinition<(u64, u16), ()> = TableDefinition::new("qos2_in");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const KV: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv");
+const SINK: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("sink");
 
 /// When acknowledged messages reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -127,6 +128,10 @@ pub enum Op {
     PutKv(Arc<str>, Arc<str>, Vec<u8>),
     /// Remove a plugin key.
     DeleteKv(Arc<str>, Arc<str>),
+    /// Append a record to a sink plugin's queue (plugin name, sequence number).
+    PutSink(Arc<str>, u64, Vec<u8>),
+    /// Remove a sink plugin's records up to and including a sequence number.
+    DeleteSinkUpTo(Arc<str>, u64),
 }
 
 /// What the store holds of one session's queue at start. Queued entries stay on disk; only
@@ -266,6 +271,7 @@ impl Store {
             txn.open_table(QOS2_IN).map_err(|e| damaged(path, e))?;
             txn.open_table(RETAINED).map_err(|e| damaged(path, e))?;
             txn.open_table(KV).map_err(|e| damaged(path, e))?;
+            txn.open_table(SINK).map_err(|e| damaged(path, e))?;
         }
         txn.commit().map_err(|e| damaged(path, e))?;
 
@@ -348,6 +354,46 @@ impl Store {
         let start = after.saturating_add(1);
         for row in t
             .range((key, start)..=(key, u64::MAX))
+            .map_err(|e| damaged(&self.path, e))?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(|e| damaged(&self.path, e))?;
+            out.push((k.value().1, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The first and last sequence numbers in sink `name`'s queue, if it holds any.
+    pub fn sink_bounds(&self, name: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let read = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
+        let t = read.open_table(SINK).map_err(|e| damaged(&self.path, e))?;
+        let mut range = t
+            .range((name, 0)..=(name, u64::MAX))
+            .map_err(|e| damaged(&self.path, e))?;
+        let first = match range.next() {
+            Some(row) => row.map_err(|e| damaged(&self.path, e))?.0.value().1,
+            None => return Ok(None),
+        };
+        let last = match range.next_back() {
+            Some(row) => row.map_err(|e| damaged(&self.path, e))?.0.value().1,
+            None => first,
+        };
+        Ok(Some((first, last)))
+    }
+
+    /// Reads up to `limit` committed records of sink `name` with sequence numbers above
+    /// `after`.
+    pub fn read_sink(
+        &self,
+        name: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let read = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
+        let t = read.open_table(SINK).map_err(|e| damaged(&self.path, e))?;
+        let mut out = Vec::new();
+        for row in t
+            .range((name, after.saturating_add(1))..=(name, u64::MAX))
             .map_err(|e| damaged(&self.path, e))?
             .take(limit)
         {
@@ -499,6 +545,7 @@ fn apply(db: &Database, ops: Vec<Op>, immediate: bool) -> Result<(), redb::Error
         let mut q2 = txn.open_table(QOS2_IN)?;
         let mut retained = txn.open_table(RETAINED)?;
         let mut kv = txn.open_table(KV)?;
+        let mut sink = txn.open_table(SINK)?;
         for op in ops {
             match op {
                 Op::PutSession(id, v) => {
@@ -532,6 +579,12 @@ fn apply(db: &Database, ops: Vec<Op>, immediate: bool) -> Result<(), redb::Error
                 }
                 Op::DeleteKv(ns, k) => {
                     kv.remove((&*ns, &*k))?;
+                }
+                Op::PutSink(name, seq, v) => {
+                    sink.insert((&*name, seq), v.as_slice())?;
+                }
+                Op::DeleteSinkUpTo(name, seq) => {
+                    sink.retain_in((&*name, 0)..=(&*name, seq), |_, _| false)?;
                 }
             }
         }

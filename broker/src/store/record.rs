@@ -154,6 +154,30 @@ pub fn decode_retained(bytes: &[u8]) -> Result<Message, RecordError> {
     get_message(&mut r)
 }
 
+/// A message queued for a sink plugin: its publisher's client id, when it was received
+/// (Unix ms) and the message.
+pub fn encode_sink(publisher: &str, received_at: u64, m: &Message) -> Result<Vec<u8>, RecordError> {
+    let mut out = BytesMut::new();
+    out.put_u8(FORMAT);
+    put_u64(&mut out, received_at);
+    put_str(&mut out, publisher)?;
+    put_message(&mut out, m, true)?;
+    Ok(out.to_vec())
+}
+
+/// Decodes a sink record: (publisher, received at, message).
+pub fn decode_sink(bytes: &[u8]) -> Result<(String, u64, Message), RecordError> {
+    let data = Bytes::copy_from_slice(bytes);
+    let mut r = Reader::new(&data);
+    if r.u8()? != FORMAT {
+        return Err(bad("unknown sink record format"));
+    }
+    let received_at = get_u64(&mut r)?;
+    let publisher = r.str()?.to_owned();
+    let m = get_message(&mut r)?;
+    Ok((publisher, received_at, m))
+}
+
 /// A queued or in-flight delivery of a persistent session.
 #[derive(Debug)]
 pub struct QueuedRecord {
