@@ -1,0 +1,128 @@
+//! Writing a batch: keeps one connection open across calls, opens it (and creates the
+//! table when configured) on first use, inserts the whole batch in one transaction, and
+//! reconnects after a failure. No SDK calls, so it is tested natively.
+
+use crate::config::Config;
+use crate::row::{self, Encoded, Row};
+use crate::wire::{Client, Error};
+
+/// SQLSTATE `undefined_table`.
+const UNDEFINED_TABLE: &str = "42P01";
+
+/// The batch writer of one plugin instance.
+pub struct Writer {
+    config: Config,
+    table: String,
+    client: Option<Client>,
+}
+
+/// What a successful write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Rows the server reported inserted.
+    pub rows: u64,
+    /// A new connection was opened for it.
+    pub connected: bool,
+}
+
+impl Writer {
+    /// A writer for `config` (already validated); connects on the first write.
+    pub fn new(config: Config) -> Writer {
+        let table = row::quote_table(&config.table);
+        Writer {
+            config,
+            table,
+            client: None,
+        }
+    }
+
+    /// The configuration it writes with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Inserts `rows` all or nothing. A kept connection that turns out broken (the
+    /// server restarted since the last call) is replaced once within the call; a
+    /// missing table is created once when `create_table` is set. Any other failure is
+    /// returned, the connection dropped unless it is known to be usable, and the
+    /// caller retries the same rows later.
+    pub fn write(&mut self, rows: &[Row]) -> Result<Written, Error> {
+        if rows.is_empty() {
+            return Ok(Written {
+                rows: 0,
+                connected: false,
+            });
+        }
+        let encoded: Vec<Encoded<'_>> = rows.iter().map(Encoded::new).collect();
+        let plan = row::plan(&self.table, &encoded);
+        let statements = row::statements(&plan, &encoded);
+
+        let mut connected = false;
+        let mut reconnected = false;
+        let mut created = false;
+        loop {
+            let client = match self.client.as_mut() {
+                Some(c) => c,
+                None => {
+                    let c = self.open()?;
+                    connected = true;
+                    self.client.insert(c)
+                }
+            };
+            match client.execute_atomically(&statements) {
+                Ok(n) => {
+                    return Ok(Written { rows: n, connected });
+                }
+                Err(e)
+                    if e.sqlstate() == Some(UNDEFINED_TABLE)
+                        && self.config.create_table
+                        && !created =>
+                {
+                    created = true;
+                    if e.connection_usable() {
+                        let sql = row::create_table_sql(&self.config.table);
+                        if let Err(e) = client.simple_query(&sql) {
+                            self.drop_unless_usable(&e);
+                            return Err(e);
+                        }
+                    } else {
+                        self.disconnect();
+                    }
+                }
+                // A kept connection that died in the meantime (restart, idle timeout):
+                // one fresh try. A fresh connection's failure is the answer.
+                Err(e @ (Error::Io(_) | Error::Closed)) if !connected && !reconnected => {
+                    drop(e);
+                    reconnected = true;
+                    self.disconnect();
+                }
+                Err(e) => {
+                    self.drop_unless_usable(&e);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Connects, and creates the table when configured.
+    fn open(&mut self) -> Result<Client, Error> {
+        let mut client = Client::connect(&self.config.params())?;
+        if self.config.create_table {
+            client.simple_query(&row::create_table_sql(&self.config.table))?;
+        }
+        Ok(client)
+    }
+
+    fn drop_unless_usable(&mut self, e: &Error) {
+        if !e.connection_usable() {
+            self.disconnect();
+        }
+    }
+
+    /// Closes the connection, if any.
+    pub fn disconnect(&mut self) {
+        if let Some(c) = self.client.take() {
+            c.close();
+        }
+    }
+}
