@@ -34,10 +34,11 @@ pub struct Config {
     /// Create the table (`CREATE TABLE IF NOT EXISTS`) on every new connection.
     #[serde(default)]
     pub create_table: bool,
-    /// Bound of connecting: TCP connect, then startup and authentication, each.
+    /// Bound of connecting: TCP connect, startup and authentication together.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Bound of one write: from sending the INSERT to its answer.
+    /// Bound of one request (the INSERT, or CREATE TABLE): from sending it to its answer.
+    /// A write call takes at most `connect_timeout_ms + io_timeout_ms`.
     #[serde(default = "default_io_timeout_ms")]
     pub io_timeout_ms: u64,
 }
@@ -107,9 +108,17 @@ impl Config {
             user: self.user.clone(),
             password: self.password.clone(),
             database: self.database.clone().unwrap_or_else(|| self.user.clone()),
-            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
-            io_timeout: Duration::from_millis(self.io_timeout_ms),
         }
+    }
+
+    /// `connect_timeout_ms`.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// `io_timeout_ms`.
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_millis(self.io_timeout_ms)
     }
 }
 
@@ -129,10 +138,13 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 5432));
         assert_eq!(c.table, "mqtt_messages");
         assert!(!c.create_table);
-        let p = c.params();
-        assert_eq!(p.database, "sink", "database defaults to the user name");
-        assert_eq!(p.connect_timeout, Duration::from_secs(3));
-        assert_eq!(p.io_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.params().database,
+            "sink",
+            "database defaults to the user name"
+        );
+        assert_eq!(c.connect_timeout(), Duration::from_secs(3));
+        assert_eq!(c.io_timeout(), Duration::from_secs(5));
         assert!(parse("").is_err(), "user is required");
     }
 

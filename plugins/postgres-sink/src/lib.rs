@@ -18,8 +18,9 @@
 //!
 //! The connection is opened on the first batch over WASI sockets (the sidecar's
 //! `network` list must allow the server's address), kept in the instance for the next
-//! batches, and reopened after a failure. Every network wait is bounded by
-//! `connect_timeout_ms` / `io_timeout_ms`. Settings (`[config]`, only `user` required):
+//! batches, and reopened after a failure. Every network wait is bounded: a write call
+//! lasts at most `connect_timeout_ms + io_timeout_ms` (keep the sidecar's `time_ms`
+//! above that). Settings (`[config]`, only `user` required):
 //!
 //! ```toml
 //! [config]

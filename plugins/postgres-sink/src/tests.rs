@@ -18,9 +18,11 @@ fn params(port: u16, user: &str, password: Option<&str>) -> Params {
         user: user.into(),
         password: password.map(Into::into),
         database: "mqtt".into(),
-        connect_timeout: Duration::from_secs(5),
-        io_timeout: Duration::from_secs(5),
     }
+}
+
+fn in_5s() -> Instant {
+    Instant::now() + Duration::from_secs(5)
 }
 
 fn row(i: usize) -> Row {
@@ -42,9 +44,9 @@ fn logs_in_with_scram_md5_and_cleartext_and_refuses_a_wrong_password() {
         ("md5user", "md5-pw"),
         ("plain", "plain-pw"),
     ] {
-        let mut c = Client::connect(&params(db.port, user, Some(password)))
+        let mut c = Client::connect(&params(db.port, user, Some(password)), in_5s())
             .unwrap_or_else(|e| panic!("{user}: {e}"));
-        c.simple_query("SELECT 1").unwrap();
+        c.simple_query("SELECT 1", in_5s()).unwrap();
         c.close();
     }
     // The server logged SCRAM for the superuser: its stored password is a SCRAM verifier.
@@ -53,9 +55,9 @@ fn logs_in_with_scram_md5_and_cleartext_and_refuses_a_wrong_password() {
         "SCRAM-SHA-256$"
     );
     for user in [USER, "md5user", "plain"] {
-        let e = Client::connect(&params(db.port, user, Some("wrong"))).unwrap_err();
+        let e = Client::connect(&params(db.port, user, Some("wrong")), in_5s()).unwrap_err();
         assert_eq!(e.sqlstate(), Some("28P01"), "{user}: {e}");
-        let e = Client::connect(&params(db.port, user, None)).unwrap_err();
+        let e = Client::connect(&params(db.port, user, None), in_5s()).unwrap_err();
         assert!(matches!(e, Error::Auth(_)), "{user} without password: {e}");
     }
 }
@@ -228,11 +230,27 @@ fn a_server_that_never_answers_is_given_up_on_in_time() {
         let _ = s.read(&mut b);
         std::thread::sleep(Duration::from_secs(10));
     });
-    let mut p = params(port, "u", Some("p"));
-    p.connect_timeout = Duration::from_millis(300);
     let t = Instant::now();
-    let e = Client::connect(&p).unwrap_err();
+    let e = Client::connect(
+        &params(port, "u", Some("p")),
+        t + Duration::from_millis(300),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::Timeout("authentication")), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // A whole write call ends within connect_timeout_ms + io_timeout_ms.
+    let config: Config = sandpiper_plugin::config::from_str(&format!(
+        "port = {port}\nuser = \"u\"\npassword = \"p\"\nconnect_timeout_ms = 300\nio_timeout_ms = 300\n"
+    ))
+    .unwrap();
+    let mut w = Writer::new(config);
+    let t = Instant::now();
+    assert!(matches!(w.write(&[row(0)]), Err(Error::Timeout(_))));
     assert!(
         t.elapsed() < Duration::from_millis(1000),
         "{:?}",
@@ -247,14 +265,14 @@ fn hostile_answers_are_errors_not_panics_or_huge_allocations() {
         let _ = s.write_all(&[b'R', 0x7f, 0xff, 0xff, 0xff, 0, 0]);
         std::thread::sleep(Duration::from_secs(2));
     });
-    let e = Client::connect(&params(port, "u", Some("p"))).unwrap_err();
+    let e = Client::connect(&params(port, "u", Some("p")), in_5s()).unwrap_err();
     assert!(matches!(e, Error::Protocol(_)), "{e}");
     // GSSAPI, which this client does not do.
     let port = fake_server(|mut s| {
         let _ = s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 7]);
         std::thread::sleep(Duration::from_secs(2));
     });
-    let e = Client::connect(&params(port, "u", Some("p"))).unwrap_err();
+    let e = Client::connect(&params(port, "u", Some("p")), in_5s()).unwrap_err();
     assert!(matches!(e, Error::Auth(_)), "{e}");
     // SCRAM whose server-first message is garbage.
     let port = fake_server(|mut s| {
@@ -267,13 +285,13 @@ fn hostile_answers_are_errors_not_panics_or_huge_allocations() {
         let _ = s.write_all(&[b'R', 0, 0, 0, 11, 0, 0, 0, 11, b'x', b'y', b'z']);
         std::thread::sleep(Duration::from_secs(2));
     });
-    let e = Client::connect(&params(port, "u", Some("p"))).unwrap_err();
+    let e = Client::connect(&params(port, "u", Some("p")), in_5s()).unwrap_err();
     assert!(matches!(e, Error::Protocol(_)), "{e}");
     // A connection closed mid-message.
     let port = fake_server(|mut s| {
         let _ = s.write_all(&[b'R', 0, 0]);
     });
-    let e = Client::connect(&params(port, "u", Some("p"))).unwrap_err();
+    let e = Client::connect(&params(port, "u", Some("p")), in_5s()).unwrap_err();
     assert!(matches!(e, Error::Closed | Error::Io(_)), "{e}");
 }
 
@@ -284,7 +302,7 @@ fn nothing_listening_is_a_connect_error() {
         .local_addr()
         .unwrap()
         .port();
-    let e = Client::connect(&params(port, "u", Some("p"))).unwrap_err();
+    let e = Client::connect(&params(port, "u", Some("p")), in_5s()).unwrap_err();
     assert!(matches!(e, Error::Connect { .. }), "{e}");
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
 }

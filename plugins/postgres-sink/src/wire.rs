@@ -4,11 +4,11 @@
 //! parsed by the `postgres-protocol` crate; this module does the I/O around them.
 //!
 //! It knows nothing of the plugin SDK, so it compiles and is tested natively against a
-//! real server. Every wait on the network is bounded (the broker's time budget cannot
-//! interrupt a guest blocked in a host socket call): the TCP connect by
-//! `connect_timeout`, startup and authentication by the same timeout as a whole, and
-//! each request by `io_timeout` from the first byte sent to the last byte of the answer.
-//! On wasm32-wasip2, std's socket timeouts are emulated by wasi-libc and honoured.
+//! real server. Every wait on the network is bounded, because the broker's time budget
+//! cannot interrupt a guest blocked in a host socket call: each operation takes a
+//! deadline, and every connect, read and write gets the time left as its socket
+//! timeout. On wasm32-wasip2, std's socket timeouts (`connect_timeout`,
+//! `set_read_timeout`, `set_write_timeout`) are emulated by wasi-libc and honoured.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -40,10 +40,6 @@ pub struct Params {
     pub password: Option<String>,
     /// Database to connect to.
     pub database: String,
-    /// Bound of the TCP connect to each address, and of startup plus authentication.
-    pub connect_timeout: Duration,
-    /// Bound of one request: from sending it to the end of its answer.
-    pub io_timeout: Duration,
 }
 
 impl fmt::Debug for Params {
@@ -227,7 +223,6 @@ pub struct Client {
     stream: TcpStream,
     read: BytesMut,
     write: BytesMut,
-    io_timeout: Duration,
 }
 
 impl fmt::Debug for Client {
@@ -240,8 +235,8 @@ impl fmt::Debug for Client {
 
 impl Client {
     /// Opens a connection to the first address of `params.host` that accepts one, logs
-    /// in and waits until the server is ready for queries.
-    pub fn connect(params: &Params) -> Result<Client, Error> {
+    /// in and waits until the server is ready for queries, all before `deadline`.
+    pub fn connect(params: &Params, deadline: Instant) -> Result<Client, Error> {
         let addr = format!("{}:{}", params.host, params.port);
         let addrs: Vec<SocketAddr> = (params.host.as_str(), params.port)
             .to_socket_addrs()
@@ -253,7 +248,8 @@ impl Client {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name has no address");
         let mut stream = None;
         for a in &addrs {
-            match TcpStream::connect_timeout(a, params.connect_timeout) {
+            let left = remaining(deadline).ok_or(Error::Timeout("connect"))?;
+            match TcpStream::connect_timeout(a, left) {
                 Ok(s) => {
                     stream = Some(s);
                     break;
@@ -270,9 +266,7 @@ impl Client {
             stream,
             read: BytesMut::with_capacity(8192),
             write: BytesMut::with_capacity(8192),
-            io_timeout: params.io_timeout,
         };
-        let deadline = Instant::now() + params.connect_timeout;
         client.startup(params, deadline)?;
         Ok(client)
     }
@@ -392,9 +386,8 @@ impl Client {
     }
 
     /// Runs `sql` with the simple query protocol (one statement or several separated by
-    /// semicolons), ignoring any rows it returns.
-    pub fn simple_query(&mut self, sql: &str) -> Result<(), Error> {
-        let deadline = Instant::now() + self.io_timeout;
+    /// semicolons) and waits for its end before `deadline`, ignoring any rows.
+    pub fn simple_query(&mut self, sql: &str, deadline: Instant) -> Result<(), Error> {
         frontend::query(sql, &mut self.write).map_err(malformed)?;
         self.flush(deadline, "query")?;
         let mut failed = None;
@@ -420,8 +413,13 @@ impl Client {
     /// transaction block, the server runs everything before a Sync as one implicit
     /// transaction, committed at the Sync if every statement succeeded and rolled back
     /// otherwise (PostgreSQL protocol, "Extended Query" and "Pipelining"). One round trip.
-    /// Returns the number of rows the statements reported (`INSERT 0 n`).
-    pub fn execute_atomically(&mut self, statements: &[Statement<'_>]) -> Result<u64, Error> {
+    /// Returns the number of rows the statements reported (`INSERT 0 n`), or an error
+    /// if the answer is not complete by `deadline`.
+    pub fn execute_atomically(
+        &mut self,
+        statements: &[Statement<'_>],
+        deadline: Instant,
+    ) -> Result<u64, Error> {
         for s in statements {
             let types = s.types.iter().copied().cycle().take(s.params.len());
             frontend::parse("", s.sql, types, &mut self.write).map_err(malformed)?;
@@ -446,7 +444,6 @@ impl Client {
             frontend::execute("", 0, &mut self.write).map_err(malformed)?;
         }
         frontend::sync(&mut self.write);
-        let deadline = Instant::now() + self.io_timeout;
         self.flush(deadline, "statement")?;
         let mut rows = 0u64;
         let mut failed = None;

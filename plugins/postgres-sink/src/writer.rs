@@ -2,6 +2,8 @@
 //! table when configured) on first use, inserts the whole batch in one transaction, and
 //! reconnects after a failure. No SDK calls, so it is tested natively.
 
+use std::time::Instant;
+
 use crate::config::Config;
 use crate::row::{self, Encoded, Row};
 use crate::wire::{Client, Error};
@@ -41,12 +43,16 @@ impl Writer {
         &self.config
     }
 
-    /// Inserts `rows` all or nothing. A kept connection that turns out broken (the
-    /// server restarted since the last call) is replaced once within the call; a
-    /// missing table is created once when `create_table` is set. Any other failure is
-    /// returned, the connection dropped unless it is known to be usable, and the
-    /// caller retries the same rows later.
+    /// Inserts `rows` all or nothing, within `connect_timeout + io_timeout` in all. A
+    /// kept connection that turns out broken (the server restarted since the last call)
+    /// is replaced once within the call; a missing table is created once when
+    /// `create_table` is set. Any other failure is returned, the connection dropped
+    /// unless it is known to be usable, and the caller retries the same rows later.
     pub fn write(&mut self, rows: &[Row]) -> Result<Written, Error> {
+        let io = self.config.io_timeout();
+        let end = Instant::now() + self.config.connect_timeout() + io;
+        // Each request gets `io_timeout`, but none may end after the call's bound.
+        let request = || (Instant::now() + io).min(end);
         if rows.is_empty() {
             return Ok(Written {
                 rows: 0,
@@ -64,12 +70,12 @@ impl Writer {
             let client = match self.client.as_mut() {
                 Some(c) => c,
                 None => {
-                    let c = self.open()?;
+                    let c = self.open(end)?;
                     connected = true;
                     self.client.insert(c)
                 }
             };
-            match client.execute_atomically(&statements) {
+            match client.execute_atomically(&statements, request()) {
                 Ok(n) => {
                     return Ok(Written { rows: n, connected });
                 }
@@ -81,7 +87,7 @@ impl Writer {
                     created = true;
                     if e.connection_usable() {
                         let sql = row::create_table_sql(&self.config.table);
-                        if let Err(e) = client.simple_query(&sql) {
+                        if let Err(e) = client.simple_query(&sql, request()) {
                             self.drop_unless_usable(&e);
                             return Err(e);
                         }
@@ -104,11 +110,13 @@ impl Writer {
         }
     }
 
-    /// Connects, and creates the table when configured.
-    fn open(&mut self) -> Result<Client, Error> {
-        let mut client = Client::connect(&self.config.params())?;
+    /// Connects, and creates the table when configured, before `end`.
+    fn open(&mut self, end: Instant) -> Result<Client, Error> {
+        let connected_by = (Instant::now() + self.config.connect_timeout()).min(end);
+        let mut client = Client::connect(&self.config.params(), connected_by)?;
         if self.config.create_table {
-            client.simple_query(&row::create_table_sql(&self.config.table))?;
+            let by = (Instant::now() + self.config.io_timeout()).min(end);
+            client.simple_query(&row::create_table_sql(&self.config.table), by)?;
         }
         Ok(client)
     }
