@@ -7,15 +7,14 @@
 
   kafka_tool.py consume BOOTSTRAP TOPIC [TOPIC...] [--min N] [--idle-ms MS] [--timeout-s S]
       Reads every record of the topics from the beginning with kafka-python (no consumer
-      group) and prints one JSON object per record: topic, partition, offset, timestamp,
-      key and value (hex, null for a null key), headers ([name, hex value] pairs). Stops
-      when at least N records were read and none came for MS milliseconds, or after S
-      seconds in all.
+      group) and prints one line per record, fields separated by tabs: topic, partition,
+      offset, timestamp, key (hex; "-" for a null key), value (hex), headers (name:value
+      pairs in hex, separated by ";"). Stops when at least N records were read and none
+      came for MS milliseconds, or after S seconds in all.
 """
 
 import argparse
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -47,7 +46,7 @@ def tansu():
 
 
 def hexed(b):
-    return None if b is None else b.hex()
+    return "-" if b is None else b.hex()
 
 
 def consume(args):
@@ -79,20 +78,12 @@ def consume(args):
         batch = consumer.poll(timeout_ms=200)
         for records in batch.values():
             for r in records:
-                print(
-                    json.dumps(
-                        {
-                            "topic": r.topic,
-                            "partition": r.partition,
-                            "offset": r.offset,
-                            "timestamp": r.timestamp,
-                            "key": hexed(r.key),
-                            "value": hexed(r.value),
-                            "headers": [[n, hexed(v)] for n, v in r.headers],
-                        }
-                    ),
-                    flush=True,
+                headers = ";".join(
+                    n.encode().hex() + ":" + hexed(v) for n, v in r.headers
                 )
+                fields = [r.topic, r.partition, r.offset, r.timestamp]
+                fields += [hexed(r.key), hexed(r.value), headers]
+                print("\t".join(str(f) for f in fields), flush=True)
                 count += 1
                 last = time.monotonic()
         if count >= args.min and (time.monotonic() - last) * 1000 >= args.idle_ms:

@@ -148,22 +148,20 @@ fn consume(addr: &str, topics: &[&str], min: usize) -> Vec<Consumed> {
         .unwrap()
         .lines()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let f: Vec<&str> = l.split('\t').collect();
+            assert_eq!(f.len(), 7, "{l}");
             Consumed {
-                topic: v["topic"].as_str().unwrap().to_owned(),
-                partition: v["partition"].as_i64().unwrap() as i32,
-                timestamp: v["timestamp"].as_i64().unwrap(),
-                key: v["key"].as_str().map(unhex),
-                value: unhex(v["value"].as_str().unwrap()),
-                headers: v["headers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
+                topic: f[0].to_owned(),
+                partition: f[1].parse().unwrap(),
+                timestamp: f[3].parse().unwrap(),
+                key: (f[4] != "-").then(|| unhex(f[4])),
+                value: unhex(f[5]),
+                headers: f[6]
+                    .split(';')
+                    .filter(|h| !h.is_empty())
                     .map(|h| {
-                        (
-                            h[0].as_str().unwrap().to_owned(),
-                            unhex(h[1].as_str().unwrap()),
-                        )
+                        let (n, v) = h.split_once(':').unwrap();
+                        (String::from_utf8(unhex(n)).unwrap(), unhex(v))
                     })
                     .collect(),
             }
