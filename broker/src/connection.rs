@@ -141,13 +141,102 @@ pub async fn run<R, W>(
     tracing::trace!(%peer, "CONNECT received");
     // Accepting (authentication plugins, session takeover) and finishing are boxed so that
     // their state does not enlarge the future every idle connection keeps while serving.
-    let accept = Box::pin(Conn::accept(&broker, &listener, peer, *connect, &mut wr));
+    let accept = Box::pin(Conn::accept(
+        &broker,
+        &listener,
+        peer,
+        *connect,
+        (&mut rd, &mut inbuf),
+        &mut wr,
+    ));
     let mut conn = match accept.await {
         Some(c) => c,
         None => return,
     };
     let close = conn.serve(&mut rd, &mut wr, inbuf).await;
     Box::pin(conn.finish(close, &mut wr)).await;
+}
+
+/// Most AUTH round trips of one enhanced authentication.
+const MAX_AUTH_ROUNDS: usize = 16;
+
+/// Runs an MQTT 5 enhanced authentication exchange before CONNACK (MQTT 5 §4.12): AUTH
+/// 0x18 with the plugin's data, the client's AUTH 0x18 to the plugin's `auth-step`, until
+/// the plugin allows or denies. `None`: the connection failed or timed out (closed without
+/// CONNACK); a client that answers with anything but AUTH with the same method is refused
+/// as a protocol error.
+async fn enhanced_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    broker: &Arc<Broker>,
+    mut decision: crate::plugins::AuthDecision,
+    client_id: &str,
+    method: &str,
+    rd: &mut R,
+    inbuf: &mut BytesMut,
+    wr: &mut W,
+) -> Option<crate::plugins::AuthDecision> {
+    use crate::plugins::AuthDecision;
+    let cfg = &broker.config.mqtt;
+    let wait = Duration::from_secs(cfg.connect_timeout);
+    for _ in 0..MAX_AUTH_ROUNDS {
+        let AuthDecision::Continue {
+            plugin,
+            auth_data,
+            state,
+        } = decision
+        else {
+            return Some(decision);
+        };
+        let auth = Packet::Auth(crate::codec::Auth {
+            reason: ReasonCode::ContinueAuthentication,
+            properties: crate::codec::AuthProperties {
+                authentication_method: Some(method.to_owned()),
+                authentication_data: Some(bytes::Bytes::from(auth_data)),
+                ..Default::default()
+            },
+        });
+        let mut out = BytesMut::new();
+        codec::encode_packet(&auth, ProtocolVersion::V5, &mut out).ok()?;
+        tokio::time::timeout(wait, wr.write_all(&out))
+            .await
+            .ok()?
+            .ok()?;
+        let answer = tokio::time::timeout(wait, async {
+            loop {
+                match codec::decode_packet(inbuf, ProtocolVersion::V5, cfg.max_packet_size) {
+                    Ok(Some(p)) => return Some(p),
+                    Ok(None) => {}
+                    Err(_) => return None,
+                }
+                match rd.read_buf(inbuf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()??;
+        decision = match answer {
+            Packet::Auth(a)
+                if a.reason == ReasonCode::ContinueAuthentication
+                    && a.properties.authentication_method.as_deref() == Some(method) =>
+            {
+                let data = a.properties.authentication_data.map(|d| d.to_vec());
+                broker
+                    .plugins
+                    .auth_step(plugin, client_id.to_owned(), method.to_owned(), data, state)
+                    .await
+            }
+            other => {
+                tracing::info!(
+                    packet = other.name(),
+                    "enhanced authentication: expected AUTH"
+                );
+                AuthDecision::Deny(ReasonCode::ProtocolError.code())
+            }
+        };
+    }
+    tracing::info!("enhanced authentication: too many rounds");
+    Some(AuthDecision::Deny(ReasonCode::NotAuthorized.code()))
 }
 
 #[derive(Debug)]
@@ -250,16 +339,22 @@ struct Conn {
     gate: crate::plugins::gate::Gate,
     /// Publishes of the current read waiting for the transform hook, in order.
     pending: Vec<(Draft, PublishQoS)>,
+    /// What the CONNECT of a client using MQTT 5 enhanced authentication said, for
+    /// re-authentication (MQTT 5 §4.12.1).
+    reauth: Option<Box<crate::plugins::ConnectInfo>>,
+    /// A re-authentication exchange in progress: the plugin and its state.
+    reauth_step: Option<(Arc<crate::plugins::Plugin>, Vec<u8>)>,
 }
 
 impl Conn {
     /// Validates the CONNECT, attaches the session and sends CONNACK. `None` when the
     /// connection was refused (CONNACK with an error was sent) or failed.
-    async fn accept<W: AsyncWrite + Unpin>(
+    async fn accept<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         broker: &Arc<Broker>,
         listener: &ListenerInfo,
         peer: SocketAddr,
         c: Connect,
+        (rd, inbuf): (&mut R, &mut BytesMut),
         wr: &mut W,
     ) -> Option<Conn> {
         let cfg = &broker.config.mqtt;
@@ -295,10 +390,9 @@ impl Conn {
         // plugin that allows it authenticates it too, and one that denies it refuses it.
         let cert_user = listener.cert_username();
         let mut plugin_auth = crate::plugins::AuthDecision::NoOpinion;
-        if refusal.is_none()
-            && broker.plugins.hooks() & crate::plugins::Hooks::AUTHENTICATE != 0
-            && c.properties.authentication_method.is_none()
-        {
+        let method = c.properties.authentication_method.clone();
+        let mut reauth = None;
+        if refusal.is_none() && broker.plugins.hooks() & crate::plugins::Hooks::AUTHENTICATE != 0 {
             let info = crate::plugins::ConnectInfo {
                 client_id: assigned.clone().unwrap_or_else(|| c.client_id.to_string()),
                 username: c.username.clone(),
@@ -314,8 +408,23 @@ impl Conn {
                     .iter()
                     .map(|(n, v)| (n.to_string(), v.to_string()))
                     .collect(),
+                auth_method: method.clone(),
+                auth_data: c
+                    .properties
+                    .authentication_data
+                    .as_ref()
+                    .map(|d| d.to_vec()),
             };
+            if method.is_some() {
+                reauth = Some(Box::new(info.clone()));
+            }
             plugin_auth = broker.plugins.authenticate(info).await;
+            if let (crate::plugins::AuthDecision::Continue { .. }, Some(m)) =
+                (&plugin_auth, &method)
+            {
+                let id = assigned.clone().unwrap_or_else(|| c.client_id.to_string());
+                plugin_auth = enhanced_auth(broker, plugin_auth, &id, m, rd, inbuf, wr).await?;
+            }
             if let crate::plugins::AuthDecision::Deny(code) = plugin_auth {
                 let reason = ReasonCode::from_u8(code).unwrap_or(ReasonCode::NotAuthorized);
                 refusal = Some(refuse(reason, "refused by an authentication plugin"));
@@ -328,10 +437,10 @@ impl Conn {
                 "anonymous clients are not allowed on this listener",
             ));
         }
-        if refusal.is_none() && c.properties.authentication_method.is_some() {
+        if refusal.is_none() && method.is_some() && !plugin_user {
             refusal = Some(refuse(
                 ReasonCode::BadAuthenticationMethod,
-                "enhanced authentication is not supported",
+                "no authentication plugin takes this authentication method",
             ));
         }
         if refusal.is_none() && !cfg.retain_available && c.will.as_ref().is_some_and(|w| w.retain) {
@@ -374,14 +483,16 @@ impl Conn {
                 usize::from(r.get().min(cfg.max_inflight))
             });
 
-        let (username, attributes) = match plugin_auth {
+        let (username, attributes, auth_data) = match plugin_auth {
             crate::plugins::AuthDecision::Allow {
                 username,
                 attributes,
-            } => (username, attributes),
+                auth_data,
+            } => (username, attributes, auth_data),
             _ => (
                 cert_user.map(str::to_owned).or(c.username.clone()),
                 Vec::new(),
+                None,
             ),
         };
         let mut gate = crate::plugins::gate::Gate::new(
@@ -433,6 +544,10 @@ impl Conn {
                 props.retain_available = Some(false);
             }
             props.wildcard_subscription_available = Some(true);
+            if method.is_some() {
+                props.authentication_method = method.clone();
+                props.authentication_data = auth_data.map(bytes::Bytes::from);
+            }
             props.subscription_identifiers_available = Some(true);
             props.shared_subscription_available = Some(true);
         }
@@ -466,6 +581,8 @@ impl Conn {
             connect_expiry: requested_expiry,
             gate,
             pending: Vec::new(),
+            reauth,
+            reauth_step: None,
         };
         conn.send(&Packet::ConnAck(ack));
         tracing::debug!(version = %v, clean_start = c.clean_start, present = att.present, keep_alive, "connected");
@@ -1082,10 +1199,7 @@ impl Conn {
                 tracing::info!("second CONNECT: protocol error");
                 Some(Close::Error(ReasonCode::ProtocolError))
             }
-            Packet::Auth(_) => {
-                tracing::info!("AUTH without enhanced authentication: protocol error");
-                Some(Close::Error(ReasonCode::ProtocolError))
-            }
+            Packet::Auth(a) => self.on_auth(a).err().map(Close::Error),
             other => {
                 tracing::info!(
                     packet = other.name(),
@@ -1275,6 +1389,70 @@ impl Conn {
             Packet::PubAck(ack)
         });
         Ok(())
+    }
+
+    /// Re-authentication (MQTT 5 §4.12.1): AUTH 0x19 starts it with the authenticate
+    /// chain, AUTH 0x18 answers a challenge of the plugin that asked. Success is answered
+    /// with AUTH 0x00; a refusal disconnects.
+    fn on_auth(&mut self, a: crate::codec::Auth) -> Result<(), ReasonCode> {
+        use crate::plugins::AuthDecision;
+        let Some(info) = &self.reauth else {
+            tracing::info!("AUTH without enhanced authentication: protocol error");
+            return Err(ReasonCode::ProtocolError);
+        };
+        let method = info.auth_method.clone().unwrap_or_default();
+        if a.properties.authentication_method.as_deref() != Some(method.as_str()) {
+            tracing::info!("AUTH with another authentication method: protocol error");
+            return Err(ReasonCode::ProtocolError);
+        }
+        let data = a.properties.authentication_data.map(|d| d.to_vec());
+        let plugins = self.broker.plugins.clone();
+        let decision = match (a.reason, self.reauth_step.take()) {
+            (ReasonCode::ReAuthenticate, None) => {
+                let mut info = (**info).clone();
+                info.auth_data = data;
+                plugins.authenticate_now(info)
+            }
+            (ReasonCode::ContinueAuthentication, Some((plugin, state))) => {
+                let id = self.gate.client().client_id.clone();
+                plugins.auth_step_now(&plugin, id, method.clone(), data, state)
+            }
+            _ => {
+                tracing::info!(reason = ?a.reason, "AUTH out of order: protocol error");
+                return Err(ReasonCode::ProtocolError);
+            }
+        };
+        let mut props = crate::codec::AuthProperties {
+            authentication_method: Some(method),
+            ..Default::default()
+        };
+        match decision {
+            AuthDecision::Allow { auth_data, .. } => {
+                props.authentication_data = auth_data.map(bytes::Bytes::from);
+                self.send(&Packet::Auth(crate::codec::Auth {
+                    reason: ReasonCode::Success,
+                    properties: props,
+                }));
+                Ok(())
+            }
+            AuthDecision::Continue {
+                plugin,
+                auth_data,
+                state,
+            } => {
+                props.authentication_data = Some(bytes::Bytes::from(auth_data));
+                self.reauth_step = Some((plugin, state));
+                self.send(&Packet::Auth(crate::codec::Auth {
+                    reason: ReasonCode::ContinueAuthentication,
+                    properties: props,
+                }));
+                Ok(())
+            }
+            AuthDecision::Deny(_) | AuthDecision::NoOpinion => {
+                tracing::info!("re-authentication refused");
+                Err(ReasonCode::NotAuthorized)
+            }
+        }
     }
 
     fn on_subscribe(&mut self, s: Subscribe) {

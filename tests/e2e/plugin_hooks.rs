@@ -379,3 +379,138 @@ async fn live_reload_under_qos1_load_loses_nothing() {
     );
     assert!(!sub.inbox.is_closed(), "subscriber lost its connection");
 }
+
+/// `(id, bytes)` MQTT 5 properties from a property block at `at` (length varint first);
+/// user properties are skipped.
+fn properties(body: &[u8], at: usize) -> Vec<(u8, Vec<u8>)> {
+    let (mut len, mut i, mut shift) = (0usize, at, 0);
+    loop {
+        let b = body[i];
+        len |= usize::from(b & 0x7F) << shift;
+        i += 1;
+        shift += 7;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let end = i + len;
+    let mut out = Vec::new();
+    while i < end {
+        let id = body[i];
+        i += 1;
+        let n = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x13 | 0x21 | 0x22 | 0x23 => 2,
+            0x02 | 0x11 | 0x18 | 0x27 => 4,
+            0x26 => {
+                // A name/value pair: skip both strings.
+                let a = usize::from(u16::from_be_bytes([body[i], body[i + 1]]));
+                let b = usize::from(u16::from_be_bytes([body[i + 2 + a], body[i + 3 + a]]));
+                i += 4 + a + b;
+                continue;
+            }
+            _ => {
+                let n = usize::from(u16::from_be_bytes([body[i], body[i + 1]]));
+                out.push((id, body[i + 2..i + 2 + n].to_vec()));
+                i += 2 + n;
+                continue;
+            }
+        };
+        out.push((id, body[i..i + n].to_vec()));
+        i += n;
+    }
+    out
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// An MQTT 5 CONNECT (clean start) with an Authentication Method.
+fn connect_with_method(client_id: &str, method: &str) -> Vec<u8> {
+    let mut props = vec![0x15];
+    put_str(&mut props, method.as_bytes());
+    let mut body = Vec::new();
+    put_str(&mut body, b"MQTT");
+    body.extend_from_slice(&[5, 0x02, 0, 30, props.len() as u8]);
+    body.extend_from_slice(&props);
+    put_str(&mut body, client_id.as_bytes());
+    raw::packet(0x10, &body)
+}
+
+/// An AUTH packet with `reason`, the method and optional data.
+fn auth(reason: u8, method: &str, data: Option<&[u8]>) -> Vec<u8> {
+    let mut props = vec![0x15];
+    put_str(&mut props, method.as_bytes());
+    if let Some(d) = data {
+        props.push(0x16);
+        put_str(&mut props, d);
+    }
+    let mut body = vec![reason, props.len() as u8];
+    body.extend_from_slice(&props);
+    raw::packet(0xF0, &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enhanced_authentication_runs_challenges_through_the_plugin() {
+    let (broker, _) = broker_with_probes(&[("x", "")]).await;
+    let method = "probe-challenge";
+
+    // CONNECT → AUTH 0x18 (challenge) → AUTH 0x18 (answer) → CONNACK with the method and
+    // the plugin's data.
+    let mut s = raw::connect_tcp(&broker).await;
+    raw::send(&mut s, &connect_with_method("ea1", method)).await;
+    let (first, body) = raw::expect_packet(&mut s).await;
+    assert_eq!((first, body[0]), (0xF0, 0x18), "AUTH continue: {body:?}");
+    let p = properties(&body, 1);
+    assert!(p.contains(&(0x15, method.as_bytes().to_vec())));
+    assert!(p.contains(&(0x16, b"nonce".to_vec())));
+    raw::send(&mut s, &auth(0x18, method, Some(b"answer:nonce"))).await;
+    let (first, body) = raw::expect_packet(&mut s).await;
+    assert_eq!((first, body[1]), (0x20, 0x00), "CONNACK success: {body:?}");
+    let p = properties(&body, 2);
+    assert!(p.contains(&(0x15, method.as_bytes().to_vec())));
+    assert!(p.contains(&(0x16, b"welcome".to_vec())));
+
+    // Re-authentication: AUTH 0x19 → AUTH 0x18 → answer → AUTH 0x00.
+    raw::send(&mut s, &auth(0x19, method, None)).await;
+    let (first, body) = raw::expect_packet(&mut s).await;
+    assert_eq!(
+        (first, body[0]),
+        (0xF0, 0x18),
+        "re-auth challenge: {body:?}"
+    );
+    raw::send(&mut s, &auth(0x18, method, Some(b"answer:nonce"))).await;
+    let (first, body) = raw::expect_packet(&mut s).await;
+    assert_eq!((first, body[0]), (0xF0, 0x00), "re-auth success: {body:?}");
+    // A wrong answer to a re-authentication disconnects with 0x87.
+    raw::send(&mut s, &auth(0x19, method, None)).await;
+    let (first, _) = raw::expect_packet(&mut s).await;
+    assert_eq!(first, 0xF0);
+    raw::send(&mut s, &auth(0x18, method, Some(b"wrong"))).await;
+    assert_eq!(raw::disconnect_codes(&mut s).await, vec![0x87]);
+
+    // A wrong answer refuses the CONNECT with 0x87.
+    let mut s = raw::connect_tcp(&broker).await;
+    raw::send(&mut s, &connect_with_method("ea2", method)).await;
+    let (first, _) = raw::expect_packet(&mut s).await;
+    assert_eq!(first, 0xF0);
+    raw::send(&mut s, &auth(0x18, method, Some(b"guess"))).await;
+    let (first, body) = raw::expect_packet(&mut s).await;
+    assert_eq!(
+        (first, body[1]),
+        (0x20, 0x87),
+        "CONNACK not authorized: {body:?}"
+    );
+
+    // A method no plugin takes: 0x8C bad authentication method.
+    let mut s = raw::connect_tcp(&broker).await;
+    raw::send(&mut s, &connect_with_method("ea3", "SCRAM-SHA-1")).await;
+    let (first, body) = raw::expect_packet(&mut s).await;
+    assert_eq!(
+        (first, body[1]),
+        (0x20, 0x8C),
+        "CONNACK bad method: {body:?}"
+    );
+}

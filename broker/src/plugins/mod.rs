@@ -88,10 +88,14 @@ pub struct ConnectInfo {
     pub cert_subject: Option<String>,
     /// MQTT 5 user properties of CONNECT.
     pub user_properties: Vec<(String, String)>,
+    /// MQTT 5 Authentication Method (enhanced authentication).
+    pub auth_method: Option<String>,
+    /// MQTT 5 Authentication Data of the CONNECT.
+    pub auth_data: Option<Vec<u8>>,
 }
 
 /// The chain's answer to a CONNECT.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum AuthDecision {
     /// Let in; the user name (possibly replaced) and attributes go with the connection.
     Allow {
@@ -99,11 +103,34 @@ pub enum AuthDecision {
         username: Option<String>,
         /// Attributes for later hooks.
         attributes: Vec<(String, String)>,
+        /// Authentication Data for the CONNACK (enhanced authentication).
+        auth_data: Option<Vec<u8>>,
     },
     /// Refuse with this CONNACK reason code.
     Deny(u8),
+    /// MQTT 5 enhanced authentication goes on: send AUTH (0x18) with `auth_data`, and
+    /// hand the client's answer to [`Plugins::auth_step`] with `state`, for `plugin`.
+    Continue {
+        /// The plugin that asked (the same version answers every step).
+        plugin: Arc<Plugin>,
+        /// Authentication Data for the AUTH packet.
+        auth_data: Vec<u8>,
+        /// Opaque state for the next step.
+        state: Vec<u8>,
+    },
     /// No plugin had an opinion: the listener's own rule applies.
     NoOpinion,
+}
+
+impl std::fmt::Debug for AuthDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthDecision::Allow { username, .. } => write!(f, "Allow({username:?})"),
+            AuthDecision::Deny(code) => write!(f, "Deny({code:#04x})"),
+            AuthDecision::Continue { plugin, .. } => write!(f, "Continue({})", plugin.name),
+            AuthDecision::NoOpinion => f.write_str("NoOpinion"),
+        }
+    }
 }
 
 /// Who asks [`Plugins::authorize`]: an authenticated client.
@@ -296,6 +323,42 @@ impl Plugins {
             .unwrap_or(AuthDecision::Deny(NOT_AUTHORIZED))
     }
 
+    /// One step of MQTT 5 enhanced authentication: the client's AUTH answer to a
+    /// [`AuthDecision::Continue`] of `plugin`. Runs on a blocking thread.
+    pub async fn auth_step(
+        &self,
+        plugin: Arc<Plugin>,
+        client_id: String,
+        method: String,
+        auth_data: Option<Vec<u8>>,
+        state: Vec<u8>,
+    ) -> AuthDecision {
+        tokio::task::spawn_blocking(move || auth_step(&plugin, client_id, method, auth_data, state))
+            .await
+            .unwrap_or(AuthDecision::Deny(NOT_AUTHORIZED))
+    }
+
+    /// [`Plugins::auth_step`] from a connection task (re-authentication).
+    pub fn auth_step_now(
+        &self,
+        plugin: &Arc<Plugin>,
+        client_id: String,
+        method: String,
+        auth_data: Option<Vec<u8>>,
+        state: Vec<u8>,
+    ) -> AuthDecision {
+        self.blocking(|| auth_step(plugin, client_id, method, auth_data, state))
+    }
+
+    /// [`Plugins::authenticate`] from a connection task (re-authentication).
+    pub fn authenticate_now(&self, info: ConnectInfo) -> AuthDecision {
+        if self.hooks() & Hooks::AUTHENTICATE == 0 {
+            return AuthDecision::NoOpinion;
+        }
+        let chain = self.chain();
+        self.blocking(|| authenticate_chain(&chain, &info))
+    }
+
     /// Asks the chain about a batch of requests of one client; one verdict per request.
     /// Synchronous: a call costs at most the plugins' time budgets (on a multi-threaded
     /// runtime the worker is handed over to other tasks meanwhile).
@@ -397,8 +460,8 @@ fn authenticate_chain(chain: &Chain, info: &ConnectInfo) -> AuthDecision {
             ProtocolVersion::V5 => types::ProtocolVersion::V5,
         },
         cert_subject: info.cert_subject.clone(),
-        auth_method: None,
-        auth_data: None,
+        auth_method: info.auth_method.clone(),
+        auth_data: info.auth_data.clone(),
         user_properties: info
             .user_properties
             .iter()
@@ -419,21 +482,11 @@ fn authenticate_chain(chain: &Chain, info: &ConnectInfo) -> AuthDecision {
             None => Ok(auth::Decision::Ignore),
         });
         match r {
-            Ok(auth::Decision::Allow(g)) => {
-                return AuthDecision::Allow {
-                    username: g.username.or_else(|| info.username.clone()),
-                    attributes: g
-                        .attributes
-                        .into_iter()
-                        .map(|a| (a.name, a.value))
-                        .collect(),
-                };
-            }
-            Ok(auth::Decision::Deny(code)) => return AuthDecision::Deny(connack_code(code)),
-            // Enhanced authentication is not offered yet, so no client can take part in a
-            // challenge: a plugin asking for one is refusing this client.
-            Ok(auth::Decision::Continue(_)) => return AuthDecision::Deny(NOT_AUTHORIZED),
             Ok(auth::Decision::Ignore) => {}
+            Ok(d) => {
+                let enhanced = info.auth_method.is_some();
+                return auth_decision(p, d, info.username.clone(), enhanced);
+            }
             Err(_) => {
                 if p.sidecar.on_failure.authenticate == DecideFailure::Deny {
                     return AuthDecision::Deny(NOT_AUTHORIZED);
@@ -442,6 +495,59 @@ fn authenticate_chain(chain: &Chain, info: &ConnectInfo) -> AuthDecision {
         }
     }
     AuthDecision::NoOpinion
+}
+
+fn auth_step(
+    plugin: &Arc<Plugin>,
+    client_id: String,
+    method: String,
+    auth_data: Option<Vec<u8>>,
+    state: Vec<u8>,
+) -> AuthDecision {
+    let step = auth::Step {
+        client_id,
+        auth_method: method,
+        auth_data,
+        state,
+    };
+    let _span = tracing::debug_span!("plugin", plugin = %plugin.name, hook = "auth-step").entered();
+    let r = plugin.call("auth-step", |s| match &s.guests.authenticate {
+        Some(g) => g.call_auth_step(&mut s.store, &step),
+        None => Ok(auth::Decision::Deny(NOT_AUTHORIZED)),
+    });
+    match r {
+        // A plugin that ignores its own exchange ends it.
+        Ok(auth::Decision::Ignore) | Err(_) => AuthDecision::Deny(NOT_AUTHORIZED),
+        Ok(d) => auth_decision(plugin, d, None, true),
+    }
+}
+
+/// The chain's answer from one plugin's decision (not `ignore`). `Continue` is only valid
+/// in an enhanced authentication exchange; elsewhere it refuses (0x87).
+fn auth_decision(
+    p: &Arc<Plugin>,
+    d: auth::Decision,
+    username: Option<String>,
+    enhanced: bool,
+) -> AuthDecision {
+    match d {
+        auth::Decision::Allow(g) => AuthDecision::Allow {
+            username: g.username.or(username),
+            attributes: g
+                .attributes
+                .into_iter()
+                .map(|a| (a.name, a.value))
+                .collect(),
+            auth_data: g.auth_data,
+        },
+        auth::Decision::Deny(code) => AuthDecision::Deny(connack_code(code)),
+        auth::Decision::Continue(c) if enhanced => AuthDecision::Continue {
+            plugin: p.clone(),
+            auth_data: c.auth_data,
+            state: c.state,
+        },
+        auth::Decision::Continue(_) | auth::Decision::Ignore => AuthDecision::Deny(NOT_AUTHORIZED),
+    }
 }
 
 fn authorize_chain(chain: &Chain, client: &ClientInfo, requests: &[Request<'_>]) -> Vec<Verdict> {

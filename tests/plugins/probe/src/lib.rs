@@ -9,6 +9,9 @@
 //!   + client id`.
 //! - `authorize` (when `authorize` = true): a will on `forbidden-will/...` and retained
 //!   messages on `hidden/...` are denied; everything else is ignored.
+//! - `authenticate`: MQTT 5 enhanced authentication with the method `probe-challenge`:
+//!   the challenge is `nonce`, the right answer `answer:nonce`, and success carries
+//!   `welcome`; other clients are ignored.
 //! - `events` (when `events` = true): every event is published, through the `publish`
 //!   import, as a QoS 1 message on `probe-events/<kind>` with the client id (or topic) as
 //!   payload.
@@ -22,12 +25,16 @@ wit_bindgen::generate!({
             include sandpiper:plugin/deliverer@0.1.0;
             include sandpiper:plugin/observer@0.1.0;
             include sandpiper:plugin/authorizer@0.1.0;
+            include sandpiper:plugin/authenticator@0.1.0;
         }
     ",
     world: "test:probe/probe",
     generate_all,
 });
 
+use exports::sandpiper::plugin::authenticate::{
+    Challenge, ConnectInfo, Decision as AuthDecision, Grant, Step,
+};
 use exports::sandpiper::plugin::authorize::{Action, Decision, Request};
 use exports::sandpiper::plugin::events::{DropReason, Event};
 use sandpiper::plugin::config;
@@ -35,6 +42,30 @@ use sandpiper::plugin::publish;
 use sandpiper::plugin::types::{Client, Message, MessageProperties, Outcome, Qos};
 
 struct Probe;
+
+impl exports::sandpiper::plugin::authenticate::Guest for Probe {
+    fn authenticate(info: ConnectInfo) -> AuthDecision {
+        if info.auth_method.as_deref() != Some("probe-challenge") {
+            return AuthDecision::Ignore;
+        }
+        AuthDecision::Continue(Challenge {
+            auth_data: b"nonce".to_vec(),
+            state: b"s1".to_vec(),
+        })
+    }
+
+    fn auth_step(step: Step) -> AuthDecision {
+        if step.state == b"s1" && step.auth_data.as_deref() == Some(b"answer:nonce".as_slice()) {
+            AuthDecision::Allow(Grant {
+                username: Some(format!("challenged-{}", step.client_id)),
+                attributes: Vec::new(),
+                auth_data: Some(b"welcome".to_vec()),
+            })
+        } else {
+            AuthDecision::Deny(0x87)
+        }
+    }
+}
 
 impl exports::sandpiper::plugin::authorize::Guest for Probe {
     fn authorize(_client: Client, requests: Vec<Request>) -> Vec<Decision> {
