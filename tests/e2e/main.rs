@@ -18,6 +18,7 @@ mod limits;
 mod load;
 mod plugin_hooks;
 mod plugin_jwt;
+mod plugin_languages;
 mod plugin_sink;
 mod plugin_transforms;
 mod plugins;
