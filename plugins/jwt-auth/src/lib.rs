@@ -30,6 +30,7 @@ mod topics;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use sandpiper_plugin::Init;
 use sandpiper_plugin::authenticate::{self as authn, Authenticate, ConnectInfo, Grant};
 use sandpiper_plugin::authorize::{self as authz, Action, Authorize, Request};
 use sandpiper_plugin::log::{Level, log};
@@ -73,6 +74,14 @@ fn attribute(name: &str, value: &str) -> Attribute {
 }
 
 struct JwtAuth;
+
+/// A configuration that does not parse refuses the plugin at load: on a live reload the
+/// previous version keeps serving.
+impl Init for JwtAuth {
+    fn init() -> Result<(), String> {
+        settings().as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+}
 
 impl Authenticate for JwtAuth {
     fn authenticate(info: ConnectInfo) -> authn::Decision {
@@ -152,7 +161,7 @@ impl Authorize for JwtAuth {
 
 // Only these two hooks: `auth_step` keeps the SDK's default (this plugin never starts
 // an enhanced authentication exchange).
-sandpiper_plugin::export!(JwtAuth with [authenticate, authorize]);
+sandpiper_plugin::export!(JwtAuth with [init, authenticate, authorize]);
 
 #[cfg(test)]
 mod tests {
