@@ -27,6 +27,7 @@ mod retained;
 mod sessions;
 mod shared;
 mod shutdown;
+mod sink_postgres;
 mod transports;
 mod v5;
 mod will;
