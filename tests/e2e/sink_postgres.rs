@@ -550,12 +550,14 @@ async fn a_hanging_postgres_slows_neither_publishers_nor_subscribers() {
     }
     let took = t.elapsed();
     eprintln!("hanging sink: 200 QoS 1 round trips in {took:?}, slowest {slowest:?}");
+    // The sink is stuck for 25 s: a broker waiting on it would show that here. The
+    // bounds leave room for a loaded test machine (unloaded: ~0.2 s, slowest ~10 ms).
     assert!(
-        slowest < Duration::from_millis(500),
+        slowest < Duration::from_secs(2),
         "slowest round trip {slowest:?}"
     );
     assert!(
-        took < Duration::from_secs(10),
+        took < Duration::from_secs(15),
         "200 round trips took {took:?}"
     );
     // The sink has delivered nothing and is still waiting (no retry logged yet).

@@ -34,6 +34,12 @@ pub struct Config {
     /// Create the table (`CREATE TABLE IF NOT EXISTS`) on every new connection.
     #[serde(default)]
     pub create_table: bool,
+    /// What to do with a batch PostgreSQL refuses for its data (SQLSTATE class 22, data
+    /// exception, or 23, integrity constraint violation: a CHECK, a unique index of
+    /// your table): retry it (default) or insert it row by row and drop the rows it
+    /// refuses.
+    #[serde(default)]
+    pub on_rejected: OnRejected,
     /// Bound of connecting: TCP connect, startup and authentication together.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -53,10 +59,22 @@ impl std::fmt::Debug for Config {
             .field("database", &self.database)
             .field("table", &self.table)
             .field("create_table", &self.create_table)
+            .field("on_rejected", &self.on_rejected)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("io_timeout_ms", &self.io_timeout_ms)
             .finish_non_exhaustive()
     }
+}
+
+/// `on_rejected`.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRejected {
+    /// Keep retrying the batch (the sink waits until the table or the data is fixed).
+    #[default]
+    Retry,
+    /// Insert the batch row by row, each in its own transaction, dropping refused rows.
+    Drop,
 }
 
 fn default_host() -> String {
@@ -138,6 +156,7 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 5432));
         assert_eq!(c.table, "mqtt_messages");
         assert!(!c.create_table);
+        assert_eq!(c.on_rejected, OnRejected::Retry);
         assert_eq!(
             c.params().database,
             "sink",
@@ -146,6 +165,9 @@ mod tests {
         assert_eq!(c.connect_timeout(), Duration::from_secs(3));
         assert_eq!(c.io_timeout(), Duration::from_secs(5));
         assert!(parse("").is_err(), "user is required");
+        let c = parse("user = \"u\"\non_rejected = \"drop\"\n").unwrap();
+        assert_eq!(c.on_rejected, OnRejected::Drop);
+        assert!(parse("user = \"u\"\non_rejected = \"ignore\"\n").is_err());
     }
 
     #[test]

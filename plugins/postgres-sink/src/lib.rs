@@ -14,7 +14,8 @@
 //! parameters, extended query protocol) in one transaction: all rows or none. Any
 //! failure answers `retry`, and the broker calls again later with the same batch, so
 //! delivery is at least once: a batch whose commit succeeded but whose answer was lost
-//! is inserted twice.
+//! is inserted twice. A batch the table refuses for good (a CHECK constraint, a unique
+//! index) is retried until that is fixed, unless `on_rejected = "drop"`.
 //!
 //! The connection is opened on the first batch over WASI sockets (the sidecar's
 //! `network` list must allow the server's address), kept in the instance for the next
@@ -33,6 +34,8 @@
 //! create_table = true           # CREATE TABLE IF NOT EXISTS on connect (default false)
 //! connect_timeout_ms = 3000     # default
 //! io_timeout_ms = 5000          # default
+//! on_rejected = "retry"         # default; "drop": a batch refused for its data (a CHECK,
+//!                               # a unique index) is inserted row by row without those rows
 //! ```
 //!
 //! Layout: [`wire`] is the PostgreSQL client, [`row`] what a message becomes, [`writer`]
@@ -115,6 +118,18 @@ impl Sink for PostgresSink {
                     );
                 }
                 metrics::counter_add("rows_inserted", w.rows);
+                if w.dropped > 0 {
+                    metrics::counter_add("rows_dropped", w.dropped);
+                    log::log(
+                        log::Level::Warn,
+                        "rows refused by PostgreSQL dropped (on_rejected = \"drop\")",
+                        &[
+                            ("dropped", &w.dropped.to_string()),
+                            ("inserted", &w.rows.to_string()),
+                            ("first_error", w.rejected.as_deref().unwrap_or_default()),
+                        ],
+                    );
+                }
                 WriteResult::Ok
             }
             Err(e) => {

@@ -208,6 +208,18 @@ pub fn statements<'a>(
         .collect()
 }
 
+/// One statement per row, each `sql` (an [`insert_sql`] of one row): for inserting row
+/// by row when a batch was refused.
+pub fn one_per_row<'a>(sql: &'a str, rows: &'a [Encoded<'a>]) -> Vec<Statement<'a>> {
+    rows.iter()
+        .map(|r| Statement {
+            sql,
+            types: &TYPES,
+            params: r.params().to_vec(),
+        })
+        .collect()
+}
+
 /// Unix milliseconds as a PostgreSQL `timestamptz`: microseconds since
 /// 2000-01-01 00:00 UTC, clamped to the range PostgreSQL accepts (so a bogus time is
 /// stored as the far future rather than refused forever).

@@ -151,6 +151,43 @@ fn a_batch_is_all_or_nothing_even_across_statements() {
 }
 
 #[test]
+fn on_rejected_drop_keeps_the_rows_the_table_accepts() {
+    let db = TestDb::start();
+    db.psql(
+        "CREATE TABLE r (topic text CHECK (topic <> 'bad'), payload bytea UNIQUE, qos smallint, \
+         client_id text, received_at timestamptz, user_properties jsonb)",
+    );
+    let mut config = db.config("r");
+    let mut rows: Vec<Row> = (0..6).map(row).collect();
+    rows[2].topic = "bad".into();
+    rows[4].topic = "bad".into();
+    // Default: the batch is refused as a whole, again and again.
+    let mut w = Writer::new(config.clone());
+    assert_eq!(w.write(&rows).unwrap_err().sqlstate(), Some("23514"));
+    assert_eq!(w.write(&rows).unwrap_err().sqlstate(), Some("23514"));
+    assert_eq!(db.psql("SELECT count(*) FROM r"), "0");
+
+    config.on_rejected = crate::config::OnRejected::Drop;
+    let mut w = Writer::new(config);
+    let written = w.write(&rows).unwrap();
+    assert_eq!((written.rows, written.dropped), (4, 2));
+    assert!(written.rejected.unwrap().contains("23514"));
+    assert_eq!(
+        db.psql("SELECT string_agg(topic, ',' ORDER BY topic) FROM r"),
+        "sensors/0,sensors/1,sensors/3,sensors/5"
+    );
+    // The same batch again (a retry whose first commit went through): a unique index
+    // turns the repeats into dropped rows instead of duplicates.
+    let again = w.write(&rows).unwrap();
+    assert_eq!((again.rows, again.dropped), (0, 6));
+    assert_eq!(db.psql("SELECT count(*) FROM r"), "4");
+    // Other errors are not the data's fault: retried, nothing dropped.
+    db.psql("ALTER TABLE r RENAME TO r2");
+    let e = w.write(&[row(9)]).unwrap_err();
+    assert_eq!(e.sqlstate(), Some("42P01"), "{e}");
+}
+
+#[test]
 fn a_restarted_server_is_reconnected_and_a_dropped_table_recreated() {
     let db = TestDb::start();
     let mut config = db.config("m");

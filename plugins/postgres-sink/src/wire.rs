@@ -421,38 +421,77 @@ impl Client {
         deadline: Instant,
     ) -> Result<u64, Error> {
         for s in statements {
-            let types = s.types.iter().copied().cycle().take(s.params.len());
-            frontend::parse("", s.sql, types, &mut self.write).map_err(malformed)?;
-            let bound = frontend::bind(
-                "",
-                "",
-                // One format code applies to every parameter: binary.
-                [1],
-                &s.params,
-                |p, buf| Ok(p.encode(buf)),
-                // Results (none for INSERT) in binary.
-                [1],
-                &mut self.write,
-            );
-            if let Err(e) = bound {
-                self.write.clear();
-                return Err(Error::Protocol(match e {
-                    frontend::BindError::Conversion(e) => e.to_string(),
-                    frontend::BindError::Serialization(e) => e.to_string(),
-                }));
-            }
-            frontend::execute("", 0, &mut self.write).map_err(malformed)?;
+            self.queue(s)?;
         }
         frontend::sync(&mut self.write);
         self.flush(deadline, "statement")?;
+        let (rows, failed, status) = self.until_ready(deadline)?;
+        finish(failed, status)?;
+        Ok(rows)
+    }
+
+    /// Runs each of `statements` in a transaction of its own (a Sync after each), still
+    /// in one round trip: a statement the server refuses does not undo the others.
+    /// Returns, per statement, its row count or the server's error.
+    pub fn execute_each(
+        &mut self,
+        statements: &[Statement<'_>],
+        deadline: Instant,
+    ) -> Result<Vec<Result<u64, ServerError>>, Error> {
+        for s in statements {
+            self.queue(s)?;
+            frontend::sync(&mut self.write);
+        }
+        self.flush(deadline, "statement")?;
+        let mut out = Vec::with_capacity(statements.len());
+        for _ in statements {
+            let (rows, failed, status) = self.until_ready(deadline)?;
+            out.push(match finish(failed, status) {
+                Ok(()) => Ok(rows),
+                Err(Error::Server(e)) if e.idle => Err(e),
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds Parse, Bind and Execute of `s` (unnamed statement and portal, binary
+    /// parameters) to the pending request.
+    fn queue(&mut self, s: &Statement<'_>) -> Result<(), Error> {
+        let types = s.types.iter().copied().cycle().take(s.params.len());
+        if let Err(e) = frontend::parse("", s.sql, types, &mut self.write) {
+            self.write.clear();
+            return Err(malformed(e));
+        }
+        let bound = frontend::bind(
+            "",
+            "",
+            // One format code applies to every parameter: binary.
+            [1],
+            &s.params,
+            |p, buf| Ok(p.encode(buf)),
+            // Results (none for INSERT) in binary.
+            [1],
+            &mut self.write,
+        );
+        if let Err(e) = bound {
+            self.write.clear();
+            return Err(Error::Protocol(match e {
+                frontend::BindError::Conversion(e) => e.to_string(),
+                frontend::BindError::Serialization(e) => e.to_string(),
+            }));
+        }
+        frontend::execute("", 0, &mut self.write).map_err(malformed)
+    }
+
+    /// Reads the answers to statements up to ReadyForQuery: the rows they reported,
+    /// the error if one failed, and the transaction status.
+    fn until_ready(&mut self, deadline: Instant) -> Result<(u64, Option<ServerError>, u8), Error> {
         let mut rows = 0u64;
         let mut failed = None;
         loop {
             match self.receive(deadline, "statement")? {
-                Message::ReadyForQuery(body) => {
-                    finish(failed, body.status())?;
-                    return Ok(rows);
-                }
+                Message::ReadyForQuery(body) => return Ok((rows, failed, body.status())),
                 Message::CommandComplete(body) => {
                     let tag = body.tag().map_err(malformed)?;
                     // "INSERT oid rows", "UPDATE rows"...: the count is the last word.

@@ -1,10 +1,12 @@
 //! Writing a batch: keeps one connection open across calls, opens it (and creates the
 //! table when configured) on first use, inserts the whole batch in one transaction, and
-//! reconnects after a failure. No SDK calls, so it is tested natively.
+//! reconnects after a failure. With `on_rejected = "drop"`, a batch refused for its data
+//! is inserted again row by row, without the rows refused. No SDK calls, so it is tested
+//! natively.
 
 use std::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, OnRejected};
 use crate::row::{self, Encoded, Row};
 use crate::wire::{Client, Error};
 
@@ -19,12 +21,24 @@ pub struct Writer {
 }
 
 /// What a successful write did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Written {
     /// Rows the server reported inserted.
     pub rows: u64,
     /// A new connection was opened for it.
     pub connected: bool,
+    /// Rows dropped because PostgreSQL refused them (`on_rejected = "drop"`).
+    pub dropped: u64,
+    /// Why the first dropped row was refused.
+    pub rejected: Option<String>,
+}
+
+/// Whether `e` refuses the data itself, so that sending the same rows again cannot
+/// succeed: SQLSTATE class 22 (data exception) or 23 (integrity constraint violation).
+fn refuses_data(e: &Error) -> bool {
+    e.connection_usable()
+        && e.sqlstate()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
 }
 
 impl Writer {
@@ -54,10 +68,7 @@ impl Writer {
         // Each request gets `io_timeout`, but none may end after the call's bound.
         let request = || (Instant::now() + io).min(end);
         if rows.is_empty() {
-            return Ok(Written {
-                rows: 0,
-                connected: false,
-            });
+            return Ok(Written::default());
         }
         let encoded: Vec<Encoded<'_>> = rows.iter().map(Encoded::new).collect();
         let plan = row::plan(&self.table, &encoded);
@@ -77,7 +88,37 @@ impl Writer {
             };
             match client.execute_atomically(&statements, request()) {
                 Ok(n) => {
-                    return Ok(Written { rows: n, connected });
+                    return Ok(Written {
+                        rows: n,
+                        connected,
+                        ..Written::default()
+                    });
+                }
+                Err(e) if self.config.on_rejected == OnRejected::Drop && refuses_data(&e) => {
+                    let sql = row::insert_sql(&self.table, 1);
+                    let each = row::one_per_row(&sql, &encoded);
+                    let mut written = Written {
+                        connected,
+                        ..Written::default()
+                    };
+                    let outcome = client.execute_each(&each, request());
+                    let results = match outcome {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.drop_unless_usable(&e);
+                            return Err(e);
+                        }
+                    };
+                    for r in results {
+                        match r {
+                            Ok(n) => written.rows += n,
+                            Err(refused) => {
+                                written.dropped += 1;
+                                written.rejected.get_or_insert_with(|| refused.to_string());
+                            }
+                        }
+                    }
+                    return Ok(written);
                 }
                 Err(e)
                     if e.sqlstate() == Some(UNDEFINED_TABLE)
