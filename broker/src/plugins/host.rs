@@ -1,8 +1,10 @@
 //! The wasmtime side shared by every plugin: one `Engine` (cranelift, component model,
 //! `concurrency_support` off, epoch interruption, pooling allocator, on-disk cache of
 //! compiled code), the `Linker` built once, the epoch ticker thread, and the per-instance
-//! store data with the host imports (log, kv, publish, metrics, config).
+//! store data with the host imports (log, kv, publish, metrics, config), WASI and
+//! `wasi:http` (outgoing requests only, to the addresses of the sidecar's `network`).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -12,6 +14,10 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, StoreLimits};
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
+use wasmtime_wasi_http::{
+    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
 
 use super::bindings::host::{config, kv, log, metrics, publish};
 use super::bindings::{Plugin as PluginWorld, sandpiper::plugin::types};
@@ -50,6 +56,7 @@ impl Host {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
         PluginWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (e, s) = (engine.clone(), stop.clone());
@@ -155,6 +162,8 @@ pub struct PluginEnv {
     pub network: Arc<[std::net::SocketAddr]>,
     /// Whether `network` names hosts (then the plugin may look names up).
     pub network_names: bool,
+    /// Which `wasi:http` requests the plugin may send, and how long each may wait.
+    pub http: HttpPolicy,
     /// Counters and gauges the plugin defined.
     pub metrics: PluginMetrics,
 }
@@ -211,6 +220,8 @@ impl PluginMetrics {
 /// The data of one plugin instance's `Store`.
 pub struct State {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    http_gate: HttpGate,
     table: ResourceTable,
     /// Memory cap of this instance.
     pub limits: StoreLimits,
@@ -246,6 +257,8 @@ impl State {
         }
         State {
             wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            http_gate: HttpGate { env: env.clone() },
             table: ResourceTable::new(),
             limits: wasmtime::StoreLimitsBuilder::new()
                 .memory_size(memory_bytes)
@@ -265,6 +278,154 @@ impl WasiView for State {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_gate,
+        }
+    }
+}
+
+/// The `wasi:http` requests a plugin may send: those whose authority (`host:port`, the
+/// port defaulting to 80 for `http` and 443 for `https`) its sidecar's `network` lists.
+/// A listed IP matches that IP written in the URL; a listed host name matches that name
+/// (ASCII case-insensitive), whatever it resolves to when the request is sent.
+#[derive(Debug, Clone, Default)]
+pub struct HttpPolicy {
+    ips: Vec<SocketAddr>,
+    names: Vec<(String, u16)>,
+    /// Longest connect, first-byte and between-bytes wait of one request.
+    wait: Duration,
+}
+
+impl HttpPolicy {
+    /// The policy of a plugin whose sidecar lists `network` and gives each call `time_ms`.
+    /// Each wait of a request defaults to, and is capped at, the call's time budget: a
+    /// request that outlasts it fails the call anyway (when the plugin resumes), and the
+    /// cap keeps a host call the epoch deadline cannot interrupt bounded.
+    pub fn new(network: &[String], time_ms: u32) -> HttpPolicy {
+        let mut p = HttpPolicy {
+            wait: Duration::from_millis(u64::from(time_ms.max(1))),
+            ..HttpPolicy::default()
+        };
+        for entry in network {
+            if let Ok(addr) = entry.parse::<SocketAddr>() {
+                p.ips.push(addr);
+            } else if let Some((host, port)) = entry.rsplit_once(':')
+                && let Ok(port) = port.parse::<u16>()
+            {
+                p.names.push((host.to_ascii_lowercase(), port));
+            }
+        }
+        p
+    }
+
+    /// Whether a request to `uri` may be sent.
+    pub fn allows(&self, uri: &http::Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        // User info is never sent as part of a destination; refuse it outright.
+        if authority.as_str().contains('@') {
+            return false;
+        }
+        let port = match authority.port_u16() {
+            Some(p) => p,
+            None if uri.scheme() == Some(&http::uri::Scheme::HTTPS) => 443,
+            None if uri.scheme() == Some(&http::uri::Scheme::HTTP) => 80,
+            None => return false,
+        };
+        let host = authority.host();
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        match bare.parse::<IpAddr>() {
+            Ok(ip) => self.ips.contains(&SocketAddr::new(ip, port)),
+            Err(_) => self
+                .names
+                .iter()
+                .any(|(n, p)| *p == port && n.eq_ignore_ascii_case(host)),
+        }
+    }
+
+    /// The guest's request options with every wait bounded.
+    fn bound(&self, options: Option<RequestOptions>) -> RequestOptions {
+        let o = options.unwrap_or_default();
+        let cap = |d: Option<Duration>| Some(d.map_or(self.wait, |d| d.min(self.wait)));
+        RequestOptions {
+            connect_timeout: cap(o.connect_timeout),
+            first_byte_timeout: cap(o.first_byte_timeout),
+            between_bytes_timeout: cap(o.between_bytes_timeout),
+        }
+    }
+}
+
+/// One instance's `wasi:http` hooks: every outgoing request passes [`HttpPolicy`] before
+/// it is sent; a refused one fails with `HTTP-request-denied` and is logged.
+struct HttpGate {
+    env: Arc<PluginEnv>,
+}
+
+/// The future `send_request` answers with: the response and the connection's own driver.
+type Sent = wasmtime_wasi_http::Result<(
+    http::Response<WasiBody>,
+    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+)>;
+
+impl WasiHttpHooks for HttpGate {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _request_done: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<dyn Future<Output = Sent> + Send> {
+        let policy = &self.env.http;
+        if !policy.allows(request.uri()) {
+            let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or("");
+            tracing::warn!(plugin = %self.env.name, authority, use_ = "wasi:http",
+                "plugin network use refused: address not in its sidecar's network list");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        let options = policy.bound(options);
+        // The TLS handshake has no timeout of its own in the default sender: bound the
+        // whole way to the response head by connect + first-byte.
+        let head = options.connect_timeout.unwrap_or(policy.wait)
+            + options.first_byte_timeout.unwrap_or(policy.wait);
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let send = wasmtime_wasi_http::default_send_request(request, Some(options));
+            let (response, connection) = tokio::time::timeout(head, send)
+                .await
+                .map_err(|_| wasmtime_wasi_http::Error::ConnectionTimeout)??;
+            let connection: Box<dyn Future<Output = _> + Send> = Box::new(connection);
+            Ok((response.map(BodyExt::boxed_unsync), connection))
+        })
+    }
+
+    // The guest gets these errors as its answer (a sink says why in its `retry`): logged
+    // at debug, with the plugin, instead of the crate's default warning per failure.
+    fn p2_error_from_connect(&mut self, err: &std::io::Error) -> ErrorCode {
+        tracing::debug!(plugin = %self.env.name, error = %err, "plugin http connect failed");
+        match err.kind() {
+            std::io::ErrorKind::TimedOut => ErrorCode::ConnectionTimeout,
+            _ => ErrorCode::ConnectionRefused,
+        }
+    }
+
+    fn p2_error_from_hyper(&mut self, err: &hyper::Error) -> ErrorCode {
+        tracing::debug!(plugin = %self.env.name, error = %err, "plugin http request failed");
+        ErrorCode::HttpProtocolError
+    }
+
+    fn p2_error_from_tls(&mut self, err: &std::io::Error) -> ErrorCode {
+        tracing::debug!(plugin = %self.env.name, error = %err, "plugin https handshake failed");
+        ErrorCode::TlsProtocolError
     }
 }
 
@@ -418,5 +579,64 @@ impl config::Host for State {
 
     fn toml(&mut self) -> String {
         self.env.config.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+    use super::*;
+
+    fn policy(network: &[&str]) -> HttpPolicy {
+        let list: Vec<String> = network.iter().map(|s| s.to_string()).collect();
+        HttpPolicy::new(&list, 5000)
+    }
+
+    fn allows(p: &HttpPolicy, url: &str) -> bool {
+        p.allows(&url.parse::<http::Uri>().unwrap())
+    }
+
+    #[test]
+    fn http_authority_must_be_listed() {
+        let p = policy(&["127.0.0.1:8080", "Hooks.Example.com:443", "[::1]:80"]);
+        assert!(allows(&p, "http://127.0.0.1:8080/x"));
+        assert!(!allows(&p, "http://127.0.0.1:8081/x"), "other port");
+        assert!(!allows(&p, "http://127.0.0.1/x"), "default port 80");
+        assert!(
+            !allows(&p, "http://localhost:8080/x"),
+            "a name does not match an IP"
+        );
+        assert!(
+            allows(&p, "https://hooks.example.COM/in"),
+            "default 443, case"
+        );
+        assert!(allows(&p, "https://hooks.example.com:443/in"));
+        assert!(!allows(&p, "http://hooks.example.com/in"), "http: port 80");
+        assert!(!allows(&p, "https://evil.hooks.example.com/in"));
+        assert!(allows(&p, "http://[::1]/"));
+        assert!(!allows(&p, "http://[::2]/"));
+        assert!(!allows(&p, "http://user@127.0.0.1:8080/"), "user info");
+        assert!(!allows(&p, "/relative"), "no authority");
+        assert!(
+            !allows(&policy(&[]), "http://127.0.0.1:8080/"),
+            "empty list"
+        );
+    }
+
+    #[test]
+    fn http_waits_are_bounded_by_the_time_budget() {
+        let p = policy(&[]);
+        let none = p.bound(None);
+        assert_eq!(none.connect_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(none.first_byte_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(none.between_bytes_timeout, Some(Duration::from_secs(5)));
+        let asked = p.bound(Some(RequestOptions {
+            connect_timeout: Some(Duration::from_millis(300)),
+            first_byte_timeout: Some(Duration::from_secs(600)),
+            between_bytes_timeout: None,
+        }));
+        assert_eq!(asked.connect_timeout, Some(Duration::from_millis(300)));
+        assert_eq!(asked.first_byte_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(asked.between_bytes_timeout, Some(Duration::from_secs(5)));
     }
 }

@@ -210,6 +210,7 @@ impl Plugin {
                 .network
                 .iter()
                 .any(|a| a.parse::<std::net::SocketAddr>().is_err()),
+            http: super::host::HttpPolicy::new(&sidecar.network, sidecar.time_ms),
             metrics: Default::default(),
         });
         let plugin = Plugin {
