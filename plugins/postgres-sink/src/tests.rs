@@ -181,6 +181,13 @@ fn on_rejected_drop_keeps_the_rows_the_table_accepts() {
     let again = w.write(&rows).unwrap();
     assert_eq!((again.rows, again.dropped), (0, 6));
     assert_eq!(db.psql("SELECT count(*) FROM r"), "4");
+    // Large batches go row by row in rounds of a thousand.
+    let mut many: Vec<Row> = (100..2600).map(row).collect();
+    many[5].topic = "bad".into();
+    many[2400].topic = "bad".into();
+    let w3 = w.write(&many).unwrap();
+    assert_eq!((w3.rows, w3.dropped), (2498, 2));
+    assert_eq!(db.psql("SELECT count(*) FROM r"), "2502");
     // Other errors are not the data's fault: retried, nothing dropped.
     db.psql("ALTER TABLE r RENAME TO r2");
     let e = w.write(&[row(9)]).unwrap_err();

@@ -13,6 +13,9 @@ use crate::wire::{Client, Error};
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
 
+/// Rows per round trip when inserting row by row.
+const ROWS_PER_ROUND: usize = 1000;
+
 /// The batch writer of one plugin instance.
 pub struct Writer {
     config: Config,
@@ -101,20 +104,25 @@ impl Writer {
                         connected,
                         ..Written::default()
                     };
-                    let outcome = client.execute_each(&each, request());
-                    let results = match outcome {
-                        Ok(r) => r,
-                        Err(e) => {
-                            self.drop_unless_usable(&e);
-                            return Err(e);
-                        }
-                    };
-                    for r in results {
-                        match r {
-                            Ok(n) => written.rows += n,
-                            Err(refused) => {
-                                written.dropped += 1;
-                                written.rejected.get_or_insert_with(|| refused.to_string());
+                    let by = request();
+                    // In rounds: the server answers every row (~40 bytes), and answers
+                    // left unread while the request is still being written would fill
+                    // the socket buffers both ways and stall the pipeline.
+                    for round in each.chunks(ROWS_PER_ROUND) {
+                        let results = match client.execute_each(round, by) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                self.drop_unless_usable(&e);
+                                return Err(e);
+                            }
+                        };
+                        for r in results {
+                            match r {
+                                Ok(n) => written.rows += n,
+                                Err(refused) => {
+                                    written.dropped += 1;
+                                    written.rejected.get_or_insert_with(|| refused.to_string());
+                                }
                             }
                         }
                     }
@@ -138,8 +146,7 @@ impl Writer {
                 }
                 // A kept connection that died in the meantime (restart, idle timeout):
                 // one fresh try. A fresh connection's failure is the answer.
-                Err(e @ (Error::Io(_) | Error::Closed)) if !connected && !reconnected => {
-                    drop(e);
+                Err(Error::Io(_) | Error::Closed) if !connected && !reconnected => {
                     reconnected = true;
                     self.disconnect();
                 }
