@@ -92,7 +92,7 @@ impl Conn {
             timed_out: false,
         };
         // Version 0: every broker since 0.10 answers it, and its answer lists the rest.
-        let versions = conn.call(&ApiVersionsRequest::default(), 0, deadline, "ApiVersions")?;
+        let versions = conn.call(ApiVersionsRequest::default(), 0, deadline, "ApiVersions")?;
         if versions.error_code != 0 {
             return Err(conn.unsupported(format!(
                 "ApiVersions answered error {}",
@@ -130,10 +130,12 @@ impl Conn {
         }
     }
 
-    /// Sends `request` as `version` and returns the decoded response.
+    /// Sends `request` as `version` and returns the decoded response. The request is
+    /// consumed: its record batches are freed once encoded into the frame, so a Produce
+    /// request is held in memory once, not twice.
     pub fn call<R: Api>(
         &mut self,
-        request: &R,
+        request: R,
         version: i16,
         deadline: Instant,
         doing: &'static str,
@@ -145,14 +147,20 @@ impl Conn {
             .with_request_api_version(version)
             .with_correlation_id(correlation)
             .with_client_id(Some(self.client_id.clone()));
-        let mut frame = vec![0u8; 4];
+        let header_version = R::header_version(version);
+        let size = header
+            .compute_size(header_version)
+            .and_then(|h| Ok(h + request.compute_size(version)?))
+            .map_err(|e| Error::Encode(format!("{doing} v{version}: {e}")))?;
+        let size_field = i32::try_from(size)
+            .map_err(|_| Error::Encode(format!("{doing} request of {size} bytes")))?;
+        let mut frame = Vec::with_capacity(4 + size);
+        frame.extend_from_slice(&size_field.to_be_bytes());
         header
-            .encode(&mut frame, R::header_version(version))
+            .encode(&mut frame, header_version)
             .and_then(|()| request.encode(&mut frame, version))
             .map_err(|e| Error::Encode(format!("{doing} v{version}: {e}")))?;
-        let size = i32::try_from(frame.len() - 4)
-            .map_err(|_| Error::Encode(format!("{doing} request of {} bytes", frame.len())))?;
-        frame[..4].copy_from_slice(&size.to_be_bytes());
+        drop(request);
 
         self.io(doing, deadline, |s, d| write_all_by(s, &frame, d))?;
         let mut size = [0u8; 4];

@@ -215,7 +215,7 @@ impl Producer {
                 .with_timeout_ms(wait_ms)
                 .with_topic_data(topic_data);
             let version = conn.produce_version;
-            let response = conn.call(&request, version, deadline, "Produce")?;
+            let response = conn.call(request, version, deadline, "Produce")?;
 
             // Every partition sent must be answered, without error.
             let mut answers: HashMap<(&str, i32), (i16, Option<String>)> = HashMap::new();
@@ -314,7 +314,7 @@ impl Producer {
         let version = conn.metadata_version;
         // Before version 4 the server decides alone (the field must stay at its default).
         let request = request.with_allow_auto_topic_creation(auto_create || version < 4);
-        let response = conn.call(&request, version, deadline, "Metadata")?;
+        let response = conn.call(request, version, deadline, "Metadata")?;
 
         let mut meta = Metadata {
             fetched: Some(Instant::now()),
