@@ -96,8 +96,8 @@ struct Postgres {
 impl Postgres {
     fn start() -> Postgres {
         let bin = pg_bin();
-        let dir = Broker::temp_dir().join("pg");
-        std::fs::create_dir_all(&dir).unwrap();
+        // A folder of its own (removed on drop): data, password file, log, socket.
+        let dir = Broker::temp_dir();
         let pg = Postgres {
             dir,
             port: free_port(),
