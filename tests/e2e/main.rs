@@ -16,6 +16,7 @@ mod basic;
 mod durability;
 mod limits;
 mod load;
+mod plugin_c;
 mod plugin_hooks;
 mod plugin_jwt;
 mod plugin_languages;
