@@ -42,6 +42,9 @@ fn sidecar(lines: &[String]) -> String {
     format!("[config]\nusers = \"\"\"\n{}\n\"\"\"\n", lines.join("\n"))
 }
 
+/// A user name and password, or none.
+type Login<'a> = Option<(&'a str, &'a str)>;
+
 /// How a connect attempt ended: accepted, or refused with this CONNACK code.
 #[derive(Debug, PartialEq, Eq)]
 enum Connack {
@@ -50,7 +53,7 @@ enum Connack {
     Refused(String),
 }
 
-async fn connect_v5(broker: &Broker, id: &str, user: Option<(&str, &str)>) -> Connack {
+async fn connect_v5(broker: &Broker, id: &str, user: Login<'_>) -> Connack {
     let mut o = v5::options(broker, id);
     if let Some((u, p)) = user {
         o.set_credentials(u, p);
@@ -66,7 +69,7 @@ async fn connect_v5(broker: &Broker, id: &str, user: Option<(&str, &str)>) -> Co
     }
 }
 
-async fn connect_v3(broker: &Broker, id: &str, user: Option<(&str, &str)>) -> Connack {
+async fn connect_v3(broker: &Broker, id: &str, user: Login<'_>) -> Connack {
     let mut o = v3::options(broker, id);
     if let Some((u, p)) = user {
         o.set_credentials(u, p);
@@ -99,7 +102,7 @@ async fn c_plugin_checks_passwords_for_v5_and_v311_clients() {
     let broker = broker_with("c-auth", &c_auth(), &table).await;
     wait_for_log(&broker, "plugin loaded").await;
 
-    let cases: [(&str, Option<(&str, &str)>, Connack); 8] = [
+    let cases: [(&str, Login<'_>, Connack); 8] = [
         ("good", Some(("alice", "s3cret")), Connack::Accepted),
         // A user name with ':' (the table splits at the last one) and a space in the password.
         ("colon", Some(("dev:7", "p@ss word")), Connack::Accepted),
