@@ -2,7 +2,7 @@
 //! link, first instance), first-call and per-call latency of its hook, and the resident
 //! memory it adds. Everything goes through `sandpiper::plugins::Plugins`, as in the
 //! broker. Measures the first hook the component exports among `authenticate`,
-//! `authorize` (one SUBSCRIBE filter) and `transform` (one 64-byte message), one call at
+//! `authorize` (one SUBSCRIBE filter) and `transform` (one 47-byte JSON message), one call at
 //! a time on the calling thread.
 //!
 //! ```sh
