@@ -29,6 +29,7 @@ mod sessions;
 mod shared;
 mod shutdown;
 mod sink_postgres;
+mod sink_webhook;
 mod transports;
 mod v5;
 mod will;
