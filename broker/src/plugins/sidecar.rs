@@ -24,7 +24,7 @@ pub struct Sidecar {
     /// What a failed call (trap, timeout, memory exhaustion, wrong answer) means.
     pub on_failure: FailurePolicies,
     /// Addresses (`ip:port` or `host:port`) the plugin may open TCP connections to through
-    /// WASI sockets; empty: no network at all.
+    /// WASI sockets and send `wasi:http` requests to; empty: no network at all.
     pub network: Vec<String>,
     /// Batching, queueing and retries of the `sink` hook.
     pub sink: SinkSettings,
