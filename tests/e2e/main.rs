@@ -28,6 +28,7 @@ mod retained;
 mod sessions;
 mod shared;
 mod shutdown;
+mod sink_kafka;
 mod sink_postgres;
 mod sink_webhook;
 mod transports;
