@@ -442,7 +442,9 @@ async fn a_kafka_that_never_answers_slows_no_client() {
     let dir = Broker::temp_dir();
     install(
         &dir,
-        &sidecar(&addr, &addr, "").replace("timeout_ms = 3000", "timeout_ms = 300"),
+        &sidecar(&addr, &addr, "")
+            .replace("timeout_ms = 3000", "timeout_ms = 300")
+            .replace("retry_max_ms = 500", "retry_max_ms = 200"),
     );
     let broker = Broker::start_in(dir, "");
     wait_for_log(&broker, "plugin loaded").await;
@@ -588,11 +590,14 @@ async fn a_kafka_that_stops_reading_does_not_wedge_the_sink() {
     assert_eq!(bound, proxy);
 
     let dir = Broker::temp_dir();
-    // One batch of everything (the batch waits up to 5 s to fill), in one record batch:
+    // One batch of all 40 messages (it waits up to 5 s to fill), in one record batch:
     // 20 MiB, held as records and as the request's frame, hence the memory cap.
     let text = sidecar(&proxy, &proxy, "max_batch_bytes = 67108864\n")
-        .replace("timeout_ms = 3000", "timeout_ms = 500")
+        .replace("timeout_ms = 3000", "timeout_ms = 400")
+        .replace("batch = 100", "batch = 40")
         .replace("linger_ms = 20", "linger_ms = 5000")
+        .replace("retry_min_ms = 100", "retry_min_ms = 50")
+        .replace("retry_max_ms = 500", "retry_max_ms = 100")
         .replace("time_ms = 10000", "time_ms = 10000\nmemory_mb = 256");
     install(&dir, &text);
     let broker = Broker::start_in(dir, "");
