@@ -186,19 +186,7 @@ fn route_published(
         if d.retain && !b.config.mqtt.retain_available {
             continue;
         }
-        let now = Instant::now();
-        let msg = Arc::new(crate::message::Message {
-            expires_at: d
-                .properties
-                .message_expiry_interval
-                .map(|s| now + Duration::from_secs(u64::from(s))),
-            topic: d.topic,
-            payload: d.payload,
-            qos: d.qos,
-            retain: d.retain,
-            properties: d.properties,
-            origin: 0,
-        });
+        let msg = d.into_message(0);
         b.router.route(&msg);
         b.plugins.sink_offer("", &msg);
     }

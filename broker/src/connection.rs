@@ -807,19 +807,7 @@ impl Conn {
 
     /// The message a draft becomes once routed.
     fn message(&self, d: Draft) -> Arc<Message> {
-        let now = Instant::now();
-        Arc::new(Message {
-            expires_at: d
-                .properties
-                .message_expiry_interval
-                .map(|s| now + Duration::from_secs(u64::from(s))),
-            topic: d.topic,
-            payload: d.payload,
-            qos: d.qos,
-            retain: d.retain,
-            properties: d.properties,
-            origin: self.state.key,
-        })
+        d.into_message(self.state.key)
     }
 
     /// Tells the events hook that a message was dropped (for `client_id`, or for everyone).

@@ -105,6 +105,24 @@ impl Draft {
         }
     }
 
+    /// The message this draft becomes once routed, published by session `origin` (0: the
+    /// broker or a plugin); its expiry counts from now.
+    pub fn into_message(self, origin: crate::message::ClientKey) -> Arc<Message> {
+        let now = std::time::Instant::now();
+        Arc::new(Message {
+            expires_at: self
+                .properties
+                .message_expiry_interval
+                .map(|s| now + std::time::Duration::from_secs(u64::from(s))),
+            topic: self.topic,
+            payload: self.payload,
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties,
+            origin,
+        })
+    }
+
     /// A draft from a plugin's message (a `replace` outcome or the `publish` import).
     pub fn from_wit(m: types::Message) -> Result<Draft, BadMessage> {
         if m.topic.len() > usize::from(u16::MAX) {
