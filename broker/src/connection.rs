@@ -64,7 +64,7 @@ const DRAIN_BATCH: usize = 256;
 /// Smallest and largest read buffer reservation. An idle connection keeps the small one
 /// (memory per idle client is what limits how many a broker holds); a busy one doubles it
 /// while reads fill it.
-const MIN_READ: usize = 256;
+const MIN_READ: usize = 64;
 const MAX_READ: usize = 64 * 1024;
 /// How long a closing connection tries to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
@@ -100,6 +100,13 @@ impl Close {
             Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
             Close::Normal | Close::ClientWithWill | Close::Lost => None,
         }
+    }
+}
+
+/// Moves `timer` earlier to `at`; a later deadline is left for the timer's branch to find.
+fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, at: tokio::time::Instant) {
+    if at < timer.deadline() {
+        timer.reset(at);
     }
 }
 
@@ -319,10 +326,11 @@ struct Conn {
     client_max_packet: usize,
     /// Topic aliases the client defined (index = alias − 1).
     alias_in: Vec<Option<TopicName>>,
-    /// Topic aliases we defined toward the client, and how many it allows.
-    alias_out: HashMap<TopicName, NonZeroU16>,
-    alias_out_max: u16,
-    will: Option<PendingWill>,
+    /// Topic aliases we define toward the client, if it allows any. Boxed, as are the
+    /// will and the re-authentication state: most clients use none of them, and every
+    /// byte here is kept by every idle connection.
+    alias_out: Option<Box<OutAliases>>,
+    will: Option<Box<PendingWill>>,
     keep_alive: Option<Duration>,
     /// Packets waiting for a store ticket to be durable, in send order.
     held: VecDeque<(u64, BytesMut)>,
@@ -341,9 +349,22 @@ struct Conn {
     pending: Vec<(Draft, PublishQoS)>,
     /// What the CONNECT of a client using MQTT 5 enhanced authentication said, for
     /// re-authentication (MQTT 5 §4.12.1).
-    reauth: Option<Box<crate::plugins::ConnectInfo>>,
-    /// A re-authentication exchange in progress: the plugin and its state.
-    reauth_step: Option<(Arc<crate::plugins::Plugin>, Vec<u8>)>,
+    reauth: Option<Box<Reauth>>,
+}
+
+/// Topic aliases defined toward the client (MQTT 5 §3.3.2.3.4).
+struct OutAliases {
+    by_topic: HashMap<TopicName, NonZeroU16>,
+    /// The client's Topic Alias Maximum.
+    max: u16,
+}
+
+/// What re-authentication needs (MQTT 5 §4.12.1).
+struct Reauth {
+    /// What the client's CONNECT said.
+    connect: crate::plugins::ConnectInfo,
+    /// An exchange in progress: the plugin and its state.
+    step: Option<(Arc<crate::plugins::Plugin>, Vec<u8>)>,
 }
 
 impl Conn {
@@ -416,7 +437,10 @@ impl Conn {
                     .map(|d| d.to_vec()),
             };
             if method.is_some() {
-                reauth = Some(Box::new(info.clone()));
+                reauth = Some(Box::new(Reauth {
+                    connect: info.clone(),
+                    step: None,
+                }));
             }
             plugin_auth = broker.plugins.authenticate(info).await;
             if let (crate::plugins::AuthDecision::Continue { .. }, Some(m)) =
@@ -526,9 +550,11 @@ impl Conn {
             .sessions
             .attach(client_id.clone(), c.clean_start, expiry)
             .await;
-        let will = will.map(|will| PendingWill {
-            will,
-            origin: att.state.key,
+        let will = will.map(|will| {
+            Box::new(PendingWill {
+                will,
+                origin: att.state.key,
+            })
         });
         let mut props = ConnAckProperties::default();
         if v.is_v5() {
@@ -569,8 +595,16 @@ impl Conn {
                 usize::try_from(m.get()).unwrap_or(usize::MAX)
             }),
             alias_in: Vec::new(),
-            alias_out: HashMap::new(),
-            alias_out_max: c.properties.topic_alias_maximum.unwrap_or(0),
+            alias_out: c
+                .properties
+                .topic_alias_maximum
+                .filter(|&max| max > 0)
+                .map(|max| {
+                    Box::new(OutAliases {
+                        by_topic: HashMap::new(),
+                        max,
+                    })
+                }),
             will,
             held: VecDeque::new(),
             committed: broker.store.committed(),
@@ -582,7 +616,6 @@ impl Conn {
             gate,
             pending: Vec::new(),
             reauth,
-            reauth_step: None,
         };
         conn.send(&Packet::ConnAck(ack));
         tracing::debug!(version = %v, clean_start = c.clean_start, present = att.present, keep_alive, "connected");
@@ -607,18 +640,19 @@ impl Conn {
         let mailbox = self.state.mailbox.clone();
         let shutdown = self.broker.shutdown.clone();
         let max_packet = self.broker.config.mqtt.max_packet_size;
-        let mut last_rx = Instant::now();
+        let mut last_rx = tokio::time::Instant::now();
         let ka = self.keep_alive;
-        let ka_sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
-        tokio::pin!(ka_sleep);
         let mut kick_gone = false;
         let mut read_hint = MIN_READ;
         // A packet started but not finished must be within `packet_timeout` (a client that
         // sends half a packet and stalls is dropped, not kept by its keep alive).
         let packet_timeout = Duration::from_secs(self.broker.config.mqtt.packet_timeout);
         let mut partial_since: Option<tokio::time::Instant> = None;
-        let partial_sleep = tokio::time::sleep(packet_timeout);
-        tokio::pin!(partial_sleep);
+        // One timer serves both deadlines (keep alive and partial packet): it fires at the
+        // earlier one or before, and its branch works out which has passed. Each timer is
+        // state every idle connection keeps.
+        let timer = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(timer);
 
         // Packets that arrived together with CONNECT.
         if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
@@ -627,7 +661,7 @@ impl Conn {
         if !inbuf.is_empty() {
             let now = tokio::time::Instant::now();
             partial_since = Some(now);
-            partial_sleep.as_mut().reset(now + packet_timeout);
+            arm(timer.as_mut(), now + packet_timeout);
         }
         loop {
             self.fill();
@@ -676,7 +710,7 @@ impl Conn {
                             } else {
                                 read_hint
                             };
-                            last_rx = Instant::now();
+                            last_rx = tokio::time::Instant::now();
                             let before = inbuf.len();
                             if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
                                 return close;
@@ -685,9 +719,8 @@ impl Conn {
                                 partial_since = None;
                             } else if partial_since.is_none() || inbuf.len() < before {
                                 // A new packet started (or one completed and the next began).
-                                let now = tokio::time::Instant::now();
-                                partial_since = Some(now);
-                                partial_sleep.as_mut().reset(now + packet_timeout);
+                                partial_since = Some(last_rx);
+                                arm(timer.as_mut(), last_rx + packet_timeout);
                             }
                         }
                     }
@@ -713,18 +746,27 @@ impl Conn {
                     }
                     self.release_held();
                 }
-                _ = &mut partial_sleep, if partial_since.is_some() && want_read => {
-                    tracing::info!("partial packet not completed within {}s: closing", packet_timeout.as_secs());
-                    return Close::Lost;
-                }
-                _ = &mut ka_sleep, if ka.is_some() => {
-                    let limit = ka.unwrap_or_default();
-                    let idle = last_rx.elapsed();
-                    if idle >= limit {
+                _ = &mut timer, if ka.is_some() || partial_since.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    // A paused connection is not reading: its partial packet cannot progress.
+                    let partial_due = partial_since.filter(|_| want_read).map(|t| t + packet_timeout);
+                    if partial_due.is_some_and(|due| due <= now) {
+                        tracing::info!("partial packet not completed within {}s: closing", packet_timeout.as_secs());
+                        return Close::Lost;
+                    }
+                    let ka_due = ka.map(|limit| last_rx + limit);
+                    if ka_due.is_some_and(|due| due <= now) {
                         tracing::info!("keep alive timeout");
                         return Close::KeepAlive;
                     }
-                    ka_sleep.as_mut().reset(tokio::time::Instant::now() + (limit - idle));
+                    let next = match (partial_due, ka_due) {
+                        (Some(p), Some(k)) => p.min(k),
+                        (Some(p), None) => p,
+                        (None, Some(k)) => k,
+                        // Paused with a partial packet and no keep alive: look again later.
+                        (None, None) => now + packet_timeout,
+                    };
+                    timer.as_mut().reset(next);
                 }
             }
         }
@@ -867,7 +909,7 @@ impl Conn {
         }
         let will = match close {
             Close::Normal | Close::Shutdown => None,
-            _ => self.will.take(),
+            _ => self.will.take().map(|w| *w),
         };
         self.broker.sessions.detach(self.conn_id, self.state, will);
     }
@@ -1071,18 +1113,20 @@ impl Conn {
             tracing::debug!(topic = %d.msg.topic, "message larger than the client's maximum packet size: dropped");
             return None;
         }
-        if self.alias_out_max > 0 && !dup {
-            match self.alias_out.get(&d.msg.topic) {
+        if let Some(alias_out) = &mut self.alias_out
+            && !dup
+        {
+            match alias_out.by_topic.get(&d.msg.topic) {
                 Some(alias) => {
                     p.topic = None;
                     p.properties.topic_alias = Some(*alias);
                 }
                 None => {
-                    let next = u16::try_from(self.alias_out.len() + 1).unwrap_or(u16::MAX);
-                    if next <= self.alias_out_max
+                    let next = u16::try_from(alias_out.by_topic.len() + 1).unwrap_or(u16::MAX);
+                    if next <= alias_out.max
                         && let Some(alias) = NonZeroU16::new(next)
                     {
-                        self.alias_out.insert(d.msg.topic.clone(), alias);
+                        alias_out.by_topic.insert(d.msg.topic.clone(), alias);
                         p.properties.topic_alias = Some(alias);
                     }
                 }
@@ -1384,20 +1428,20 @@ impl Conn {
     /// with AUTH 0x00; a refusal disconnects.
     fn on_auth(&mut self, a: crate::codec::Auth) -> Result<(), ReasonCode> {
         use crate::plugins::AuthDecision;
-        let Some(info) = &self.reauth else {
+        let Some(reauth) = &mut self.reauth else {
             tracing::info!("AUTH without enhanced authentication: protocol error");
             return Err(ReasonCode::ProtocolError);
         };
-        let method = info.auth_method.clone().unwrap_or_default();
+        let method = reauth.connect.auth_method.clone().unwrap_or_default();
         if a.properties.authentication_method.as_deref() != Some(method.as_str()) {
             tracing::info!("AUTH with another authentication method: protocol error");
             return Err(ReasonCode::ProtocolError);
         }
         let data = a.properties.authentication_data.map(|d| d.to_vec());
         let plugins = self.broker.plugins.clone();
-        let decision = match (a.reason, self.reauth_step.take()) {
+        let decision = match (a.reason, reauth.step.take()) {
             (ReasonCode::ReAuthenticate, None) => {
-                let mut info = (**info).clone();
+                let mut info = reauth.connect.clone();
                 info.auth_data = data;
                 plugins.authenticate_now(info)
             }
@@ -1429,7 +1473,9 @@ impl Conn {
                 state,
             } => {
                 props.authentication_data = Some(bytes::Bytes::from(auth_data));
-                self.reauth_step = Some((plugin, state));
+                if let Some(reauth) = &mut self.reauth {
+                    reauth.step = Some((plugin, state));
+                }
                 self.send(&Packet::Auth(crate::codec::Auth {
                     reason: ReasonCode::ContinueAuthentication,
                     properties: props,
