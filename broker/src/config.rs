@@ -26,6 +26,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Threads that serve connections.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// The plugin host.
     #[serde(default)]
     pub plugins: PluginsConfig,
@@ -303,6 +306,31 @@ impl Default for MqttConfig {
     }
 }
 
+/// `[runtime]`: the threads that serve connections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Worker threads serving connections; 0 means one fewer than the cores the process
+    /// may run on (its CPU affinity and cgroup quota count), and at least one.
+    pub workers: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of worker threads to start. The default leaves a core to the store's
+    /// thread, the plugin threads and the kernel's network processing: on a 2-core machine
+    /// shared with a load generator, one worker delivered 1.5-1.7 times the messages two
+    /// did (two workers and the other program take turns on the cores).
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1)
+            .max(1)
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -344,6 +372,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            runtime: RuntimeConfig::default(),
             plugins: PluginsConfig::default(),
         }
     }
@@ -450,6 +479,9 @@ impl Config {
         if m.max_topic_length == 0 || m.max_topic_levels == 0 {
             return invalid("mqtt.max_topic_length", "topic limits must be at least 1");
         }
+        if self.runtime.workers > 1024 {
+            return invalid("runtime.workers", "must be at most 1024 (0: the default)");
+        }
         if m.max_queued_messages == 0 || m.max_queued_bytes == 0 {
             return invalid(
                 "mqtt.max_queued_messages",
@@ -464,6 +496,18 @@ impl Config {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_workers() {
+        let d = Config::parse("").unwrap().runtime;
+        assert_eq!(d.workers, 0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(d.worker_threads(), cores.saturating_sub(1).max(1));
+        let c = Config::parse("[runtime]\nworkers = 1").unwrap();
+        assert_eq!(c.runtime.worker_threads(), 1);
+        assert!(Config::parse("[runtime]\nworkers = 5000").is_err());
+        assert!(Config::parse("[runtime]\nthreads = 1").is_err());
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -285,3 +285,37 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     assert_eq!(got_all, vec!["marker/info"]);
     assert_eq!(got_plus, vec!["marker/info"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_workers_sets_the_threads_serving_connections() {
+    let dir = Broker::temp_dir();
+    let broker = Broker::start_config_in(
+        dir,
+        "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n\
+         [runtime]\nworkers = 1\n\n[log]\nlevel = \"info\"\n",
+    );
+    let started = |b: &Broker| b.logs().into_iter().find(|l| l.contains("runtime started"));
+    let line = started(&broker).unwrap_or_default();
+    assert!(line.contains("workers=1"), "log: {line:?}");
+    // One worker serves every client: eight subscribers each get the message.
+    let mut subs = Vec::new();
+    for i in 0..8 {
+        let mut c = v3::Client::connect(v3::options(&broker, &format!("one-worker-{i}"))).await;
+        c.subscribe_ok("basic/one-worker", v3::QoS::AtLeastOnce)
+            .await;
+        subs.push(c);
+    }
+    let mut p = v3::Client::connect(v3::options(&broker, "one-worker-pub")).await;
+    p.publish("basic/one-worker", v3::QoS::AtLeastOnce, false, b"w")
+        .await;
+    for s in &mut subs {
+        assert_eq!(&s.recv().await.payload[..], b"w");
+    }
+
+    // The default leaves one of the cores the process may run on to other work.
+    let default = Broker::start();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let want = cores.saturating_sub(1).max(1);
+    let line = started(&default).unwrap_or_default();
+    assert!(line.contains(&format!("workers={want}")), "log: {line:?}");
+}
