@@ -316,3 +316,53 @@ async fn malformed_flood_does_not_slow_others() {
         assert!(kib < 200 * 1024, "broker RSS {kib} KiB after the flood");
     }
 }
+
+/// A `/proc/<pid>/...` line's first number after `prefix`.
+fn proc_number(pid: u32, file: &str, prefix: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(prefix))?;
+    line[prefix.len()..].split_whitespace().next()?.parse().ok()
+}
+
+#[tokio::test]
+async fn descriptor_table_is_sized_for_max_connections_at_start() {
+    // Growing the table of a multi-threaded process waits for an RCU grace period inside
+    // accept; the broker sizes it once at start instead, and raises the soft open-files
+    // limit (within the hard one) to what max_connections needs.
+    let config = format!(
+        "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n\
+         [mqtt]\nmax_connections = 3000\n\n{LOG}"
+    );
+    let broker = Broker::start_config_in(Broker::temp_dir(), &config);
+    let pid = broker.pid();
+    // "Max open files  <soft>  <hard>  files"; "unlimited" reads as u64::MAX.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let fields: Vec<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(3)
+                .take(2)
+                .map(|v| v.parse().unwrap_or(u64::MAX))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (soft, hard) = match fields[..] {
+        [soft, hard] => (soft, hard),
+        _ => panic!("no open-files limit in /proc/{pid}/limits: {limits}"),
+    };
+    let want = 3000 + 1024;
+    assert!(
+        soft >= want.min(hard),
+        "soft open-files limit {soft}, hard {hard}"
+    );
+    let table = proc_number(pid, "status", "FDSize:").unwrap_or(0);
+    assert!(
+        table >= want.min(soft),
+        "descriptor table of {table} slots, soft limit {soft}"
+    );
+    // And the broker still serves.
+    let mut s = tcp(broker.addr()).await;
+    assert_eq!(connack(&mut s, 4, "fd-table").await, 0x00);
+}
