@@ -160,9 +160,9 @@ fn route_published(
 ) {
     use crate::plugins::flow::Fate;
     let nobody = crate::plugins::ClientInfo {
-        client_id: String::new(),
+        client_id: "".into(),
         username: None,
-        listener: String::new(),
+        listener: "".into(),
         attributes: Vec::new(),
     };
     loop {

@@ -30,8 +30,8 @@ use crate::store::{Op, record};
 /// certificate: the future authenticate hook gets them from here).
 #[derive(Debug, Clone)]
 pub struct ListenerInfo {
-    /// Listener name, for logs.
-    pub name: String,
+    /// Listener name, for logs and plugins.
+    pub name: Arc<str>,
     /// Whether unauthenticated clients may connect.
     pub allow_anonymous: bool,
     /// MQTT versions accepted; a CONNECT of another gets 0x84 (3.x: return code 1).
@@ -419,7 +419,7 @@ impl Conn {
                 username: c.username.clone(),
                 password: c.password.as_ref().map(|p| p.to_vec()),
                 peer,
-                listener: listener.name.clone(),
+                listener: listener.name.to_string(),
                 protocol: v,
                 cert_subject: listener.client_cert.as_ref().map(|c| c.subject.clone()),
                 user_properties: c
@@ -522,7 +522,7 @@ impl Conn {
         let mut gate = crate::plugins::gate::Gate::new(
             broker.plugins.clone(),
             crate::plugins::ClientInfo {
-                client_id: client_id.to_string(),
+                client_id: client_id.clone(),
                 username,
                 listener: listener.name.clone(),
                 attributes,
@@ -989,7 +989,7 @@ impl Conn {
             let plugins = self.broker.plugins.clone();
             for d in plugins.deliver(self.gate.client(), &mut batch) {
                 self.dropped(
-                    self.gate.client().client_id.clone(),
+                    self.gate.client().client_id.to_string(),
                     d.msg.topic.as_str(),
                     DropReason::Plugin,
                 );
@@ -1017,7 +1017,7 @@ impl Conn {
         if d.msg.is_expired(now) {
             METRICS.expired_dropped.fetch_add(1, Ordering::Relaxed);
             self.dropped(
-                self.gate.client().client_id.clone(),
+                self.gate.client().client_id.to_string(),
                 d.msg.topic.as_str(),
                 DropReason::Expired,
             );
@@ -1106,7 +1106,7 @@ impl Conn {
         if codec::publish_len(&p, self.version) > self.client_max_packet {
             METRICS.too_large_dropped.fetch_add(1, Ordering::Relaxed);
             self.dropped(
-                self.gate.client().client_id.clone(),
+                self.gate.client().client_id.to_string(),
                 d.msg.topic.as_str(),
                 DropReason::TooLarge,
             );
@@ -1446,7 +1446,7 @@ impl Conn {
                 plugins.authenticate_now(info)
             }
             (ReasonCode::ContinueAuthentication, Some((plugin, state))) => {
-                let id = self.gate.client().client_id.clone();
+                let id = self.gate.client().client_id.to_string();
                 plugins.auth_step_now(&plugin, id, method.clone(), data, state)
             }
             _ => {

@@ -75,7 +75,7 @@ pub async fn start(
     let addr = socket.local_addr()?;
     let listener = Arc::new(Listener {
         info: Arc::new(ListenerInfo {
-            name: name.clone(),
+            name: name.as_str().into(),
             allow_anonymous: config.anonymous_allowed(),
             protocols: config.versions(),
             username_from_cert: config.username_from_cert,

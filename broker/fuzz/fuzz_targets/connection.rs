@@ -50,7 +50,7 @@ fn env() -> &'static Env {
             Err(e) => panic!("broker: {e}"),
         };
         let listener = Arc::new(ListenerInfo {
-            name: "fuzz".to_owned(),
+            name: "fuzz".into(),
             allow_anonymous: true,
             protocols: vec![
                 ProtocolVersion::V3_1,

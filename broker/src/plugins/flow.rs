@@ -48,9 +48,9 @@ pub enum BadMessage {
 
 pub(super) fn client_to_wit(c: &ClientInfo) -> types::Client {
     types::Client {
-        client_id: c.client_id.clone(),
+        client_id: c.client_id.to_string(),
         username: c.username.clone(),
-        listener: c.listener.clone(),
+        listener: c.listener.to_string(),
         attributes: super::attrs(&c.attributes),
     }
 }

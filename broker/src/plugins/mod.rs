@@ -138,12 +138,12 @@ impl std::fmt::Debug for AuthDecision {
 /// Who asks [`Plugins::authorize`]: an authenticated client.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
-    /// Client identifier.
-    pub client_id: String,
+    /// Client identifier (shared with the session: every idle connection keeps one).
+    pub client_id: Arc<str>,
     /// User name (after authentication).
     pub username: Option<String>,
-    /// Listener name.
-    pub listener: String,
+    /// Listener name (shared with the listener).
+    pub listener: Arc<str>,
     /// Attributes set by authentication.
     pub attributes: Vec<(String, String)>,
 }
@@ -576,9 +576,9 @@ fn auth_decision(
 fn authorize_chain(chain: &Chain, client: &ClientInfo, requests: &[Request<'_>]) -> Vec<Verdict> {
     let mut out: Vec<Option<Verdict>> = vec![None; requests.len()];
     let wit_client = types::Client {
-        client_id: client.client_id.clone(),
+        client_id: client.client_id.to_string(),
         username: client.username.clone(),
-        listener: client.listener.clone(),
+        listener: client.listener.to_string(),
         attributes: attrs(&client.attributes),
     };
     for p in &chain.plugins {
