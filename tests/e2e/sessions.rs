@@ -160,10 +160,14 @@ async fn v5_session_with_expiry_queues_messages_while_offline() {
     }
     pubr.publish("sess5/t", v5::QoS::AtMostOnce, false, b"q0")
         .await;
+    // A QoS 0 publish returns once queued in the client: the PUBACK of a QoS 1 message
+    // sent after it shows that the broker has handled it before the subscriber returns.
+    pubr.publish("sess5/t", v5::QoS::AtLeastOnce, false, b"d")
+        .await;
 
     let mut sub = v5::Client::connect(persistent5(&broker, "sess5", 300)).await;
     assert!(sub.connack.session_present, "[MQTT-3.2.2-2]");
-    for m in [&b"a"[..], b"b", b"c"] {
+    for m in [&b"a"[..], b"b", b"c", b"d"] {
         let p = sub.recv().await;
         assert_eq!(&p.payload[..], m);
         assert_eq!(p.qos, v5::QoS::AtLeastOnce);
