@@ -115,39 +115,37 @@ impl Hook {
 
     /// Waits until at least `n` messages were accepted.
     async fn wait_accepted(&self, n: usize, within: Duration) -> Vec<Value> {
+        self.wait_counted(n, within, |got| got.len()).await
+    }
+
+    /// Waits until `count` of what was accepted reaches `n`; returns what was accepted.
+    async fn wait_counted(
+        &self,
+        n: usize,
+        within: Duration,
+        count: impl Fn(&[Value]) -> usize,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + within;
         loop {
             let got = self.accepted();
-            if got.len() >= n {
+            let have = count(&got);
+            if have >= n {
                 return got;
             }
             assert!(
                 Instant::now() < deadline,
-                "{} of {n} messages arrived within {within:?}",
-                got.len()
+                "{have} of {n} messages arrived within {within:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
 
-impl Hook {
     /// Waits until every one of `m0`..`m{n - 1}` was accepted (duplicates kept).
     async fn wait_all(&self, n: usize, within: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = self.accepted();
-            let unique: HashSet<usize> = numbers(&got).into_iter().collect();
-            if unique.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {n} messages arrived within {within:?}",
-                unique.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_counted(n, within, |got| {
+            numbers(got).into_iter().collect::<HashSet<usize>>().len()
+        })
+        .await
     }
 }
 
