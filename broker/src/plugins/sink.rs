@@ -289,6 +289,13 @@ fn run(plugins: &Weak<Plugins>, q: &SinkQueue, shutdown: &tokio_util::sync::Canc
             continue;
         }
         let rows = q.read(settings.batch as usize);
+        // A full batch is queued but part of it is not committed yet: within the linger
+        // time, wait for the commit rather than send a short batch.
+        let queued = usize::try_from(waiting.min(u64::from(settings.batch))).unwrap_or(usize::MAX);
+        if rows.len() < queued && since.elapsed() < linger {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
         let Some(&(last, _)) = rows.last() else {
             // Queued but not committed yet.
             std::thread::sleep(Duration::from_millis(2));
