@@ -165,6 +165,9 @@ pub struct Attachment {
     pub kick: oneshot::Receiver<Kick>,
     /// The connection's number, to give back to [`Sessions::detach`].
     pub conn: u64,
+    /// The store ticket of the session record written at attach: CONNACK waits for it, so
+    /// a session the client was told about survives a crash right after.
+    pub ticket: Option<u64>,
 }
 
 /// What a connection that was taken over hands to the new one: its session, unless that
@@ -472,15 +475,14 @@ impl Sessions {
             None => (self.new_state(client_id, expiry), false),
         };
         state.expiry = expiry;
-        if expiry == 0 && state.mailbox.is_persistent() {
-            // Resumed, but to end with this connection: nothing of it stays on disk.
-            if let Some((store, key)) = state.mailbox.store() {
-                store.submit_one(Op::DeleteSession(state.client_id.clone(), key));
-            }
-            state.mailbox.set_persistent(false);
-        } else if expiry > 0 {
+        // A session resumed with expiry 0 is resumed whole (MQTT 5 §3.1.2.11.2: the new
+        // interval only decides what happens when this connection ends): its queue may
+        // still be on disk, so it stays in the store until the connection ends, and its
+        // record says 0 so that a restart in between ends it too.
+        let mut ticket = None;
+        if expiry > 0 || state.mailbox.is_persistent() {
             state.mailbox.set_persistent(true);
-            self.save(&state, 0, None);
+            ticket = self.save(&state, 0, None);
         }
         state.mailbox.set_online(true);
         Attachment {
@@ -488,6 +490,7 @@ impl Sessions {
             present,
             kick: kick_rx,
             conn,
+            ticket,
         }
     }
 

@@ -284,6 +284,29 @@ async fn session_expiry_is_honoured_across_restarts() {
     assert_eq!(&lasting.recv().await.payload[..], b"queued");
 }
 
+/// A session resumed with expiry 0 ends with its connection, and so with a crash of the
+/// broker during that connection: after the restart it is gone (MQTT 5 §3.1.2.11.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_resumed_with_expiry_zero_does_not_survive_a_crash() {
+    let broker = Broker::start();
+    let mut c = v5::Client::connect(persistent5(&broker, "ends", 600)).await;
+    c.subscribe_ok("ends/t", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let mut o = v5::options(&broker, "ends");
+    o.set_clean_start(false);
+    let resumed = v5::Client::connect(o).await;
+    assert!(resumed.connack.session_present);
+    let dir = broker.kill9();
+    drop(resumed);
+
+    let broker = Broker::start_in(dir, "");
+    let again = v5::Client::connect(persistent5(&broker, "ends", 600)).await;
+    assert!(
+        !again.connack.session_present,
+        "a session resumed with expiry 0 outlived its connection"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_message_expiry_is_honoured_across_restarts() {
     let broker = Broker::start();

@@ -263,3 +263,169 @@ async fn takeover_of_a_clean_session_resumes_nothing() {
     assert_eq!(kind, 0x20);
     assert_eq!(body, vec![0, 0], "CONNACK must say no session present");
 }
+
+/// Connects with Clean Start `clean` and, when `expiry` is not 0, a Session Expiry
+/// Interval property (none at all for 0, which the spec reads as 0).
+fn v5_with_expiry(broker: &Broker, id: &str, clean: bool, expiry: u32) -> v5::MqttOptions {
+    let mut o = v5::options(broker, id);
+    o.set_clean_start(clean);
+    o.set_session_expiry_interval((expiry > 0).then_some(expiry));
+    o
+}
+
+/// Every combination of the expiry a session was made with and the expiry of the
+/// reconnect that resumes it (Clean Start 0). The session state, subscriptions and queued
+/// messages, is resumed whenever it still exists; the new interval only decides what
+/// happens when the new connection ends (MQTT 5 §3.1.2.4, §3.1.2.11.2, §4.1). Queued
+/// messages are delivered with their Message Expiry Interval reduced by the time they
+/// waited; ones whose interval passed are not delivered (§3.3.2.3.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_resume_delivers_the_queue_for_every_old_and_new_expiry() {
+    let broker = Broker::start();
+    let cases = [(0, 0), (0, 300), (300, 0), (300, 300)];
+    for (old, new) in cases {
+        let id = format!("mx-{old}-{new}");
+        let mut sub = v5::Client::connect(v5_with_expiry(&broker, &id, true, old)).await;
+        sub.subscribe_ok(&format!("{id}/#"), v5::QoS::ExactlyOnce)
+            .await;
+        sub.disconnect().await;
+    }
+    let mut pubr = v5::Client::connect(v5::options(&broker, "mx-pub")).await;
+    let expiring = |secs| v5::PublishProperties {
+        message_expiry_interval: Some(secs),
+        ..Default::default()
+    };
+    for (old, new) in cases {
+        let topic = format!("mx-{old}-{new}/B");
+        pubr.publish_with(
+            &topic,
+            v5::QoS::AtLeastOnce,
+            false,
+            b"short",
+            Some(expiring(1)),
+        )
+        .await;
+        pubr.publish_with(
+            &topic,
+            v5::QoS::AtLeastOnce,
+            false,
+            b"q1",
+            Some(expiring(100)),
+        )
+        .await;
+    }
+    // The 1 s message expires while its session waits.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    for (old, new) in cases {
+        let id = format!("mx-{old}-{new}");
+        let mut sub = v5::Client::connect(v5_with_expiry(&broker, &id, false, new)).await;
+        assert_eq!(
+            sub.connack.session_present,
+            old > 0,
+            "{id}: Session Present (MQTT-3.2.2-2, MQTT-3.2.2-3)"
+        );
+        if old > 0 {
+            let p = sub.recv().await;
+            assert_eq!(&p.payload[..], b"q1", "{id}: the queued message");
+            assert_eq!(
+                p.qos,
+                v5::QoS::AtLeastOnce,
+                "{id}: min(publish, subscription)"
+            );
+            let left = p
+                .properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval);
+            assert!(
+                left.is_some_and(|s| (90..=98).contains(&s)),
+                "{id}: expiry interval reduced by the 2 s it waited: {left:?}"
+            );
+        }
+        sub.expect_silence().await;
+        sub.disconnect().await;
+        // What is left once this connection has ended: the session (resumed or new)
+        // remains exactly when this connection asked for an expiry above 0.
+        let again = v5::Client::connect(v5_with_expiry(&broker, &id, false, 300)).await;
+        assert_eq!(
+            again.connack.session_present,
+            new > 0,
+            "{id}: session after the second connection ended"
+        );
+        again.disconnect().await;
+    }
+}
+
+/// The byte sequence: a session made with Session Expiry Interval 99999 and
+/// resumed by a CONNECT with no properties at all gets its queued QoS 1 message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_resume_without_properties_gets_the_queued_message() {
+    let broker = Broker::start();
+    let mut a = raw::connect_tcp(&broker).await;
+    // CONNECT v5, Clean Start 1, properties: Session Expiry Interval (0x11) 99999.
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 5, 0x11];
+    body.extend_from_slice(&99_999u32.to_be_bytes());
+    body.extend_from_slice(&[0, 7]);
+    body.extend_from_slice(b"aclient");
+    raw::send(&mut a, &raw::packet(0x10, &body)).await;
+    assert_eq!(raw::expect_packet(&mut a).await.0 >> 4, 2, "CONNACK");
+    // SUBSCRIBE id 1, no properties, "TopicA/#" QoS 2.
+    let mut sub = vec![0, 1, 0, 0, 8];
+    sub.extend_from_slice(b"TopicA/#");
+    sub.push(2);
+    raw::send(&mut a, &raw::packet(0x82, &sub)).await;
+    assert_eq!(raw::expect_packet(&mut a).await.0 >> 4, 9, "SUBACK");
+    raw::send(&mut a, &[0xE0, 0]).await;
+    drop(a);
+
+    let mut b = v5::Client::connect(v5::options(&broker, "bclient")).await;
+    b.publish("TopicA/B", v5::QoS::AtLeastOnce, false, b"q1")
+        .await;
+
+    let mut a = raw::connect_tcp(&broker).await;
+    raw::send(&mut a, &raw::connect("MQTT", 5, "aclient", false, 60, None)).await;
+    let (first, connack) = raw::expect_packet(&mut a).await;
+    assert_eq!(first, 0x20, "CONNACK");
+    assert_eq!(connack.first(), Some(&1), "Session Present 1");
+    let (first, publish) = raw::expect_packet(&mut a).await;
+    assert_eq!(first >> 4, 3, "PUBLISH of the queued message");
+    assert_eq!((first >> 1) & 3, 1, "QoS 1");
+    assert!(
+        publish.ends_with(b"q1"),
+        "payload of the queued message: {publish:?}"
+    );
+}
+
+/// MQTT 3.1.1 §3.1.2.4: Clean Session 0 on both connections resumes the session and its
+/// queue; Clean Session 1 on either end leaves nothing to resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_resume_for_every_clean_session_pair() {
+    let broker = Broker::start();
+    let cases = [(false, false), (false, true), (true, false), (true, true)];
+    let mut pubr = v3::Client::connect(v3::options(&broker, "cs-pub")).await;
+    for (first, second) in cases {
+        let id = format!("cs-{first}-{second}");
+        let mut o = v3::options(&broker, &id);
+        o.set_clean_session(first);
+        let mut sub = v3::Client::connect(o).await;
+        sub.subscribe_ok(&format!("{id}/t"), v3::QoS::ExactlyOnce)
+            .await;
+        sub.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pubr.publish(&format!("{id}/t"), v3::QoS::AtLeastOnce, false, b"q1")
+            .await;
+        let mut o = v3::options(&broker, &id);
+        o.set_clean_session(second);
+        let mut sub = v3::Client::connect(o).await;
+        let resumed = !first && !second;
+        assert_eq!(
+            sub.connack.session_present, resumed,
+            "{id}: Session Present"
+        );
+        if resumed {
+            let p = sub.recv().await;
+            assert_eq!(&p.payload[..], b"q1", "{id}");
+        }
+        sub.expect_silence().await;
+    }
+}
