@@ -91,6 +91,14 @@ enum Close {
 }
 
 impl Close {
+    /// Whether the broker ends the connection while the client may still be sending:
+    /// after a protocol error or a takeover (not after the client's DISCONNECT or close,
+    /// a keep-alive timeout, when the client sent nothing for a while, or at shutdown,
+    /// which should not wait for clients).
+    fn broker_first(self) -> bool {
+        matches!(self, Close::Error(_) | Close::TakenOver)
+    }
+
     /// The DISCONNECT reason sent to an MQTT 5 client, if one is sent.
     fn reason(self) -> Option<ReasonCode> {
         match self {
@@ -142,6 +150,7 @@ pub async fn run<R, W>(
         Ok(Err(ReadError::Decode(e))) => {
             tracing::info!(error = %e.error, "bad CONNECT: closing");
             refuse_connect(&mut wr, &e).await;
+            Box::pin(linger(&mut rd)).await;
             return;
         }
     };
@@ -158,10 +167,41 @@ pub async fn run<R, W>(
     ));
     let mut conn = match accept.await {
         Some(c) => c,
-        None => return,
+        None => {
+            // Refused (CONNACK with a reason code sent) or failed.
+            Box::pin(linger(&mut rd)).await;
+            return;
+        }
     };
     let close = conn.serve(&mut rd, &mut wr, inbuf).await;
     Box::pin(conn.finish(close, &mut wr)).await;
+    if close.broker_first() {
+        Box::pin(linger(&mut rd)).await;
+    }
+}
+
+/// How long, and for how many bytes, a connection the broker closed first keeps reading.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Reads and discards what the client still sends after the broker has written its last
+/// packet (a CONNACK or DISCONNECT with a reason code) and shut down its side, until the
+/// client closes, [`LINGER`] passes or [`LINGER_BYTES`] were read. A socket closed with
+/// unread data in its receive buffer is reset (RFC 1122 §4.2.2.13), and a reset destroys
+/// what the client has not read yet: the packet that tells it why, and the
+/// acknowledgements before it.
+pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// Most AUTH round trips of one enhanced authentication.
@@ -617,7 +657,7 @@ impl Conn {
             pending: Vec::new(),
             reauth,
         };
-        conn.send(&Packet::ConnAck(ack));
+        conn.send_after(att.ticket, &Packet::ConnAck(ack));
         tracing::debug!(version = %v, clean_start = c.clean_start, present = att.present, keep_alive, "connected");
         if broker.plugins.wants_events() {
             broker.plugins.emit(Event::Connected {

@@ -35,6 +35,19 @@ const REFUSE_WAIT: Duration = Duration::from_secs(2);
 /// Largest CONNECT read from a refused client.
 const REFUSE_MAX_PACKET: u32 = 64 * 1024;
 
+/// The certificate files of a `tls` or `wss` listener.
+pub fn tls_files(config: &ListenerConfig) -> Option<TlsFiles> {
+    match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) if config.kind.is_tls() => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.client_ca.clone(),
+            require_client_cert: config.require_client_cert.unwrap_or(true),
+        }),
+        _ => None,
+    }
+}
+
 /// One running listener's fixed facts and gauges.
 struct Listener {
     info: Arc<ListenerInfo>,
@@ -56,20 +69,14 @@ pub async fn start(
     global: Arc<AtomicUsize>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let name = config.name.clone().unwrap_or_default();
-    let tls = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) if config.kind.is_tls() => {
-            let files = TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: config.client_ca.clone(),
-                require_client_cert: config.require_client_cert.unwrap_or(true),
-            };
+    let tls = match tls_files(&config) {
+        Some(files) => {
             let tls = ReloadableTls::load(files).map_err(|e| {
                 std::io::Error::other(format!("listener {name}: TLS configuration: {e}"))
             })?;
             Some(Arc::new(tls))
         }
-        _ => None,
+        None => None,
     };
     let socket = TcpListener::bind(config.bind).await?;
     let addr = socket.local_addr()?;
@@ -268,6 +275,7 @@ where
         return;
     };
     connection::send_connack_and_close(&mut wr, version, reason, REFUSE_WAIT).await;
+    connection::linger(&mut rd).await;
 }
 
 /// One connection counted in the global and the listener's gauges while it lives.

@@ -321,6 +321,45 @@ async fn v5_exceeding_server_receive_maximum_gets_disconnect_0x93() {
     assert_eq!(raw::disconnect_codes(&mut s).await.last(), Some(&0x93));
 }
 
+/// A client that writes more QoS 2 PUBLISHes than our Receive Maximum (256) in one go,
+/// and only then reads, answering each PUBREC with its PUBREL as a client library does,
+/// must read every PUBREC the broker sent and then DISCONNECT 0x93. The broker has closed
+/// by the time the PUBRELs arrive: unless it closes gracefully (shuts its side down and
+/// reads what is still coming), they meet a closed socket, the kernel answers with a
+/// reset, and the client's next write fails before it has read why it was disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_disconnect_0x93_reaches_a_client_that_is_still_answering() {
+    let broker = Broker::start();
+    let mut s = raw::connect_v5(&broker, "burst").await;
+    let mut burst = Vec::new();
+    for id in 1..=257u16 {
+        burst.extend(raw::publish("burst/t", 2, false, id, b"p", true));
+    }
+    raw::send(&mut s, &burst).await;
+    // The broker handles the burst and closes meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut pubrecs = 0;
+    let mut disconnect = None;
+    while let Some((first, body)) = raw::read_packet(&mut s, crate::harness::WAIT).await {
+        match first {
+            0x50 => {
+                assert!(disconnect.is_none(), "PUBREC after DISCONNECT");
+                pubrecs += 1;
+                let id = body.get(..2).expect("packet id").to_vec();
+                raw::send(&mut s, &raw::packet(0x62, &id)).await;
+            }
+            0xE0 => disconnect = body.first().copied(),
+            other => panic!("unexpected packet {other:#x}"),
+        }
+    }
+    assert_eq!(pubrecs, 256, "one PUBREC per accepted PUBLISH");
+    assert_eq!(
+        disconnect,
+        Some(0x93),
+        "DISCONNECT Receive Maximum exceeded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_and_v311_subscribers_both_get_v5_publish() {
     let broker = Broker::start();
