@@ -418,23 +418,52 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse(&text)?;
-        // Certificate paths are relative to the file that names them.
-        if let Some(dir) = path.parent() {
-            if config.plugins.dir.is_relative() {
-                config.plugins.dir = dir.join(&config.plugins.dir);
+        // Every relative path in the file is relative to the file's folder, whatever the
+        // working directory: the data folder, the plugins folder and the certificates.
+        let dir = std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
             }
-            for l in &mut config.listeners {
-                for p in [&mut l.cert, &mut l.key, &mut l.client_ca]
-                    .into_iter()
-                    .flatten()
-                {
-                    if p.is_relative() {
-                        *p = dir.join(&*p);
-                    }
-                }
+        };
+        rebase(&mut config.store.data_dir);
+        rebase(&mut config.plugins.dir);
+        for l in &mut config.listeners {
+            for p in [&mut l.cert, &mut l.key, &mut l.client_ca]
+                .into_iter()
+                .flatten()
+            {
+                rebase(p);
             }
         }
         Ok(config)
+    }
+
+    /// The files and folders this configuration names, made absolute (against the working
+    /// directory, for a configuration that did not come from a file), for the start-up log
+    /// and `--check-config`: (what, path).
+    pub fn paths(&self) -> Vec<(String, PathBuf)> {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut out = vec![
+            ("data_dir".to_owned(), abs(&self.store.data_dir)),
+            ("plugins.dir".to_owned(), abs(&self.plugins.dir)),
+        ];
+        for l in &self.listeners {
+            let name = l.name.as_deref().unwrap_or("listener");
+            for (key, p) in [
+                ("cert", &l.cert),
+                ("key", &l.key),
+                ("client_ca", &l.client_ca),
+            ] {
+                if let Some(p) = p {
+                    out.push((format!("listener {name} {key}"), abs(p)));
+                }
+            }
+        }
+        out
     }
 
     /// Parses and validates configuration text.

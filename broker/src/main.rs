@@ -11,17 +11,33 @@ use sandpiper::broker::Broker;
 use sandpiper::config::Config;
 use tracing_subscriber::EnvFilter;
 
+/// `--version`: the broker's version and the plugin contract it hosts.
+fn version() -> &'static str {
+    static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} (plugin contract sandpiper:plugin@{})",
+            env!("CARGO_PKG_VERSION"),
+            sandpiper::plugins::CONTRACT_VERSION
+        )
+    });
+    &TEXT
+}
+
 /// Sandpiper: an MQTT 3.1, 3.1.1 and 5.0 broker with WebAssembly plugins.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = version(), about)]
 struct Cli {
-    /// Configuration file (TOML). Without it: one listener on 127.0.0.1:1883.
+    /// Configuration file (TOML). Without it: one listener on 127.0.0.1:1883. Relative
+    /// paths inside it are relative to the file's folder.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Folder of the durable store (overrides `[store] data_dir`; default ./data).
+    /// Folder of the durable store (overrides `[store] data_dir`; relative to the working
+    /// directory; default ./data, or `data` beside the configuration file).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Check the configuration and exit.
+    /// Check everything the broker would load at start (the configuration, TLS
+    /// certificates, keys and client CAs, each plugin with its sidecar) without binding a
+    /// port or opening the store, and exit (1 when anything fails).
     #[arg(long)]
     check_config: bool,
     #[command(subcommand)]
@@ -90,6 +106,87 @@ fn plugin_check(file: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `--check-config`: loads, without binding a port or opening the store, everything the
+/// broker loads at start: each TLS listener's certificate chain, key and client CAs, and
+/// each plugin of the plugins folder with its sidecar (compiled, linked and `init`ed as
+/// the broker would, its compiled code cached where the broker keeps it).
+fn check_config(config: &Config) -> ExitCode {
+    use sandpiper::plugins::{host::Host, plugin::Plugin, sidecar::Sidecar};
+    let mut failed = false;
+    let mut fail = |what: String| {
+        eprintln!("sandpiper: {what}");
+        failed = true;
+    };
+    for (what, path) in config.paths() {
+        println!("{what}: {}", path.display());
+    }
+    for l in &config.listeners {
+        let name = l.name.as_deref().unwrap_or("listener");
+        if let Some(files) = sandpiper::listener::tls_files(l) {
+            match sandpiper::transport::tls::server_config(&files) {
+                Ok(_) => println!("listener {name}: TLS certificate, key and client CA ok"),
+                Err(e) => fail(format!("listener {name}: TLS configuration: {e}")),
+            }
+        }
+    }
+    let dir = &config.plugins.dir;
+    let mut wasm: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("wasm"))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    wasm.sort();
+    if config.plugins.enabled && !wasm.is_empty() {
+        match Host::new(&config.store.data_dir.join("plugin-cache")) {
+            Err(e) => fail(format!("plugin engine: {e}")),
+            Ok(host) => {
+                for file in wasm {
+                    let name = file
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or("plugin");
+                    let side = file.with_extension("toml");
+                    let sidecar = match std::fs::read_to_string(&side) {
+                        Ok(t) => match Sidecar::parse(&t) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                fail(format!("plugin {name}: {}: {e}", side.display()));
+                                continue;
+                            }
+                        },
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Sidecar::default(),
+                        Err(e) => {
+                            fail(format!("plugin {name}: {}: {e}", side.display()));
+                            continue;
+                        }
+                    };
+                    let loaded =
+                        std::fs::read(&file)
+                            .map_err(|e| e.to_string())
+                            .and_then(|bytes| {
+                                Plugin::load(&host, name, &bytes, sidecar, Default::default())
+                                    .map_err(|e| format!("{e:#}"))
+                            });
+                    match loaded {
+                        Ok(p) => {
+                            println!("plugin {name}: ok; hooks: {}", p.hooks.names().join(", "))
+                        }
+                        Err(e) => fail(format!("plugin {name}: {}: {e}", file.display())),
+                    }
+                }
+            }
+        }
+    }
+    if failed {
+        return ExitCode::FAILURE;
+    }
+    println!("configuration ok");
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Plugin {
@@ -112,8 +209,7 @@ fn main() -> ExitCode {
         config.store.data_dir = dir;
     }
     if cli.check_config {
-        println!("configuration ok");
-        return ExitCode::SUCCESS;
+        return check_config(&config);
     }
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
@@ -134,7 +230,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(workers = runtime.metrics().num_workers(), "runtime started");
+    tracing::info!(
+        version = version(),
+        workers = runtime.metrics().num_workers(),
+        "runtime started"
+    );
+    if let Some(path) = &cli.config {
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        tracing::info!(path = %abs.display(), "configuration");
+    }
+    for (what, path) in config.paths() {
+        tracing::info!(path = %path.display(), "{what}");
+    }
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -145,13 +145,24 @@ impl Broker {
     pub fn start_config_in(dir: PathBuf, text: &str) -> Self {
         let config = dir.join("sandpiper.toml");
         std::fs::write(&config, text).expect("write config");
-
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandpiper"));
         cmd.arg("--config")
             .arg(&config)
             .arg("--data-dir")
-            .arg(dir.join("data"))
-            .stdin(Stdio::null())
+            .arg(dir.join("data"));
+        Self::spawn(cmd, dir, false)
+    }
+
+    /// Broker started with exactly `args`, in the working directory `cwd` (which the
+    /// test owns: it is not removed).
+    pub fn start_command(cwd: &std::path::Path, args: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandpiper"));
+        cmd.args(args).current_dir(cwd);
+        Self::spawn(cmd, cwd.to_path_buf(), true)
+    }
+
+    fn spawn(mut cmd: Command, dir: PathBuf, keep_dir: bool) -> Self {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("NO_COLOR", "1");
@@ -183,7 +194,9 @@ impl Broker {
                 let _ = child.kill();
                 let status = child.wait().ok();
                 let log = logs.lock().map(|l| l.join("\n")).unwrap_or_default();
-                let _ = std::fs::remove_dir_all(&dir);
+                if !keep_dir {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
                 panic!(
                     "broker did not log `listening ... addr=` ({e}); exit status {status:?}; log:\n{log}"
                 );
@@ -196,7 +209,7 @@ impl Broker {
             logs,
             dir,
             status: None,
-            keep_dir: false,
+            keep_dir,
         }
     }
 

@@ -13,6 +13,7 @@
 mod harness;
 
 mod basic;
+mod cli;
 mod durability;
 mod limits;
 mod load;

@@ -16,3 +16,24 @@ wasmtime::component::bindgen!({
 
 pub use self::sandpiper::plugin as host;
 pub use exports::sandpiper::plugin as hooks;
+
+#[cfg(test)]
+mod tests {
+    /// `CONTRACT_VERSION` (printed by `--version`, used to find exports) is the version
+    /// of the package every WIT file declares.
+    #[test]
+    fn contract_version_is_the_wit_package_version() {
+        let package = format!(
+            "package sandpiper:plugin@{};",
+            super::super::CONTRACT_VERSION
+        );
+        for text in [
+            include_str!("../../../wit/hooks.wit"),
+            include_str!("../../../wit/host.wit"),
+            include_str!("../../../wit/types.wit"),
+            include_str!("../../../wit/worlds.wit"),
+        ] {
+            assert!(text.contains(&package), "a WIT file without `{package}`");
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! `wasi:http` (outgoing requests only, to the addresses of the sidecar's `network`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -40,6 +40,7 @@ pub struct Host {
     /// Host imports and WASI, linked once.
     pub linker: Linker<State>,
     stop: Arc<AtomicBool>,
+    cache_dir: PathBuf,
 }
 
 impl Host {
@@ -73,12 +74,50 @@ impl Host {
             engine,
             linker,
             stop,
+            cache_dir: cache_dir.to_path_buf(),
         })
     }
 
-    /// Compiles (or loads from the cache) a component.
-    pub fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
-        Component::new(&self.engine, bytes)
+    /// Compiles (or loads from the cache) a component. The first load of a version is
+    /// logged with the time it took: an interpreter compiled to WebAssembly (Python,
+    /// JavaScript) takes tens of seconds, which should not pass in silence.
+    pub fn compile(&self, name: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let marker = self.compiled_marker(bytes);
+        let first = !marker.exists();
+        let started = std::time::Instant::now();
+        if first {
+            tracing::info!(
+                plugin = name,
+                bytes = bytes.len(),
+                "compiling plugin (first load of this version, cached afterwards)"
+            );
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        if first {
+            tracing::info!(
+                plugin = name,
+                seconds = started.elapsed().as_secs_f64(),
+                "plugin compiled"
+            );
+            if let Some(dir) = marker.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let _ = std::fs::write(&marker, b"");
+        }
+        Ok(component)
+    }
+
+    /// A file that exists once this engine has compiled `bytes` into its cache (wasmtime's
+    /// cache does not tell hits from misses): named by a hash of the bytes and of what
+    /// makes compiled code compatible (wasmtime version and engine settings).
+    fn compiled_marker(&self, bytes: &[u8]) -> PathBuf {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        bytes.hash(&mut h);
+        self.cache_dir
+            .join("compiled")
+            .join(format!("{:016x}-{}", h.finish(), bytes.len()))
     }
 }
 
@@ -202,7 +241,7 @@ impl PluginMetrics {
         }
     }
 
-    /// Current values, for metrics export and tests.
+    /// Current values (for tests; nothing exports them yet).
     pub fn snapshot(&self) -> Vec<(String, i128)> {
         let v = self.values.lock().unwrap_or_else(|p| p.into_inner());
         v.iter()

@@ -32,6 +32,10 @@ use crate::codec::{ProtocolVersion, QoS};
 pub use plugin::{Hooks, Plugin};
 use sidecar::DecideFailure;
 
+/// The version of the plugin contract (`wit/`, package `sandpiper:plugin`) this build
+/// hosts.
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
 /// The ordered plugin chain of one moment.
 #[derive(Default)]
 pub struct Chain {

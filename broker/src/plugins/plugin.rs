@@ -82,7 +82,7 @@ impl Exports {
             name: &str,
             f: fn(&InstancePre<State>) -> wasmtime::Result<I>,
         ) -> wasmtime::Result<Option<I>> {
-            let full = format!("sandpiper:plugin/{name}@0.1.0");
+            let full = format!("sandpiper:plugin/{name}@{}", super::CONTRACT_VERSION);
             if pre.component().get_export_index(None, &full).is_none() {
                 return Ok(None);
             }
@@ -186,7 +186,7 @@ impl Plugin {
         sidecar: Sidecar,
         services: Services,
     ) -> wasmtime::Result<Plugin> {
-        let component = host.compile(bytes)?;
+        let component = host.compile(name, bytes)?;
         Plugin::from_component(host, name, &component, sidecar, services)
     }
 

@@ -51,7 +51,8 @@ pub enum Durability {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Folder of the database (created if missing).
+    /// Folder of the database (created if missing); relative to the configuration file
+    /// (or the working directory without one).
     pub data_dir: PathBuf,
     /// `sync` or `periodic`.
     pub durability: Durability,
