@@ -73,8 +73,9 @@ pub mod publish {
     pub use crate::bindings::imports::publish::{Error, publish};
 }
 
-/// Counters and gauges in the broker's metrics, named `plugin_<plugin>_<name>`
-/// (names `[a-z0-9_]`, at most 64 bytes, at most 64 names per plugin).
+/// Counters and gauges of the plugin (names `[a-z0-9_]`, at most 64 bytes, at most 64
+/// names per plugin), kept in the broker's memory per plugin version; the broker does not
+/// export them yet.
 pub mod metrics {
     pub use crate::bindings::imports::metrics::{counter_add, gauge_set};
 }

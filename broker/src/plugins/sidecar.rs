@@ -19,7 +19,8 @@ pub struct Sidecar {
     pub time_ms: u32,
     /// Time budget of instantiation plus `init`, milliseconds.
     pub init_ms: u32,
-    /// Instances kept alive for this plugin (calls beyond wait for a free one).
+    /// Instances kept alive for this plugin (a call that finds none free makes a
+    /// temporary one).
     pub instances: u32,
     /// What a failed call (trap, timeout, memory exhaustion, wrong answer) means.
     pub on_failure: FailurePolicies,
