@@ -8,7 +8,7 @@
 //! most [`MAX_REFUSING`] refusals per listener are in progress; beyond that a refused
 //! socket is closed at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,7 +146,11 @@ pub async fn start(
                 Some(reason) => {
                     drop(permit);
                     tracing::debug!(%peer, ?reason, listener = %listener.info.name, "connection refused");
-                    if listener.refusing.load(Ordering::Relaxed) >= MAX_REFUSING {
+                    // A TLS handshake costs the server far more than the client: a refused
+                    // TLS socket is closed before it, unanswered.
+                    if listener.kind.is_tls()
+                        || listener.refusing.load(Ordering::Relaxed) >= MAX_REFUSING
+                    {
                         continue; // dropping the socket closes it
                     }
                     None
@@ -321,23 +325,57 @@ impl Drop for Gauge {
     }
 }
 
-/// New connections per source address in the current second (a fixed one-second window).
-/// Memory is bounded by the addresses seen within one second: older entries are pruned
-/// whenever the table grows past [`RateLimiter::PRUNE_AT`].
+/// New connections per source, over a sliding window of one second: the count of the
+/// current second plus the previous second's count weighted by how much of it the window
+/// still covers. A source is an IPv4 address or an IPv6 /64 (one host usually owns a whole
+/// /64, so counting addresses would let it pick a new one per connection).
+///
+/// Each accept costs O(1): a hash lookup, and (amortized) the expiry of sources idle for
+/// two seconds from the front of a queue in the order they were seen. Memory is bounded
+/// by the sources seen in the last two seconds and at most [`RateLimiter::MAX_SOURCES`];
+/// beyond, the longest-idle sources are forgotten first.
 struct RateLimiter {
     per_second: u32,
     start: Instant,
-    seen: Mutex<HashMap<IpAddr, (u64, u32)>>,
+    windows: Mutex<Windows>,
+}
+
+#[derive(Default)]
+struct Windows {
+    by_source: HashMap<u128, Window>,
+    /// (second, source) in the order windows started; a source's entry is stale when its
+    /// window has moved on since.
+    order: VecDeque<(u64, u128)>,
+}
+
+#[derive(Clone, Copy)]
+struct Window {
+    /// The second `current` counts.
+    second: u64,
+    current: u32,
+    previous: u32,
 }
 
 impl RateLimiter {
-    const PRUNE_AT: usize = 4096;
+    const MAX_SOURCES: usize = 65_536;
 
     fn new(per_second: u32) -> RateLimiter {
         RateLimiter {
             per_second,
             start: Instant::now(),
-            seen: Mutex::new(HashMap::new()),
+            windows: Mutex::new(Windows::default()),
+        }
+    }
+
+    /// The source a peer address counts as: IPv4 (also when mapped into IPv6), or the /64
+    /// of an IPv6 address.
+    fn source(ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => u128::from(u32::from(v4)),
+                None => (u128::from(a) >> 64) | (1 << 64),
+            },
         }
     }
 
@@ -346,19 +384,54 @@ impl RateLimiter {
         if self.per_second == 0 {
             return true;
         }
-        let now = self.start.elapsed().as_secs();
-        let Ok(mut seen) = self.seen.lock() else {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.allow_at(Self::source(ip), ms)
+    }
+
+    fn allow_at(&self, source: u128, ms: u64) -> bool {
+        let (second, into) = (ms / 1000, ms % 1000);
+        let Ok(mut w) = self.windows.lock() else {
             return true;
         };
-        if seen.len() >= Self::PRUNE_AT {
-            seen.retain(|_, (second, _)| *second == now);
+        let w = &mut *w;
+        // Forget sources whose window ended two seconds ago or more (they count 0 now).
+        while let Some(&(s, src)) = w.order.front() {
+            let full = w.by_source.len() >= Self::MAX_SOURCES;
+            if s + 2 > second && !full {
+                break;
+            }
+            w.order.pop_front();
+            if w.by_source.get(&src).is_some_and(|x| x.second == s) {
+                w.by_source.remove(&src);
+            }
         }
-        let entry = seen.entry(ip).or_insert((now, 0));
-        if entry.0 != now {
-            *entry = (now, 0);
+        let entry = w.by_source.entry(source).or_insert(Window {
+            second,
+            current: 0,
+            previous: 0,
+        });
+        if entry.second != second {
+            let previous = if entry.second + 1 == second {
+                entry.current
+            } else {
+                0
+            };
+            *entry = Window {
+                second,
+                current: 0,
+                previous,
+            };
         }
-        entry.1 = entry.1.saturating_add(1);
-        entry.1 <= self.per_second
+        if entry.current == 0 {
+            w.order.push_back((second, source));
+        }
+        // previous × (1 − into/1000) + current < per_second, in thousandths.
+        let estimate = u64::from(entry.previous) * (1000 - into) + u64::from(entry.current) * 1000;
+        if estimate >= u64::from(self.per_second) * 1000 {
+            return false;
+        }
+        entry.current = entry.current.saturating_add(1);
+        true
     }
 }
 
@@ -367,18 +440,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rate_limiter_counts_per_address_and_second() {
-        let r = RateLimiter::new(2);
-        let a = IpAddr::from([10, 0, 0, 1]);
-        let b = IpAddr::from([10, 0, 0, 2]);
-        assert!(r.allow(a));
-        assert!(r.allow(a));
-        assert!(r.allow(b));
-        // The window is one second; this test runs well within one (and if not, the
-        // counter restarted, which the assertion below tolerates by design of the window).
-        if r.start.elapsed() < Duration::from_millis(900) {
-            assert!(!r.allow(a));
+    fn rate_limiter_slides_over_one_second() {
+        let r = RateLimiter::new(10);
+        let a = RateLimiter::source(IpAddr::from([10, 0, 0, 1]));
+        let b = RateLimiter::source(IpAddr::from([10, 0, 0, 2]));
+        for _ in 0..10 {
+            assert!(r.allow_at(a, 900));
         }
-        assert!(RateLimiter::new(0).allow(a));
+        assert!(!r.allow_at(a, 950), "11th within the second");
+        assert!(r.allow_at(b, 950), "another source has its own window");
+        // 100 ms into the next second the window still covers 90% of the last one:
+        // 10 × 0.9 = 9 counted, so one more fits, then none.
+        assert!(r.allow_at(a, 1100));
+        assert!(!r.allow_at(a, 1100));
+        // Half way, half of the last second counts: 5, and the 1 of this second.
+        assert!(r.allow_at(a, 1500));
+        assert!(r.allow_at(a, 1500));
+        assert!(r.allow_at(a, 1500));
+        assert!(r.allow_at(a, 1500));
+        assert!(!r.allow_at(a, 1500));
+        // Two seconds on, nothing of it counts.
+        for _ in 0..10 {
+            assert!(r.allow_at(a, 3000));
+        }
+        assert!(RateLimiter::new(0).allow(IpAddr::from([10, 0, 0, 1])));
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source() {
+        let host = |last: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]);
+        assert_eq!(RateLimiter::source(host(1)), RateLimiter::source(host(2)));
+        assert_ne!(
+            RateLimiter::source(host(1)),
+            RateLimiter::source(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]))
+        );
+        // IPv4 mapped into IPv6 is the IPv4 address.
+        let mapped = IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001]);
+        assert_eq!(
+            RateLimiter::source(mapped),
+            RateLimiter::source(IpAddr::from([10, 0, 0, 1]))
+        );
+        let r = RateLimiter::new(2);
+        assert!(r.allow(host(1)));
+        assert!(r.allow(host(2)));
+        assert!(!r.allow(host(3)), "a third address of the same /64");
+    }
+
+    /// A flood from ever new sources keeps the table bounded, and old sources go.
+    #[test]
+    fn rate_limiter_memory_is_bounded() {
+        let r = RateLimiter::new(5);
+        for i in 0..200_000u128 {
+            r.allow_at(i, 500);
+        }
+        let w = r.windows.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(w.by_source.len() <= RateLimiter::MAX_SOURCES);
+        assert!(w.order.len() <= RateLimiter::MAX_SOURCES + 1);
+        drop(w);
+        r.allow_at(1, 10_000);
+        let w = r.windows.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(w.by_source.len(), 1, "idle sources expire");
     }
 }
