@@ -18,7 +18,7 @@ use super::packet::{
     UnsubAck, Unsubscribe, UserProperties, Will, WillProperties,
 };
 use super::properties;
-use super::reader::{Reader, parse_varint};
+use super::reader::{DecodeLimits, Reader, parse_varint};
 use super::reason::{self, Carrier};
 use super::types::{
     PacketId, ProtocolVersion, QoS, ReasonCode, TopicError, TopicFilter, TopicName,
@@ -142,6 +142,16 @@ pub fn decode_packet(
     version: ProtocolVersion,
     max_packet_size: u32,
 ) -> Result<Option<Packet>, DecodeError> {
+    decode_packet_limited(buf, version, &DecodeLimits::size_only(max_packet_size))
+}
+
+/// [`decode_packet`] with `limits` on the fields a packet may repeat, checked as they are
+/// read (before what they would cost is allocated).
+pub fn decode_packet_limited(
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+    limits: &DecodeLimits,
+) -> Result<Option<Packet>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -149,12 +159,12 @@ pub fn decode_packet(
     let Some(header) = fixed_header(buf)? else {
         return Ok(None);
     };
-    check_size(&header, max_packet_size)?;
+    check_size(&header, limits.max_packet_size)?;
     if buf.len() < header.total() {
         return Ok(None);
     }
     let body = split_body(buf, &header);
-    decode_body(&header, &body, version).map(Some)
+    decode_body(&header, &body, version, limits).map(Some)
 }
 
 /// Decodes the first packet of a connection, which must be CONNECT (MQTT-3.1.0-1); its
@@ -168,6 +178,15 @@ pub fn decode_connect(
     buf: &mut BytesMut,
     max_packet_size: u32,
 ) -> Result<Option<Box<Connect>>, ConnectError> {
+    decode_connect_limited(buf, &DecodeLimits::size_only(max_packet_size))
+}
+
+/// [`decode_connect`] with `limits` on the fields a packet may repeat.
+pub fn decode_connect_limited(
+    buf: &mut BytesMut,
+    limits: &DecodeLimits,
+) -> Result<Option<Box<Connect>>, ConnectError> {
+    let max_packet_size = limits.max_packet_size;
     let unknown = |error| ConnectError {
         version: None,
         error,
@@ -190,7 +209,7 @@ pub fn decode_connect(
         return Ok(None);
     }
     let body = split_body(buf, &header);
-    let mut r = Reader::new(&body);
+    let mut r = Reader::limited(&body, *limits);
     let connect = connect(&mut r)?;
     r.finish().map_err(|error| ConnectError {
         version: Some(connect.protocol),
@@ -221,8 +240,9 @@ fn decode_body(
     header: &FixedHeader,
     body: &Bytes,
     version: ProtocolVersion,
+    limits: &DecodeLimits,
 ) -> Result<Packet, DecodeError> {
-    let mut r = Reader::new(body);
+    let mut r = Reader::limited(body, *limits);
     let v5 = version.is_v5();
     let packet = match header.kind {
         CONNECT => Packet::Connect(Box::new(connect(&mut r).map_err(|e| e.error)?)),
@@ -483,6 +503,11 @@ fn subscribe(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
         if options.no_local && filter.share_group().is_some() {
             return Err(DecodeError::Protocol("No Local on a shared subscription"));
         }
+        if filters.len() >= r.limits.max_filters {
+            return Err(DecodeError::OverLimit(
+                "more topic filters in one SUBSCRIBE",
+            ));
+        }
         filters.push((filter, options));
     }
     // MQTT 3.1.1 MQTT-3.8.3-3, MQTT 5 MQTT-3.8.3-2
@@ -565,6 +590,11 @@ fn unsubscribe(r: &mut Reader<'_>, v5: bool) -> Result<Unsubscribe, DecodeError>
     };
     let mut filters = Vec::new();
     while !r.is_empty() {
+        if filters.len() >= r.limits.max_filters {
+            return Err(DecodeError::OverLimit(
+                "more topic filters in one UNSUBSCRIBE",
+            ));
+        }
         filters.push(TopicFilter::new(r.str()?).map_err(topic_filter_error)?);
     }
     // MQTT-3.10.3-2

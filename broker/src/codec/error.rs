@@ -33,6 +33,10 @@ pub enum DecodeError {
     /// The first packet of a connection was not CONNECT (MQTT-3.1.0-1): close without answer.
     #[error("first packet is not CONNECT")]
     NotConnect,
+    /// A field repeated more often than this server accepts in one packet (User
+    /// Properties, topic filters): answered with 0x97 Quota exceeded.
+    #[error("over a limit of this server: {0}")]
+    OverLimit(&'static str),
 }
 
 impl DecodeError {
@@ -43,6 +47,7 @@ impl DecodeError {
             DecodeError::Protocol(_) | DecodeError::NotConnect => ReasonCode::ProtocolError,
             DecodeError::PacketTooLarge { .. } => ReasonCode::PacketTooLarge,
             DecodeError::TopicAliasZero => ReasonCode::TopicAliasInvalid,
+            DecodeError::OverLimit(_) => ReasonCode::QuotaExceeded,
             DecodeError::UnsupportedProtocolVersion { .. } => {
                 ReasonCode::UnsupportedProtocolVersion
             }

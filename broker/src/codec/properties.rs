@@ -92,6 +92,9 @@ enum Property<'a> {
 /// The properties of one packet: the Property Length, then properties until it is used up.
 struct Properties<'a> {
     r: Reader<'a>,
+    /// User Properties still allowed in this section, and their bytes.
+    users_left: usize,
+    user_bytes_left: usize,
 }
 
 impl<'a> Properties<'a> {
@@ -103,7 +106,11 @@ impl<'a> Properties<'a> {
         if len > r.remaining() {
             return Err(DecodeError::Malformed("property length exceeds the packet"));
         }
-        Ok(Properties { r: r.sub(len)? })
+        Ok(Properties {
+            users_left: r.limits.max_user_properties,
+            user_bytes_left: r.limits.max_user_property_bytes,
+            r: r.sub(len)?,
+        })
     }
 
     fn next(&mut self) -> Result<Option<Property<'a>>, DecodeError> {
@@ -161,7 +168,16 @@ impl<'a> Properties<'a> {
             }
             USER_PROPERTY => {
                 let name = r.str()?;
-                Property::User(name, r.str()?)
+                let value = r.str()?;
+                // Each pair costs far more memory than its bytes on the wire: bounded here,
+                // before it is allocated.
+                let bytes = name.len() + value.len();
+                if self.users_left == 0 || bytes > self.user_bytes_left {
+                    return Err(DecodeError::OverLimit("more User Properties in one packet"));
+                }
+                self.users_left -= 1;
+                self.user_bytes_left -= bytes;
+                Property::User(name, value)
             }
             MAXIMUM_PACKET_SIZE => Property::MaximumPacketSize(
                 NonZeroU32::new(r.u32()?)

@@ -35,20 +35,54 @@ pub(crate) fn parse_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, DecodeE
     }
 }
 
+/// What a decoder accepts beyond the packet size: fields a peer may repeat as often as the
+/// packet's size allows, and which cost memory per repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest packet, fixed header included.
+    pub max_packet_size: u32,
+    /// Most User Properties in one property section.
+    pub max_user_properties: usize,
+    /// Most bytes of User Property names and values in one property section.
+    pub max_user_property_bytes: usize,
+    /// Most topic filters in one SUBSCRIBE or UNSUBSCRIBE.
+    pub max_filters: usize,
+}
+
+impl DecodeLimits {
+    /// Only the packet size is limited.
+    pub const fn size_only(max_packet_size: u32) -> DecodeLimits {
+        DecodeLimits {
+            max_packet_size,
+            max_user_properties: usize::MAX,
+            max_user_property_bytes: usize::MAX,
+            max_filters: usize::MAX,
+        }
+    }
+}
+
 /// Reads the fields of one packet body front to back.
 pub(crate) struct Reader<'a> {
     data: &'a Bytes,
     pos: usize,
     end: usize,
+    /// What the packet may repeat (the packet size is checked before a reader exists).
+    pub(crate) limits: DecodeLimits,
 }
 
 impl<'a> Reader<'a> {
-    /// A reader over the whole of `data`.
+    /// A reader over the whole of `data`, without limits on repeated fields.
     pub(crate) fn new(data: &'a Bytes) -> Reader<'a> {
+        Reader::limited(data, DecodeLimits::size_only(u32::MAX))
+    }
+
+    /// A reader over the whole of `data` that enforces `limits`.
+    pub(crate) fn limited(data: &'a Bytes, limits: DecodeLimits) -> Reader<'a> {
         Reader {
             data,
             pos: 0,
             end: data.len(),
+            limits,
         }
     }
 
@@ -148,6 +182,7 @@ impl<'a> Reader<'a> {
             data: self.data,
             pos: start,
             end,
+            limits: self.limits,
         })
     }
 

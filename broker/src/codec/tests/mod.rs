@@ -6,6 +6,7 @@
 #![allow(clippy::expect_used, reason = "tests fail loudly on purpose")]
 
 mod encode_rules;
+mod limits;
 mod malformed;
 mod roundtrip;
 pub(super) mod strategies;
