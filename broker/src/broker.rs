@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::listener;
 use crate::mailbox::QueueLimits;
 use crate::plugins::Plugins;
-use crate::router::Router;
+use crate::router::{RetainLimits, Router};
 use crate::session::Sessions;
 use crate::store::{Store, StoreError, record};
 
@@ -48,22 +48,56 @@ impl Broker {
             path: path.clone(),
             reason: e.to_string(),
         };
-        let router = Arc::new(Router::with_store(store.clone()));
+        let m = &config.mqtt;
+        let router = Arc::new(Router::with_store(
+            store.clone(),
+            RetainLimits {
+                max_messages: m.max_retained_messages,
+                max_bytes: m.max_retained_bytes,
+            },
+        ));
         let now = Instant::now();
-        let mut retained = 0;
+        let topics = m.topic_limits();
+        let (mut retained, mut over_topic, mut over_store) = (0, 0, 0);
         for bytes in std::mem::take(&mut recovered.retained) {
             let msg = record::decode_retained(&bytes).map_err(damaged)?;
-            if !msg.is_expired(now) {
-                router.retain_in_memory(&Arc::new(msg));
-                retained += 1;
+            if msg.is_expired(now) {
+                continue;
             }
+            // Records written under other limits (or before a limit applied to them, as
+            // wills once did) are skipped, never served: they stay on disk untouched.
+            if !topics.fits(msg.topic.as_str()) {
+                over_topic += 1;
+                continue;
+            }
+            match router.retain_in_memory(&Arc::new(msg)) {
+                Ok(()) => retained += 1,
+                Err(_) => over_store += 1,
+            }
+        }
+        if over_topic > 0 {
+            tracing::warn!(
+                skipped = over_topic,
+                "retained messages whose topics break max_topic_length or max_topic_levels were not loaded"
+            );
+        }
+        if over_store > 0 {
+            tracing::warn!(
+                skipped = over_store,
+                "retained messages beyond max_retained_messages or max_retained_bytes were not loaded"
+            );
         }
         let limits = QueueLimits {
             max_messages: config.mqtt.max_queued_messages,
             max_bytes: config.mqtt.max_queued_bytes,
             backpressure: config.mqtt.backpressure_timeout_ms > 0,
         };
-        let sessions = Arc::new(Sessions::new(router.clone(), limits, Some(store.clone())));
+        let sessions = Arc::new(Sessions::new(
+            router.clone(),
+            limits,
+            Some(store.clone()),
+            topics,
+        ));
         let restored = sessions.restore(&mut recovered).map_err(damaged)?;
         tracing::info!(
             data_dir = %path,
@@ -73,12 +107,16 @@ impl Broker {
             "store opened"
         );
         let plugins = match config.plugins.enabled {
-            true => Arc::new(Plugins::new(
-                Some(config.plugins.dir.clone()),
-                config.store.data_dir.join("plugin-cache"),
-                Some(store.clone()),
-                usize::try_from(config.mqtt.max_packet_size).unwrap_or(usize::MAX),
-            )),
+            true => Arc::new(
+                Plugins::new(
+                    Some(config.plugins.dir.clone()),
+                    config.store.data_dir.join("plugin-cache"),
+                    Some(store.clone()),
+                    usize::try_from(config.mqtt.max_packet_size).unwrap_or(usize::MAX),
+                )
+                .with_topic_limits(topics)
+                .with_authentications(config.plugins.max_authentications()),
+            ),
             false => Plugins::disabled(),
         };
         let events = Arc::downgrade(&plugins);
@@ -187,7 +225,9 @@ fn route_published(
             continue;
         }
         let msg = d.into_message(0);
-        b.router.route(&msg);
+        if b.router.route(&msg).not_retained {
+            tracing::warn!(plugin = %p.plugin, topic = %msg.topic, "retained store full: a plugin's retained message was routed, not retained");
+        }
         b.plugins.sink_offer("", &msg);
     }
 }

@@ -44,6 +44,19 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Whether plugins are loaded at all.
     pub enabled: bool,
+    /// Most `authenticate` calls (CONNECTs and enhanced-authentication rounds) running at
+    /// once, per core the process may use. A CONNECT beyond waits for one to finish, up
+    /// to `connect_timeout`, and is then refused with CONNACK 0x89 (Server busy; MQTT 3.x:
+    /// return code 3).
+    pub authentications_per_core: usize,
+}
+
+impl PluginsConfig {
+    /// How many authentications may run at once.
+    pub fn max_authentications(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.authentications_per_core.saturating_mul(cores).max(1)
+    }
 }
 
 impl Default for PluginsConfig {
@@ -51,6 +64,7 @@ impl Default for PluginsConfig {
         PluginsConfig {
             dir: PathBuf::from("plugins"),
             enabled: true,
+            authentications_per_core: 4,
         }
     }
 }
@@ -261,7 +275,9 @@ pub struct MqttConfig {
     /// Topic aliases an MQTT 5 client may define toward the broker.
     pub topic_alias_maximum: u16,
     /// Upper bound of a session's expiry interval, in seconds; also the expiry of MQTT 3.x
-    /// persistent sessions. 4294967295 means never.
+    /// persistent sessions. 4294967295 means never. The default, 7 days, lets a device that
+    /// is gone for good cost nothing after a week: a detached session keeps its
+    /// subscriptions in memory and its queue on disk until it expires.
     pub max_session_expiry: u32,
     /// Whether retained messages are supported.
     pub retain_available: bool,
@@ -280,6 +296,76 @@ pub struct MqttConfig {
     pub max_topic_length: usize,
     /// Most levels (`/`-separated parts) in a topic name or filter.
     pub max_topic_levels: usize,
+    /// Most topic filters in one SUBSCRIBE or UNSUBSCRIBE; a packet with more is a
+    /// protocol violation of ours: MQTT 5 DISCONNECT 0x97, 3.x closed.
+    pub max_filters_per_packet: usize,
+    /// Most User Properties in one packet (in one property section); beyond: MQTT 5
+    /// DISCONNECT 0x97 (CONNACK 0x97 for a CONNECT).
+    pub max_user_properties: usize,
+    /// Most bytes of User Property names and values in one packet; beyond, as above.
+    pub max_user_property_bytes: usize,
+    /// Largest packet accepted before CONNACK (CONNECT, and AUTH during enhanced
+    /// authentication), in bytes: an unauthenticated client holds no more than this (nor
+    /// more than `max_packet_size`).
+    pub max_connect_packet_size: u32,
+    /// Most retained messages kept; a retained PUBLISH beyond is refused (MQTT 5: 0x97)
+    /// or, from MQTT 3.x, routed without being retained.
+    pub max_retained_messages: usize,
+    /// Most bytes of retained messages kept (topic, payload and properties).
+    pub max_retained_bytes: usize,
+}
+
+impl MqttConfig {
+    /// What the codec accepts from a client after CONNACK.
+    pub fn decode_limits(&self) -> crate::codec::DecodeLimits {
+        crate::codec::DecodeLimits {
+            max_packet_size: self.max_packet_size,
+            max_user_properties: self.max_user_properties,
+            max_user_property_bytes: self.max_user_property_bytes,
+            max_filters: self.max_filters_per_packet,
+        }
+    }
+
+    /// What the codec accepts from a client before CONNACK.
+    pub fn connect_limits(&self) -> crate::codec::DecodeLimits {
+        crate::codec::DecodeLimits {
+            max_packet_size: self.max_connect_packet_size.min(self.max_packet_size),
+            ..self.decode_limits()
+        }
+    }
+
+    /// `max_topic_length` and `max_topic_levels`.
+    pub fn topic_limits(&self) -> TopicLimits {
+        TopicLimits {
+            max_length: self.max_topic_length,
+            max_levels: self.max_topic_levels,
+        }
+    }
+}
+
+/// The bounds of a topic name or filter (`max_topic_length`, `max_topic_levels`), for
+/// every topic that enters the broker: published, subscribed, in a will, from a plugin,
+/// read back from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimits {
+    /// Longest topic, in bytes.
+    pub max_length: usize,
+    /// Most levels.
+    pub max_levels: usize,
+}
+
+impl TopicLimits {
+    /// Whether `topic` is within both bounds.
+    pub fn fits(&self, topic: &str) -> bool {
+        topic.len() <= self.max_length
+            && topic.bytes().filter(|&b| b == b'/').count() < self.max_levels
+    }
+}
+
+impl Default for TopicLimits {
+    fn default() -> Self {
+        MqttConfig::default().topic_limits()
+    }
 }
 
 impl Default for MqttConfig {
@@ -294,7 +380,7 @@ impl Default for MqttConfig {
             max_queued_bytes: 16 * 1024 * 1024,
             backpressure_timeout_ms: 1000,
             topic_alias_maximum: 64,
-            max_session_expiry: u32::MAX,
+            max_session_expiry: 7 * 24 * 3600,
             retain_available: true,
             allow_empty_client_id: true,
             max_connections: 100_000,
@@ -302,6 +388,12 @@ impl Default for MqttConfig {
             max_subscriptions: 1000,
             max_topic_length: 65535,
             max_topic_levels: 128,
+            max_filters_per_packet: 256,
+            max_user_properties: 128,
+            max_user_property_bytes: 64 * 1024,
+            max_connect_packet_size: 128 * 1024,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -507,6 +599,15 @@ impl Config {
         }
         if m.max_topic_length == 0 || m.max_topic_levels == 0 {
             return invalid("mqtt.max_topic_length", "topic limits must be at least 1");
+        }
+        if self.plugins.authentications_per_core == 0 {
+            return invalid("plugins.authentications_per_core", "must be at least 1");
+        }
+        if m.max_filters_per_packet == 0 {
+            return invalid("mqtt.max_filters_per_packet", "must be at least 1");
+        }
+        if m.max_connect_packet_size < 64 {
+            return invalid("mqtt.max_connect_packet_size", "must be at least 64");
         }
         if self.runtime.workers > 1024 {
             return invalid("runtime.workers", "must be at most 1024 (0: the default)");

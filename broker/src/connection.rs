@@ -70,6 +70,10 @@ const MAX_READ: usize = 64 * 1024;
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// Most publishes handed to the transform hook in one call.
 const TRANSFORM_BATCH: usize = 64;
+/// Most store tickets a connection's held acknowledgements may wait for: beyond, it stops
+/// handling and reading packets until the store has caught up, so a client cannot queue
+/// unbounded work for the store (each ticket is one submission).
+const MAX_HELD: usize = 1024;
 
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +138,7 @@ pub async fn run<R, W>(
     let deadline = Duration::from_secs(cfg.connect_timeout);
     let first = tokio::select! {
         _ = broker.shutdown.cancelled() => return,
-        r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, cfg.max_packet_size)) => r,
+        r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, cfg.connect_limits())) => r,
     };
     let connect = match first {
         Err(_) => {
@@ -249,7 +253,11 @@ async fn enhanced_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             .ok()?;
         let answer = tokio::time::timeout(wait, async {
             loop {
-                match codec::decode_packet(inbuf, ProtocolVersion::V5, cfg.max_packet_size) {
+                match codec::decode_packet_limited(
+                    inbuf,
+                    ProtocolVersion::V5,
+                    &cfg.connect_limits(),
+                ) {
                     Ok(Some(p)) => return Some(p),
                     Ok(None) => {}
                     Err(_) => return None,
@@ -270,7 +278,14 @@ async fn enhanced_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 let data = a.properties.authentication_data.map(|d| d.to_vec());
                 broker
                     .plugins
-                    .auth_step(plugin, client_id.to_owned(), method.to_owned(), data, state)
+                    .auth_step(
+                        plugin,
+                        client_id.to_owned(),
+                        method.to_owned(),
+                        data,
+                        state,
+                        wait,
+                    )
                     .await
             }
             other => {
@@ -295,10 +310,10 @@ enum ReadError {
 async fn read_connect<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-    max: u32,
+    limits: codec::DecodeLimits,
 ) -> Result<Option<Box<Connect>>, ReadError> {
     loop {
-        match codec::decode_connect(buf, max) {
+        match codec::decode_connect_limited(buf, &limits) {
             Ok(Some(c)) => return Ok(Some(c)),
             Ok(None) => {}
             Err(e) => return Err(ReadError::Decode(e)),
@@ -482,7 +497,8 @@ impl Conn {
                     step: None,
                 }));
             }
-            plugin_auth = broker.plugins.authenticate(info).await;
+            let wait = Duration::from_secs(cfg.connect_timeout);
+            plugin_auth = broker.plugins.authenticate(info, wait).await;
             if let (crate::plugins::AuthDecision::Continue { .. }, Some(m)) =
                 (&plugin_auth, &method)
             {
@@ -509,6 +525,18 @@ impl Conn {
         }
         if refusal.is_none() && !cfg.retain_available && c.will.as_ref().is_some_and(|w| w.retain) {
             refusal = Some(refuse(ReasonCode::RetainNotSupported, "retained will"));
+        }
+        // A will is published like any message, so its topic has the same bounds (MQTT 5
+        // §3.2.2.2: 0x90 for a Will Topic the server does not accept).
+        if refusal.is_none()
+            && c.will
+                .as_ref()
+                .is_some_and(|w| !cfg.topic_limits().fits(w.topic.as_str()))
+        {
+            refusal = Some(refuse(
+                ReasonCode::TopicNameInvalid,
+                "will topic over the length or level limit",
+            ));
         }
         if let Some(reason) = refusal {
             send_connack_and_close(wr, v, reason, CLOSE_FLUSH).await;
@@ -589,7 +617,7 @@ impl Conn {
         let att = broker
             .sessions
             .attach(client_id.clone(), c.clean_start, expiry)
-            .await;
+            .await?;
         let will = will.map(|will| {
             Box::new(PendingWill {
                 will,
@@ -679,7 +707,6 @@ impl Conn {
     {
         let mailbox = self.state.mailbox.clone();
         let shutdown = self.broker.shutdown.clone();
-        let max_packet = self.broker.config.mqtt.max_packet_size;
         let mut last_rx = tokio::time::Instant::now();
         let ka = self.keep_alive;
         let mut kick_gone = false;
@@ -695,7 +722,7 @@ impl Conn {
         tokio::pin!(timer);
 
         // Packets that arrived together with CONNECT.
-        if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
+        if let Some(close) = self.handle_input(&mut inbuf) {
             return close;
         }
         if !inbuf.is_empty() {
@@ -707,8 +734,26 @@ impl Conn {
             self.fill();
             if !self.held.is_empty() {
                 self.release_held();
+                // Packets read before the held acknowledgements filled up wait in `inbuf`:
+                // handled now that there is room (the client may be sending nothing more
+                // until they are answered).
+                if self.held.len() < MAX_HELD && self.paused.is_none() && !inbuf.is_empty() {
+                    let before = inbuf.len();
+                    if let Some(close) = self.handle_input(&mut inbuf) {
+                        return close;
+                    }
+                    if inbuf.is_empty() {
+                        partial_since = None;
+                    } else if inbuf.len() < before {
+                        let now = tokio::time::Instant::now();
+                        partial_since = Some(now);
+                        arm(timer.as_mut(), now + packet_timeout);
+                    }
+                }
             }
-            let want_read = self.out.len() < OUT_READ_LIMIT && self.paused.is_none();
+            let want_read = self.out.len() < OUT_READ_LIMIT
+                && self.paused.is_none()
+                && self.held.len() < MAX_HELD;
             if want_read && inbuf.capacity() - inbuf.len() < read_hint {
                 if inbuf.is_empty() && inbuf.capacity() > 4 * read_hint {
                     // Give back what a burst grew.
@@ -752,7 +797,7 @@ impl Conn {
                             };
                             last_rx = tokio::time::Instant::now();
                             let before = inbuf.len();
-                            if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
+                            if let Some(close) = self.handle_input(&mut inbuf) {
                                 return close;
                             }
                             if inbuf.is_empty() {
@@ -772,7 +817,7 @@ impl Conn {
                     }
                     self.paused = None;
                     // Packets read before the pause, not handled yet.
-                    if let Some(close) = self.handle_input(&mut inbuf, max_packet) {
+                    if let Some(close) = self.handle_input(&mut inbuf) {
                         return close;
                     }
                     if inbuf.is_empty() {
@@ -815,18 +860,19 @@ impl Conn {
     /// Decodes and handles every complete packet in `inbuf`.
     /// Stops early while a subscriber we published to is congested: the rest waits in
     /// `inbuf` until it has room, so one read cannot overrun a queue.
-    fn handle_input(&mut self, inbuf: &mut BytesMut, max_packet: u32) -> Option<Close> {
-        let close = self.decode_input(inbuf, max_packet);
+    fn handle_input(&mut self, inbuf: &mut BytesMut) -> Option<Close> {
+        let close = self.decode_input(inbuf);
         // Publishes before the packet that closes were accepted: they are answered first.
         self.flush_pending().or(close)
     }
 
-    fn decode_input(&mut self, inbuf: &mut BytesMut, max_packet: u32) -> Option<Close> {
+    fn decode_input(&mut self, inbuf: &mut BytesMut) -> Option<Close> {
+        let limits = self.broker.config.mqtt.decode_limits();
         loop {
-            if self.paused.is_some() {
+            if self.paused.is_some() || self.held.len() >= MAX_HELD {
                 return None;
             }
-            match codec::decode_packet(inbuf, self.version, max_packet) {
+            match codec::decode_packet_limited(inbuf, self.version, &limits) {
                 Ok(Some(p)) => {
                     // Answers keep the order of the packets they answer.
                     if !matches!(p, Packet::Publish(_))
@@ -1215,7 +1261,11 @@ impl Conn {
                             }
                         } else {
                             f.stage = Stage::AwaitComp;
-                            // Remember that PUBREL, not PUBLISH, is owed after a restart.
+                            // Remember that PUBREL, not PUBLISH, is owed after a restart,
+                            // before the PUBREL goes out: a PUBLISH resent after a restart
+                            // that the receiver had already released would be a new
+                            // message to it (a duplicate).
+                            let mut ticket = None;
                             if let (Some(sid), Some((store, key))) =
                                 (f.delivery.store_id, self.state.mailbox.store())
                                 && let Ok(bytes) = record::encode_queued(
@@ -1223,9 +1273,9 @@ impl Conn {
                                     Some((a.packet_id, Stage::AwaitComp)),
                                 )
                             {
-                                store.submit_one(Op::PutQueued(key, sid, bytes));
+                                ticket = store.submit_one(Op::PutQueued(key, sid, bytes));
                             }
-                            self.send(&Packet::PubRel(Ack::success(a.packet_id)));
+                            self.send_after(ticket, &Packet::PubRel(Ack::success(a.packet_id)));
                         }
                     }
                     _ => {
@@ -1244,14 +1294,18 @@ impl Conn {
             }
             Packet::PubRel(a) => {
                 let mut comp = Ack::success(a.packet_id);
+                // PUBCOMP frees the packet id for a new message: it goes out once the id is
+                // forgotten on disk too, or a restart would take that new message for a
+                // duplicate and drop it.
+                let mut ticket = None;
                 if self.state.inbound_qos2.remove(&a.packet_id) {
                     if let Some((store, key)) = self.state.mailbox.store() {
-                        store.submit_one(Op::DeleteQos2In(key, a.packet_id.get()));
+                        ticket = store.submit_one(Op::DeleteQos2In(key, a.packet_id.get()));
                     }
                 } else if self.version.is_v5() {
                     comp.reason = ReasonCode::PacketIdentifierNotFound;
                 }
-                self.send(&Packet::PubComp(comp));
+                self.send_after(ticket, &Packet::PubComp(comp));
                 None
             }
             Packet::Subscribe(s) => {
@@ -1322,9 +1376,7 @@ impl Conn {
         if p.retain && !cfg.retain_available {
             return Err(ReasonCode::RetainNotSupported);
         }
-        if topic.as_str().len() > cfg.max_topic_length
-            || topic.as_str().split('/').count() > cfg.max_topic_levels
-        {
+        if !cfg.topic_limits().fits(topic.as_str()) {
             // Not routed. MQTT 5 refuses a QoS 1/2 message with PUBACK / PUBREC 0x90 and
             // keeps the connection; QoS 0 has no acknowledgement, so it gets DISCONNECT
             // 0x90; MQTT 3.x can only be closed.
@@ -1397,6 +1449,39 @@ impl Conn {
         msg: Option<&Arc<Message>>,
         flow: PublishQoS,
     ) -> Result<(), ReasonCode> {
+        let unretained;
+        let mut msg = msg;
+        let repeat =
+            matches!(flow, PublishQoS::ExactlyOnce(id) if self.state.inbound_qos2.contains(&id));
+        if let Some(m) = msg
+            && m.retain
+            && !repeat
+            && !self.broker.router.retain_room(m)
+        {
+            // The retained store is full: MQTT 5 refuses a QoS 1/2 message with 0x97; MQTT
+            // 3.x (which cannot refuse one) and QoS 0 have it routed as an ordinary message.
+            tracing::info!(topic = %m.topic, "retained store full: message not retained");
+            if self.version.is_v5() && flow != PublishQoS::AtMostOnce {
+                return self.refuse_publish(flow, ReasonCode::QuotaExceeded.code());
+            }
+            unretained = Arc::new(m.unretained());
+            msg = Some(&unretained);
+        }
+        if let Some(m) = msg
+            && flow != PublishQoS::AtMostOnce
+            && !repeat
+            && self.broker.store.is_failing()
+            && self.needs_store(m, flow)
+        {
+            // The store cannot write: a message whose acknowledgement promises it is on
+            // disk is refused (MQTT 5: 0x97); MQTT 3.x cannot refuse one, so it is left
+            // unacknowledged (the client sends it again on its next connection).
+            tracing::debug!(topic = %m.topic, "store failing: QoS 1/2 message refused");
+            if self.version.is_v5() {
+                return self.refuse_publish(flow, ReasonCode::QuotaExceeded.code());
+            }
+            return Ok(());
+        }
         let route = |me: &mut Self| {
             let msg = msg?;
             let routed = me.broker.router.route(msg);
@@ -1439,6 +1524,16 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Whether accepting `msg` would write to the store: it is retained, a persistent
+    /// session or a sink takes it, or it is QoS 2 from a persistent session (its packet id
+    /// is kept until PUBREL).
+    fn needs_store(&self, msg: &Message, flow: PublishQoS) -> bool {
+        msg.retain
+            || (matches!(flow, PublishQoS::ExactlyOnce(_)) && self.state.mailbox.is_persistent())
+            || self.broker.router.reaches_persistent(msg)
+            || self.broker.plugins.sink_selects(msg.topic.as_str())
     }
 
     /// A PUBLISH an authorize plugin refused: MQTT 5 QoS 1/2 get PUBACK / PUBREC with the
@@ -1532,8 +1627,24 @@ impl Conn {
     fn on_subscribe(&mut self, s: Subscribe) {
         let id = s.properties.subscription_identifier;
         let sub = self.state.subscriber();
-        let mut reasons = Vec::with_capacity(s.filters.len());
+        let n = s.filters.len();
+        // A filter repeated in one packet takes effect once, as its last occurrence (as if
+        // the occurrences came one packet after the other); every occurrence is answered
+        // with that one's code.
+        let effective: Vec<usize> = {
+            let mut last: HashMap<&str, usize> = HashMap::with_capacity(n);
+            for (i, (f, _)) in s.filters.iter().enumerate() {
+                last.insert(f.as_str(), i);
+            }
+            (s.filters.iter())
+                .enumerate()
+                .map(|(i, (f, _))| last.get(f.as_str()).copied().unwrap_or(i))
+                .collect()
+        };
+        let mut reasons = vec![ReasonCode::UnspecifiedError; n];
         let mut retained = Vec::new();
+        // Retained messages are collected only while the session's queue has room for them.
+        let (mut room, mut room_bytes) = self.state.mailbox.room();
         let now = Instant::now();
         let cfg = &self.broker.config.mqtt;
         let (max_subs, max_len, max_levels) = (
@@ -1554,65 +1665,103 @@ impl Conn {
         } else {
             Vec::new()
         };
+        // Each changed subscription is one small row; nothing is written when nothing
+        // changed.
+        let mut ticket = None;
         for (i, (filter, mut options)) in s.filters.into_iter().enumerate() {
-            match verdicts.get(i) {
+            if effective.get(i) != Some(&i) {
+                continue;
+            }
+            let reason = match verdicts.get(i) {
                 Some(crate::plugins::Verdict::Deny(code)) => {
-                    let r = ReasonCode::from_u8(*code).unwrap_or(ReasonCode::NotAuthorized);
-                    reasons.push(r);
-                    continue;
+                    ReasonCode::from_u8(*code).unwrap_or(ReasonCode::NotAuthorized)
                 }
-                Some(crate::plugins::Verdict::Allow(Some(q))) => options.qos = options.qos.min(*q),
-                _ => {}
-            }
-            if filter.as_str().len() > max_len || filter.filter().split('/').count() > max_levels {
-                tracing::info!(
-                    len = filter.as_str().len(),
-                    "topic filter over the length or level limit"
-                );
-                reasons.push(ReasonCode::TopicFilterInvalid);
-                continue;
-            }
-            if self.state.subscriptions.len() >= max_subs
-                && !self.state.subscriptions.contains_key(&filter)
-            {
-                tracing::info!(max_subs, "subscription limit reached");
-                reasons.push(ReasonCode::QuotaExceeded);
-                continue;
-            }
-            let is_new = self.broker.router.subscribe(&sub, &filter, options, id);
-            self.state
-                .subscriptions
-                .insert(filter.clone(), Subscription { options, id });
-            reasons.push(ReasonCode::granted(options.qos));
-            if self.broker.plugins.wants_events() {
-                self.broker.plugins.emit(Event::Subscribed {
-                    client: self.gate.client().clone(),
-                    filter: filter.as_str().to_owned(),
-                    qos: options.qos,
-                });
-            }
-            // Retained messages are never sent for shared subscriptions (MQTT 5 §4.8.2).
-            let send_retained = filter.share_group().is_none()
-                && match options.retain_handling {
-                    codec::RetainHandling::SendAtSubscribe => true,
-                    codec::RetainHandling::SendIfNew => is_new,
-                    codec::RetainHandling::DoNotSend => false,
-                };
-            if send_retained {
-                for m in self.broker.router.retained_matching(filter.filter(), now) {
-                    retained.push(Delivery {
-                        qos: m.qos.min(options.qos),
-                        msg: m,
-                        retain: true,
-                        sub_ids: id.into_iter().collect(),
-                        shared: None,
-                        store_id: None,
-                        hooked: false,
-                    });
+                verdict => {
+                    if let Some(crate::plugins::Verdict::Allow(Some(q))) = verdict {
+                        options.qos = options.qos.min(*q);
+                    }
+                    if filter.as_str().len() > max_len
+                        || filter.filter().split('/').count() > max_levels
+                    {
+                        tracing::info!(
+                            len = filter.as_str().len(),
+                            "topic filter over the length or level limit"
+                        );
+                        ReasonCode::TopicFilterInvalid
+                    } else if self.state.subscriptions.len() >= max_subs
+                        && !self.state.subscriptions.contains_key(&filter)
+                    {
+                        tracing::info!(max_subs, "subscription limit reached");
+                        ReasonCode::QuotaExceeded
+                    } else {
+                        let is_new = self.broker.router.subscribe(&sub, &filter, options, id);
+                        let subscription = Subscription { options, id };
+                        let old = self
+                            .state
+                            .subscriptions
+                            .insert(filter.clone(), subscription);
+                        if old != Some(subscription) {
+                            let sessions = &self.broker.sessions;
+                            let t = sessions.save_subscription(
+                                &self.state,
+                                &filter,
+                                Some(subscription),
+                            );
+                            ticket = ticket.max(t);
+                        }
+                        if self.broker.plugins.wants_events() {
+                            self.broker.plugins.emit(Event::Subscribed {
+                                client: self.gate.client().clone(),
+                                filter: filter.as_str().to_owned(),
+                                qos: options.qos,
+                            });
+                        }
+                        // Retained messages are never sent for shared subscriptions (MQTT 5
+                        // §4.8.2).
+                        let send_retained = filter.share_group().is_none()
+                            && match options.retain_handling {
+                                codec::RetainHandling::SendAtSubscribe => true,
+                                codec::RetainHandling::SendIfNew => is_new,
+                                codec::RetainHandling::DoNotSend => false,
+                            };
+                        if send_retained {
+                            self.broker
+                                .router
+                                .for_each_retained(filter.filter(), now, |m| {
+                                    let size = m.size();
+                                    if room == 0 || size > room_bytes {
+                                        return false;
+                                    }
+                                    room -= 1;
+                                    room_bytes -= size;
+                                    retained.push(Delivery {
+                                        qos: m.qos.min(options.qos),
+                                        msg: m.clone(),
+                                        retain: true,
+                                        sub_ids: id.into_iter().collect(),
+                                        shared: None,
+                                        store_id: None,
+                                        hooked: false,
+                                    });
+                                    true
+                                });
+                        }
+                        ReasonCode::granted(options.qos)
+                    }
                 }
+            };
+            if let Some(r) = reasons.get_mut(i) {
+                *r = reason;
             }
         }
-        let ticket = self.broker.sessions.save(&self.state, 0, None);
+        for (i, &e) in effective.iter().enumerate() {
+            if e != i
+                && let Some(&r) = reasons.get(e)
+                && let Some(slot) = reasons.get_mut(i)
+            {
+                *slot = r;
+            }
+        }
         self.send_after(
             ticket,
             &Packet::SubAck(SubAck {
@@ -1625,7 +1774,9 @@ impl Conn {
             retained = self.authorize_retained(retained);
         }
         for d in retained {
-            let _ = self.state.mailbox.push(d);
+            if self.state.mailbox.push(d).is_err() {
+                break;
+            }
         }
     }
 
@@ -1660,9 +1811,17 @@ impl Conn {
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) {
         let mut reasons = Vec::with_capacity(u.filters.len());
+        let mut ticket = None;
         for filter in u.filters {
             let existed = self.state.subscriptions.remove(&filter).is_some();
-            self.broker.router.unsubscribe(self.state.key, &filter);
+            if existed {
+                self.broker.router.unsubscribe(self.state.key, &filter);
+                let t = self
+                    .broker
+                    .sessions
+                    .save_subscription(&self.state, &filter, None);
+                ticket = ticket.max(t);
+            }
             if existed && self.broker.plugins.wants_events() {
                 self.broker.plugins.emit(Event::Unsubscribed {
                     client: self.gate.client().clone(),
@@ -1675,7 +1834,6 @@ impl Conn {
                 ReasonCode::NoSubscriptionExisted
             });
         }
-        let ticket = self.broker.sessions.save(&self.state, 0, None);
         self.send_after(
             ticket,
             &Packet::UnsubAck(UnsubAck {

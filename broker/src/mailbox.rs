@@ -398,6 +398,15 @@ impl Mailbox {
         out.into_iter().map(|(_, d)| d).collect()
     }
 
+    /// How many more messages, and how many more bytes, the queue takes before it is full.
+    pub fn room(&self) -> (usize, usize) {
+        let q = self.lock();
+        (
+            self.limits.max_messages.saturating_sub(q.len()),
+            self.limits.max_bytes.saturating_sub(q.bytes),
+        )
+    }
+
     /// Number of queued deliveries.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -33,10 +33,38 @@ pub struct Message {
     pub origin: ClientKey,
 }
 
+/// What one User Property costs in memory beyond its name and value: the pair in the
+/// shared slice and the two string allocations.
+const USER_PROPERTY_OVERHEAD: usize = 64;
+
 impl Message {
-    /// The bytes this message accounts for in queues.
+    /// The bytes this message accounts for in queues and in the retained store: topic,
+    /// payload and properties, each User Property with what it costs in memory (an empty
+    /// one is 4 bytes on the wire but about 64 in the heap).
     pub fn size(&self) -> usize {
-        self.topic.as_str().len() + self.payload.len()
+        let p = &self.properties;
+        let users: usize = (p.user_properties.as_slice().iter())
+            .map(|(n, v)| USER_PROPERTY_OVERHEAD + n.len() + v.len())
+            .sum();
+        self.topic.as_str().len()
+            + self.payload.len()
+            + users
+            + p.content_type.as_ref().map_or(0, |c| c.len())
+            + p.response_topic.as_ref().map_or(0, |t| t.as_str().len())
+            + p.correlation_data.as_ref().map_or(0, |d| d.len())
+    }
+
+    /// The same message without its RETAIN flag (routed, not retained).
+    pub fn unretained(&self) -> Message {
+        Message {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: false,
+            properties: self.properties.clone(),
+            expires_at: self.expires_at,
+            origin: self.origin,
+        }
     }
 
     /// Whether the message has expired at `now`.

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
+use smallvec::SmallVec;
+
 use crate::codec::{QoS, SubscriptionOptions, TopicFilter};
 use crate::mailbox::{Mailbox, Pushed};
 use crate::message::{ClientKey, Delivery, Message};
@@ -50,7 +52,33 @@ impl Node {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.entries.is_empty() && self.shared.is_empty()
     }
+
+    /// Whether the node holds anything but the one child on a path through it.
+    fn holds_more_than_one_child(&self) -> bool {
+        !self.entries.is_empty() || !self.shared.is_empty() || self.children.len() > 1
+    }
 }
+
+/// Trees as deep as a topic has levels are dropped level by level: the derived drop would
+/// recurse once per level, and a deep enough tree would overflow the stack.
+macro_rules! drop_iteratively {
+    ($node:ty) => {
+        impl Drop for $node {
+            fn drop(&mut self) {
+                if self.children.is_empty() {
+                    return;
+                }
+                let mut stack: Vec<$node> = self.children.drain().map(|(_, n)| n).collect();
+                while let Some(mut n) = stack.pop() {
+                    stack.extend(n.children.drain().map(|(_, c)| c));
+                }
+            }
+        }
+    };
+}
+
+drop_iteratively!(Node);
+drop_iteratively!(RetainedNode);
 
 #[derive(Debug, Default)]
 struct RetainedNode {
@@ -58,11 +86,48 @@ struct RetainedNode {
     msg: Option<Arc<Message>>,
 }
 
+/// The retained messages: a tree by topic level, and what it holds.
+#[derive(Debug, Default)]
+struct Retained {
+    root: RetainedNode,
+    /// Messages held.
+    count: usize,
+    /// Their size ([`Message::size`]).
+    bytes: usize,
+}
+
+/// Bounds of the retained store (`[mqtt] max_retained_messages`, `max_retained_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct RetainLimits {
+    /// Most retained messages.
+    pub max_messages: usize,
+    /// Most bytes of retained messages.
+    pub max_bytes: usize,
+}
+
+impl Default for RetainLimits {
+    fn default() -> Self {
+        RetainLimits {
+            max_messages: usize::MAX,
+            max_bytes: usize::MAX,
+        }
+    }
+}
+
+/// The retained store is full: the message was not retained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainedFull;
+
+/// The topic's levels, on the stack for the usual depths.
+type Levels<'a> = SmallVec<[&'a str; 16]>;
+
 /// What routing one message did.
 #[derive(Debug, Clone, Default)]
 pub struct Routed {
     /// Sessions it was queued for.
     pub delivered: usize,
+    /// A retained message the full retained store did not keep (it was still routed).
+    pub not_retained: bool,
     /// The store ticket to wait for before acknowledging (persistent recipients or a
     /// retained message were written).
     pub ticket: Option<u64>,
@@ -86,7 +151,8 @@ impl Routed {
 #[derive(Debug, Default)]
 pub struct Router {
     trie: RwLock<Node>,
-    retained: RwLock<RetainedNode>,
+    retained: RwLock<Retained>,
+    retain_limits: RetainLimits,
     store: Option<Arc<Store>>,
 }
 
@@ -106,10 +172,12 @@ impl Router {
         Router::default()
     }
 
-    /// An empty router that writes retained messages to `store`.
-    pub fn with_store(store: Arc<Store>) -> Router {
+    /// An empty router that writes retained messages to `store` and keeps at most what
+    /// `limits` allow.
+    pub fn with_store(store: Arc<Store>, limits: RetainLimits) -> Router {
         Router {
             store: Some(store),
+            retain_limits: limits,
             ..Router::default()
         }
     }
@@ -166,18 +234,66 @@ impl Router {
         }
     }
 
-    /// Removes the subscription of `key` to `filter`; true if it existed.
+    /// Removes the subscription of `key` to `filter`; true if it existed. Nodes left empty
+    /// are cut off where the path stops holding anything else.
     pub fn unsubscribe(&self, key: ClientKey, filter: &TopicFilter) -> bool {
+        let levels: Levels<'_> = filter.filter().split('/').collect();
         let mut root = write(&self.trie);
-        let levels: Vec<&str> = filter.filter().split('/').collect();
-        remove(&mut root, &levels, filter, key)
+        // The deepest node on the path that stays whatever happens below it.
+        let mut keep = 0;
+        let mut node = &*root;
+        for (depth, level) in levels.iter().enumerate() {
+            if depth > 0 && node.holds_more_than_one_child() {
+                keep = depth;
+            }
+            match node.children.get(*level) {
+                Some(c) => node = c,
+                None => return false,
+            }
+        }
+        let mut leaf = &mut *root;
+        for level in &levels {
+            match leaf.children.get_mut(*level) {
+                Some(c) => leaf = c,
+                None => return false,
+            }
+        }
+        let removed = match filter.share_group() {
+            None => {
+                let before = leaf.entries.len();
+                leaf.entries.retain(|e| e.sub.key != key);
+                before != leaf.entries.len()
+            }
+            Some(_) => {
+                let mut removed = false;
+                for g in leaf.shared.iter_mut().filter(|g| g.filter == *filter) {
+                    let before = g.members.len();
+                    g.members.retain(|e| e.sub.key != key);
+                    removed |= before != g.members.len();
+                }
+                leaf.shared.retain(|g| !g.members.is_empty());
+                removed
+            }
+        };
+        if leaf.is_empty() {
+            cut(&mut root, &levels, keep);
+        }
+        removed
     }
 
-    /// Stores the message if it is retained, then routes it.
+    /// Stores the message if it is retained (and the retained store has room), then
+    /// routes it.
     pub fn route(&self, msg: &Arc<Message>) -> Routed {
-        let ticket = if msg.retain { self.retain(msg) } else { None };
+        let (ticket, not_retained) = match msg.retain {
+            true => match self.retain(msg) {
+                Ok(t) => (t, false),
+                Err(RetainedFull) => (None, true),
+            },
+            false => (None, false),
+        };
         let mut r = self.publish(msg);
         r.ticket = r.ticket.max(ticket);
+        r.not_retained = not_retained;
         r
     }
 
@@ -187,7 +303,7 @@ impl Router {
         let mut matches: Vec<&Entry> = Vec::new();
         let mut groups: Vec<&SharedGroup> = Vec::new();
         let topic = msg.topic.as_str();
-        collect(&root, topic, true, &mut matches, &mut groups);
+        collect(&root, topic, &mut matches, &mut groups);
 
         let mut routed = Routed::default();
         if matches.len() > 1 {
@@ -244,6 +360,17 @@ impl Router {
         routed
     }
 
+    /// Whether routing `msg` would write to the store: a persistent session subscribes to
+    /// its topic (shared groups included). Used only while the store cannot write.
+    pub fn reaches_persistent(&self, msg: &Message) -> bool {
+        let root = read(&self.trie);
+        let mut matches: Vec<&Entry> = Vec::new();
+        let mut groups: Vec<&SharedGroup> = Vec::new();
+        collect(&root, msg.topic.as_str(), &mut matches, &mut groups);
+        matches.iter().any(|e| e.sub.mailbox.is_persistent())
+            || (groups.iter()).any(|g| g.members.iter().any(|e| e.sub.mailbox.is_persistent()))
+    }
+
     /// Hands a delivery of the shared subscription `filter` to a member other than
     /// `exclude`, preferring connected ones. Gives the delivery back if there is none.
     pub fn redeliver_shared(&self, mut d: Delivery, exclude: ClientKey) -> Result<(), Delivery> {
@@ -274,57 +401,176 @@ impl Router {
     }
 
     /// Stores a retained message, or clears the topic's retained message when the payload
-    /// is empty (MQTT-3.3.1-10/11), in memory and in the store. Returns the store ticket.
-    pub fn retain(&self, msg: &Arc<Message>) -> Option<u64> {
-        self.retain_in_memory(msg);
-        let store = self.store.as_ref()?;
+    /// is empty (MQTT-3.3.1-10/11), in memory and in the store. Returns the store ticket,
+    /// or [`RetainedFull`] when keeping it would pass the retained store's limits.
+    pub fn retain(&self, msg: &Arc<Message>) -> Result<Option<u64>, RetainedFull> {
+        self.retain_in_memory(msg)?;
+        let Some(store) = self.store.as_ref() else {
+            return Ok(None);
+        };
         let topic: Arc<str> = Arc::from(msg.topic.as_str());
         if msg.payload.is_empty() {
-            store.submit_one(Op::DeleteRetained(topic))
-        } else {
-            match record::encode_retained(msg) {
-                Ok(bytes) => store.submit_one(Op::PutRetained(topic, bytes)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot store a retained message");
-                    None
+            return Ok(store.submit_one(Op::DeleteRetained(topic)));
+        }
+        match record::encode_retained(msg) {
+            Ok(bytes) => Ok(store.submit_one(Op::PutRetained(topic, bytes))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store a retained message");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether the retained store has room for `msg` (a replacement counts only what it
+    /// adds; clearing a topic always fits). A publisher is refused on this answer; the
+    /// store itself checks again when the message is kept.
+    pub fn retain_room(&self, msg: &Message) -> bool {
+        if msg.payload.is_empty() {
+            return true;
+        }
+        let r = read(&self.retained);
+        let old = find_retained(&r.root, msg.topic.as_str()).map_or(0, |m| m.size());
+        self.fits(&r, msg, old)
+    }
+
+    fn fits(&self, r: &Retained, msg: &Message, old: usize) -> bool {
+        let count = r.count + usize::from(old == 0);
+        let bytes = (r.bytes - old.min(r.bytes)).saturating_add(msg.size());
+        count <= self.retain_limits.max_messages && bytes <= self.retain_limits.max_bytes
+    }
+
+    /// Stores or clears a retained message in memory only (also used at start, for
+    /// messages read from the store).
+    pub fn retain_in_memory(&self, msg: &Arc<Message>) -> Result<(), RetainedFull> {
+        let topic = msg.topic.as_str();
+        let levels: Levels<'_> = topic.split('/').collect();
+        let mut r = write(&self.retained);
+        let old = find_retained(&r.root, topic).map_or(0, |m| m.size());
+        if msg.payload.is_empty() {
+            if old > 0 && remove_retained(&mut r.root, &levels) {
+                r.count -= 1;
+                r.bytes = r.bytes.saturating_sub(old);
+            }
+            return Ok(());
+        }
+        if !self.fits(&r, msg, old) {
+            return Err(RetainedFull);
+        }
+        let mut node = &mut r.root;
+        for level in &levels {
+            node = node.children.entry((*level).into()).or_default();
+        }
+        node.msg = Some(msg.clone());
+        if old == 0 {
+            r.count += 1;
+        }
+        r.bytes = r.bytes.saturating_sub(old).saturating_add(msg.size());
+        Ok(())
+    }
+
+    /// Calls `visit` with each retained message whose topic matches `filter` (without
+    /// share prefix) and that has not expired at `now`, until `visit` answers false. The
+    /// walk keeps its own stack, so no depth of topics can exhaust the thread's; the read
+    /// lock is held throughout, so `visit` must be quick.
+    pub fn for_each_retained(
+        &self,
+        filter: &str,
+        now: Instant,
+        mut visit: impl FnMut(&Arc<Message>) -> bool,
+    ) {
+        let levels: Levels<'_> = filter.split('/').collect();
+        let r = read(&self.retained);
+        let mut emit = |n: &RetainedNode| match &n.msg {
+            Some(m) if !m.is_expired(now) => visit(m),
+            _ => true,
+        };
+        let mut stack: SmallVec<[(&RetainedNode, usize); 16]> = SmallVec::new();
+        stack.push((&r.root, 0));
+        while let Some((node, i)) = stack.pop() {
+            // At the root, wildcards never match `$` topics (MQTT-4.7.2-1).
+            let visible = |name: &str| !(i == 0 && name.starts_with('$'));
+            match levels.get(i).copied() {
+                None => {
+                    if !emit(node) {
+                        return;
+                    }
+                }
+                Some("#") => {
+                    // "a/#" matches "a" itself too.
+                    if i > 0 && !emit(node) {
+                        return;
+                    }
+                    let mut below: Vec<&RetainedNode> = (node.children.iter())
+                        .filter(|(name, _)| visible(name))
+                        .map(|(_, c)| c)
+                        .collect();
+                    while let Some(n) = below.pop() {
+                        if !emit(n) {
+                            return;
+                        }
+                        below.extend(n.children.values());
+                    }
+                }
+                Some("+") => {
+                    for (name, c) in &node.children {
+                        if visible(name) {
+                            stack.push((c, i + 1));
+                        }
+                    }
+                }
+                Some(level) => {
+                    if let Some(c) = node.children.get(level) {
+                        stack.push((c, i + 1));
+                    }
                 }
             }
         }
     }
 
-    /// Stores or clears a retained message in memory only (used at start, for messages read
-    /// from the store).
-    pub fn retain_in_memory(&self, msg: &Arc<Message>) {
-        let mut root = write(&self.retained);
-        if msg.payload.is_empty() {
-            let levels: Vec<&str> = msg.topic.as_str().split('/').collect();
-            remove_retained(&mut root, &levels);
-        } else {
-            let mut node = &mut *root;
-            for level in msg.topic.as_str().split('/') {
-                node = node.children.entry(level.into()).or_default();
-            }
-            node.msg = Some(msg.clone());
-        }
+    /// The retained messages whose topics match `filter`, skipping expired ones (tests
+    /// and small lookups; subscriptions use [`Router::for_each_retained`]).
+    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        self.for_each_retained(filter, now, |m| {
+            out.push(m.clone());
+            true
+        });
+        out
     }
 
-    /// The retained messages whose topics match `filter` (without share prefix), skipping
-    /// expired ones.
-    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
-        let root = read(&self.retained);
-        let levels: Vec<&str> = filter.split('/').collect();
-        let mut out = Vec::new();
-        collect_retained(&root, &levels, true, &mut out);
-        out.retain(|m| !m.is_expired(now));
-        out
+    /// Number of retained messages and their size.
+    pub fn retained_size(&self) -> (usize, usize) {
+        let r = read(&self.retained);
+        (r.count, r.bytes)
     }
 
     /// Number of retained messages (for tests and metrics).
     pub fn retained_count(&self) -> usize {
-        fn count(n: &RetainedNode) -> usize {
-            usize::from(n.msg.is_some()) + n.children.values().map(count).sum::<usize>()
+        self.retained_size().0
+    }
+}
+
+/// The retained message of `topic`, if any.
+fn find_retained<'a>(root: &'a RetainedNode, topic: &str) -> Option<&'a Arc<Message>> {
+    let mut node = root;
+    for level in topic.split('/') {
+        node = node.children.get(level)?;
+    }
+    node.msg.as_ref()
+}
+
+/// Removes the child on `levels` below the node at depth `keep` (the subtree under it
+/// holds nothing but the path).
+fn cut(root: &mut Node, levels: &[&str], keep: usize) {
+    let mut node = root;
+    for level in levels.iter().take(keep) {
+        match node.children.get_mut(*level) {
+            Some(c) => node = c,
+            None => return,
         }
-        count(&read(&self.retained))
+    }
+    if let Some(level) = levels.get(keep) {
+        node.children.remove(*level);
     }
 }
 
@@ -344,126 +590,85 @@ fn pick_member(g: &SharedGroup, exclude: Option<ClientKey>) -> Option<&Entry> {
         .or_else(|| candidates().next())
 }
 
-/// Walks the trie for `topic`; `root` is true at the first level, where `$` topics are not
-/// matched by wildcards (MQTT-4.7.2-1).
+/// Collects the entries and shared groups of the trie whose filters match `topic`. The
+/// walk keeps its own stack (on the thread's stack for the usual depths), so no depth of
+/// topic can exhaust the thread's.
 fn collect<'a>(
-    node: &'a Node,
+    root: &'a Node,
     topic: &str,
-    root: bool,
     matches: &mut Vec<&'a Entry>,
     groups: &mut Vec<&'a SharedGroup>,
 ) {
-    let (level, rest) = match topic.split_once('/') {
-        Some((l, r)) => (l, Some(r)),
-        None => (topic, None),
-    };
-    let wildcards = !(root && level.starts_with('$'));
-    if wildcards && let Some(hash) = node.children.get("#") {
-        matches.extend(hash.entries.iter());
-        groups.extend(hash.shared.iter());
-    }
-    let mut visit = |child: &'a Node| match rest {
-        Some(r) => collect(child, r, false, matches, groups),
-        None => {
-            matches.extend(child.entries.iter());
-            groups.extend(child.shared.iter());
-            // "a/#" also matches "a" (MQTT-4.7.1-2).
-            if let Some(hash) = child.children.get("#") {
-                matches.extend(hash.entries.iter());
-                groups.extend(hash.shared.iter());
-            }
+    // (node, where the topic's remaining levels start)
+    let mut stack: SmallVec<[(&'a Node, usize); 16]> = SmallVec::new();
+    stack.push((root, 0));
+    while let Some((node, start)) = stack.pop() {
+        let rest = topic.get(start..).unwrap_or("");
+        let (level, next) = match rest.find('/') {
+            Some(i) => (rest.get(..i).unwrap_or(""), Some(start + i + 1)),
+            None => (rest, None),
+        };
+        // At the first level, wildcards never match `$` topics (MQTT-4.7.2-1).
+        let wildcards = !(start == 0 && level.starts_with('$'));
+        if wildcards && let Some(hash) = node.children.get("#") {
+            matches.extend(hash.entries.iter());
+            groups.extend(hash.shared.iter());
         }
-    };
-    if let Some(child) = node.children.get(level) {
-        visit(child);
-    }
-    if wildcards && let Some(plus) = node.children.get("+") {
-        visit(plus);
-    }
-}
-
-fn remove(node: &mut Node, levels: &[&str], filter: &TopicFilter, key: ClientKey) -> bool {
-    match levels.split_first() {
-        None => match filter.share_group() {
-            None => {
-                let before = node.entries.len();
-                node.entries.retain(|e| e.sub.key != key);
-                before != node.entries.len()
-            }
-            Some(_) => {
-                let mut removed = false;
-                for g in node.shared.iter_mut().filter(|g| g.filter == *filter) {
-                    let before = g.members.len();
-                    g.members.retain(|e| e.sub.key != key);
-                    removed |= before != g.members.len();
-                }
-                node.shared.retain(|g| !g.members.is_empty());
-                removed
-            }
-        },
-        Some((first, rest)) => {
-            let Some(child) = node.children.get_mut(*first) else {
-                return false;
-            };
-            let removed = remove(child, rest, filter, key);
-            if child.is_empty() {
-                node.children.remove(*first);
-            }
-            removed
-        }
-    }
-}
-
-fn remove_retained(node: &mut RetainedNode, levels: &[&str]) {
-    match levels.split_first() {
-        None => node.msg = None,
-        Some((first, rest)) => {
-            if let Some(child) = node.children.get_mut(*first) {
-                remove_retained(child, rest);
-                if child.msg.is_none() && child.children.is_empty() {
-                    node.children.remove(*first);
+        let exact = node.children.get(level);
+        let plus = node.children.get("+").filter(|_| wildcards);
+        for child in [exact, plus].into_iter().flatten() {
+            match next {
+                Some(n) => stack.push((child, n)),
+                None => {
+                    matches.extend(child.entries.iter());
+                    groups.extend(child.shared.iter());
+                    // "a/#" also matches "a" (MQTT-4.7.1-2).
+                    if let Some(hash) = child.children.get("#") {
+                        matches.extend(hash.entries.iter());
+                        groups.extend(hash.shared.iter());
+                    }
                 }
             }
         }
     }
 }
 
-fn collect_retained(node: &RetainedNode, levels: &[&str], root: bool, out: &mut Vec<Arc<Message>>) {
-    fn all(node: &RetainedNode, out: &mut Vec<Arc<Message>>) {
-        out.extend(node.msg.iter().cloned());
-        for c in node.children.values() {
-            all(c, out);
+/// Removes the message at the end of `levels`, and the nodes the removal leaves empty.
+/// False when there was none.
+fn remove_retained(root: &mut RetainedNode, levels: &[&str]) -> bool {
+    // The deepest node on the path that stays whatever happens below it.
+    let mut keep = 0;
+    let mut node = &*root;
+    for (depth, level) in levels.iter().enumerate() {
+        if depth > 0 && (node.msg.is_some() || node.children.len() > 1) {
+            keep = depth;
+        }
+        match node.children.get(*level) {
+            Some(c) => node = c,
+            None => return false,
         }
     }
-    let Some((first, rest)) = levels.split_first() else {
-        out.extend(node.msg.iter().cloned());
-        return;
-    };
-    match *first {
-        "#" => {
-            // "a/#" matches "a" itself too; at the root, never `$` topics.
-            if !root {
-                out.extend(node.msg.iter().cloned());
-            }
-            for (name, c) in &node.children {
-                if !(root && name.starts_with('$')) {
-                    all(c, out);
-                }
-            }
-        }
-        "+" => {
-            for (name, c) in &node.children {
-                if !(root && name.starts_with('$')) {
-                    collect_retained(c, rest, false, out);
-                }
-            }
-        }
-        level => {
-            if let Some(c) = node.children.get(level) {
-                collect_retained(c, rest, false, out);
-            }
+    let mut leaf = &mut *root;
+    for level in levels {
+        match leaf.children.get_mut(*level) {
+            Some(c) => leaf = c,
+            None => return false,
         }
     }
+    let removed = leaf.msg.take().is_some();
+    if leaf.children.is_empty() {
+        let mut node = root;
+        for level in levels.iter().take(keep) {
+            match node.children.get_mut(*level) {
+                Some(c) => node = c,
+                None => return removed,
+            }
+        }
+        if let Some(level) = levels.get(keep) {
+            node.children.remove(*level);
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -581,6 +786,68 @@ mod tests {
         assert!(read(&r.trie).is_empty());
     }
 
+    /// Topics far deeper than any limit (65,536 levels, as a will could once carry) are
+    /// stored, matched, removed and dropped without recursion.
+    #[test]
+    fn deep_topics_do_not_recurse() {
+        let deep = "/".repeat(65_535);
+        let r = Router::new();
+        let s = sub(1);
+        let f = TopicFilter::new(&deep).unwrap();
+        r.subscribe(&s, &f, SubscriptionOptions::qos(QoS::AtMostOnce), None);
+        r.subscribe(
+            &s,
+            &TopicFilter::new("#").unwrap(),
+            SubscriptionOptions::qos(QoS::AtMostOnce),
+            None,
+        );
+        let mut m = clone_msg(&msg(&deep, QoS::AtMostOnce));
+        m.retain = true;
+        let m = Arc::new(m);
+        assert_eq!(r.publish(&m).delivered, 1);
+        r.retain(&m).unwrap();
+        assert_eq!(r.retained_matching("#", Instant::now()).len(), 1);
+        assert_eq!(r.retained_matching(&deep, Instant::now()).len(), 1);
+        assert!(r.unsubscribe(1, &f));
+        let mut clear = clone_msg(&m);
+        clear.payload = Bytes::new();
+        r.retain(&Arc::new(clear)).unwrap();
+        assert_eq!(r.retained_size(), (0, 0));
+        // And a whole deep tree dropped at once.
+        r.subscribe(&s, &f, SubscriptionOptions::qos(QoS::AtMostOnce), None);
+        r.retain(&m).unwrap();
+        drop(r);
+    }
+
+    #[test]
+    fn retained_store_keeps_to_its_limits() {
+        let r = Router {
+            retain_limits: RetainLimits {
+                max_messages: 2,
+                max_bytes: 100,
+            },
+            ..Router::default()
+        };
+        let retained = |topic: &str, payload: &'static [u8]| {
+            let mut m = clone_msg(&msg(topic, QoS::AtMostOnce));
+            m.retain = true;
+            m.payload = Bytes::from_static(payload);
+            Arc::new(m)
+        };
+        r.retain(&retained("a", b"1")).unwrap();
+        r.retain(&retained("b", b"2")).unwrap();
+        assert!(!r.retain_room(&retained("c", b"3")));
+        assert_eq!(r.retain(&retained("c", b"3")), Err(RetainedFull));
+        // A replacement adds no message, and clearing always fits.
+        assert!(r.retain_room(&retained("a", b"11")));
+        r.retain(&retained("a", b"11")).unwrap();
+        assert_eq!(r.retained_size(), (2, 5));
+        assert_eq!(r.retain(&retained("b", &[0; 100])), Err(RetainedFull));
+        r.retain(&retained("b", b"")).unwrap();
+        r.retain(&retained("c", b"3")).unwrap();
+        assert_eq!(r.retained_size(), (2, 5));
+    }
+
     #[test]
     fn retained_store_replace_clear() {
         let r = Router::new();
@@ -596,16 +863,18 @@ mod tests {
         r.retain(&Arc::new(Message {
             payload: Bytes::from_static(b"1"),
             ..clone_msg(&m)
-        }));
+        }))
+        .unwrap();
         r.retain(&Arc::new(Message {
             payload: Bytes::from_static(b"2"),
             ..clone_msg(&m)
-        }));
+        }))
+        .unwrap();
         let got = r.retained_matching("a/#", Instant::now());
         assert_eq!(got.len(), 1);
         assert_eq!(&got[0].payload[..], b"2");
         m.payload = Bytes::new();
-        r.retain(&Arc::new(m));
+        r.retain(&Arc::new(m)).unwrap();
         assert_eq!(r.retained_count(), 0);
     }
 
@@ -647,7 +916,7 @@ mod tests {
             let rr = Router::new();
             let mut stored = clone_msg(&m);
             stored.retain = true;
-            rr.retain(&Arc::new(stored));
+            rr.retain(&Arc::new(stored)).unwrap();
             prop_assert_eq!(
                 rr.retained_matching(&filter, Instant::now()).len() == 1,
                 filter_matches(&filter, &topic)

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use crate::codec::{PacketId, SubscriptionOptions, TopicFilter, Will};
+use crate::config::TopicLimits;
 use crate::mailbox::{Mailbox, QueueLimits};
 use crate::message::{ClientKey, Delivery, Message};
 use crate::router::{Router, Subscriber};
@@ -201,6 +202,8 @@ pub struct Sessions {
     router: Arc<Router>,
     limits: QueueLimits,
     store: Option<Arc<Store>>,
+    /// Subscriptions read back from the store beyond these are skipped.
+    topics: TopicLimits,
     slots: Mutex<HashMap<Arc<str>, Slot>>,
     next_key: AtomicU64,
     next_conn: AtomicU64,
@@ -219,11 +222,17 @@ impl std::fmt::Debug for ExpiryListener {
 
 impl Sessions {
     /// An empty registry delivering through `router`.
-    pub fn new(router: Arc<Router>, limits: QueueLimits, store: Option<Arc<Store>>) -> Sessions {
+    pub fn new(
+        router: Arc<Router>,
+        limits: QueueLimits,
+        store: Option<Arc<Store>>,
+        topics: TopicLimits,
+    ) -> Sessions {
         Sessions {
             router,
             limits,
             store,
+            topics,
             slots: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
@@ -272,11 +281,6 @@ impl Sessions {
             expiry: state.expiry,
             disconnected_at,
             next_id: state.next_id.get(),
-            subscriptions: state
-                .subscriptions
-                .iter()
-                .map(|(f, s)| (f.clone(), s.options, s.id))
-                .collect(),
             will: will.map(|w| w.will.clone()),
         };
         match record::encode_session(&rec) {
@@ -288,6 +292,24 @@ impl Sessions {
         }
     }
 
+    /// Writes (`Some`) or removes (`None`) one subscription of a persistent session;
+    /// returns the store ticket.
+    pub fn save_subscription(
+        &self,
+        state: &SessionState,
+        filter: &TopicFilter,
+        sub: Option<Subscription>,
+    ) -> Option<u64> {
+        let (store, key) = state.mailbox.store()?;
+        let filter: Arc<str> = Arc::from(filter.as_str());
+        store.submit_one(match sub {
+            Some(s) => {
+                Op::PutSubscription(key, filter, record::encode_subscription(s.options, s.id))
+            }
+            None => Op::DeleteSubscription(key, filter),
+        })
+    }
+
     /// Rebuilds the sessions read from the store at start: subscriptions go back into the
     /// router, queued and in-flight messages into the session. Sessions that expired while
     /// the broker was down are ended (publishing their pending will).
@@ -296,7 +318,7 @@ impl Sessions {
         let mut restored = 0;
         let sessions = std::mem::take(&mut recovered.sessions);
         for (client_id, bytes) in sessions {
-            let rec = record::decode_session(&bytes)?;
+            let (rec, _) = record::decode_session(&bytes)?;
             let client_id: Arc<str> = Arc::from(client_id.as_str());
             self.next_key.fetch_max(rec.key + 1, Ordering::Relaxed);
             let mailbox = Arc::new(self.mailbox(rec.key));
@@ -312,7 +334,14 @@ impl Sessions {
                 expiry: rec.expiry,
             };
             let sub = state.subscriber();
-            for (filter, options, id) in rec.subscriptions {
+            let rows = recovered.subscriptions.remove(&rec.key).unwrap_or_default();
+            for (filter, bytes) in rows {
+                let (filter, options, id) = record::decode_subscription(&filter, &bytes)?;
+                if !self.topics.fits(filter.as_str()) {
+                    tracing::warn!(client_id = %client_id, filter_len = filter.as_str().len(),
+                        "stored subscription over max_topic_length or max_topic_levels: skipped");
+                    continue;
+                }
                 self.router.subscribe(&sub, &filter, options, id);
                 state
                     .subscriptions
@@ -340,9 +369,16 @@ impl Sessions {
                     state.inbound_qos2.insert(id);
                 }
             }
-            let will = rec.will.map(|will| PendingWill {
-                will,
-                origin: rec.key,
+            let will = rec.will.and_then(|will| {
+                if self.topics.fits(will.topic.as_str()) {
+                    return Some(PendingWill {
+                        will,
+                        origin: rec.key,
+                    });
+                }
+                tracing::warn!(client_id = %client_id,
+                    "stored will over max_topic_length or max_topic_levels: dropped");
+                None
             });
             // A session that was connected when the broker stopped counts as disconnected
             // now.
@@ -414,10 +450,17 @@ impl Sessions {
 
     /// Attaches a new connection to the session of `client_id`, taking it over from a
     /// connection that holds it (MQTT-3.1.4-3). With `clean_start` any existing session is
-    /// ended first; otherwise it is resumed.
-    pub async fn attach(&self, client_id: Arc<str>, clean_start: bool, expiry: u32) -> Attachment {
+    /// ended first; otherwise it is resumed. `None` when yet another connection with the
+    /// same client id took over while this one was waiting for the session: the newest
+    /// connection gets the session, and this one nothing (it is closed before CONNACK).
+    pub async fn attach(
+        &self,
+        client_id: Arc<str>,
+        clean_start: bool,
+        expiry: u32,
+    ) -> Option<Attachment> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (kick_tx, kick_rx) = oneshot::channel();
+        let (kick_tx, mut kick_rx) = oneshot::channel();
         let attached = |handover| {
             Slot::Attached(Attached {
                 conn,
@@ -452,6 +495,12 @@ impl Sessions {
         let found = match waiting {
             Some(rx) => match tokio::time::timeout(HANDOVER_TIMEOUT, rx).await {
                 Ok(Ok(h)) => h,
+                // Our slot was replaced (its handover sender dropped with it) by a newer
+                // connection, which the previous one hands the session to.
+                Ok(Err(_)) if kick_rx.try_recv().is_ok() => {
+                    tracing::info!(client_id = %client_id, "taken over by a newer connection before CONNACK");
+                    return None;
+                }
                 _ => {
                     tracing::warn!(client_id = %client_id, "previous connection did not hand its session over; starting a new one");
                     None
@@ -467,7 +516,7 @@ impl Sessions {
             }
             Some((state, will)) => {
                 if let Some(w) = will {
-                    self.router.route(&w.into_message());
+                    self.publish_will(w);
                 }
                 self.end(state);
                 (self.new_state(client_id, expiry), false)
@@ -485,13 +534,13 @@ impl Sessions {
             ticket = self.save(&state, 0, None);
         }
         state.mailbox.set_online(true);
-        Attachment {
+        Some(Attachment {
             state,
             present,
             kick: kick_rx,
             conn,
             ticket,
-        }
+        })
     }
 
     /// Takes back the session of a connection that ended. Publishes the will now if its delay
@@ -503,7 +552,7 @@ impl Sessions {
         state.mailbox.spill();
         let will = match will {
             Some(w) if w.delay() == 0 || state.expiry == 0 => {
-                self.router.route(&w.into_message());
+                self.publish_will(w);
                 None
             }
             other => other,
@@ -585,7 +634,7 @@ impl Sessions {
             };
             if let Some(w) = will {
                 tracing::debug!(client_id = %client_id, "will delay passed: publishing will");
-                self.router.route(&w.into_message());
+                self.publish_will(w);
             }
         }
         let Some(expires_in) = expires_in else {
@@ -610,9 +659,17 @@ impl Sessions {
         self.end(state);
     }
 
+    /// Publishes a will (routed like any message; retained if it asks and there is room).
+    fn publish_will(&self, w: PendingWill) {
+        let msg = w.into_message();
+        if self.router.route(&msg).not_retained {
+            tracing::warn!(topic = %msg.topic, "retained store full: a will was routed, not retained");
+        }
+    }
+
     fn end_with_will(&self, state: SessionState, will: Option<PendingWill>) {
         if let Some(w) = will {
-            self.router.route(&w.into_message());
+            self.publish_will(w);
         }
         self.end(state);
     }

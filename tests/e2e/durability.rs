@@ -375,3 +375,528 @@ fn damaged_store_is_refused_with_a_clear_error() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An MQTT 3.1.1 QoS 2 sender done by hand, its state kept across connections as a client
+/// with persistent state must (MQTT 4.3.3, 4.4): what awaits PUBREC is resent with DUP,
+/// what awaits PUBCOMP has its PUBREL resent, and packet ids come from a small pool so
+/// that ids are reused soon after their PUBCOMP.
+struct Qos2Sender {
+    free: std::collections::VecDeque<u16>,
+    /// id → (sequence number, released: PUBREC received and PUBREL sent).
+    inflight: std::collections::BTreeMap<u16, (u32, bool)>,
+    next: u32,
+    total: u32,
+    /// Sequence numbers the broker acknowledged with PUBREC.
+    acked: HashSet<u32>,
+}
+
+/// The receiving end: delivers a message when its PUBLISH first arrives and remembers the
+/// packet id until PUBREL (method B of MQTT 4.3.3), across connections.
+#[derive(Default)]
+struct Qos2Receiver {
+    awaiting_rel: HashSet<u16>,
+    got: Vec<u32>,
+}
+
+mod wire {
+    use crate::harness::raw;
+
+    pub fn publish(id: u16, seq: u32, dup: bool) -> Vec<u8> {
+        raw::publish("storm2/x", 2, dup, id, &seq.to_be_bytes(), false)
+    }
+
+    pub fn ack(first: u8, id: u16) -> Vec<u8> {
+        raw::packet(first, &id.to_be_bytes())
+    }
+
+    pub fn id(body: &[u8]) -> Option<u16> {
+        Some(u16::from_be_bytes(body.get(..2)?.try_into().ok()?))
+    }
+}
+
+/// Connects with Clean Session 0 and reads the CONNACK; `None` if the broker is gone.
+async fn connect_persistent(addr: std::net::SocketAddr, id: &str) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.set_nodelay(true).ok()?;
+    s.write_all(&crate::harness::raw::connect(
+        "MQTT", 4, id, false, 60, None,
+    ))
+    .await
+    .ok()?;
+    match crate::harness::raw::read_packet(&mut s, Duration::from_secs(30)).await {
+        Some((0x20, body)) if body.get(1) == Some(&0) => Some(s),
+        _ => None,
+    }
+}
+
+impl Qos2Sender {
+    fn new(total: u32) -> Qos2Sender {
+        Qos2Sender {
+            free: (1..=32).collect(),
+            inflight: Default::default(),
+            next: 0,
+            total,
+            acked: HashSet::new(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.next >= self.total && self.inflight.is_empty()
+    }
+
+    /// Resumes its flows and sends until `total` or until the connection fails.
+    async fn run(&mut self, addr: std::net::SocketAddr) {
+        use tokio::io::AsyncWriteExt;
+        let Some(mut s) = connect_persistent(addr, "storm2-pub").await else {
+            return;
+        };
+        let mut out = Vec::new();
+        for (&id, &(seq, released)) in &self.inflight {
+            out.extend(if released {
+                wire::ack(0x62, id)
+            } else {
+                wire::publish(id, seq, true)
+            });
+        }
+        loop {
+            while self.next < self.total {
+                let Some(id) = self.free.pop_front() else {
+                    break;
+                };
+                out.extend(wire::publish(id, self.next, false));
+                self.inflight.insert(id, (self.next, false));
+                self.next += 1;
+            }
+            if !out.is_empty() && s.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            if self.done() {
+                return;
+            }
+            let Some((first, body)) =
+                crate::harness::raw::read_packet(&mut s, Duration::from_secs(30)).await
+            else {
+                return;
+            };
+            let Some(id) = wire::id(&body) else { return };
+            match first {
+                0x50 => {
+                    if let Some(e) = self.inflight.get_mut(&id) {
+                        self.acked.insert(e.0);
+                        e.1 = true;
+                        out.extend(wire::ack(0x62, id));
+                    }
+                }
+                0x70 if self.inflight.remove(&id).is_some() => self.free.push_back(id),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Qos2Receiver {
+    /// Receives until the connection fails or `quiet` passes without a packet.
+    async fn run(&mut self, addr: std::net::SocketAddr, subscribe: bool, quiet: Duration) {
+        use tokio::io::AsyncWriteExt;
+        let Some(mut s) = connect_persistent(addr, "storm2-sub").await else {
+            return;
+        };
+        if subscribe {
+            let mut body = 1u16.to_be_bytes().to_vec();
+            body.extend_from_slice(&[0, 8]);
+            body.extend_from_slice(b"storm2/#");
+            body.push(2);
+            if s.write_all(&crate::harness::raw::packet(0x82, &body))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        loop {
+            let next = tokio::time::timeout(
+                quiet,
+                crate::harness::raw::read_packet(&mut s, Duration::from_secs(3600)),
+            )
+            .await;
+            let Ok(Some((first, body))) = next else {
+                return;
+            };
+            let answer = match first >> 4 {
+                3 => {
+                    assert_eq!((first >> 1) & 3, 2, "QoS 2 delivery");
+                    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                    let Some(id) = wire::id(&body[2 + topic_len..]) else {
+                        return;
+                    };
+                    let seq: [u8; 4] = body[4 + topic_len..].try_into().expect("4-byte payload");
+                    if self.awaiting_rel.insert(id) {
+                        self.got.push(u32::from_be_bytes(seq));
+                    }
+                    wire::ack(0x50, id)
+                }
+                6 => {
+                    let Some(id) = wire::id(&body) else { return };
+                    self.awaiting_rel.remove(&id);
+                    wire::ack(0x70, id)
+                }
+                _ => continue,
+            };
+            if s.write_all(&answer).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// QoS 2 in both directions at once, the broker killed with SIGKILL at a random moment:
+/// after the restart both ends resume their flows (the sender also reuses packet ids
+/// whose PUBCOMP it had), and every message the broker acknowledged with PUBREC reaches
+/// the receiver exactly once. This holds only if PUBCOMP goes out after the inbound id is
+/// forgotten on disk and PUBREL after the outbound stage is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_both_directions_survive_kill_9_exactly_once() {
+    for (run, kill_after) in kill_points(3).into_iter().enumerate() {
+        let kill_after = kill_after + Duration::from_millis(300);
+        let broker = Broker::start_with(LIMITS);
+        let addr = broker.addr();
+        let receiving = tokio::spawn(async move {
+            let mut rx = Qos2Receiver::default();
+            rx.run(addr, true, Duration::from_secs(3600)).await;
+            rx
+        });
+        let sending = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut tx = Qos2Sender::new(STORM);
+            tx.run(addr).await;
+            tx
+        });
+        tokio::time::sleep(kill_after).await;
+        let dir = broker.kill9();
+        let mut rx = receiving.await.unwrap();
+        let mut tx = sending.await.unwrap();
+        let before = (tx.acked.len(), rx.got.len());
+
+        let broker = Broker::start_in(dir, LIMITS);
+        tx.total = tx.next + 2_000;
+        tx.run(broker.addr()).await;
+        assert!(
+            tx.done(),
+            "run {run}: the sender finished after the restart"
+        );
+        rx.run(broker.addr(), false, Duration::from_secs(2)).await;
+
+        let got: HashSet<u32> = rx.got.iter().copied().collect();
+        let duplicates = rx.got.len() - got.len();
+        let mut lost: Vec<u32> = tx.acked.difference(&got).copied().collect();
+        lost.sort_unstable();
+        eprintln!(
+            "run {run}: killed after {kill_after:?} with {} acknowledged and {} received; \
+             in all {} acknowledged, {} received, {duplicates} duplicates",
+            before.0,
+            before.1,
+            tx.acked.len(),
+            rx.got.len()
+        );
+        assert!(
+            before.0 > 0,
+            "run {run}: nothing was acknowledged before the kill"
+        );
+        assert_eq!(duplicates, 0, "run {run}: QoS 2 delivered twice");
+        assert!(
+            lost.is_empty(),
+            "run {run}: acknowledged and lost: {lost:?}"
+        );
+    }
+}
+
+/// With `durability = "periodic"` acknowledgements do not wait for the disk: a kill -9 can
+/// lose what was acknowledged in the last `fsync_interval_ms`, never anything older, and
+/// what it loses is the most recent messages (the store commits in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_durability_loses_at_most_the_last_interval() {
+    let config = "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n\
+                  [mqtt]\nmax_queued_messages = 100000\n\n\
+                  [store]\ndurability = \"periodic\"\nfsync_interval_ms = 100\n";
+    let broker = Broker::start_config_in(Broker::temp_dir(), config);
+    register_subscriber(&broker, QoS::AtLeastOnce).await;
+    let publish = |broker: &Broker, from: u32, n: u32| {
+        let (client, mut el) = AsyncClient::new(options(broker, "periodic-pub", true), 1000);
+        async move {
+            for seq in from..from + n {
+                client
+                    .publish(
+                        "storm/x",
+                        QoS::AtLeastOnce,
+                        false,
+                        seq.to_be_bytes().to_vec(),
+                    )
+                    .await
+                    .expect("queue PUBLISH");
+            }
+            let mut acks = 0;
+            while acks < n {
+                match tokio::time::timeout(WAIT, el.poll()).await {
+                    Ok(Ok(Event::Incoming(Incoming::PubAck(_)))) => acks += 1,
+                    Ok(Ok(_)) => {}
+                    other => panic!("publisher: {other:?} after {acks} PUBACKs"),
+                }
+            }
+        }
+    };
+    // Acknowledged, then 5 intervals pass: all of it survives.
+    publish(&broker, 0, 500).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dir = broker.kill9();
+    let broker = Broker::start_config_in(dir, config);
+    let got = drain_subscriber(&broker).await;
+    let set: HashSet<u32> = got.iter().copied().collect();
+    assert!(
+        (0..500).all(|i| set.contains(&i)),
+        "acknowledged more than an interval before the kill and lost"
+    );
+    // Acknowledged and killed at once: whatever is lost is the newest.
+    publish(&broker, 1000, 500).await;
+    let dir = broker.kill9();
+    let broker = Broker::start_config_in(dir, config);
+    let got: Vec<u32> = drain_subscriber(&broker)
+        .await
+        .into_iter()
+        .filter(|&i| i >= 1000)
+        .collect();
+    eprintln!(
+        "periodic: killed right after 500 acknowledgements, {} survived",
+        got.len()
+    );
+    let expected: Vec<u32> = (1000..1000 + u32::try_from(got.len()).unwrap()).collect();
+    assert_eq!(got, expected, "the survivors are the oldest, in order");
+}
+
+/// A small filesystem (tmpfs) mounted over a folder for the life of the value.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (CI runs as root): {status}"
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with a file, up to its last byte.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let mut byte = [0u8; 1];
+    while f.write_all(&byte).is_ok() {
+        byte[0] = 1;
+    }
+    let _ = f.sync_all();
+    path
+}
+
+/// An MQTT 5 publisher on a raw socket whose PUBACK reason codes are collected by packet id.
+struct AckedPublisher {
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    acks: std::sync::Arc<std::sync::Mutex<HashMap<u16, Vec<u8>>>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Put in front of each payload, to tell publishers apart.
+    tag: u16,
+    next: u16,
+}
+
+impl AckedPublisher {
+    async fn connect(broker: &Broker, id: &str, tag: u16) -> AckedPublisher {
+        use tokio::io::AsyncReadExt;
+        let s = crate::harness::raw::connect_v5(broker, id).await;
+        let (mut rd, wr) = s.into_split();
+        let acks = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<u16, Vec<u8>>::new()));
+        let reader = {
+            let acks = acks.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    match rd.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    // Short packets only here: PUBACK 0x40 with remaining length 2
+                    // (success) or more (a reason code first).
+                    while buf.len() >= 2 && buf.len() >= 2 + usize::from(buf[1]) {
+                        let len = usize::from(buf[1]);
+                        if buf[0] == 0x40 {
+                            let id = u16::from_be_bytes([buf[2], buf[3]]);
+                            let code = if len >= 3 { buf[4] } else { 0 };
+                            acks.lock().unwrap().entry(id).or_default().push(code);
+                        }
+                        buf.drain(..2 + len);
+                    }
+                }
+            })
+        };
+        AckedPublisher {
+            wr,
+            acks,
+            reader,
+            tag,
+            next: 1,
+        }
+    }
+
+    async fn publish(&mut self) -> u16 {
+        let id = self.next;
+        self.next += 1;
+        send_numbered(&mut self.wr, self.tag, id).await;
+        id
+    }
+
+    fn acks(&self) -> HashMap<u16, Vec<u8>> {
+        self.acks.lock().unwrap().clone()
+    }
+
+    /// Waits until publish `id` has its PUBACK; returns its reason code.
+    async fn ack_of(&self, id: u16, within: Duration) -> u8 {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(c) = self.acks().get(&id).and_then(|c| c.first()) {
+                return *c;
+            }
+            assert!(Instant::now() < deadline, "no PUBACK for publish {id}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for AckedPublisher {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The disk fills up under a persistent subscriber's QoS 1 traffic: the store's commit
+/// fails and is logged; the acknowledgement that waited for it is held (not sent as a
+/// lie), and from then on MQTT 5 publishes that need the store get PUBACK 0x97 at once.
+/// Once space is freed the broker writes again by itself: the held acknowledgement goes
+/// out (0x00), new publishes are accepted, each publish got exactly one PUBACK, and every
+/// message acknowledged with 0x00 reaches the subscriber, also after a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_what_needs_it_and_recovers() {
+    let dir = Broker::temp_dir();
+    let data = dir.join("data");
+    let _tmpfs = Tmpfs::mount(&data, "16m");
+    let broker = Broker::start_in(dir.clone(), "");
+    let mut sub = v5::Client::connect(persistent5(&broker, "disk-sub", 600)).await;
+    sub.subscribe_ok("disk/#", v5::QoS::AtLeastOnce).await;
+    let mut first = AckedPublisher::connect(&broker, "disk-pub-1", 1).await;
+    let id = first.publish().await;
+    assert_eq!(first.ack_of(id, WAIT).await, 0);
+
+    let filler = fill(&data);
+    // The next writes need room that is not there.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(first.publish().await);
+    }
+    crate::plugins::wait_for_log(&broker, "store commit failed").await;
+    // A publisher with nothing waiting is refused at once.
+    let mut second = AckedPublisher::connect(&broker, "disk-pub-2", 2).await;
+    for _ in 0..5 {
+        let id = second.publish().await;
+        assert_eq!(
+            second.ack_of(id, WAIT).await,
+            0x97,
+            "PUBACK Quota exceeded while the store cannot write"
+        );
+    }
+
+    // Space comes back: the broker writes again by itself.
+    std::fs::remove_file(&filler).unwrap();
+    crate::plugins::wait_for_log(&broker, "store writes again").await;
+    for id in &held {
+        let code = first.ack_of(*id, Duration::from_secs(10)).await;
+        assert!(code == 0 || code == 0x97, "publish {id}: PUBACK {code:#x}");
+    }
+    for _ in 0..5 {
+        let id = second.publish().await;
+        assert_eq!(second.ack_of(id, WAIT).await, 0, "accepted again");
+    }
+    let mut accepted = HashSet::new();
+    for p in [&first, &second] {
+        let acks = p.acks();
+        assert!(
+            acks.values().all(|c| c.len() == 1),
+            "one PUBACK per publish"
+        );
+        assert_eq!(
+            acks.len(),
+            usize::from(p.next - 1),
+            "every publish answered"
+        );
+        accepted.extend(
+            acks.iter()
+                .filter(|(_, c)| c[0] == 0)
+                .map(|(id, _)| (p.tag, *id)),
+        );
+    }
+    eprintln!(
+        "full disk: {} publishes accepted, {} refused",
+        accepted.len(),
+        usize::from(first.next + second.next - 2) - accepted.len()
+    );
+    // Every accepted message reaches the subscriber (live, or after a kill -9).
+    let mut received = HashSet::new();
+    while let Some(p) = sub.recv_within(Duration::from_millis(800)).await {
+        received.insert(p.payload[..4].to_vec());
+    }
+    drop(sub);
+    let dir = broker.kill9();
+    let broker = Broker::start_in(dir, "");
+    let mut sub = v5::Client::connect(persistent5(&broker, "disk-sub", 600)).await;
+    assert!(sub.connack.session_present);
+    while let Some(p) = sub.recv_within(Duration::from_millis(800)).await {
+        received.insert(p.payload[..4].to_vec());
+    }
+    let lost: Vec<_> = accepted
+        .iter()
+        .filter(|(tag, id)| {
+            let mut key = tag.to_be_bytes().to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            !received.contains(&key)
+        })
+        .collect();
+    assert!(lost.is_empty(), "acknowledged with 0x00 and lost: {lost:?}");
+}
+
+/// A QoS 1 MQTT 5 PUBLISH of 16 KiB whose payload starts with a tag of its publisher and
+/// its packet id.
+async fn send_numbered(wr: &mut tokio::net::tcp::OwnedWriteHalf, tag: u16, id: u16) {
+    use tokio::io::AsyncWriteExt;
+    let mut payload = vec![b'd'; 16 * 1024];
+    payload[..2].copy_from_slice(&tag.to_be_bytes());
+    payload[2..4].copy_from_slice(&id.to_be_bytes());
+    let p = crate::harness::raw::publish("disk/t", 1, false, id, &payload, true);
+    wr.write_all(&p).await.unwrap();
+}

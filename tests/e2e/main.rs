@@ -15,6 +15,7 @@ mod harness;
 mod basic;
 mod cli;
 mod durability;
+mod hostile;
 mod limits;
 mod load;
 mod plugin_c;

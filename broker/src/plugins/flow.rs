@@ -123,9 +123,13 @@ impl Draft {
         })
     }
 
-    /// A draft from a plugin's message (a `replace` outcome or the `publish` import).
-    pub fn from_wit(m: types::Message) -> Result<Draft, BadMessage> {
-        if m.topic.len() > usize::from(u16::MAX) {
+    /// A draft from a plugin's message (a `replace` outcome or the `publish` import),
+    /// whose topic must be within `limits`.
+    pub fn from_wit(
+        m: types::Message,
+        limits: &crate::config::TopicLimits,
+    ) -> Result<Draft, BadMessage> {
+        if m.topic.len() > usize::from(u16::MAX) || !limits.fits(&m.topic) {
             return Err(BadMessage::Topic);
         }
         Ok(Draft {
@@ -163,7 +167,8 @@ impl Plugins {
             return;
         }
         let chain = self.chain();
-        let run = || transform_chain(&chain, publisher, drafts, fates, skip);
+        let limits = &self.outbox.topics;
+        let run = || transform_chain(&chain, publisher, drafts, fates, skip, limits);
         self.blocking(run);
     }
 
@@ -179,7 +184,8 @@ impl Plugins {
             return Vec::new();
         }
         let chain = self.chain();
-        self.blocking(|| deliver_chain(&chain, subscriber, batch))
+        let limits = &self.outbox.topics;
+        self.blocking(|| deliver_chain(&chain, subscriber, batch, limits))
     }
 }
 
@@ -189,6 +195,7 @@ fn transform_chain(
     drafts: &mut [Draft],
     fates: &mut [Fate],
     skip: Option<&str>,
+    limits: &crate::config::TopicLimits,
 ) {
     let mut wit_client = None;
     for p in &chain.plugins {
@@ -223,7 +230,7 @@ fn transform_chain(
                         types::Outcome::Keep => {}
                         types::Outcome::Drop => fates[i] = Fate::Drop,
                         types::Outcome::Reject(code) => fates[i] = Fate::Reject(code),
-                        types::Outcome::Replace(m) => match Draft::from_wit(m) {
+                        types::Outcome::Replace(m) => match Draft::from_wit(m, limits) {
                             Ok(mut d) => {
                                 // A transform may lower the QoS, never raise it: the
                                 // publisher's flow has already been chosen.
@@ -231,7 +238,10 @@ fn transform_chain(
                                 drafts[i] = d;
                             }
                             Err(_) => {
-                                p.bad_answer("transform", "replacement with an invalid topic name");
+                                p.bad_answer(
+                                    "transform",
+                                    "replacement with an invalid topic name (or one over the topic limits)",
+                                );
                             }
                         },
                     }
@@ -252,6 +262,7 @@ fn deliver_chain(
     chain: &Chain,
     subscriber: &ClientInfo,
     batch: &mut VecDeque<Delivery>,
+    limits: &crate::config::TopicLimits,
 ) -> Vec<Delivery> {
     // (delivery, still to be sent); the ones that passed the chain before are left alone.
     let fresh: Vec<bool> = batch.iter().map(|d| !d.hooked).collect();
@@ -294,7 +305,7 @@ fn deliver_chain(
                     match o {
                         types::Outcome::Keep => {}
                         types::Outcome::Drop | types::Outcome::Reject(_) => items[i].1 = false,
-                        types::Outcome::Replace(m) => match Draft::from_wit(m) {
+                        types::Outcome::Replace(m) => match Draft::from_wit(m, limits) {
                             Ok(new) => {
                                 let d = &mut items[i].0;
                                 let old = &d.msg;

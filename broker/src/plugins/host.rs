@@ -109,15 +109,17 @@ impl Host {
 
     /// A file that exists once this engine has compiled `bytes` into its cache (wasmtime's
     /// cache does not tell hits from misses): named by a hash of the bytes and of what
-    /// makes compiled code compatible (wasmtime version and engine settings).
+    /// makes compiled code compatible (wasmtime version and engine settings). It lives
+    /// beside the cache folder, whose files wasmtime's cache worker manages (and may
+    /// remove).
     fn compiled_marker(&self, bytes: &[u8]) -> PathBuf {
         use std::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
         bytes.hash(&mut h);
-        self.cache_dir
-            .join("compiled")
-            .join(format!("{:016x}-{}", h.finish(), bytes.len()))
+        let mut dir = self.cache_dir.clone().into_os_string();
+        dir.push(".compiled");
+        PathBuf::from(dir).join(format!("{:016x}-{}", h.finish(), bytes.len()))
     }
 }
 
@@ -176,6 +178,8 @@ pub struct Outbox {
     pub tx: std::sync::mpsc::SyncSender<Published>,
     /// Largest payload accepted (the broker's `max_packet_size`).
     pub max_payload: usize,
+    /// The bounds of the topics plugins publish or rewrite to.
+    pub topics: crate::config::TopicLimits,
 }
 
 /// What a plugin's host imports reach beyond the plugin itself.
@@ -568,7 +572,8 @@ impl publish::Host for State {
         if msg.payload.len() > outbox.max_payload {
             return Err(publish::Error::TooLarge);
         }
-        let draft = super::flow::Draft::from_wit(msg).map_err(|_| publish::Error::InvalidTopic)?;
+        let draft = super::flow::Draft::from_wit(msg, &outbox.topics)
+            .map_err(|_| publish::Error::InvalidTopic)?;
         let p = Published {
             plugin: self.env.name.clone(),
             draft,

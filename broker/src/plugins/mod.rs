@@ -49,8 +49,14 @@ impl Chain {
     }
 }
 
+/// Authentications at once unless [`Plugins::with_authentications`] says otherwise.
+const DEFAULT_AUTHENTICATIONS: usize = 8;
+
 /// The plugin host of one broker.
 pub struct Plugins {
+    /// Authentications running at once (CONNECT and enhanced-authentication rounds).
+    auth_slots: tokio::sync::Semaphore,
+    auth_limit: usize,
     /// Union of the hooks of the current chain (hot-path check).
     mask: AtomicU32,
     /// Bumped on every chain change.
@@ -189,6 +195,8 @@ pub enum Verdict {
 
 /// Reason code of a refusal whose plugin gave none we can send.
 pub const NOT_AUTHORIZED: u8 = 0x87;
+/// 0x89 Server busy: too many authentications at once.
+pub const SERVER_BUSY: u8 = 0x89;
 
 impl Plugins {
     /// A host with no plugins folder: every check is a no-op.
@@ -220,15 +228,25 @@ impl Plugins {
             outbox: host::Outbox {
                 tx: outbox_tx,
                 max_payload,
+                topics: crate::config::TopicLimits::default(),
             },
             outbox_rx: Mutex::new(Some(outbox_rx)),
             sinks: sink::Sinks::default(),
             slow_until: AtomicU64::new(0),
+            auth_slots: tokio::sync::Semaphore::new(DEFAULT_AUTHENTICATIONS),
+            auth_limit: DEFAULT_AUTHENTICATIONS,
             slow_strikes: std::sync::atomic::AtomicU32::new(0),
             epoch: Instant::now(),
             me: OnceLock::new(),
             shutdown: OnceLock::new(),
         }
+    }
+
+    /// Bounds the topics plugins publish or rewrite to (`max_topic_length`,
+    /// `max_topic_levels`; the defaults otherwise).
+    pub fn with_topic_limits(mut self, limits: crate::config::TopicLimits) -> Plugins {
+        self.outbox.topics = limits;
+        self
     }
 
     /// Loads what the folder holds now, then watches it (every 250 ms) and hands events to
@@ -322,14 +340,40 @@ impl Plugins {
 
     /// Asks the chain about a CONNECT. Runs the plugins on a blocking thread (a hook may
     /// take its whole time budget, e.g. a slow password hash).
-    pub async fn authenticate(self: &Arc<Self>, info: ConnectInfo) -> AuthDecision {
+    pub async fn authenticate(self: &Arc<Self>, info: ConnectInfo, wait: Duration) -> AuthDecision {
         if self.hooks() & Hooks::AUTHENTICATE == 0 {
             return AuthDecision::NoOpinion;
         }
+        let Some(_slot) = self.auth_slot(wait).await else {
+            return AuthDecision::Deny(SERVER_BUSY);
+        };
         let chain = self.chain();
         tokio::task::spawn_blocking(move || authenticate_chain(&chain, &info))
             .await
             .unwrap_or(AuthDecision::Deny(NOT_AUTHORIZED))
+    }
+
+    /// One of the [`Plugins::with_authentications`] slots, waiting at most `wait`: an
+    /// authentication may spend its whole time budget hashing a password, so a flood of
+    /// CONNECTs must not run them all at once (nor hold a thread each).
+    async fn auth_slot(&self, wait: Duration) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match tokio::time::timeout(wait, self.auth_slots.acquire()).await {
+            Ok(Ok(permit)) => Some(permit),
+            _ => {
+                tracing::warn!(
+                    running = self.auth_limit,
+                    "authentications at their limit for {wait:?}: CONNECT refused as server busy"
+                );
+                None
+            }
+        }
+    }
+
+    /// Caps the authentications running at once (`[plugins] authentications_per_core`).
+    pub fn with_authentications(mut self, max: usize) -> Plugins {
+        self.auth_slots = tokio::sync::Semaphore::new(max);
+        self.auth_limit = max;
+        self
     }
 
     /// One step of MQTT 5 enhanced authentication: the client's AUTH answer to a
@@ -341,7 +385,11 @@ impl Plugins {
         method: String,
         auth_data: Option<Vec<u8>>,
         state: Vec<u8>,
+        wait: Duration,
     ) -> AuthDecision {
+        let Some(_slot) = self.auth_slot(wait).await else {
+            return AuthDecision::Deny(SERVER_BUSY);
+        };
         tokio::task::spawn_blocking(move || auth_step(&plugin, client_id, method, auth_data, state))
             .await
             .unwrap_or(AuthDecision::Deny(NOT_AUTHORIZED))

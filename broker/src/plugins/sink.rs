@@ -195,6 +195,13 @@ impl Plugins {
         ticket
     }
 
+    /// Whether a sink plugin selects `topic` (its message would be queued in the store).
+    pub fn sink_selects(&self, topic: &str) -> bool {
+        self.hooks() & Hooks::SINK != 0
+            && (self.chain().plugins.iter())
+                .any(|p| p.hooks.has(Hooks::SINK) && p.sidecar.selects(topic))
+    }
+
     /// The counters of sink `name`'s queue, if it has one.
     pub fn sink_stats(&self, name: &str) -> Option<Arc<SinkQueue>> {
         self.sinks.get(name)

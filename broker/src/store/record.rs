@@ -270,10 +270,11 @@ pub fn decode_queued(bytes: &[u8], store_id: u64) -> Result<QueuedRecord, Record
     })
 }
 
-/// What is stored of a session.
+/// What is stored of a session (its subscriptions are rows of their own).
 #[derive(Debug, Clone)]
 pub struct SessionRecord {
-    /// Router key of the session (queue entries are stored under it).
+    /// Router key of the session: its incarnation (queue entries, inbound QoS 2 ids and
+    /// subscriptions are stored under it).
     pub key: ClientKey,
     /// Session Expiry Interval.
     pub expiry: u32,
@@ -281,10 +282,48 @@ pub struct SessionRecord {
     pub disconnected_at: u64,
     /// Next packet id to try.
     pub next_id: u16,
-    /// Subscriptions.
-    pub subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
     /// A will waiting for its delay, with the session that set it.
     pub will: Option<Will>,
+}
+
+/// A subscription as a format-1 session record held it.
+pub type StoredSubscription = (TopicFilter, SubscriptionOptions, Option<NonZeroU32>);
+
+/// Session records of format 1 carried their subscriptions; format 2 does not.
+const SESSION_V1: u8 = 1;
+const SESSION_V2: u8 = 2;
+
+/// The incarnation (key) a session record belongs to, read without decoding the rest.
+pub fn session_key(bytes: &[u8]) -> Option<ClientKey> {
+    match bytes {
+        [SESSION_V1 | SESSION_V2, rest @ ..] => {
+            let key: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+            Some(u64::from_be_bytes(key))
+        }
+        _ => None,
+    }
+}
+
+/// A subscription row's value: the options byte and the subscription identifier (0 for
+/// none).
+pub fn encode_subscription(options: SubscriptionOptions, id: Option<NonZeroU32>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5);
+    out.push(options_byte(options));
+    out.extend_from_slice(&id.map_or(0, NonZeroU32::get).to_be_bytes());
+    out
+}
+
+/// Decodes a subscription row: its filter (the row's key) and its value.
+pub fn decode_subscription(filter: &str, bytes: &[u8]) -> Result<StoredSubscription, RecordError> {
+    let filter = TopicFilter::new(filter).map_err(|e| RecordError(e.to_string()))?;
+    match bytes {
+        [options, a, b, c, d] => Ok((
+            filter,
+            options_from(*options)?,
+            NonZeroU32::new(u32::from_be_bytes([*a, *b, *c, *d])),
+        )),
+        _ => Err(bad("subscription record")),
+    }
 }
 
 fn options_byte(o: SubscriptionOptions) -> u8 {
@@ -311,18 +350,11 @@ fn options_from(b: u8) -> Result<SubscriptionOptions, RecordError> {
 /// Encodes a session.
 pub fn encode_session(s: &SessionRecord) -> Result<Vec<u8>, RecordError> {
     let mut out = BytesMut::new();
-    out.put_u8(FORMAT);
+    out.put_u8(SESSION_V2);
     put_u64(&mut out, s.key);
     out.put_u32(s.expiry);
     put_u64(&mut out, s.disconnected_at);
     out.put_u16(s.next_id);
-    let n = u32::try_from(s.subscriptions.len()).map_err(|_| bad("subscriptions"))?;
-    out.put_u32(n);
-    for (filter, options, id) in &s.subscriptions {
-        put_str(&mut out, filter.as_str())?;
-        out.put_u8(options_byte(*options));
-        out.put_u32(id.map_or(0, NonZeroU32::get));
-    }
     match &s.will {
         None => out.put_u8(0),
         Some(w) => {
@@ -343,24 +375,30 @@ pub fn encode_session(s: &SessionRecord) -> Result<Vec<u8>, RecordError> {
     Ok(out.to_vec())
 }
 
-/// Decodes a session.
-pub fn decode_session(bytes: &[u8]) -> Result<SessionRecord, RecordError> {
+/// Decodes a session, with the subscriptions a format-1 record carries (none from
+/// format 2, whose subscriptions are rows of their own).
+pub fn decode_session(
+    bytes: &[u8],
+) -> Result<(SessionRecord, Vec<StoredSubscription>), RecordError> {
     let data = Bytes::copy_from_slice(bytes);
     let mut r = Reader::new(&data);
-    if r.u8()? != FORMAT {
+    let format = r.u8()?;
+    if format != SESSION_V1 && format != SESSION_V2 {
         return Err(bad("unknown session record format"));
     }
     let key = get_u64(&mut r)?;
     let expiry = r.u32()?;
     let disconnected_at = get_u64(&mut r)?;
     let next_id = r.u16()?;
-    let n = r.u32()?;
     let mut subscriptions = Vec::new();
-    for _ in 0..n {
-        let filter = TopicFilter::new(r.str()?).map_err(|e| RecordError(e.to_string()))?;
-        let options = options_from(r.u8()?)?;
-        let id = NonZeroU32::new(r.u32()?);
-        subscriptions.push((filter, options, id));
+    if format == SESSION_V1 {
+        let n = r.u32()?;
+        for _ in 0..n {
+            let filter = TopicFilter::new(r.str()?).map_err(|e| RecordError(e.to_string()))?;
+            let options = options_from(r.u8()?)?;
+            let id = NonZeroU32::new(r.u32()?);
+            subscriptions.push((filter, options, id));
+        }
     }
     let will = match r.u8()? {
         0 => None,
@@ -379,14 +417,16 @@ pub fn decode_session(bytes: &[u8]) -> Result<SessionRecord, RecordError> {
             })
         }
     };
-    Ok(SessionRecord {
-        key,
-        expiry,
-        disconnected_at,
-        next_id,
+    Ok((
+        SessionRecord {
+            key,
+            expiry,
+            disconnected_at,
+            next_id,
+            will,
+        },
         subscriptions,
-        will,
-    })
+    ))
 }
 
 #[cfg(test)]
@@ -440,22 +480,50 @@ mod tests {
     }
 
     #[test]
+    fn subscription_round_trip() {
+        let options = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: RetainHandling::DoNotSend,
+        };
+        for id in [None, NonZeroU32::new(5)] {
+            let bytes = encode_subscription(options, id);
+            let (f, o, i) = decode_subscription("x/+", &bytes).unwrap();
+            assert_eq!((f.as_str(), o, i), ("x/+", options, id));
+        }
+        assert!(decode_subscription("x", &[0, 0]).is_err());
+    }
+
+    /// A format-1 session record (subscriptions inside) still decodes, for the migration.
+    #[test]
+    fn format_1_session_records_decode_with_their_subscriptions() {
+        let mut v1 = vec![SESSION_V1];
+        v1.extend_from_slice(&7u64.to_be_bytes());
+        v1.extend_from_slice(&60u32.to_be_bytes());
+        v1.extend_from_slice(&0u64.to_be_bytes());
+        v1.extend_from_slice(&3u16.to_be_bytes());
+        v1.extend_from_slice(&1u32.to_be_bytes());
+        v1.extend_from_slice(&[0, 3, b'a', b'/', b'b', 1, 0, 0, 0, 9, 0]);
+        assert_eq!(session_key(&v1), Some(7));
+        let (rec, subs) = decode_session(&v1).unwrap();
+        assert_eq!((rec.key, rec.expiry, rec.next_id), (7, 60, 3));
+        assert!(rec.will.is_none());
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs[0].0.as_str(), "a/b");
+        assert_eq!(subs[0].2, NonZeroU32::new(9));
+        let v2 = encode_session(&rec).unwrap();
+        assert_eq!(session_key(&v2), Some(7));
+        assert!(decode_session(&v2).unwrap().1.is_empty());
+    }
+
+    #[test]
     fn session_round_trip() {
         let s = SessionRecord {
             key: 1 << 40,
             expiry: 3600,
             disconnected_at: 123,
             next_id: 77,
-            subscriptions: vec![(
-                TopicFilter::new("x/+").unwrap(),
-                SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    no_local: true,
-                    retain_as_published: true,
-                    retain_handling: RetainHandling::DoNotSend,
-                },
-                NonZeroU32::new(5),
-            )],
             will: Some(Will {
                 topic: TopicName::new("w").unwrap(),
                 payload: Bytes::from_static(b"bye"),
@@ -470,12 +538,12 @@ mod tests {
                 },
             }),
         };
-        let back = decode_session(&encode_session(&s).unwrap()).unwrap();
+        let (back, subs) = decode_session(&encode_session(&s).unwrap()).unwrap();
+        assert!(subs.is_empty());
         assert_eq!(back.key, s.key);
         assert_eq!(back.expiry, 3600);
         assert_eq!(back.disconnected_at, 123);
         assert_eq!(back.next_id, 77);
-        assert_eq!(back.subscriptions, s.subscriptions);
         assert_eq!(back.will, s.will);
     }
 
