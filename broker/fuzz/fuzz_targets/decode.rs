@@ -1,12 +1,16 @@
 //! Feeds arbitrary bytes to the decoder as a connection would: first `decode_connect`, then
 //! `decode_packet` in a loop, and independently the whole input as a packet stream of each
-//! protocol version. Every decoded packet must encode again, and decode back to itself.
+//! protocol version, with and without the broker's default limits on repeated fields.
+//! Every decoded packet must encode again, and decode back to itself.
 
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use sandpiper::codec::{Packet, ProtocolVersion, decode_connect, decode_packet, encode_packet};
+use sandpiper::codec::{
+    DecodeLimits, Packet, ProtocolVersion, decode_connect, decode_packet, decode_packet_limited,
+    encode_packet,
+};
 
 const MAX_PACKET_SIZE: u32 = 1 << 20;
 
@@ -23,6 +27,11 @@ fuzz_target!(|data: &[u8]| {
         ProtocolVersion::V5,
     ] {
         drain(&mut BytesMut::from(data), version);
+        let limits: DecodeLimits = sandpiper::config::MqttConfig::default().decode_limits();
+        let mut buf = BytesMut::from(data);
+        while let Ok(Some(packet)) = decode_packet_limited(&mut buf, version, &limits) {
+            round_trip(&packet, version);
+        }
     }
 });
 
