@@ -229,6 +229,80 @@ async fn acl_plugin_authorizes_subscribe_and_publish() {
     dev.expect_silence().await;
 }
 
+/// `%c` / `%u` take only values that cannot change a rule's filter (the class of
+/// Mosquitto's CVE-2017-7650). With the shipped example sidecar (`allow readwrite
+/// devices/%c/#`), clients named `+`, `#` or `a/b` get nothing of another device's topics,
+/// while a device keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_placeholders_cannot_widen_a_rule() {
+    let dir = Broker::temp_dir();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/acl/acl.example.toml");
+    install_acl(
+        &dir.join("plugins"),
+        &std::fs::read_to_string(example).unwrap(),
+    );
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+    let mut victim = v3::Client::connect(v3::options(&broker, "victim")).await;
+    // (Not devices/victim/#: it overlaps the example's deny rule devices/%c/secret.)
+    victim
+        .subscribe_ok("devices/victim/cmd", v3::QoS::AtLeastOnce)
+        .await;
+    for id in ["+", "#", "a/b"] {
+        let mut c = v3::Client::connect(v3::options(&broker, id)).await;
+        for filter in ["devices/victim/cmd", "devices/+/cmd", "devices/#"] {
+            assert_eq!(
+                c.subscribe(filter, v3::QoS::AtLeastOnce).await,
+                v3::SubscribeReasonCode::Failure,
+                "client {id:?} subscribing {filter}"
+            );
+        }
+        c.publish("devices/victim/cmd", v3::QoS::AtLeastOnce, false, b"no")
+            .await;
+    }
+    victim.expect_silence().await;
+    victim
+        .publish("devices/victim/cmd", v3::QoS::AtLeastOnce, false, b"own")
+        .await;
+    assert_eq!(&victim.recv().await.payload[..], b"own");
+}
+
+/// A rule file that does not parse, or a rule without exactly one of allow/deny, refuses
+/// the acl version at `init`: at start it is not loaded, on a reload the previous rules
+/// keep serving; `plugin check` with the sidecar reports why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_refuses_a_broken_rule_file_at_init() {
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    install_acl(&plugins, ACL_RULES);
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+    for broken in [
+        "[[config.rules]]\nallow = \"readwrite\"\n",
+        "[[config.rules]]\ntopic = \"a/#\"\n",
+        "[[config.rules]]\nallow = \"read\"\ndeny = \"write\"\ntopic = \"a\"\n",
+        "[[config.rules]]\nallow = \"read\"\ntopic = \"a/#/b\"\n",
+    ] {
+        std::fs::write(plugins.join("acl.toml.tmp"), broken).unwrap();
+        std::fs::rename(plugins.join("acl.toml.tmp"), plugins.join("acl.toml")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandpiper"))
+            .args(["plugin", "check"])
+            .arg(plugins.join("acl.wasm"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "plugin check passed {broken:?}");
+    }
+    wait_for_log(&broker, "the previous version keeps serving").await;
+    // The good rules still apply.
+    let mut dev = v3::Client::connect(v3::options(&broker, "dev1")).await;
+    dev.subscribe_ok("devices/dev1/#", v3::QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        dev.subscribe("devices/dev2/#", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Failure
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_reload_applies_within_a_second_and_a_broken_version_is_refused() {
     let dir = Broker::temp_dir();

@@ -13,11 +13,18 @@
 //!
 //! Deny rules win over allow rules. A subscription is allowed when an allow rule's filter
 //! covers every topic the requested filter can match, and denied when the requested
-//! filter can match any topic of a deny rule.
+//! filter can match any topic of a deny rule. `%u` and `%c` are put in only when the
+//! value is safe (not empty, no `/`, `+` or `#`): an allow rule with an unsafe value never
+//! matches, and a deny rule then denies the whole level (so a client named `+` gets
+//! nothing of `devices/%c/#`). The rules are checked by `init`: a file that does not
+//! parse or a rule without exactly one of allow/deny or with an invalid filter refuses
+//! the plugin version.
 
 use std::sync::OnceLock;
 
 use sandpiper_plugin::authorize::{Action, Authorize, Decision, Request};
+use sandpiper_plugin::lifecycle::Init;
+use sandpiper_plugin::topic;
 use sandpiper_plugin::types::Client;
 
 #[derive(serde::Deserialize, Default)]
@@ -58,7 +65,20 @@ struct Rule {
 
 fn config() -> &'static Result<Config, String> {
     static CONFIG: OnceLock<Result<Config, String>> = OnceLock::new();
-    CONFIG.get_or_init(|| sandpiper_plugin::config().map_err(|e| e.to_string()))
+    CONFIG.get_or_init(|| {
+        let cfg: Config = sandpiper_plugin::config().map_err(|e| e.to_string())?;
+        for (i, r) in cfg.rules.iter().enumerate() {
+            let n = i + 1;
+            if r.allow.is_some() == r.deny.is_some() {
+                return Err(format!("rule {n}: exactly one of allow and deny"));
+            }
+            // Placeholders stand for whole values; the filter around them must be valid.
+            let shape = r.topic.replace("%u", "u").replace("%c", "c");
+            topic::check_filter(&shape)
+                .map_err(|e| format!("rule {n}: topic {:?}: {e}", r.topic))?;
+        }
+        Ok(cfg)
+    })
 }
 
 fn who_matches(pattern: &Option<String>, value: Option<&str>) -> bool {
@@ -72,38 +92,6 @@ fn who_matches(pattern: &Option<String>, value: Option<&str>) -> bool {
     }
 }
 
-/// `rule` covers every topic `req` (a name or a filter) can match.
-fn covers(rule: &str, req: &str) -> bool {
-    if req.starts_with('$') != rule.starts_with('$') && (rule.starts_with(['+', '#'])) {
-        return false;
-    }
-    let (mut r, mut q) = (rule.split('/'), req.split('/'));
-    loop {
-        match (r.next(), q.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(l)) if l != "#" => {}
-            (Some(a), Some(b)) if a == b && a != "+" && a != "#" => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
-/// Some topic matches both `a` and `b`.
-fn overlaps(a: &str, b: &str) -> bool {
-    let (mut x, mut y) = (a.split('/'), b.split('/'));
-    loop {
-        match (x.next(), y.next()) {
-            (Some("#"), _) | (_, Some("#")) => return true,
-            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
-            (Some(p), Some(q)) if p == q => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 fn applies(access: Access, action: Action) -> bool {
     match action {
         Action::Subscribe | Action::Retained => access != Access::Write,
@@ -113,35 +101,33 @@ fn applies(access: Access, action: Action) -> bool {
 
 fn decide(cfg: &Config, client: &Client, r: &Request) -> Decision {
     let user = client.username.as_deref();
+    let id = client.client_id.as_str();
     let mut allowed = false;
     for rule in &cfg.rules {
-        if !who_matches(&rule.username, user)
-            || !who_matches(&rule.client_id, Some(&client.client_id))
-        {
+        if !who_matches(&rule.username, user) || !who_matches(&rule.client_id, Some(id)) {
             continue;
         }
-        // %u with no user name never matches (a rule for "the user's own topics").
-        if rule.topic.contains("%u") && user.is_none() {
-            continue;
-        }
-        let topic = rule
-            .topic
-            .replace("%u", user.unwrap_or_default())
-            .replace("%c", &client.client_id);
         let subscribe = matches!(r.action, Action::Subscribe);
-        if let Some(a) = rule.deny {
+        if let Some(a) = rule.deny
+            && applies(a, r.action)
+        {
+            // A client id or user name that cannot stand in the filter widens the deny
+            // rule's level to `+`: stricter, never weaker.
+            let filter = topic::substitute_widened(&rule.topic, user, id);
             let hit = if subscribe {
-                overlaps(&topic, &r.topic)
+                topic::overlaps(&filter, &r.topic)
             } else {
-                covers(&topic, &r.topic)
+                topic::covers(&filter, &r.topic)
             };
-            if applies(a, r.action) && hit {
+            if hit {
                 return Decision::Deny(0x87);
             }
         }
+        // An allow rule whose placeholders have no safe value (no user name, or one
+        // holding `/`, `+` or `#`) never matches.
         if let Some(a) = rule.allow
             && applies(a, r.action)
-            && covers(&topic, &r.topic)
+            && topic::substitute(&rule.topic, user, id).is_some_and(|f| topic::covers(&f, &r.topic))
         {
             allowed = true;
         }
@@ -155,11 +141,19 @@ fn decide(cfg: &Config, client: &Client, r: &Request) -> Decision {
 
 struct Acl;
 
+impl Init for Acl {
+    /// A rule file that does not parse, or a rule that is wrong, refuses this version: at
+    /// start the plugin is not loaded, on a reload the previous rules keep serving.
+    fn init() -> Result<(), String> {
+        config().as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+}
+
 impl Authorize for Acl {
     fn authorize(client: Client, requests: Vec<Request>) -> Vec<Decision> {
         match config() {
             Ok(cfg) => requests.iter().map(|r| decide(cfg, &client, r)).collect(),
-            // A broken rule file denies everything (and says why).
+            // Not reached once init has passed; fail closed regardless.
             Err(e) => {
                 sandpiper_plugin::log::error(&format!("acl: {e}"));
                 requests.iter().map(|_| Decision::Deny(0x87)).collect()
@@ -168,4 +162,4 @@ impl Authorize for Acl {
     }
 }
 
-sandpiper_plugin::export!(Acl with [authorize]);
+sandpiper_plugin::export!(Acl with [init, authorize]);

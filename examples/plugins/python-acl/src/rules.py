@@ -122,6 +122,9 @@ def covers(rule, requested):
 
 def overlaps(a, b):
     """Some topic matches both filters `a` and `b`."""
+    # A leading wildcard never matches a topic starting with "$".
+    if (a.startswith("$") and b[:1] in ("+", "#")) or (b.startswith("$") and a[:1] in ("+", "#")):
+        return False
     x, y = a.split("/"), b.split("/")
     for i in range(max(len(x), len(y))):
         p = x[i] if i < len(x) else None
@@ -135,6 +138,36 @@ def overlaps(a, b):
     return True
 
 
+def safe_value(v):
+    """A client id or user name may stand for %c / %u only when it cannot change the
+    filter's shape: not empty, no "/", "+" or "#" (a client named "+" would otherwise be
+    granted "devices/+/#", every device; the class of Mosquitto's CVE-2017-7650)."""
+    return bool(v) and not any(c in v for c in "/+#")
+
+
+def substitute(filt, username, client_id):
+    """`filt` with %u and %c put in, or None when a placeholder it holds has no safe
+    value (the same rule as the Rust SDK's `topic::substitute`)."""
+    if "%u" in filt:
+        if username is None or not safe_value(username):
+            return None
+        filt = filt.replace("%u", username)
+    if "%c" in filt:
+        if not safe_value(client_id):
+            return None
+        filt = filt.replace("%c", client_id)
+    return filt
+
+
+def substitute_widened(filt, username, client_id):
+    """For deny rules: `substitute`, or with every level holding a placeholder widened
+    to "+" when a value is not safe, so a deny rule gets stricter, never weaker."""
+    done = substitute(filt, username, client_id)
+    if done is not None:
+        return done
+    return "/".join("+" if ("%u" in l or "%c" in l) else l for l in filt.split("/"))
+
+
 def decide(rules, client_id, username, action, topic):
     """"allow", "deny" or "ignore" for `action` ("publish", "subscribe", "will",
     "retained") on `topic` (a filter for subscribe, a name otherwise)."""
@@ -144,14 +177,13 @@ def decide(rules, client_id, username, action, topic):
             continue
         if not who_matches(rule.client_id, client_id):
             continue
-        # A rule about "the user's own topics" never matches a client without one.
-        if "%u" in rule.topic and username is None:
-            continue
-        filt = rule.topic.replace("%u", username or "").replace("%c", client_id)
         if action in rule.deny:
+            filt = substitute_widened(rule.topic, username, client_id)
             hit = overlaps(filt, topic) if action == "subscribe" else covers(filt, topic)
             if hit:
                 return "deny"
-        if action in rule.allow and covers(filt, topic):
-            allowed = True
+        if action in rule.allow:
+            filt = substitute(rule.topic, username, client_id)
+            if filt is not None and covers(filt, topic):
+                allowed = True
     return "allow" if allowed else rules.default

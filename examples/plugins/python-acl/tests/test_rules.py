@@ -46,6 +46,20 @@ class Decide(unittest.TestCase):
         self.assertEqual(decide("subscribe", "devices/dev2/#"), "deny")
         self.assertEqual(decide("publish", "devices/dev2/temp"), "deny")
 
+    def test_placeholders_take_only_safe_values(self):
+        # A client id that would change the filter's shape grants nothing (CVE-2017-7650).
+        for bad in ["+", "#", "a/b", ""]:
+            self.assertEqual(decide("subscribe", "devices/victim/cmd", client_id=bad), "deny", bad)
+            self.assertEqual(decide("publish", "devices/victim/cmd", client_id=bad), "deny", bad)
+        # A rule with %u never matches a client without a user name, or with an unsafe one.
+        self.assertEqual(decide("publish", "users/alice/out", username="alice"), "allow")
+        self.assertEqual(decide("publish", "users/+/out", username="+"), "deny")
+        self.assertEqual(decide("publish", "users/x/out"), "deny")
+        # A deny rule is widened, not skipped: "devices/+/secret" for a client named "+".
+        self.assertEqual(decide("publish", "devices/other/secret", client_id="+",
+                                username="admin"), "deny")
+        self.assertEqual(rules.substitute_widened("d/%c/s", None, "a/b"), "d/+/s")
+
     def test_read_only(self):
         self.assertEqual(decide("subscribe", "public/news"), "allow")
         self.assertEqual(decide("retained", "public/news"), "allow")
