@@ -102,6 +102,11 @@ pub struct ListenerConfig {
     pub username_from_cert: bool,
     /// HTTP path of the WebSocket endpoint (`ws` and `wss`); default `/mqtt`.
     pub path: Option<String>,
+    /// Browser origins (`scheme://host[:port]`, or `"*"` for any) whose pages may connect
+    /// to a `ws` / `wss` listener; requests without an `Origin` header (not from a
+    /// browser) are not affected. Default: none where anonymous clients are allowed (a
+    /// page in a local browser must not reach a loopback broker), any elsewhere.
+    pub allowed_origins: Option<Vec<String>>,
     /// Most connections open at once on this listener; 0 = only the global
     /// `[mqtt] max_connections` applies.
     #[serde(default)]
@@ -189,6 +194,17 @@ impl ListenerConfig {
         self.path.as_deref().unwrap_or("/mqtt")
     }
 
+    /// The effective origin policy of a `ws` / `wss` listener.
+    pub fn origins(&self) -> crate::transport::ws::Origins {
+        use crate::transport::ws::Origins;
+        match &self.allowed_origins {
+            Some(list) if list.iter().any(|o| o == "*") => Origins::Any,
+            Some(list) => Origins::Only(list.clone()),
+            None if self.anonymous_allowed() => Origins::Only(Vec::new()),
+            None => Origins::Any,
+        }
+    }
+
     /// The protocol versions accepted.
     pub fn versions(&self) -> Vec<ProtocolVersion> {
         match &self.protocols {
@@ -238,6 +254,19 @@ impl ListenerConfig {
                 return invalid("`path` must start with /".to_owned());
             }
             _ => {}
+        }
+        if let Some(origins) = &self.allowed_origins {
+            if !self.kind.is_ws() {
+                return invalid("`allowed_origins` is only for ws and wss listeners".to_owned());
+            }
+            if let Some(bad) = origins
+                .iter()
+                .find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+            {
+                return invalid(format!(
+                    "`allowed_origins`: {bad:?} is not \"*\" or an origin such as \"https://app.example.com\""
+                ));
+            }
         }
         if self.protocols.as_ref().is_some_and(|p| p.is_empty()) {
             return invalid("`protocols` must name at least one version".to_owned());
@@ -451,6 +480,7 @@ fn default_listeners() -> Vec<ListenerConfig> {
         require_client_cert: None,
         username_from_cert: false,
         path: None,
+        allowed_origins: None,
         max_connections: 0,
         max_connection_rate: None,
         protocols: None,

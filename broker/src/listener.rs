@@ -53,7 +53,7 @@ struct Listener {
     info: Arc<ListenerInfo>,
     kind: ListenerKind,
     tls: Option<Arc<ReloadableTls>>,
-    ws_path: String,
+    ws: ws::Endpoint,
     max_connections: usize,
     active: Arc<AtomicUsize>,
     refusing: Arc<AtomicUsize>,
@@ -90,7 +90,10 @@ pub async fn start(
         }),
         kind: config.kind,
         tls: tls.clone(),
-        ws_path: config.ws_path().to_owned(),
+        ws: ws::Endpoint {
+            path: config.ws_path().to_owned(),
+            origins: config.origins(),
+        },
         max_connections: config.max_connections,
         active: Arc::new(AtomicUsize::new(0)),
         refusing: Arc::new(AtomicUsize::new(0)),
@@ -198,7 +201,7 @@ async fn serve_socket(
         // and every plain TCP connection would otherwise carry room for a TLS handshake for
         // its whole life (memory per idle connection is what bounds how many a broker holds).
         (ListenerKind::Ws, _) => {
-            let accept = Box::pin(ws::accept(tcp, &l.ws_path, max_message));
+            let accept = Box::pin(ws::accept(tcp, &l.ws, max_message));
             match tokio::time::timeout(deadline, accept).await {
                 Ok(Ok(ws)) => transport::split(ws),
                 Ok(Err(e)) => return tracing::debug!(error = %e, "WebSocket handshake failed"),
@@ -212,7 +215,7 @@ async fn serve_socket(
                 if l.kind == ListenerKind::Tls {
                     return Ok((transport::split(stream), cert));
                 }
-                let ws = ws::accept(stream, &l.ws_path, max_message)
+                let ws = ws::accept(stream, &l.ws, max_message)
                     .await
                     .map_err(std::io::Error::other)?;
                 Ok::<_, std::io::Error>((transport::split(ws), cert))

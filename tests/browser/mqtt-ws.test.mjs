@@ -1,12 +1,14 @@
-// MQTT.js in a real headless Chromium (Debian's chromium, driven by playwright-core) subscribes
-// over Sandpiper's WebSocket listener and receives a message that mosquitto_pub publishes over
-// plain TCP. Run by tests/run; alone: `cd tests/browser && npm ci && npm test` after
+// MQTT.js in a real headless Chromium (Debian's chromium, driven by playwright-core), on a page
+// served from a local HTTP server, subscribes over Sandpiper's WebSocket listener and receives a
+// message that mosquitto_pub publishes over plain TCP; a page of an origin the listener does not
+// list cannot connect. Run by tests/run; alone: `cd tests/browser && npm ci && npm test` after
 // `cargo build -p sandpiper --bin sandpiper` (SANDPIPER_BIN overrides the binary).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFile } from 'node:child_process';
-import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -20,12 +22,24 @@ const BIN = process.env.SANDPIPER_BIN ?? join(here, '..', '..', 'target', 'debug
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const MQTT_JS = join(dirname(require.resolve('mqtt/package.json')), 'dist', 'mqtt.min.js');
 
-/** Starts the broker with a TCP and a WebSocket listener; resolves with their ports. */
-function startBroker(dir) {
+/** Serves an empty page on 127.0.0.1; resolves with the server and its origin. */
+async function pageServer() {
+  const server = createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'text/html' });
+    res.end('<!doctype html><title>sandpiper browser test</title>');
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { server, origin: `http://127.0.0.1:${server.address().port}` };
+}
+
+/** Starts the broker with a TCP and a WebSocket listener (plus `wsLines` on the latter);
+ *  resolves with their ports. */
+function startBroker(dir, wsLines = []) {
+  mkdirSync(dir, { recursive: true });
   const config = join(dir, 'sandpiper.toml');
   writeFileSync(config, [
     '[[listener]]', 'name = "tcp"', 'bind = "127.0.0.1:0"', '',
-    '[[listener]]', 'name = "ws"', 'kind = "ws"', 'bind = "127.0.0.1:0"', 'path = "/mqtt"', '',
+    '[[listener]]', 'name = "ws"', 'kind = "ws"', 'bind = "127.0.0.1:0"', 'path = "/mqtt"', ...wsLines, '',
     '[log]', 'level = "info"', '',
   ].join('\n'));
   // RUST_LOG would override the config's level and could hide the `listening` lines.
@@ -48,21 +62,25 @@ function startBroker(dir) {
   return { proc, ports, log: () => log };
 }
 
+const launch = (dir) => chromium.launchPersistentContext(join(dir, 'profile'), {
+  executablePath: CHROMIUM,
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+
 for (const protocolVersion of [4, 5]) {
   test(`MQTT.js ${protocolVersion === 5 ? '5.0' : '3.1.1'} in Chromium over ws:// receives mosquitto_pub's message`,
     { timeout: 60000 }, async () => {
       const dir = mkdtempSync(join(tmpdir(), 'sandpiper-browser-'));
-      const broker = startBroker(dir);
+      const site = await pageServer();
+      const broker = startBroker(dir, [`allowed_origins = ["${site.origin}"]`]);
       let context;
       try {
         const { tcp, ws } = await broker.ports;
-        context = await chromium.launchPersistentContext(join(dir, 'profile'), {
-          executablePath: CHROMIUM,
-          headless: true,
-          args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-            '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-        });
+        context = await launch(dir);
         const page = context.pages()[0] ?? await context.newPage();
+        await page.goto(`${site.origin}/`);
         await page.addScriptTag({ path: MQTT_JS });
         const topic = `browser/${protocolVersion}/${Date.now()}`;
         // Connect and subscribe; resolves once the SUBACK is in.
@@ -86,8 +104,51 @@ for (const protocolVersion of [4, 5]) {
         throw new Error(`${e.stack ?? e}\nbroker log:\n${broker.log()}`);
       } finally {
         await context?.close();
+        site.server.close();
         broker.proc.kill('SIGTERM');
         rmSync(dir, { recursive: true, force: true });
       }
     });
 }
+
+/** Whether a page at `origin` can open a WebSocket to `url` ('open' or 'refused'). */
+async function tryOpen(context, origin, url) {
+  const page = await context.newPage();
+  try {
+    await page.goto(`${origin}/`);
+    return await page.evaluate((url) => new Promise((resolve) => {
+      const ws = new WebSocket(url, 'mqtt');
+      ws.onopen = () => { ws.close(); resolve('open'); };
+      ws.onerror = () => resolve('refused');
+    }), url);
+  } finally {
+    await page.close();
+  }
+}
+
+test('a page of an origin the listener does not allow cannot connect', { timeout: 60000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sandpiper-browser-'));
+  const [listed, other] = [await pageServer(), await pageServer()];
+  const brokers = [];
+  let context;
+  try {
+    context = await launch(dir);
+    // A listener that lists one origin: that page connects, another page does not.
+    brokers.push(startBroker(join(dir, 'a'), [`allowed_origins = ["${listed.origin}"]`]));
+    // An anonymous listener without allowed_origins: no page connects.
+    brokers.push(startBroker(join(dir, 'b')));
+    const [a, b] = await Promise.all(brokers.map((x) => x.ports));
+    assert.equal(await tryOpen(context, listed.origin, `ws://127.0.0.1:${a.ws}/mqtt`), 'open');
+    assert.equal(await tryOpen(context, other.origin, `ws://127.0.0.1:${a.ws}/mqtt`), 'refused');
+    assert.equal(await tryOpen(context, listed.origin, `ws://127.0.0.1:${b.ws}/mqtt`), 'refused');
+    for (const x of brokers) assert.match(x.log(), /allowed_origins: refused/);
+  } catch (e) {
+    throw new Error(`${e.stack ?? e}\nbroker logs:\n${brokers.map((x) => x.log()).join('\n')}`);
+  } finally {
+    await context?.close();
+    listed.server.close();
+    other.server.close();
+    for (const x of brokers) x.proc.kill('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -23,27 +23,78 @@ use tokio_tungstenite::tungstenite::{self, Message};
 /// `mqttv3.1` some MQTT 3.1 clients still send.
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
-/// Performs the WebSocket upgrade: the request must be for `path` and, if it names
-/// subprotocols, one of them must be `mqtt` (echoed back, MQTT-6.0.0-3/4). `max_message`
-/// bounds what one WebSocket message may buffer.
+/// Which browser pages may open a connection, by the `Origin` header browsers send with
+/// every WebSocket request (RFC 6455 §4.2.1, §10.2). A request without one (a device, a
+/// Node or Python client) is never refused for it: the header stops a web page that a
+/// local browser has open from reaching the broker, not clients, which can send anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    /// Any origin.
+    Any,
+    /// Only these origins (`scheme://host[:port]`, compared without case); empty: no
+    /// browser page at all.
+    Only(Vec<String>),
+}
+
+impl Origins {
+    /// Whether a request with this `Origin` header may upgrade.
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        match (self, origin) {
+            (_, None) | (Origins::Any, _) => true,
+            (Origins::Only(list), Some(o)) => {
+                let o = o.trim().trim_end_matches('/');
+                list.iter()
+                    .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(o))
+            }
+        }
+    }
+}
+
+/// What the upgrade checks: the HTTP path and the allowed origins.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The path of the MQTT endpoint.
+    pub path: String,
+    /// The pages that may connect.
+    pub origins: Origins,
+}
+
+/// Performs the WebSocket upgrade: the request must be for the endpoint's path, come from
+/// an allowed origin (else HTTP 403, logged), and if it names subprotocols, one of them
+/// must be `mqtt` (echoed back, MQTT-6.0.0-3/4). `max_message` bounds what one WebSocket
+/// message may buffer.
 pub async fn accept<S>(
     stream: S,
-    path: &str,
+    endpoint: &Endpoint,
     max_message: usize,
 ) -> Result<WsStream<S>, tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let path = path.to_owned();
+    let endpoint = endpoint.clone();
     #[allow(
         clippy::result_large_err,
         reason = "the callback's signature is tungstenite's"
     )]
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() != path {
+        if req.uri().path() != endpoint.path {
             return Err(refusal(
                 StatusCode::NOT_FOUND,
                 "no MQTT endpoint on this path",
+            ));
+        }
+        let origin = req
+            .headers()
+            .get("origin")
+            .map(|v| v.to_str().unwrap_or("(not text)"));
+        if !endpoint.origins.allows(origin) {
+            tracing::info!(
+                origin = origin.unwrap_or_default(),
+                "WebSocket request from a browser page of an origin not in the listener's allowed_origins: refused (HTTP 403)"
+            );
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                "origin not allowed on this listener",
             ));
         }
         let offered: Vec<&str> = req
@@ -192,12 +243,20 @@ mod tests {
     use futures_util::SinkExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    fn endpoint(origins: Origins) -> Endpoint {
+        Endpoint {
+            path: "/mqtt".into(),
+            origins,
+        }
+    }
+
     /// Bytes split over several messages read back as one stream, and several writes
     /// arrive as messages in order.
     #[tokio::test]
     async fn messages_become_a_byte_stream() {
         let (a, b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move { accept(a, "/mqtt", 1 << 16).await.unwrap() });
+        let server =
+            tokio::spawn(async move { accept(a, &endpoint(Origins::Any), 1 << 16).await.unwrap() });
         let (mut client, resp) = tokio_tungstenite::client_async(
             {
                 use tungstenite::client::IntoClientRequest;
@@ -238,9 +297,41 @@ mod tests {
     #[tokio::test]
     async fn wrong_path_is_refused() {
         let (a, b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move { accept(a, "/mqtt", 1 << 16).await.is_err() });
+        let server =
+            tokio::spawn(async move { accept(a, &endpoint(Origins::Any), 1 << 16).await.is_err() });
         let client = tokio_tungstenite::client_async("ws://localhost/other", b).await;
         assert!(client.is_err());
         assert!(server.await.unwrap());
+    }
+
+    /// A browser request (with `Origin`) upgrades only from a listed origin; a request
+    /// without one always does.
+    #[tokio::test]
+    async fn origins_are_checked() {
+        let only = Origins::Only(vec!["https://app.example.com".into()]);
+        for (origin, ok) in [
+            (None, true),
+            (Some("https://app.example.com"), true),
+            (Some("HTTPS://App.Example.com/"), true),
+            (Some("https://evil.example.com"), false),
+            (Some("null"), false),
+        ] {
+            let (a, b) = tokio::io::duplex(4096);
+            let e = endpoint(only.clone());
+            let server = tokio::spawn(async move { accept(a, &e, 1 << 16).await.is_ok() });
+            let mut r = {
+                use tungstenite::client::IntoClientRequest;
+                "ws://localhost/mqtt".into_client_request().unwrap()
+            };
+            if let Some(o) = origin {
+                r.headers_mut()
+                    .insert("origin", HeaderValue::from_static(o));
+            }
+            let client = tokio_tungstenite::client_async(r, b).await;
+            assert_eq!(client.is_ok(), ok, "{origin:?}");
+            assert_eq!(server.await.unwrap(), ok, "{origin:?}");
+        }
+        assert!(!Origins::Only(Vec::new()).allows(Some("http://localhost:8080")));
+        assert!(Origins::Any.allows(Some("http://localhost:8080")));
     }
 }
