@@ -229,6 +229,147 @@ async fn acl_plugin_authorizes_subscribe_and_publish() {
     dev.expect_silence().await;
 }
 
+/// Answers every connection with `HTTP/1.1 204` once it has read a request head: the
+/// peer of the hostile plugin's `socket` and `http` modes. Returns its address and the
+/// count of connections it accepted.
+fn tiny_http_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // "localhost" may resolve to ::1 first: the same port there too, where IPv6 is.
+    let servers =
+        std::iter::once(server).chain(std::net::TcpListener::bind(("::1", addr.port())).ok());
+    for server in servers {
+        let count = accepted.clone();
+        std::thread::spawn(move || serve_204(server, count));
+    }
+    (addr, accepted)
+}
+
+fn serve_204(server: std::net::TcpListener, count: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    {
+        for mut s in server.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+            });
+        }
+    }
+}
+
+/// From every hook (authenticate, authorize, transform, deliver) a plugin may make the
+/// WASI calls that block in the host: a stderr write, a 1 ms sleep, a panic (its message
+/// goes to stderr first), a TCP connect, an HTTP request, a socket read that waits for an
+/// answer that never comes. None may take the connection down: the hook's answer applies
+/// (for a panic, or a wait that outlasts the call's time budget, the hook's failure
+/// policy: authenticate and authorize fail closed, transform and deliver pass the message
+/// on), the client's connection keeps working, and other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_wasi_calls_from_any_hook_cannot_kill_a_connection() {
+    let (peer, _) = tiny_http_server();
+    for mode in ["print", "sleep", "socket", "http", "panic", "stall"] {
+        let sidecar = format!(
+            "time_ms = 300\nnetwork = [\"{peer}\"]\n[config]\nmode = \"{mode}\"\naddress = \"{peer}\"\n"
+        );
+        let broker = broker_with("hostile", &hostile(), &sidecar).await;
+        wait_for_log(&broker, "plugin loaded").await;
+        let fails = mode == "panic" || mode == "stall";
+        // authenticate
+        let r = v3::Client::try_connect(v3::options(&broker, "bad-auth")).await;
+        assert_eq!(r.is_ok(), !fails, "{mode}: authenticate");
+        drop(r);
+        // authorize, transform and deliver, on one connection that must survive them.
+        let mut c = v3::Client::connect(v3::options(&broker, "hooks")).await;
+        let code = c.subscribe("bad/x", v3::QoS::AtLeastOnce).await;
+        let granted = code == v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce);
+        assert_eq!(granted, !fails, "{mode}: authorize answered {code:?}");
+        c.subscribe_ok("badt/#", v3::QoS::AtLeastOnce).await;
+        c.subscribe_ok("badd/#", v3::QoS::AtLeastOnce).await;
+        for topic in ["badt/1", "badd/1"] {
+            c.publish(topic, v3::QoS::AtLeastOnce, false, topic.as_bytes())
+                .await;
+            let p = c.recv().await;
+            assert_eq!(p.topic, topic, "{mode}: {topic} passed on");
+        }
+        c.subscribe_ok("good/x", v3::QoS::AtLeastOnce).await;
+        c.publish("good/x", v3::QoS::AtLeastOnce, false, b"alive")
+            .await;
+        assert_eq!(
+            &c.recv().await.payload[..],
+            b"alive",
+            "{mode}: connection alive"
+        );
+        round_trip(&broker, &format!("other-{mode}")).await;
+        let logs = broker.logs();
+        assert!(
+            !logs.iter().any(|l| l.contains("Cannot start a runtime")),
+            "{mode}: a plugin's WASI call panicked in the host:\n{}",
+            logs.join("\n")
+        );
+        if fails {
+            assert!(logs.iter().any(|l| l.contains("plugin call failed")));
+        }
+        if mode == "stall" {
+            assert!(
+                logs.iter()
+                    .any(|l| l.contains("longer than its time budget")),
+                "a stalled read ends with the time budget:\n{}",
+                logs.join("\n")
+            );
+        }
+    }
+}
+
+/// A plugin's network allow-list names a host: it may look that name up and connect to
+/// what it resolves to (checked at connect time), and nothing else: a lookup of another
+/// name is refused and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_resolves_only_the_names_it_lists() {
+    let (peer, accepted) = tiny_http_server();
+    let listed = format!("localhost:{}", peer.port());
+    for (mode, extra) in [
+        ("socket", format!("address = \"{listed}\"")),
+        ("lookup", "lookup = \"elsewhere.invalid\"".to_owned()),
+    ] {
+        let sidecar = format!(
+            "time_ms = 1000\nnetwork = [\"{listed}\"]\n[config]\nmode = \"{mode}\"\n{extra}\n"
+        );
+        let broker = broker_with("hostile", &hostile(), &sidecar).await;
+        wait_for_log(&broker, "plugin loaded").await;
+        let mut c = v3::Client::connect(v3::options(&broker, "net")).await;
+        c.subscribe_ok("bad/x", v3::QoS::AtMostOnce).await;
+        if mode == "lookup" {
+            wait_for_log(&broker, "plugin name lookup refused").await;
+        } else {
+            // The plugin's connect completes in the kernel before the server thread's
+            // accept returns: wait for the accept rather than racing it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(
+                accepted.load(std::sync::atomic::Ordering::SeqCst) > 0,
+                "the listed name resolved and connected:\n{}",
+                broker.logs().join("\n")
+            );
+        }
+    }
+}
+
 /// `%c` / `%u` take only values that cannot change a rule's filter (the class of
 /// Mosquitto's CVE-2017-7650). With the shipped example sidecar (`allow readwrite
 /// devices/%c/#`), clients named `+`, `#` or `a/b` get nothing of another device's topics,

@@ -57,6 +57,21 @@ impl Host {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // Name lookups only of the names a plugin's sidecar lists.
+        super::net::add_to_linker(&mut linker, |s: &mut State| {
+            let allowed = s.env.network.clone();
+            super::net::Lookup {
+                sockets: wasmtime_wasi::sockets::WasiSocketsView::sockets(s),
+                allowed,
+            }
+        })?;
+        // Its blocking wasi:io calls, replaced by ones safe on the runtime's workers.
+        super::wasi_io::add_to_linker(&mut linker, |s: &mut State| super::wasi_io::Io {
+            table: &mut s.table,
+            cap: s
+                .deadline
+                .saturating_duration_since(std::time::Instant::now()),
+        })?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
         PluginWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -201,10 +216,9 @@ pub struct PluginEnv {
     pub store: Option<Arc<DataStore>>,
     /// Where `publish` puts messages.
     pub outbox: Option<Outbox>,
-    /// The addresses the plugin may connect to (sidecar `network`, resolved at load).
-    pub network: Arc<[std::net::SocketAddr]>,
-    /// Whether `network` names hosts (then the plugin may look names up).
-    pub network_names: bool,
+    /// The addresses the plugin may connect to (sidecar `network`, names resolved again as
+    /// they age).
+    pub network: Arc<super::net::Allowed>,
     /// Which `wasi:http` requests the plugin may send, and how long each may wait.
     pub http: HttpPolicy,
     /// Counters and gauges the plugin defined.
@@ -269,6 +283,8 @@ pub struct State {
     /// Memory cap of this instance.
     pub limits: StoreLimits,
     env: Arc<PluginEnv>,
+    /// When the running call's time budget ends: a blocking WASI call waits no longer.
+    pub deadline: std::time::Instant,
 }
 
 impl State {
@@ -279,23 +295,27 @@ impl State {
         let mut wasi = WasiCtx::builder();
         if !env.network.is_empty() {
             let allowed = env.network.clone();
-            let plugin = env.name.clone();
-            // Name lookups only for plugins given host names (the connect is checked anyway).
-            let names = env.network_names;
+            // Name lookups only for plugins given host names, and then only of those names
+            // (super::net); the connect is checked at connect time.
             wasi.allow_tcp(true)
-                .allow_ip_name_lookup(names)
+                .allow_ip_name_lookup(allowed.has_names())
                 .socket_addr_check(move |addr, use_| {
-                    let ok = match use_ {
-                        // The implicit bind before a connect.
-                        SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
-                        SocketAddrUse::TcpConnect => allowed.contains(&addr),
-                        _ => false,
-                    };
-                    if !ok {
-                        tracing::warn!(plugin = %plugin, %addr, use_ = ?use_,
-                            "plugin network use refused: address not in its sidecar's network list");
-                    }
-                    Box::pin(async move { ok })
+                    let allowed = allowed.clone();
+                    Box::pin(async move {
+                        let ok = match use_ {
+                            // The implicit bind before a connect.
+                            SocketAddrUse::TcpBind => {
+                                addr.ip().is_unspecified() && addr.port() == 0
+                            }
+                            SocketAddrUse::TcpConnect => allowed.may_connect(addr).await,
+                            _ => false,
+                        };
+                        if !ok {
+                            tracing::warn!(plugin = %allowed.plugin_name(), %addr, use_ = ?use_,
+                                "plugin network use refused: address not in its sidecar's network list");
+                        }
+                        ok
+                    })
                 });
         }
         State {
@@ -311,6 +331,7 @@ impl State {
                 .trap_on_grow_failure(true)
                 .build(),
             env,
+            deadline: std::time::Instant::now(),
         }
     }
 }

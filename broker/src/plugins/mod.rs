@@ -14,9 +14,11 @@ pub mod events;
 pub mod flow;
 pub mod gate;
 pub mod host;
+pub mod net;
 pub mod plugin;
 pub mod sidecar;
 pub mod sink;
+mod wasi_io;
 mod watch;
 
 use std::path::PathBuf;

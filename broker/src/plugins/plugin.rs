@@ -17,6 +17,21 @@ use super::bindings::hooks::{
 use super::host::{Host, PluginEnv, Services, State, TICK};
 use super::sidecar::Sidecar;
 
+/// Runs `f`, turning a panic inside it into an error.
+fn unwound<R>(f: impl FnOnce() -> wasmtime::Result<R>) -> wasmtime::Result<R> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            Err(wasmtime::format_err!("panic in the call: {what}"))
+        }
+    }
+}
+
 /// The hooks a component exports, as a bit set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hooks(pub u32);
@@ -205,11 +220,7 @@ impl Plugin {
             config: sidecar.config.clone(),
             store: services.store,
             outbox: services.outbox,
-            network: sidecar.resolve_network(name).into(),
-            network_names: sidecar
-                .network
-                .iter()
-                .any(|a| a.parse::<std::net::SocketAddr>().is_err()),
+            network: Arc::new(super::net::Allowed::new(Arc::from(name), &sidecar.network)),
             http: super::host::HttpPolicy::new(&sidecar.network, sidecar.time_ms),
             metrics: Default::default(),
         });
@@ -238,6 +249,7 @@ impl Plugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(ticks(self.sidecar.init_ms));
+        store.data_mut().deadline = std::time::Instant::now() + millis(self.sidecar.init_ms);
         let instance = self.pre.instantiate(&mut store)?;
         let e = &self.exports;
         let guests = Guests {
@@ -288,7 +300,9 @@ impl Plugin {
     }
 
     /// Runs `f` on a live instance within the plugin's time budget. An instance whose call
-    /// failed is discarded; the failure is counted and logged.
+    /// failed is discarded; the failure is counted and logged. A panic inside the call (a
+    /// host function's, or one a guest's call caused in the host) is a failure like a
+    /// trap: it never leaves this function, and the instance, frozen mid-call, is dropped.
     pub fn call<R>(
         &self,
         hook: &'static str,
@@ -297,10 +311,11 @@ impl Plugin {
         let taken = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut slot = match taken {
             Some(s) => s,
-            None => self.instantiate().map_err(|e| self.failed(hook, e))?,
+            None => unwound(|| self.instantiate()).map_err(|e| self.failed(hook, e))?,
         };
         slot.store.set_epoch_deadline(ticks(self.sidecar.time_ms));
-        match f(&mut slot) {
+        slot.store.data_mut().deadline = std::time::Instant::now() + millis(self.sidecar.time_ms);
+        match unwound(|| f(&mut slot)) {
             Ok(r) => {
                 self.put(slot);
                 Ok(r)
@@ -349,6 +364,11 @@ impl Plugin {
     pub fn metrics(&self) -> Vec<(String, i128)> {
         self.env.metrics.snapshot()
     }
+}
+
+/// A budget of `ms` milliseconds.
+fn millis(ms: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::from(ms))
 }
 
 /// Epoch ticks for a budget of `ms` milliseconds (at least one, plus one for the tick in

@@ -201,22 +201,6 @@ impl Sidecar {
         Ok(s)
     }
 
-    /// The socket addresses `network` names, host names resolved now; unresolvable ones
-    /// are logged and left out.
-    pub fn resolve_network(&self, plugin: &str) -> Vec<std::net::SocketAddr> {
-        use std::net::ToSocketAddrs;
-        let mut out = Vec::new();
-        for a in &self.network {
-            match a.to_socket_addrs() {
-                Ok(addrs) => out.extend(addrs),
-                Err(e) => {
-                    tracing::warn!(plugin, address = %a, error = %e, "plugin network address does not resolve; left out");
-                }
-            }
-        }
-        out
-    }
-
     /// Whether `topic` is selected by the plugin's `topics` filters.
     pub fn selects(&self, topic: &str) -> bool {
         self.topics.iter().any(|f| filter_matches(f, topic))
