@@ -342,6 +342,11 @@ pub struct MqttConfig {
     pub max_retained_messages: usize,
     /// Most bytes of retained messages kept (topic, payload and properties).
     pub max_retained_bytes: usize,
+    /// What a CONNECT gets for a client id whose session (connected or not) belongs to
+    /// another principal (another authenticated user; for anonymous clients, another
+    /// listener): `refuse` (CONNACK 0x87, the owner undisturbed), `allow` (taken over,
+    /// as MQTT alone says) or `fresh` (a new session; the owner's is ended).
+    pub session_principal: crate::session::PrincipalPolicy,
 }
 
 impl MqttConfig {
@@ -423,6 +428,7 @@ impl Default for MqttConfig {
             max_connect_packet_size: 128 * 1024,
             max_retained_messages: 100_000,
             max_retained_bytes: 256 * 1024 * 1024,
+            session_principal: crate::session::PrincipalPolicy::Refuse,
         }
     }
 }

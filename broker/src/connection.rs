@@ -17,7 +17,7 @@ use crate::broker::Broker;
 use crate::codec::{
     self, Ack, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, Packet,
     ProtocolVersion, Publish, PublishProperties, PublishQoS, QoS, ReasonCode, SubAck, Subscribe,
-    TopicName, UnsubAck, Unsubscribe,
+    TopicFilter, TopicName, UnsubAck, Unsubscribe,
 };
 use crate::message::{Delivery, Message};
 use crate::metrics::METRICS;
@@ -405,6 +405,9 @@ struct Conn {
     /// What the CONNECT of a client using MQTT 5 enhanced authentication said, for
     /// re-authentication (MQTT 5 §4.12.1).
     reauth: Option<Box<Reauth>>,
+    /// A subscription was revoked by a policy change: deliveries queued before (on disk
+    /// too) are checked against the subscriptions left before they are sent.
+    revoked: bool,
 }
 
 /// Topic aliases defined toward the client (MQTT 5 §3.3.2.3.4).
@@ -581,11 +584,14 @@ impl Conn {
                 attributes,
                 auth_data,
             } => (username, attributes, auth_data),
-            _ => (
-                cert_user.map(str::to_owned).or(c.username.clone()),
-                Vec::new(),
-                None,
-            ),
+            // Only an authenticated user name is the client's identity: the one a
+            // client certificate gives. A user name the CONNECT merely claims (on a
+            // listener that lets anonymous clients in) never reaches `authorize`.
+            _ => (cert_user.map(str::to_owned), Vec::new(), None),
+        };
+        let principal = crate::session::Principal {
+            user: username.as_deref().map(Arc::from),
+            listener: listener.name.clone(),
         };
         let mut gate = crate::plugins::gate::Gate::new(
             broker.plugins.clone(),
@@ -614,10 +620,30 @@ impl Conn {
                 }
             }
         }
-        let att = broker
+        let att = match broker
             .sessions
-            .attach(client_id.clone(), c.clean_start, expiry)
-            .await?;
+            .attach(
+                client_id.clone(),
+                c.clean_start,
+                expiry,
+                principal,
+                cfg.session_principal,
+            )
+            .await
+        {
+            Ok(att) => att,
+            Err(crate::session::AttachRefused::Displaced) => return None,
+            Err(crate::session::AttachRefused::OtherPrincipal) => {
+                // MQTT 5 §4.11: a session is the server's to give; this one is another
+                // user's (or another listener's, for anonymous clients).
+                let reason = refuse(
+                    ReasonCode::NotAuthorized,
+                    "the client id's session belongs to another principal",
+                );
+                send_connack_and_close(wr, v, reason, CLOSE_FLUSH).await;
+                return None;
+            }
+        };
         let will = will.map(|will| {
             Box::new(PendingWill {
                 will,
@@ -684,8 +710,14 @@ impl Conn {
             gate,
             pending: Vec::new(),
             reauth,
+            revoked: false,
         };
         conn.send_after(att.ticket, &Packet::ConnAck(ack));
+        if att.present {
+            // Subscriptions were authorized for whoever made them, under the policy of
+            // then: asked again before anything is delivered through them.
+            conn.reauthorize_subscriptions();
+        }
         tracing::debug!(version = %v, clean_start = c.clean_start, present = att.present, keep_alive, "connected");
         if broker.plugins.wants_events() {
             broker.plugins.emit(Event::Connected {
@@ -1063,8 +1095,82 @@ impl Conn {
         self.state.inflight = inflight;
     }
 
+    /// Asks the authorize chain again about every subscription the session holds (at
+    /// resume, and whenever the chain changed): a filter now denied is unsubscribed
+    /// (logged, and an `unsubscribed` event), one now allowed at a lower QoS is lowered,
+    /// and deliveries queued through removed filters alone are dropped.
+    fn reauthorize_subscriptions(&mut self) {
+        self.gate.subscriptions_authorized();
+        if !self.gate.active() || self.state.subscriptions.is_empty() {
+            return;
+        }
+        let held: Vec<(TopicFilter, Subscription)> = (self.state.subscriptions.iter())
+            .map(|(f, s)| (f.clone(), *s))
+            .collect();
+        let requests: Vec<_> = (held.iter())
+            .map(|(f, s)| crate::plugins::Request {
+                action: crate::plugins::Action::Subscribe,
+                topic: f.filter(),
+                qos: s.options.qos,
+                retain: false,
+            })
+            .collect();
+        let verdicts = self.gate.check_many(&requests);
+        drop(requests);
+        let sub = self.state.subscriber();
+        let mut removed = 0;
+        for ((filter, mut s), verdict) in held.into_iter().zip(verdicts) {
+            match verdict {
+                crate::plugins::Verdict::Deny(code) => {
+                    tracing::info!(filter = %filter.as_str(), code, "subscription no longer authorized: removed");
+                    self.state.subscriptions.remove(&filter);
+                    self.broker.router.unsubscribe(self.state.key, &filter);
+                    self.broker
+                        .sessions
+                        .save_subscription(&self.state, &filter, None);
+                    if self.broker.plugins.wants_events() {
+                        self.broker.plugins.emit(Event::Unsubscribed {
+                            client: self.gate.client().clone(),
+                            filter: filter.as_str().to_owned(),
+                        });
+                    }
+                    removed += 1;
+                }
+                crate::plugins::Verdict::Allow(Some(q)) if q < s.options.qos => {
+                    s.options.qos = q;
+                    self.broker.router.subscribe(&sub, &filter, s.options, s.id);
+                    self.state.subscriptions.insert(filter.clone(), s);
+                    self.broker
+                        .sessions
+                        .save_subscription(&self.state, &filter, Some(s));
+                }
+                crate::plugins::Verdict::Allow(_) => {}
+            }
+        }
+        if removed > 0 {
+            // What was queued through a removed subscription (and through no remaining
+            // one) is not delivered: checked as it leaves the queue, which may hold it on
+            // disk.
+            self.revoked = true;
+        }
+    }
+
+    /// Whether a delivery still comes through a subscription the session holds.
+    fn still_subscribed(&self, d: &Delivery) -> bool {
+        let subs = &self.state.subscriptions;
+        match &d.shared {
+            Some(f) => subs.contains_key(f),
+            None => subs.keys().any(|f| {
+                f.share_group().is_none() && codec::filter_matches(f.filter(), d.msg.topic.as_str())
+            }),
+        }
+    }
+
     /// Moves deliveries from the mailbox into the write buffer, within the inflight window.
     fn fill(&mut self) {
+        if self.gate.subscriptions_outdated() {
+            self.reauthorize_subscriptions();
+        }
         if self.out.len() >= OUT_HIGH_WATER {
             return;
         }
@@ -1084,6 +1190,11 @@ impl Conn {
         }
         let now = Instant::now();
         while let Some(d) = batch.pop_front() {
+            if self.revoked && !self.still_subscribed(&d) {
+                tracing::debug!(topic = %d.msg.topic, "queued through a revoked subscription: dropped");
+                self.state.mailbox.forget(&d);
+                continue;
+            }
             self.deliver(d, now);
             if self.out.len() >= OUT_HIGH_WATER * 4 {
                 break;

@@ -82,6 +82,55 @@ pub struct SessionState {
     /// Session Expiry Interval in seconds; [`NEVER_EXPIRES`] for never, 0 for "ends with the
     /// connection".
     pub expiry: u32,
+    /// Who owns the session (`None`: not known, for sessions stored before it was kept).
+    pub principal: Option<Principal>,
+}
+
+/// Who a session belongs to: the user name as authenticated (by a plugin or a client
+/// certificate; none for an anonymous client) and the listener it came through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The authenticated user name.
+    pub user: Option<Arc<str>>,
+    /// The listener's name.
+    pub listener: Arc<str>,
+}
+
+impl Principal {
+    /// Whether `other` is the same principal: the same authenticated user (on whatever
+    /// listener), or, for anonymous clients, the same listener.
+    pub fn same_as(&self, other: &Principal) -> bool {
+        match (&self.user, &other.user) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.listener == other.listener,
+            _ => false,
+        }
+    }
+}
+
+/// What a CONNECT gets for a client id whose session belongs to another principal
+/// (`[mqtt] session_principal`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalPolicy {
+    /// Refused (CONNACK 0x87, 3.x return code 5); the owner is not disturbed.
+    #[default]
+    Refuse,
+    /// Taken over as if it were its own (the owner's connection is closed, its session
+    /// resumed): what MQTT alone says.
+    Allow,
+    /// A fresh session instead: the owner's session is ended (its connection closed).
+    Fresh,
+}
+
+/// Why a connection gets no session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachRefused {
+    /// A newer connection with the same client id took over while this one waited for
+    /// the session (it is closed before CONNACK).
+    Displaced,
+    /// The session belongs to another principal ([`PrincipalPolicy::Refuse`]).
+    OtherPrincipal,
 }
 
 impl SessionState {
@@ -180,6 +229,7 @@ struct Attached {
     conn: u64,
     kick: Option<oneshot::Sender<Kick>>,
     handover: Option<oneshot::Sender<Handover>>,
+    principal: Principal,
 }
 
 #[derive(Debug)]
@@ -257,6 +307,7 @@ impl Sessions {
             next_id: PacketId::FIRST,
             inbound_qos2: HashSet::new(),
             expiry,
+            principal: None,
         }
     }
 
@@ -282,6 +333,8 @@ impl Sessions {
             disconnected_at,
             next_id: state.next_id.get(),
             will: will.map(|w| w.will.clone()),
+            principal: (state.principal.as_ref())
+                .map(|p| (p.user.as_deref().map(str::to_owned), p.listener.to_string())),
         };
         match record::encode_session(&rec) {
             Ok(bytes) => store.submit_one(Op::PutSession(state.client_id.clone(), bytes)),
@@ -332,6 +385,10 @@ impl Sessions {
                 next_id: PacketId::new(rec.next_id).unwrap_or(PacketId::FIRST),
                 inbound_qos2: HashSet::new(),
                 expiry: rec.expiry,
+                principal: rec.principal.map(|(user, listener)| Principal {
+                    user: user.map(Arc::from),
+                    listener: Arc::from(listener),
+                }),
             };
             let sub = state.subscriber();
             let rows = recovered.subscriptions.remove(&rec.key).unwrap_or_default();
@@ -450,26 +507,44 @@ impl Sessions {
 
     /// Attaches a new connection to the session of `client_id`, taking it over from a
     /// connection that holds it (MQTT-3.1.4-3). With `clean_start` any existing session is
-    /// ended first; otherwise it is resumed. `None` when yet another connection with the
-    /// same client id took over while this one was waiting for the session: the newest
-    /// connection gets the session, and this one nothing (it is closed before CONNACK).
+    /// ended first; otherwise it is resumed. Refused when yet another connection with the
+    /// same client id took over while this one was waiting for the session (the newest
+    /// connection gets the session, this one nothing: it is closed before CONNACK), or when
+    /// the session belongs to another principal and `policy` refuses that (nothing of the
+    /// owner's is touched).
     pub async fn attach(
         &self,
         client_id: Arc<str>,
         clean_start: bool,
         expiry: u32,
-    ) -> Option<Attachment> {
+        principal: Principal,
+        policy: PrincipalPolicy,
+    ) -> Result<Attachment, AttachRefused> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (kick_tx, mut kick_rx) = oneshot::channel();
+        let mut clean_start = clean_start;
         let attached = |handover| {
             Slot::Attached(Attached {
                 conn,
                 kick: Some(kick_tx),
                 handover,
+                principal: principal.clone(),
             })
         };
         let (found, waiting) = {
             let mut slots = self.lock();
+            let owner = match slots.get(&client_id) {
+                Some(Slot::Attached(a)) => Some(&a.principal),
+                Some(Slot::Detached(d)) => d.state.principal.as_ref(),
+                None => None,
+            };
+            if owner.is_some_and(|o| !o.same_as(&principal)) {
+                match policy {
+                    PrincipalPolicy::Refuse => return Err(AttachRefused::OtherPrincipal),
+                    PrincipalPolicy::Fresh => clean_start = true,
+                    PrincipalPolicy::Allow => {}
+                }
+            }
             match slots.remove(&client_id) {
                 Some(Slot::Attached(mut old)) => {
                     if let Some(k) = old.kick.take() {
@@ -499,7 +574,7 @@ impl Sessions {
                 // connection, which the previous one hands the session to.
                 Ok(Err(_)) if kick_rx.try_recv().is_ok() => {
                     tracing::info!(client_id = %client_id, "taken over by a newer connection before CONNACK");
-                    return None;
+                    return Err(AttachRefused::Displaced);
                 }
                 _ => {
                     tracing::warn!(client_id = %client_id, "previous connection did not hand its session over; starting a new one");
@@ -524,6 +599,7 @@ impl Sessions {
             None => (self.new_state(client_id, expiry), false),
         };
         state.expiry = expiry;
+        state.principal = Some(principal.clone());
         // A session resumed with expiry 0 is resumed whole (MQTT 5 §3.1.2.11.2: the new
         // interval only decides what happens when this connection ends): its queue may
         // still be on disk, so it stays in the store until the connection ends, and its
@@ -534,7 +610,7 @@ impl Sessions {
             ticket = self.save(&state, 0, None);
         }
         state.mailbox.set_online(true);
-        Some(Attachment {
+        Ok(Attachment {
             state,
             present,
             kick: kick_rx,

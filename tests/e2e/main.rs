@@ -16,6 +16,7 @@ mod basic;
 mod cli;
 mod durability;
 mod hostile;
+mod identity;
 mod limits;
 mod load;
 mod plugin_c;

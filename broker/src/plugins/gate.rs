@@ -35,6 +35,8 @@ pub struct Gate {
     /// Verdicts cached (over every topic).
     cached: usize,
     generation: u64,
+    /// The chain generation the session's subscriptions were last authorized with.
+    subscriptions_generation: u64,
 }
 
 impl Gate {
@@ -47,7 +49,20 @@ impl Gate {
             cache: HashMap::new(),
             cached: 0,
             generation,
+            subscriptions_generation: generation,
         }
+    }
+
+    /// Whether the plugin chain changed since the subscriptions were last authorized: one
+    /// relaxed atomic load.
+    #[inline]
+    pub fn subscriptions_outdated(&self) -> bool {
+        self.plugins.generation() != self.subscriptions_generation
+    }
+
+    /// Notes that the subscriptions are being authorized with the chain of now.
+    pub fn subscriptions_authorized(&mut self) {
+        self.subscriptions_generation = self.plugins.generation();
     }
 
     /// Who the client is, as authentication left it.

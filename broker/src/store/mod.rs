@@ -927,6 +927,7 @@ mod tests {
             disconnected_at: 0,
             next_id: 1,
             will: None,
+            principal: None,
         })
         .unwrap()
     }

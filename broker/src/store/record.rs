@@ -284,6 +284,10 @@ pub struct SessionRecord {
     pub next_id: u16,
     /// A will waiting for its delay, with the session that set it.
     pub will: Option<Will>,
+    /// Who owns the session: the user name as authenticated (none for an anonymous
+    /// client) and the listener it came through. `None` for records written before it
+    /// was kept.
+    pub principal: Option<(Option<String>, String)>,
 }
 
 /// A subscription as a format-1 session record held it.
@@ -372,6 +376,17 @@ pub fn encode_session(s: &SessionRecord) -> Result<Vec<u8>, RecordError> {
             put_message(&mut out, &m, true)?;
         }
     }
+    if let Some((user, listener)) = &s.principal {
+        out.put_u8(1);
+        match user {
+            Some(u) => {
+                out.put_u8(1);
+                put_str(&mut out, u)?;
+            }
+            None => out.put_u8(0),
+        }
+        put_str(&mut out, listener)?;
+    }
     Ok(out.to_vec())
 }
 
@@ -417,6 +432,16 @@ pub fn decode_session(
             })
         }
     };
+    // Format 2 records may end here (written before the principal was kept).
+    let principal = if format == SESSION_V2 && !r.is_empty() && r.u8()? == 1 {
+        let user = match r.u8()? {
+            0 => None,
+            _ => Some(r.str()?.to_owned()),
+        };
+        Some((user, r.str()?.to_owned()))
+    } else {
+        None
+    };
     Ok((
         SessionRecord {
             key,
@@ -424,6 +449,7 @@ pub fn decode_session(
             disconnected_at,
             next_id,
             will,
+            principal,
         },
         subscriptions,
     ))
@@ -524,6 +550,7 @@ mod tests {
             expiry: 3600,
             disconnected_at: 123,
             next_id: 77,
+            principal: Some((Some("alice".to_owned()), "tls".to_owned())),
             will: Some(Will {
                 topic: TopicName::new("w").unwrap(),
                 payload: Bytes::from_static(b"bye"),
@@ -545,6 +572,14 @@ mod tests {
         assert_eq!(back.disconnected_at, 123);
         assert_eq!(back.next_id, 77);
         assert_eq!(back.will, s.will);
+        assert_eq!(back.principal, s.principal);
+        let anonymous = SessionRecord {
+            principal: Some((None, "default".to_owned())),
+            will: None,
+            ..s.clone()
+        };
+        let (back, _) = decode_session(&encode_session(&anonymous).unwrap()).unwrap();
+        assert_eq!(back.principal, anonymous.principal);
     }
 
     #[test]
