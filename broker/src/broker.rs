@@ -115,6 +115,7 @@ impl Broker {
                     usize::try_from(config.mqtt.max_packet_size).unwrap_or(usize::MAX),
                 )
                 .with_topic_limits(topics)
+                .with_required(config.plugins.required.clone())
                 .with_authentications(config.plugins.max_authentications()),
             ),
             false => Plugins::disabled(),
@@ -155,7 +156,17 @@ impl Broker {
         // Plugins present at start are loaded before the first client is accepted.
         let plugins = self.plugins.clone();
         let stop = self.shutdown.clone();
-        let _ = tokio::task::spawn_blocking(move || plugins.start(stop)).await;
+        let missing = tokio::task::spawn_blocking(move || plugins.start(stop))
+            .await
+            .unwrap_or_default();
+        if !missing.is_empty() {
+            // No listener opens without the plugins the operator requires.
+            return Err(std::io::Error::other(format!(
+                "required plugin{} not loaded: {} (see the plugin errors above)",
+                if missing.len() > 1 { "s" } else { "" },
+                missing.join(", ")
+            )));
+        }
         if let Some(rx) = self.plugins.take_published() {
             let me = Arc::downgrade(&self);
             let r = std::thread::Builder::new()

@@ -44,6 +44,10 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Whether plugins are loaded at all.
     pub enabled: bool,
+    /// Plugins (by name) the broker does not serve without: the listeners open only once
+    /// every one is loaded, a broker that cannot load one at start exits naming it, and
+    /// removing one's file leaves it loaded (logged) until the file is back.
+    pub required: Vec<String>,
     /// Most `authenticate` calls (CONNECTs and enhanced-authentication rounds) running at
     /// once, per core the process may use. A CONNECT beyond waits for one to finish, up
     /// to `connect_timeout`, and is then refused with CONNACK 0x89 (Server busy; MQTT 3.x:
@@ -64,6 +68,7 @@ impl Default for PluginsConfig {
         PluginsConfig {
             dir: PathBuf::from("plugins"),
             enabled: true,
+            required: Vec::new(),
             authentications_per_core: 4,
         }
     }
@@ -635,6 +640,12 @@ impl Config {
         }
         if m.max_topic_length == 0 || m.max_topic_levels == 0 {
             return invalid("mqtt.max_topic_length", "topic limits must be at least 1");
+        }
+        if !self.plugins.enabled && !self.plugins.required.is_empty() {
+            return invalid(
+                "plugins.required",
+                "names plugins while plugins are disabled (enabled = false)",
+            );
         }
         if self.plugins.authentications_per_core == 0 {
             return invalid("plugins.authentications_per_core", "must be at least 1");

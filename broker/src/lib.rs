@@ -14,6 +14,7 @@ pub mod listener;
 pub mod mailbox;
 pub mod message;
 pub mod metrics;
+pub mod passwd;
 pub mod plugins;
 pub mod router;
 pub mod session;

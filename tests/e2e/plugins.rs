@@ -528,3 +528,64 @@ async fn password_auth_plugin_authenticates_where_anonymous_is_refused() {
         assert!(r.is_err(), "{id} must be refused");
     }
 }
+
+/// `[plugins] required`: a broker that cannot load a required plugin at start (its file
+/// missing, or a file that is not a component) exits with an error naming it before any
+/// listener opens; once it is loaded, removing its file keeps it serving (logged) rather
+/// than opening the broker to everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_required_plugin_is_never_missing() {
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let config = "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\
+                  [plugins]\nrequired = [\"acl\"]\n";
+    std::fs::write(dir.join("sandpiper.toml"), config).unwrap();
+    let refused_start = |why: &str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sandpiper"))
+            .arg("--config")
+            .arg(dir.join("sandpiper.toml"))
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{why}: the broker kept running without its required plugin");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{why}: {text}");
+        assert!(
+            text.contains("required plugin not loaded: acl") && !text.contains("listening"),
+            "{why}: {text}"
+        );
+    };
+    refused_start("no acl.wasm");
+    std::fs::write(plugins.join("acl.wasm"), b"not a component").unwrap();
+    refused_start("a broken acl.wasm");
+
+    install_acl(&plugins, ACL_RULES);
+    let broker = Broker::start_config_in(dir.clone(), config);
+    wait_for_log(&broker, "plugin loaded").await;
+    std::fs::remove_file(plugins.join("acl.wasm")).unwrap();
+    wait_for_log(&broker, "required plugin's file removed").await;
+    // Still the acl's rules: another device's topics stay closed.
+    let mut c = v3::Client::connect(v3::options(&broker, "d1")).await;
+    assert_eq!(
+        c.subscribe("devices/d2/cmd", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Failure
+    );
+    c.subscribe_ok("devices/d1/cmd", v3::QoS::AtLeastOnce).await;
+    assert!(
+        !broker.logs().iter().any(|l| l.contains("plugin removed")),
+        "{}",
+        broker.logs().join("\n")
+    );
+}

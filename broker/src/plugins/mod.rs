@@ -56,6 +56,9 @@ const DEFAULT_AUTHENTICATIONS: usize = 8;
 
 /// The plugin host of one broker.
 pub struct Plugins {
+    /// Plugins that must be loaded for the broker to serve; their files' removal does
+    /// not unload them.
+    required: Vec<String>,
     /// Authentications running at once (CONNECT and enhanced-authentication rounds).
     auth_slots: tokio::sync::Semaphore,
     auth_limit: usize,
@@ -235,6 +238,7 @@ impl Plugins {
             outbox_rx: Mutex::new(Some(outbox_rx)),
             sinks: sink::Sinks::default(),
             slow_until: AtomicU64::new(0),
+            required: Vec::new(),
             auth_slots: tokio::sync::Semaphore::new(DEFAULT_AUTHENTICATIONS),
             auth_limit: DEFAULT_AUTHENTICATIONS,
             slow_strikes: std::sync::atomic::AtomicU32::new(0),
@@ -253,9 +257,11 @@ impl Plugins {
 
     /// Loads what the folder holds now, then watches it (every 250 ms) and hands events to
     /// the plugins until `shutdown`.
-    pub fn start(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+    /// Returns the required plugins (`[plugins] required`) that could not be loaded: the
+    /// broker must not serve without them.
+    pub fn start(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) -> Vec<String> {
         if self.dir.is_none() {
-            return;
+            return self.required.clone();
         }
         let _ = self.me.set(Arc::downgrade(self));
         let _ = self.shutdown.set(shutdown.clone());
@@ -269,7 +275,15 @@ impl Plugins {
         }
         let mut w = watch::Watcher::default();
         w.scan(self);
+        let missing = w.missing_required(self);
         watch::spawn(Arc::downgrade(self), w, shutdown);
+        missing
+    }
+
+    /// Plugins the broker does not serve without (`[plugins] required`).
+    pub fn with_required(mut self, required: Vec<String>) -> Plugins {
+        self.required = required;
+        self
     }
 
     /// The messages plugins publish (`publish` import), in order; the broker takes this

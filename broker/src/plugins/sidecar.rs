@@ -31,7 +31,14 @@ pub struct Sidecar {
     pub sink: SinkSettings,
     /// The plugin's own configuration (`config` host import).
     pub config: toml::Table,
+    /// Files whose text becomes a string key of `[config]` (key → path, relative to the
+    /// plugins folder): how a plugin without file access reads a password file. A change
+    /// of such a file reloads the plugin like a change of the sidecar.
+    pub config_files: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
+
+/// Largest file `config_files` may name.
+pub const MAX_CONFIG_FILE: u64 = 4 * 1024 * 1024;
 
 /// Largest `memory_mb` a sidecar may ask for (the pooling allocator reserves this much
 /// address space per memory slot).
@@ -50,6 +57,7 @@ impl Default for Sidecar {
             network: Vec::new(),
             sink: SinkSettings::default(),
             config: toml::Table::new(),
+            config_files: Default::default(),
         }
     }
 }
@@ -144,6 +152,36 @@ pub enum SidecarError {
 }
 
 impl Sidecar {
+    /// The sidecar of the component `wasm` (`NAME.toml` beside it; the defaults when there
+    /// is none), with its `config_files` read into `[config]`. The error names the file.
+    pub fn for_component(wasm: &std::path::Path) -> Result<Sidecar, String> {
+        let side = wasm.with_extension("toml");
+        let mut sidecar = match std::fs::read_to_string(&side) {
+            Ok(t) => Sidecar::parse(&t).map_err(|e| format!("{}: {e}", side.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Sidecar::default(),
+            Err(e) => return Err(format!("{}: {e}", side.display())),
+        };
+        let dir = wasm.parent().unwrap_or(std::path::Path::new("."));
+        for (key, path) in sidecar.config_files.clone() {
+            let path = dir.join(path);
+            let size = std::fs::metadata(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .len();
+            if size > MAX_CONFIG_FILE {
+                return Err(format!("{}: larger than 4 MiB", path.display()));
+            }
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            sidecar.config.insert(key, toml::Value::String(text));
+        }
+        Ok(sidecar)
+    }
+
+    /// The files `config_files` names, for the watcher.
+    pub fn config_file_paths(&self, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        self.config_files.values().map(|p| dir.join(p)).collect()
+    }
+
     /// Parses and validates sidecar text.
     pub fn parse(text: &str) -> Result<Sidecar, SidecarError> {
         let s: Sidecar = toml::from_str(text)?;

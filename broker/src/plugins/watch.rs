@@ -17,19 +17,45 @@ use super::sidecar::Sidecar;
 /// How often the folder is looked at.
 pub const POLL: Duration = Duration::from_millis(250);
 
-/// (mtime, length) of the `.wasm` and of the sidecar (if any).
-type Stamp = (Option<(SystemTime, u64)>, Option<(SystemTime, u64)>);
+/// (mtime, length) of the `.wasm`, of the sidecar (if any), and of the files its
+/// `config_files` named when it was last loaded.
+type Stamp = (
+    Option<(SystemTime, u64)>,
+    Option<(SystemTime, u64)>,
+    Vec<Option<(SystemTime, u64)>>,
+);
+
+/// One plugin the watcher knows: its files' stamps when last looked at, the `config_files`
+/// its sidecar named then, and the version serving.
+struct Known {
+    stamp: Stamp,
+    files: Vec<std::path::PathBuf>,
+    serving: Option<Arc<Plugin>>,
+}
+
+/// How often a missing required plugin is logged again.
+const MISSING_LOG: Duration = Duration::from_secs(60);
 
 /// What the watcher knows of the folder.
 #[derive(Default)]
 pub struct Watcher {
-    /// By plugin name: the files' stamps when last looked at, and the version serving.
-    known: BTreeMap<String, (Stamp, Option<Arc<Plugin>>)>,
+    /// By plugin name.
+    known: BTreeMap<String, Known>,
+    /// Required plugins whose file is gone (still serving), and when that was last logged.
+    missing: BTreeMap<String, std::time::Instant>,
 }
 
 fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(p).ok()?;
     Some((m.modified().ok()?, m.len()))
+}
+
+fn stamp_of(wasm: &Path, files: &[std::path::PathBuf]) -> Stamp {
+    (
+        stamp(wasm),
+        stamp(&wasm.with_extension("toml")),
+        files.iter().map(|f| stamp(f)).collect(),
+    )
 }
 
 impl Watcher {
@@ -46,8 +72,7 @@ impl Watcher {
                 let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                     continue;
                 };
-                let side = path.with_extension("toml");
-                present.insert(name.to_owned(), (stamp(&path), stamp(&side)));
+                present.insert(name.to_owned(), path);
             }
         }
         let mut changed = false;
@@ -58,45 +83,99 @@ impl Watcher {
             .cloned()
             .collect();
         for name in gone {
-            if let Some((_, Some(_))) = self.known.remove(&name) {
+            if plugins.required.contains(&name)
+                && self.known.get(&name).is_some_and(|k| k.serving.is_some())
+            {
+                // A required plugin stays loaded while its file is away.
+                let due = self
+                    .missing
+                    .get(&name)
+                    .is_none_or(|t| t.elapsed() >= MISSING_LOG);
+                if due {
+                    tracing::error!(plugin = %name, "required plugin's file removed: the loaded version keeps serving until it is back");
+                    self.missing.insert(name, std::time::Instant::now());
+                }
+                continue;
+            }
+            if let Some(Known {
+                serving: Some(_), ..
+            }) = self.known.remove(&name)
+            {
                 tracing::info!(plugin = %name, "plugin removed");
                 changed = true;
             }
         }
-        for (name, st) in present {
-            if self.known.get(&name).is_some_and(|(old, _)| *old == st) {
+        for (name, wasm) in present {
+            if self.missing.remove(&name).is_some() {
+                tracing::info!(plugin = %name, "required plugin's file is back");
+            }
+            let files = self
+                .known
+                .get(&name)
+                .map(|k| k.files.clone())
+                .unwrap_or_default();
+            let st = stamp_of(&wasm, &files);
+            if self.known.get(&name).is_some_and(|k| k.stamp == st) {
                 continue;
             }
-            let old = self.known.get(&name).and_then(|(_, p)| p.clone());
-            match load(plugins, dir, &name) {
+            let old = self.known.get(&name).and_then(|k| k.serving.clone());
+            let loaded = load(plugins, &wasm, &name);
+            // The files the sidecar names now (even when the load failed), stamped as
+            // they were read.
+            let files = Sidecar::for_component(&wasm)
+                .map(|s| s.config_file_paths(dir))
+                .unwrap_or(files);
+            let stamp = stamp_of(&wasm, &files);
+            match loaded {
                 Ok(p) => {
                     tracing::info!(plugin = %name, hooks = ?p.hooks.names(), priority = p.sidecar.priority,
                         "plugin {}", if old.is_some() { "replaced" } else { "loaded" });
-                    self.known.insert(name, (st, Some(Arc::new(p))));
+                    self.known.insert(
+                        name,
+                        Known {
+                            stamp,
+                            files,
+                            serving: Some(Arc::new(p)),
+                        },
+                    );
                     changed = true;
                 }
                 Err(e) => {
                     tracing::error!(plugin = %name, error = %e,
                         "plugin refused{}", if old.is_some() { "; the previous version keeps serving" } else { "" });
-                    self.known.insert(name, (st, old));
+                    self.known.insert(
+                        name,
+                        Known {
+                            stamp,
+                            files,
+                            serving: old,
+                        },
+                    );
                 }
             }
         }
         if changed {
-            plugins.install(self.known.values().filter_map(|(_, p)| p.clone()).collect());
+            plugins.install(
+                self.known
+                    .values()
+                    .filter_map(|k| k.serving.clone())
+                    .collect(),
+            );
         }
+    }
+
+    /// The required plugins that are not loaded.
+    pub fn missing_required(&self, plugins: &Plugins) -> Vec<String> {
+        (plugins.required.iter())
+            .filter(|r| self.known.get(*r).is_none_or(|k| k.serving.is_none()))
+            .cloned()
+            .collect()
     }
 }
 
-fn load(plugins: &Plugins, dir: &Path, name: &str) -> Result<Plugin, String> {
-    let wasm = dir.join(format!("{name}.wasm"));
-    let side = dir.join(format!("{name}.toml"));
-    let bytes = std::fs::read(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?;
-    let sidecar = match std::fs::read_to_string(&side) {
-        Ok(t) => Sidecar::parse(&t).map_err(|e| format!("{}: {e}", side.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Sidecar::default(),
-        Err(e) => return Err(format!("{}: {e}", side.display())),
-    };
+fn load(plugins: &Plugins, wasm: &Path, name: &str) -> Result<Plugin, String> {
+    let bytes = std::fs::read(wasm).map_err(|e| format!("{}: {e}", wasm.display()))?;
+    let sidecar = Sidecar::for_component(wasm)?;
     let host = plugins.host().ok_or("plugin engine unavailable")?;
     Plugin::load(&host, name, &bytes, sidecar, plugins.services()).map_err(|e| format!("{e:#}"))
 }

@@ -75,6 +75,14 @@ fn settings() -> &'static Result<Settings, String> {
     })
 }
 
+impl sandpiper_plugin::Init for Webhook {
+    /// Settings that do not parse or check refuse this version (the previous one keeps
+    /// serving) instead of retrying every batch forever.
+    fn init() -> Result<(), String> {
+        settings().as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+}
+
 impl Sink for Webhook {
     fn write(batch: Vec<SinkRecord>) -> WriteResult {
         let s = match settings() {
@@ -100,4 +108,4 @@ impl Sink for Webhook {
     }
 }
 
-sandpiper_plugin::export!(Webhook with [sink]);
+sandpiper_plugin::export!(Webhook with [init, sink]);
