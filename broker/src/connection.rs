@@ -1625,11 +1625,16 @@ impl Conn {
                         );
                         return Err(ReasonCode::ReceiveMaximumExceeded);
                     }
+                    // The message's queue entries (and retained and sink records) and the
+                    // packet id that marks it received commit together: torn apart by a
+                    // crash, the client's resend after it would be routed a second time.
+                    let group = (self.state.mailbox.store()).map(|(store, _)| store.group());
                     ticket = route(self);
                     self.state.inbound_qos2.insert(id);
                     if let Some((store, key)) = self.state.mailbox.store() {
                         ticket = ticket.max(store.submit_one(Op::PutQos2In(key, id.get())));
                     }
+                    drop(group);
                 }
                 self.send_after(ticket, &Packet::PubRec(Ack::success(id)));
             }

@@ -222,7 +222,8 @@ pub struct Recovered {
 
 enum Job {
     Ops(u64, Vec<Op>),
-    Flush(std::sync::mpsc::Sender<()>),
+    /// A flush, with the ticket the next submission was to get when it was asked for.
+    Flush(std::sync::mpsc::Sender<()>, u64),
 }
 
 /// Changes waiting for the writer.
@@ -234,6 +235,26 @@ struct Pending {
     next: u64,
     /// No more submissions are taken (the store is closing).
     closed: bool,
+    /// The first tickets of the open [`Group`]s: no job from there on is taken until the
+    /// group ends.
+    groups: Vec<u64>,
+}
+
+impl Pending {
+    /// Whether the writer may take the first job: not one an open group may still add to
+    /// the same commit.
+    fn takeable(&self) -> bool {
+        let Some(job) = self.jobs.front() else {
+            return false;
+        };
+        match self.groups.iter().min() {
+            Some(&begin) if !self.closed => match job {
+                Job::Ops(t, _) => *t < begin,
+                Job::Flush(_, t) => *t <= begin,
+            },
+            _ => true,
+        }
+    }
 }
 
 /// What submitters and the writer share.
@@ -319,6 +340,7 @@ impl Store {
                 bytes: 0,
                 next: 1,
                 closed: false,
+                groups: Vec::new(),
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -448,7 +470,13 @@ impl Store {
         }
         let size: usize = ops.iter().map(Op::size).sum();
         let mut p = self.queue.lock();
-        while !p.closed && p.bytes > 0 && p.bytes.saturating_add(size) > MAX_PENDING_BYTES {
+        // Not while a group is open: the writer may be unable to make room until it ends,
+        // and the group's own submissions (or ones it waits for) must go through.
+        while !p.closed
+            && p.groups.is_empty()
+            && p.bytes > 0
+            && p.bytes.saturating_add(size) > MAX_PENDING_BYTES
+        {
             p = self.queue.room.wait(p).unwrap_or_else(|e| e.into_inner());
         }
         if p.closed {
@@ -461,6 +489,26 @@ impl Store {
         drop(p);
         self.queue.work.notify_one();
         (self.durability == Durability::Sync).then_some(ticket)
+    }
+
+    /// Opens a group: everything submitted (from any thread) until the returned guard is
+    /// dropped is committed in one transaction, so a crash keeps all of it or none. For
+    /// changes that must not be torn apart, such as a QoS 2 message's queue entries and
+    /// the inbound packet id that marks it received. Keep a group short: commits wait for
+    /// it to end.
+    pub fn group(self: &Arc<Self>) -> Group {
+        let begin = {
+            let mut p = self.queue.lock();
+            let begin = p.next;
+            p.groups.push(begin);
+            begin
+        };
+        // Submitters waiting for room stop waiting while a group is open.
+        self.queue.room.notify_all();
+        Group {
+            store: self.clone(),
+            begin,
+        }
     }
 
     /// Queues one change; see [`Store::submit`].
@@ -579,7 +627,8 @@ impl Store {
             if p.closed {
                 return;
             }
-            p.jobs.push_back(Job::Flush(tx));
+            let t = p.next;
+            p.jobs.push_back(Job::Flush(tx, t));
         }
         self.queue.work.notify_one();
         let _ = rx.recv_timeout(Duration::from_secs(30));
@@ -594,6 +643,45 @@ impl Store {
         if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = w.join();
         }
+    }
+}
+
+/// An open group of changes ([`Store::group`]); dropping it ends the group.
+pub struct Group {
+    store: Arc<Store>,
+    begin: u64,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let mut p = self.store.queue.lock();
+        if let Some(i) = p.groups.iter().position(|&b| b == self.begin) {
+            p.groups.swap_remove(i);
+        }
+        // The jobs submitted since the group began are still queued (none of them could be
+        // taken): make them one job, which the writer never splits over two commits.
+        // Flushes among them follow it.
+        let start = p
+            .jobs
+            .iter()
+            .position(|j| matches!(j, Job::Ops(t, _) if *t >= self.begin));
+        if let Some(start) = start {
+            let tail: Vec<Job> = p.jobs.drain(start..).collect();
+            let (mut top, mut ops, mut flushes) = (0, Vec::new(), Vec::new());
+            for j in tail {
+                match j {
+                    Job::Ops(t, o) => {
+                        top = top.max(t);
+                        ops.extend(o);
+                    }
+                    flush @ Job::Flush(..) => flushes.push(flush),
+                }
+            }
+            p.jobs.push_back(Job::Ops(top, ops));
+            p.jobs.extend(flushes);
+        }
+        drop(p);
+        self.store.queue.work.notify_one();
     }
 }
 
@@ -660,7 +748,7 @@ impl Writer {
                         top = top.max(t);
                         batch.extend(ops);
                     }
-                    Job::Flush(tx) => flushes.push(tx),
+                    Job::Flush(tx, _) => flushes.push(tx),
                 }
             }
             let immediate = self.durability == Durability::Sync
@@ -690,8 +778,8 @@ impl Writer {
     /// (done here), `None` once the store is closed and everything was taken.
     fn next_jobs(&self, last_sync: Instant, dirty: &mut bool) -> Option<Vec<Job>> {
         let mut p = self.queue.lock();
-        while p.jobs.is_empty() {
-            if p.closed {
+        while !p.takeable() {
+            if p.closed && p.jobs.is_empty() {
                 return None;
             }
             match self.durability {
@@ -718,7 +806,7 @@ impl Writer {
         }
         let mut jobs = Vec::new();
         let mut count = 0;
-        while count < MAX_BATCH {
+        while count < MAX_BATCH && p.takeable() {
             let Some(j) = p.jobs.pop_front() else { break };
             if let Job::Ops(_, ops) = &j {
                 count += ops.len();
@@ -971,6 +1059,43 @@ mod tests {
         );
         assert!(rec.qos2_in.is_empty());
         assert_eq!(rec.retained, vec![vec![3]]);
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Changes submitted while a group is open commit together: none of them while it is
+    /// open (changes submitted before it are not held back), all of them once it ends.
+    #[test]
+    fn a_group_commits_as_one() {
+        let dir = tmp("group");
+        let store = Arc::new(Store::open(&config(&dir)).unwrap().0);
+        let wait_for = |t: u64| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while *store.committed().borrow() < t && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            *store.committed().borrow() >= t
+        };
+        let before = store
+            .submit_one(Op::PutRetained(Arc::from("r"), vec![1]))
+            .unwrap();
+        let group = store.group();
+        let first = store.submit_one(Op::PutQos2In(1, 1)).unwrap();
+        assert!(wait_for(before));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            *store.committed().borrow() < first,
+            "nothing of an open group is committed"
+        );
+        let second = store.submit_one(Op::PutQos2In(1, 2)).unwrap();
+        drop(group);
+        assert!(wait_for(second));
+        store.close();
+        drop(store);
+        let (store, rec) = Store::open(&config(&dir)).unwrap();
+        let mut ids = rec.qos2_in[&1].clone();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 2]);
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
