@@ -786,6 +786,11 @@ impl Conn {
             let want_read = self.out.len() < OUT_READ_LIMIT
                 && self.paused.is_none()
                 && self.held.len() < MAX_HELD;
+            if !want_read && partial_since.is_some() {
+                // Not reading is our doing: the client's time to finish its packet starts
+                // again when we read again.
+                partial_since = Some(tokio::time::Instant::now());
+            }
             if want_read && inbuf.capacity() - inbuf.len() < read_hint {
                 if inbuf.is_empty() && inbuf.capacity() > 4 * read_hint {
                     // Give back what a burst grew.
