@@ -12,7 +12,7 @@ use crate::plugins::{bundled, install_acl, wait_for_log};
 
 /// A `password-auth` users-table line for `user` with `password` (PBKDF2-SHA256, 10,000
 /// iterations: fast enough for tests).
-fn user_line(user: &str, password: &str) -> String {
+pub(crate) fn user_line(user: &str, password: &str) -> String {
     use base64::Engine as _;
     let salt = format!("salt-of-{user}");
     let mut hash = [0u8; 32];
@@ -25,7 +25,7 @@ fn user_line(user: &str, password: &str) -> String {
     );
     let b64 = base64::engine::general_purpose::STANDARD;
     format!(
-        "{user} = \"pbkdf2-sha256$10000${}${}\"\n",
+        "{user:?} = \"pbkdf2-sha256$10000${}${}\"\n",
         b64.encode(salt),
         b64.encode(hash)
     )

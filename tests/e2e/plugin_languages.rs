@@ -126,7 +126,22 @@ username = "admin"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_acl_allows_and_denies_subscribes_and_publishes() {
-    let (broker, _) = broker_with("python-acl", &python_acl(), ACL).await;
+    // The admin rule applies to a user who proved the name: password-auth beside the acl.
+    let dir = broker_dir();
+    let plugins = dir.join("plugins");
+    install(&plugins, "python-acl", &python_acl(), ACL);
+    let users = format!(
+        "[config.users]\n{}",
+        crate::identity::user_line("admin", "admin-pw")
+    );
+    install(
+        &plugins,
+        "password-auth",
+        &crate::plugins::bundled("password-auth"),
+        &users,
+    );
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
 
     let mut dev = v3::Client::connect(v3::options(&broker, "dev1")).await;
     dev.subscribe_ok("devices/dev1/#", v3::QoS::AtLeastOnce)
@@ -142,7 +157,7 @@ async fn python_acl_allows_and_denies_subscribes_and_publishes() {
     }
     // A user name's rule: the admin may subscribe to everything.
     let mut admin_opts = v3::options(&broker, "console");
-    admin_opts.set_credentials("admin", "");
+    admin_opts.set_credentials("admin", "admin-pw");
     let mut admin = v3::Client::connect(admin_opts).await;
     admin.subscribe_ok("#", v3::QoS::AtLeastOnce).await;
 

@@ -11,11 +11,31 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::harness::{Broker, raw, v3, v5};
-use crate::plugins::{broker_with, bundled, wait_for_log};
+use crate::plugins::{bundled, wait_for_log};
 
-/// A broker with the bundled plugin `name` and `sidecar`, loaded.
+/// The user names the tests publish with, all with the password [`PASSWORD`]: a user name
+/// is the client's only once authenticated, so `password-auth` knows them.
+const USERS: [&str; 5] = ["acme", "a+b", "alice", "bob", "fast"];
+const PASSWORD: &str = "pw";
+
+/// A broker with the bundled plugin `name` and `sidecar`, and `password-auth` with
+/// [`USERS`], loaded.
 async fn broker_with_bundled(name: &str, sidecar: &str) -> Broker {
-    let broker = broker_with(name, &bundled(name), sidecar).await;
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(plugins.join(format!("{name}.toml")), sidecar).unwrap();
+    std::fs::copy(bundled(name), plugins.join(format!("{name}.wasm"))).unwrap();
+    let users: String = (USERS.iter())
+        .map(|u| crate::identity::user_line(u, PASSWORD))
+        .collect();
+    std::fs::write(
+        plugins.join("password-auth.toml"),
+        format!("[config.users]\n{users}"),
+    )
+    .unwrap();
+    std::fs::copy(bundled("password-auth"), plugins.join("password-auth.wasm")).unwrap();
+    let broker = Broker::start_in(dir, "");
     wait_for_log(&broker, "plugin loaded").await;
     broker
 }
@@ -23,7 +43,7 @@ async fn broker_with_bundled(name: &str, sidecar: &str) -> Broker {
 fn v3_as(broker: &Broker, id: &str, user: Option<&str>) -> v3::MqttOptions {
     let mut o = v3::options(broker, id);
     if let Some(u) = user {
-        o.set_credentials(u, "");
+        o.set_credentials(u, PASSWORD);
     }
     o
 }
@@ -63,7 +83,7 @@ async fn topic_rewrite_routes_to_the_rewritten_topic() {
 
     // MQTT 5 publisher: rewritten with its properties and payload as sent.
     let mut o = v5::options(&broker, "rw-v5");
-    o.set_credentials("acme", "");
+    o.set_credentials("acme", PASSWORD);
     let mut v5p = v5::Client::connect(o).await;
     let props = v5::PublishProperties {
         content_type: Some("text/plain".into()),
@@ -268,7 +288,7 @@ async fn rate_limit_disconnects_v5_drops_v3_excess_and_spares_clients_within_lim
         assert_eq!(text(&sub.recv().await), format!("c{i}"));
     }
     let mut o = v5::options(&broker, "rl-fast");
-    o.set_credentials("fast", "");
+    o.set_credentials("fast", PASSWORD);
     let mut fast = v5::Client::connect(o).await;
     for i in 0..50 {
         fast.publish(
