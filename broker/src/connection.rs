@@ -1106,22 +1106,15 @@ impl Conn {
     /// and deliveries queued through removed filters alone are dropped.
     fn reauthorize_subscriptions(&mut self) {
         self.gate.subscriptions_authorized();
-        if !self.gate.active() || self.state.subscriptions.is_empty() {
+        if !self.gate.checks_subscriptions() || self.state.subscriptions.is_empty() {
             return;
         }
         let held: Vec<(TopicFilter, Subscription)> = (self.state.subscriptions.iter())
             .map(|(f, s)| (f.clone(), *s))
             .collect();
-        let requests: Vec<_> = (held.iter())
-            .map(|(f, s)| crate::plugins::Request {
-                action: crate::plugins::Action::Subscribe,
-                topic: f.filter(),
-                qos: s.options.qos,
-                retain: false,
-            })
-            .collect();
-        let verdicts = self.gate.check_many(&requests);
-        drop(requests);
+        let asked: Vec<_> = (held.iter()).map(|(f, s)| (f, s.options.qos)).collect();
+        let verdicts = self.gate.check_subscriptions(&asked);
+        drop(asked);
         let sub = self.state.subscriber();
         let mut removed = 0;
         for ((filter, mut s), verdict) in held.into_iter().zip(verdicts) {
@@ -1773,16 +1766,9 @@ impl Conn {
             cfg.max_topic_length,
             cfg.max_topic_levels,
         );
-        let verdicts = if self.gate.active() {
-            let requests: Vec<_> = (s.filters.iter())
-                .map(|(f, o)| crate::plugins::Request {
-                    action: crate::plugins::Action::Subscribe,
-                    topic: f.filter(),
-                    qos: o.qos,
-                    retain: false,
-                })
-                .collect();
-            self.gate.check_many(&requests)
+        let verdicts = if self.gate.checks_subscriptions() {
+            let asked: Vec<_> = (s.filters.iter()).map(|(f, o)| (f, o.qos)).collect();
+            self.gate.check_subscriptions(&asked)
         } else {
             Vec::new()
         };

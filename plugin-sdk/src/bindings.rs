@@ -1,4 +1,4 @@
-//! The one place the WIT contract (`../wit`, package `sandpiper:plugin@0.1.0`) becomes
+//! The one place the WIT contract (`../wit`, package `sandpiper:plugin@0.1.1`) becomes
 //! Rust. Hidden: plugins use the re-exports and traits of the crate root.
 //!
 //! The host imports and the shared `types` interface are generated once (world
@@ -21,7 +21,7 @@
 pub mod imports {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "sandpiper:plugin/imports@0.1.0",
+        world: "sandpiper:plugin/imports@0.1.1",
         generate_unused_types: true,
         additional_derives: [PartialEq, Eq],
     });
@@ -35,12 +35,12 @@ macro_rules! hook {
             path: "../wit",
             world: $world,
             with: {
-                "sandpiper:plugin/types@0.1.0": crate::bindings::imports::types,
-                "sandpiper:plugin/log@0.1.0": crate::bindings::imports::log,
-                "sandpiper:plugin/kv@0.1.0": crate::bindings::imports::kv,
-                "sandpiper:plugin/publish@0.1.0": crate::bindings::imports::publish,
-                "sandpiper:plugin/metrics@0.1.0": crate::bindings::imports::metrics,
-                "sandpiper:plugin/config@0.1.0": crate::bindings::imports::config,
+                "sandpiper:plugin/types@0.1.1": crate::bindings::imports::types,
+                "sandpiper:plugin/log@0.1.1": crate::bindings::imports::log,
+                "sandpiper:plugin/kv@0.1.1": crate::bindings::imports::kv,
+                "sandpiper:plugin/publish@0.1.1": crate::bindings::imports::publish,
+                "sandpiper:plugin/metrics@0.1.1": crate::bindings::imports::metrics,
+                "sandpiper:plugin/config@0.1.1": crate::bindings::imports::config,
             },
             pub_export_macro: true,
             export_macro_name: $macro,
@@ -51,14 +51,14 @@ macro_rules! hook {
 
 /// `lifecycle` (init).
 pub mod lifecycle {
-    hook!("sandpiper:plugin/initializer@0.1.0", "export_lifecycle");
+    hook!("sandpiper:plugin/initializer@0.1.1", "export_lifecycle");
     pub use self::exports::sandpiper::plugin::lifecycle::*;
 }
 
 /// `authenticate`.
 pub mod authenticate {
     hook!(
-        "sandpiper:plugin/authenticator@0.1.0",
+        "sandpiper:plugin/authenticator@0.1.1",
         "export_authenticate"
     );
     pub use self::exports::sandpiper::plugin::authenticate::*;
@@ -66,30 +66,36 @@ pub mod authenticate {
 
 /// `authorize`.
 pub mod authorize {
-    hook!("sandpiper:plugin/authorizer@0.1.0", "export_authorize");
+    hook!("sandpiper:plugin/authorizer@0.1.1", "export_authorize");
     pub use self::exports::sandpiper::plugin::authorize::*;
+}
+
+/// `share` (contract 0.1.1).
+pub mod share {
+    hook!("sandpiper:plugin/sharer@0.1.1", "export_share");
+    pub use self::exports::sandpiper::plugin::share::*;
 }
 
 /// `transform`.
 pub mod transform {
-    hook!("sandpiper:plugin/transformer@0.1.0", "export_transform");
+    hook!("sandpiper:plugin/transformer@0.1.1", "export_transform");
     pub use self::exports::sandpiper::plugin::transform::*;
 }
 
 /// `deliver`.
 pub mod deliver {
-    hook!("sandpiper:plugin/deliverer@0.1.0", "export_deliver");
+    hook!("sandpiper:plugin/deliverer@0.1.1", "export_deliver");
     pub use self::exports::sandpiper::plugin::deliver::*;
 }
 
 /// `sink`.
 pub mod sink {
-    hook!("sandpiper:plugin/sink-world@0.1.0", "export_sink");
+    hook!("sandpiper:plugin/sink-world@0.1.1", "export_sink");
     pub use self::exports::sandpiper::plugin::sink::*;
 }
 
 /// `events`.
 pub mod events {
-    hook!("sandpiper:plugin/observer@0.1.0", "export_events");
+    hook!("sandpiper:plugin/observer@0.1.1", "export_events");
     pub use self::exports::sandpiper::plugin::events::*;
 }

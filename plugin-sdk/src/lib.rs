@@ -1,8 +1,8 @@
 //! The Rust guest SDK for Sandpiper plugins: WebAssembly components (WASI 0.2) that
-//! implement hooks of the WIT contract `sandpiper:plugin@0.1.0` (the repository's `wit/`).
+//! implement hooks of the WIT contract `sandpiper:plugin@0.1.1` (the repository's `wit/`).
 //!
 //! A plugin is a `cdylib` crate with a unit type that implements one trait per hook it
-//! wants — [`Init`], [`Authenticate`], [`Authorize`], [`Transform`], [`Deliver`],
+//! wants — [`Init`], [`Authenticate`], [`Authorize`], [`Share`], [`Transform`], [`Deliver`],
 //! [`Sink`], [`Events`], every method with a default — and one [`export!`] naming those
 //! hooks. The component then exports exactly those interfaces: the broker calls only the
 //! hooks a component exports, so an unnamed hook costs nothing and is never called.
@@ -45,6 +45,7 @@ pub mod events;
 pub mod lifecycle;
 pub mod log;
 pub mod reason;
+pub mod share;
 pub mod sink;
 pub mod topic;
 pub mod transform;
@@ -56,6 +57,7 @@ pub use config::config;
 pub use deliver::Deliver;
 pub use events::Events;
 pub use lifecycle::Init;
+pub use share::Share;
 pub use sink::Sink;
 pub use transform::Transform;
 
@@ -86,7 +88,7 @@ pub mod prelude {
         Attribute, Client, Message, MessageProperties, Outcome, ProtocolVersion, Qos, ReasonCode,
         UserProperty,
     };
-    pub use crate::{Authenticate, Authorize, Deliver, Events, Init, Sink, Transform};
+    pub use crate::{Authenticate, Authorize, Deliver, Events, Init, Share, Sink, Transform};
 }
 
 /// Exports `$plugin` as the implementation of the hooks named in the brackets, and only
@@ -99,6 +101,7 @@ pub mod prelude {
 /// | `init` (or `lifecycle`) | [`Init`] | `lifecycle` |
 /// | `authenticate` | [`Authenticate`] | `authenticate` |
 /// | `authorize` | [`Authorize`] | `authorize` |
+/// | `share` | [`Share`] | `share` (contract 0.1.1) |
 /// | `transform` | [`Transform`] | `transform` |
 /// | `deliver` | [`Deliver`] | `deliver` |
 /// | `sink` | [`Sink`] | `sink` |
@@ -129,6 +132,9 @@ macro_rules! __export_hook {
     (authorize $p:ident) => {
         $crate::bindings::authorize::export_authorize!($p with_types_in $crate::bindings::authorize);
     };
+    (share $p:ident) => {
+        $crate::bindings::share::export_share!($p with_types_in $crate::bindings::share);
+    };
     (transform $p:ident) => {
         $crate::bindings::transform::export_transform!($p with_types_in $crate::bindings::transform);
     };
@@ -145,7 +151,7 @@ macro_rules! __export_hook {
         ::core::compile_error!(::core::concat!(
             "sandpiper_plugin::export!: unknown hook `",
             ::core::stringify!($other),
-            "` (expected init, authenticate, authorize, transform, deliver, sink or events)"
+            "` (expected init, authenticate, authorize, share, transform, deliver, sink or events)"
         ));
     };
 }

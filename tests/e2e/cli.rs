@@ -34,7 +34,7 @@ fn version_names_the_plugin_contract() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.starts_with(&format!("sandpiper {}", env!("CARGO_PKG_VERSION")))
-            && out.contains("plugin contract sandpiper:plugin@0.1.0"),
+            && out.contains("plugin contract sandpiper:plugin@0.1.1"),
         "{out}"
     );
 }
@@ -83,7 +83,10 @@ fn check_config_loads_certificates_and_plugins_without_binding() {
         out.contains("listener secure: TLS certificate, key and client CA ok"),
         "{out}"
     );
-    assert!(out.contains("plugin acl: ok; hooks: authorize"), "{out}");
+    assert!(
+        out.contains("plugin acl: ok; hooks: lifecycle (init), authorize, share"),
+        "{out}"
+    );
     assert!(out.contains("configuration ok"), "{out}");
 
     // A certificate file that is not a certificate.

@@ -238,3 +238,64 @@ async fn held_subscriptions_follow_policy_changes() {
         .await;
     away.expect_silence().await;
 }
+
+/// Who may join a shared subscription's group (`share` hook, contract 0.1.1), with the
+/// bundled `acl`: once a rule names a group, joining needs a rule naming it; a device
+/// outside the rule's clients, or another group, is refused while the filter itself stays
+/// readable; and when the rule goes, a held shared subscription goes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_a_shared_group_is_authorized() {
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    let read = "[[config.rules]]\nallow = \"readwrite\"\ntopic = \"jobs/#\"\n";
+    let group = "[[config.rules]]\nallow = \"read\"\ntopic = \"jobs/#\"\ngroup = \"workers\"\nclient_id = \"worker-*\"\n";
+    install_acl(&plugins, &format!("{read}{group}"));
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+    let granted = v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce);
+
+    let mut worker = v3::Client::connect(v3::options(&broker, "worker-1")).await;
+    assert_eq!(
+        worker
+            .subscribe("$share/workers/jobs/#", v3::QoS::AtLeastOnce)
+            .await,
+        granted
+    );
+    assert_eq!(
+        worker
+            .subscribe("$share/others/jobs/#", v3::QoS::AtLeastOnce)
+            .await,
+        v3::SubscribeReasonCode::Failure,
+        "a group no rule names"
+    );
+    let mut intruder = v3::Client::connect(v3::options(&broker, "intruder")).await;
+    assert_eq!(
+        intruder
+            .subscribe("$share/workers/jobs/#", v3::QoS::AtLeastOnce)
+            .await,
+        v3::SubscribeReasonCode::Failure,
+        "a client the group rule does not name"
+    );
+    assert_eq!(
+        intruder.subscribe("jobs/#", v3::QoS::AtLeastOnce).await,
+        granted,
+        "the filter itself is still readable"
+    );
+    let mut boss = v3::Client::connect(v3::options(&broker, "boss")).await;
+    boss.publish("jobs/1", v3::QoS::AtLeastOnce, false, b"1")
+        .await;
+    assert_eq!(&worker.recv().await.payload[..], b"1");
+    assert_eq!(&intruder.recv().await.payload[..], b"1");
+
+    // Without the group rule, groups are open again... but the workers' rule is replaced
+    // by one for another group, so worker-1's membership goes.
+    let other = group.replace("workers", "night-shift");
+    std::fs::write(plugins.join("acl.toml.tmp"), format!("{read}{other}")).unwrap();
+    std::fs::rename(plugins.join("acl.toml.tmp"), plugins.join("acl.toml")).unwrap();
+    wait_for_log(&broker, "plugin replaced").await;
+    boss.publish("jobs/2", v3::QoS::AtLeastOnce, false, b"2")
+        .await;
+    assert_eq!(&intruder.recv().await.payload[..], b"2");
+    worker.expect_silence().await;
+    wait_for_log(&broker, "subscription no longer authorized").await;
+}

@@ -1,4 +1,4 @@
-//! The one place the WIT contract (`wit/`, package `sandpiper:plugin@0.1.0`) becomes Rust.
+//! The one place the WIT contract (`wit/`, package `sandpiper:plugin@0.1.1`) becomes Rust.
 //!
 //! The host binds the world `plugin`, which exports every hook; a component exports only
 //! some of them, so the broker never uses the world's all-or-nothing constructor: each

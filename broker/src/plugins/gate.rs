@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Action, ClientInfo, Hooks, Plugins, Request, Verdict};
+use super::{Action, ClientInfo, Hooks, Join, Plugins, Request, Verdict};
 use crate::codec::QoS;
+use crate::codec::TopicFilter;
 
 /// Most cached decisions per connection; beyond, the cache starts over (a client that
 /// publishes to ever new topics cannot grow it without bound).
@@ -77,6 +78,13 @@ impl Gate {
         self.plugins.hooks() & Hooks::AUTHORIZE != 0
     }
 
+    /// Whether any plugin authorizes subscriptions or joins to shared ones: one relaxed
+    /// atomic load. When false, [`Gate::check_subscriptions`] need not be called.
+    #[inline]
+    pub fn checks_subscriptions(&self) -> bool {
+        self.plugins.hooks() & (Hooks::AUTHORIZE | Hooks::SHARE) != 0
+    }
+
     /// The verdict for one request (cached).
     pub fn check(&mut self, action: Action, topic: &str, qos: QoS, retain: bool) -> Verdict {
         self.refresh();
@@ -141,6 +149,47 @@ impl Gate {
         out.into_iter()
             .map(|v| v.unwrap_or(Verdict::Deny(super::NOT_AUTHORIZED)))
             .collect()
+    }
+
+    /// Verdicts for subscriptions (filter, maximum QoS): `authorize` for each filter
+    /// (shared ones without their `$share/{group}/` prefix), then `share` for the shared
+    /// ones it allowed. A join's refusal refuses the filter; its QoS cap lowers the
+    /// filter's.
+    pub fn check_subscriptions(&mut self, filters: &[(&TopicFilter, QoS)]) -> Vec<Verdict> {
+        let requests: Vec<Request<'_>> = (filters.iter())
+            .map(|(f, qos)| Request {
+                action: Action::Subscribe,
+                topic: f.filter(),
+                qos: *qos,
+                retain: false,
+            })
+            .collect();
+        let mut verdicts = self.check_many(&requests);
+        let shared: Vec<usize> = (0..filters.len())
+            .filter(|&i| filters[i].0.share_group().is_some())
+            .filter(|&i| matches!(verdicts[i], Verdict::Allow(_)))
+            .collect();
+        if shared.is_empty() {
+            return verdicts;
+        }
+        let joins: Vec<Join<'_>> = (shared.iter())
+            .map(|&i| Join {
+                group: filters[i].0.share_group().unwrap_or_default(),
+                filter: filters[i].0.filter(),
+                qos: filters[i].1,
+            })
+            .collect();
+        for (&i, joined) in shared.iter().zip(self.plugins.join(&self.client, &joins)) {
+            verdicts[i] = match (verdicts[i], joined) {
+                (_, Verdict::Deny(code)) => Verdict::Deny(code),
+                (Verdict::Allow(Some(a)), Verdict::Allow(Some(b))) => {
+                    Verdict::Allow(Some(a.min(b)))
+                }
+                (Verdict::Allow(a), Verdict::Allow(b)) => Verdict::Allow(a.or(b)),
+                (deny, _) => deny,
+            };
+        }
+        verdicts
     }
 
     /// Drops the cached verdicts if the chain changed since they were made.

@@ -27,7 +27,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use bindings::hooks::{authenticate as auth, authorize as authz};
+use bindings::hooks::{authenticate as auth, authorize as authz, share};
 use bindings::sandpiper::plugin::types;
 
 use crate::codec::{ProtocolVersion, QoS};
@@ -36,7 +36,7 @@ use sidecar::DecideFailure;
 
 /// The version of the plugin contract (`wit/`, package `sandpiper:plugin`) this build
 /// hosts.
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.1.1";
 
 /// The ordered plugin chain of one moment.
 #[derive(Default)]
@@ -187,6 +187,17 @@ pub struct Request<'a> {
     pub qos: QoS,
     /// RETAIN flag.
     pub retain: bool,
+}
+
+/// One request to join a shared subscription's group (`$share/{group}/{filter}`).
+#[derive(Debug, Clone)]
+pub struct Join<'a> {
+    /// The share name.
+    pub group: &'a str,
+    /// The filter without the `$share/{group}/` prefix.
+    pub filter: &'a str,
+    /// The maximum QoS asked for.
+    pub qos: QoS,
 }
 
 /// The chain's answer to one authorize request.
@@ -442,6 +453,17 @@ impl Plugins {
         let chain = self.chain();
         self.blocking(|| authorize_chain(&chain, client, requests))
     }
+
+    /// Asks the chain's `share` hooks about joins to shared subscription groups; one
+    /// verdict per join, allowed when no plugin decides. Synchronous, as
+    /// [`Plugins::authorize`].
+    pub fn join(&self, client: &ClientInfo, joins: &[Join<'_>]) -> Vec<Verdict> {
+        if self.hooks() & Hooks::SHARE == 0 || joins.is_empty() {
+            return vec![Verdict::Allow(None); joins.len()];
+        }
+        let chain = self.chain();
+        self.blocking(|| share_chain(&chain, client, joins))
+    }
 }
 
 /// A hook call slower than this marks the chain slow.
@@ -641,14 +663,64 @@ fn auth_decision(
     }
 }
 
+fn share_chain(chain: &Chain, client: &ClientInfo, joins: &[Join<'_>]) -> Vec<Verdict> {
+    let mut out: Vec<Option<Verdict>> = vec![None; joins.len()];
+    let wit_client = flow::client_to_wit(client);
+    for p in chain.plugins.iter().filter(|p| p.hooks.has(Hooks::SHARE)) {
+        let idx: Vec<usize> = (0..joins.len()).filter(|&i| out[i].is_none()).collect();
+        if idx.is_empty() {
+            break;
+        }
+        let batch: Vec<share::Request> = (idx.iter())
+            .map(|&i| share::Request {
+                group: joins[i].group.to_owned(),
+                filter: joins[i].filter.to_owned(),
+                qos: qos_to_wit(joins[i].qos),
+            })
+            .collect();
+        let _span = tracing::debug_span!("plugin", plugin = %p.name, hook = "share").entered();
+        let r = p
+            .call("share", |s| match &s.guests.share {
+                Some(g) => g.call_join(&mut s.store, &wit_client, &batch),
+                None => Ok(vec![share::Decision::Ignore; batch.len()]),
+            })
+            .and_then(|d| {
+                if d.len() == batch.len() {
+                    Ok(d)
+                } else {
+                    Err(p.arity("share", batch.len(), d.len()))
+                }
+            });
+        match r {
+            Ok(decisions) => {
+                for (&i, d) in idx.iter().zip(decisions) {
+                    out[i] = match d {
+                        share::Decision::Allow => Some(Verdict::Allow(None)),
+                        share::Decision::AllowQos(q) => Some(Verdict::Allow(Some(qos_from_wit(q)))),
+                        share::Decision::Deny(c) => {
+                            Some(Verdict::Deny(ack_code(Action::Subscribe, c)))
+                        }
+                        share::Decision::Ignore => None,
+                    };
+                }
+            }
+            Err(_) => {
+                if p.sidecar.on_failure.authorize == DecideFailure::Deny {
+                    for &i in &idx {
+                        out[i] = Some(Verdict::Deny(NOT_AUTHORIZED));
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|v| v.unwrap_or(Verdict::Allow(None)))
+        .collect()
+}
+
 fn authorize_chain(chain: &Chain, client: &ClientInfo, requests: &[Request<'_>]) -> Vec<Verdict> {
     let mut out: Vec<Option<Verdict>> = vec![None; requests.len()];
-    let wit_client = types::Client {
-        client_id: client.client_id.to_string(),
-        username: client.username.clone(),
-        listener: client.listener.to_string(),
-        attributes: attrs(&client.attributes),
-    };
+    let wit_client = flow::client_to_wit(client);
     for p in &chain.plugins {
         if !p.hooks.has(Hooks::AUTHORIZE) {
             continue;

@@ -12,7 +12,7 @@ use wasmtime::Store;
 use wasmtime::component::{Component, InstancePre};
 
 use super::bindings::hooks::{
-    authenticate, authorize, deliver, events, lifecycle, sink, transform,
+    authenticate, authorize, deliver, events, lifecycle, share, sink, transform,
 };
 use super::host::{Host, PluginEnv, Services, State, TICK};
 use super::sidecar::Sidecar;
@@ -51,11 +51,14 @@ impl Hooks {
     pub const SINK: u32 = 32;
     /// `events`.
     pub const EVENTS: u32 = 64;
+    /// `share` (since contract 0.1.1).
+    pub const SHARE: u32 = 128;
 
-    const NAMES: [(u32, &'static str); 7] = [
+    const NAMES: [(u32, &'static str); 8] = [
         (Hooks::INIT, "lifecycle (init)"),
         (Hooks::AUTHENTICATE, "authenticate"),
         (Hooks::AUTHORIZE, "authorize"),
+        (Hooks::SHARE, "share"),
         (Hooks::TRANSFORM, "transform"),
         (Hooks::DELIVER, "deliver"),
         (Hooks::SINK, "sink"),
@@ -82,6 +85,7 @@ struct Exports {
     init: Option<lifecycle::GuestIndices>,
     authenticate: Option<authenticate::GuestIndices>,
     authorize: Option<authorize::GuestIndices>,
+    share: Option<share::GuestIndices>,
     transform: Option<transform::GuestIndices>,
     deliver: Option<deliver::GuestIndices>,
     sink: Option<sink::GuestIndices>,
@@ -109,6 +113,7 @@ impl Exports {
             init: one(pre, "lifecycle", lifecycle::GuestIndices::new)?,
             authenticate: one(pre, "authenticate", authenticate::GuestIndices::new)?,
             authorize: one(pre, "authorize", authorize::GuestIndices::new)?,
+            share: one(pre, "share", share::GuestIndices::new)?,
             transform: one(pre, "transform", transform::GuestIndices::new)?,
             deliver: one(pre, "deliver", deliver::GuestIndices::new)?,
             sink: one(pre, "sink", sink::GuestIndices::new)?,
@@ -126,6 +131,7 @@ impl Exports {
         set(self.init.is_some(), Hooks::INIT);
         set(self.authenticate.is_some(), Hooks::AUTHENTICATE);
         set(self.authorize.is_some(), Hooks::AUTHORIZE);
+        set(self.share.is_some(), Hooks::SHARE);
         set(self.transform.is_some(), Hooks::TRANSFORM);
         set(self.deliver.is_some(), Hooks::DELIVER);
         set(self.sink.is_some(), Hooks::SINK);
@@ -140,6 +146,8 @@ pub struct Guests {
     pub authenticate: Option<authenticate::Guest>,
     /// `authorize`, if exported.
     pub authorize: Option<authorize::Guest>,
+    /// `share`, if exported.
+    pub share: Option<share::Guest>,
     /// `transform`, if exported.
     pub transform: Option<transform::Guest>,
     /// `deliver`, if exported.
@@ -260,6 +268,11 @@ impl Plugin {
                 .transpose()?,
             authorize: e
                 .authorize
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            share: e
+                .share
                 .as_ref()
                 .map(|i| i.load(&mut store, &instance))
                 .transpose()?,

@@ -9,7 +9,14 @@
 //! topic = "devices/%c/#"        # %u = user name, %c = client id; MQTT wildcards
 //! username = "alice"            # optional: only for this user ("*" or absent: anyone)
 //! client_id = "sensor-*"        # optional: only for these client ids (a trailing * is a prefix)
+//! group = "workers"             # optional: a rule about joining shared subscription groups
 //! ```
+//!
+//! Shared subscriptions (`$share/{group}/{filter}`): the filter is authorized like any
+//! other, by the rules without `group`. Once any rule names a `group` (a name, `*`, or a
+//! prefix with a trailing `*`), joining a group also needs an allow rule naming it whose
+//! topic covers the filter, and a deny rule naming it refuses the join; a configuration
+//! without group rules leaves groups open.
 //!
 //! Deny rules win over allow rules. A subscription is allowed when an allow rule's filter
 //! covers every topic the requested filter can match, and denied when the requested
@@ -24,6 +31,7 @@ use std::sync::OnceLock;
 
 use sandpiper_plugin::authorize::{Action, Authorize, Decision, Request};
 use sandpiper_plugin::lifecycle::Init;
+use sandpiper_plugin::share::{self, Share};
 use sandpiper_plugin::topic;
 use sandpiper_plugin::types::Client;
 
@@ -61,6 +69,8 @@ struct Rule {
     topic: String,
     username: Option<String>,
     client_id: Option<String>,
+    /// Shared subscription groups this rule is about (then it is only about joins).
+    group: Option<String>,
 }
 
 fn config() -> &'static Result<Config, String> {
@@ -76,6 +86,17 @@ fn config() -> &'static Result<Config, String> {
             let shape = r.topic.replace("%u", "u").replace("%c", "c");
             topic::check_filter(&shape)
                 .map_err(|e| format!("rule {n}: topic {:?}: {e}", r.topic))?;
+            if let Some(g) = &r.group {
+                let name = g.strip_suffix('*').unwrap_or(g);
+                if (name.is_empty() && g != "*") || name.contains(['/', '+', '#', '*']) {
+                    return Err(format!(
+                        "rule {n}: group {g:?}: a share name, \"*\" or a prefix ending in *"
+                    ));
+                }
+                if r.allow.or(r.deny) == Some(Access::Write) {
+                    return Err(format!("rule {n}: a group rule is about reading (joining)"));
+                }
+            }
         }
         Ok(cfg)
     })
@@ -103,7 +124,7 @@ fn decide(cfg: &Config, client: &Client, r: &Request) -> Decision {
     let user = client.username.as_deref();
     let id = client.client_id.as_str();
     let mut allowed = false;
-    for rule in &cfg.rules {
+    for rule in cfg.rules.iter().filter(|r| r.group.is_none()) {
         if !who_matches(&rule.username, user) || !who_matches(&rule.client_id, Some(id)) {
             continue;
         }
@@ -139,6 +160,40 @@ fn decide(cfg: &Config, client: &Client, r: &Request) -> Decision {
     }
 }
 
+/// Whether `client` may join `r.group` for `r.filter`: no opinion without group rules.
+fn join(cfg: &Config, client: &Client, r: &share::Request) -> share::Decision {
+    if cfg.rules.iter().all(|rule| rule.group.is_none()) {
+        return share::Decision::Ignore;
+    }
+    let user = client.username.as_deref();
+    let id = client.client_id.as_str();
+    let mut allowed = false;
+    for rule in cfg.rules.iter().filter(|r| r.group.is_some()) {
+        if !who_matches(&rule.group, Some(&r.group))
+            || !who_matches(&rule.username, user)
+            || !who_matches(&rule.client_id, Some(id))
+        {
+            continue;
+        }
+        if rule.deny.is_some()
+            && topic::overlaps(&topic::substitute_widened(&rule.topic, user, id), &r.filter)
+        {
+            return share::Decision::Deny(0x87);
+        }
+        if rule.allow.is_some()
+            && topic::substitute(&rule.topic, user, id)
+                .is_some_and(|f| topic::covers(&f, &r.filter))
+        {
+            allowed = true;
+        }
+    }
+    if allowed {
+        share::Decision::Allow
+    } else {
+        share::Decision::Deny(0x87)
+    }
+}
+
 struct Acl;
 
 impl Init for Acl {
@@ -162,4 +217,16 @@ impl Authorize for Acl {
     }
 }
 
-sandpiper_plugin::export!(Acl with [init, authorize]);
+impl Share for Acl {
+    fn join(client: Client, requests: Vec<share::Request>) -> Vec<share::Decision> {
+        match config() {
+            Ok(cfg) => requests.iter().map(|r| join(cfg, &client, r)).collect(),
+            Err(_) => requests
+                .iter()
+                .map(|_| share::Decision::Deny(0x87))
+                .collect(),
+        }
+    }
+}
+
+sandpiper_plugin::export!(Acl with [init, authorize, share]);

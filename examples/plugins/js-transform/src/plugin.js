@@ -4,8 +4,8 @@
 // Its settings are the `[config]` table of its sidecar `js-transform.toml`, read through
 // the `config` host import (see rewrite.js and the README).
 
-import { get } from 'sandpiper:plugin/config@0.1.0';
-import { log } from 'sandpiper:plugin/log@0.1.0';
+import { get } from 'sandpiper:plugin/config@0.1.1';
+import { log } from 'sandpiper:plugin/log@0.1.1';
 
 import { rewrite, settingsFrom } from './rewrite.js';
 

@@ -21,11 +21,11 @@ wit_bindgen::generate!({
     inline: "
         package test:probe;
         world probe {
-            include sandpiper:plugin/transformer@0.1.0;
-            include sandpiper:plugin/deliverer@0.1.0;
-            include sandpiper:plugin/observer@0.1.0;
-            include sandpiper:plugin/authorizer@0.1.0;
-            include sandpiper:plugin/authenticator@0.1.0;
+            include sandpiper:plugin/transformer@0.1.1;
+            include sandpiper:plugin/deliverer@0.1.1;
+            include sandpiper:plugin/observer@0.1.1;
+            include sandpiper:plugin/authorizer@0.1.1;
+            include sandpiper:plugin/authenticator@0.1.1;
         }
     ",
     world: "test:probe/probe",
