@@ -153,35 +153,46 @@ pub async fn run<R, W>(
         }
         Ok(Err(ReadError::Decode(e))) => {
             tracing::info!(error = %e.error, "bad CONNECT: closing");
-            refuse_connect(&mut wr, &e).await;
-            Box::pin(linger(&mut rd)).await;
+            Box::pin(async move {
+                refuse_connect(&mut wr, &e).await;
+                linger(&mut rd).await;
+            })
+            .await;
             return;
         }
     };
     tracing::trace!(%peer, "CONNECT received");
-    // Accepting (authentication plugins, session takeover) and finishing are boxed so that
-    // their state does not enlarge the future every idle connection keeps while serving.
-    let accept = Box::pin(Conn::accept(
-        &broker,
-        &listener,
-        peer,
-        *connect,
-        (&mut rd, &mut inbuf),
-        &mut wr,
-    ));
-    let mut conn = match accept.await {
-        Some(c) => c,
-        None => {
+    // Accepting (authentication plugins, session takeover, and the linger after a refusal)
+    // and finishing are boxed so that their state does not enlarge the future every idle
+    // connection keeps while serving. (Awaiting the linger here, with the `Option<Conn>`
+    // of the refusal still in scope, cost every connection the size of a `Conn`.)
+    let accept = Box::pin(async {
+        let conn = Conn::accept(
+            &broker,
+            &listener,
+            peer,
+            *connect,
+            (&mut rd, &mut inbuf),
+            &mut wr,
+        )
+        .await;
+        if conn.is_none() {
             // Refused (CONNACK with a reason code sent) or failed.
-            Box::pin(linger(&mut rd)).await;
-            return;
+            linger(&mut rd).await;
         }
+        conn
+    });
+    let Some(mut conn) = accept.await else {
+        return;
     };
     let close = conn.serve(&mut rd, &mut wr, inbuf).await;
-    Box::pin(conn.finish(close, &mut wr)).await;
-    if close.broker_first() {
-        Box::pin(linger(&mut rd)).await;
-    }
+    Box::pin(async move {
+        conn.finish(close, &mut wr).await;
+        if close.broker_first() {
+            linger(&mut rd).await;
+        }
+    })
+    .await;
 }
 
 /// How long, and for how many bytes, a connection the broker closed first keeps reading.
@@ -1104,6 +1115,8 @@ impl Conn {
     /// resume, and whenever the chain changed): a filter now denied is unsubscribed
     /// (logged, and an `unsubscribed` event), one now allowed at a lower QoS is lowered,
     /// and deliveries queued through removed filters alone are dropped.
+    #[cold]
+    #[inline(never)]
     fn reauthorize_subscriptions(&mut self) {
         self.gate.subscriptions_authorized();
         if !self.gate.checks_subscriptions() || self.state.subscriptions.is_empty() {
@@ -1153,6 +1166,28 @@ impl Conn {
         }
     }
 
+    /// Drops the deliveries of `batch` that no held subscription still brings (queued
+    /// through a subscription a policy change removed). Kept out of `fill`'s loop, whose
+    /// code every delivery runs.
+    #[cold]
+    #[inline(never)]
+    fn drop_revoked(&mut self, batch: &mut VecDeque<Delivery>) {
+        let mut kept = VecDeque::with_capacity(batch.len());
+        for d in batch.drain(..) {
+            if self.still_subscribed(&d) {
+                kept.push_back(d);
+            } else {
+                tracing::debug!(topic = %d.msg.topic, "queued through a revoked subscription: dropped");
+                self.state.mailbox.forget(&d);
+            }
+        }
+        *batch = kept;
+        if self.state.mailbox.is_empty() {
+            // Everything queued before the revocation has been through here.
+            self.revoked = false;
+        }
+    }
+
     /// Whether a delivery still comes through a subscription the session holds.
     fn still_subscribed(&self, d: &Delivery) -> bool {
         let subs = &self.state.subscriptions;
@@ -1166,7 +1201,9 @@ impl Conn {
 
     /// Moves deliveries from the mailbox into the write buffer, within the inflight window.
     fn fill(&mut self) {
-        if self.gate.subscriptions_outdated() {
+        // Without plugins that check subscriptions everything held is allowed: the one
+        // load of the hook mask (hot, read below too) spares the chain's generation.
+        if self.gate.checks_subscriptions() && self.gate.subscriptions_outdated() {
             self.reauthorize_subscriptions();
         }
         if self.out.len() >= OUT_HIGH_WATER {
@@ -1186,13 +1223,11 @@ impl Conn {
                 self.state.mailbox.forget(&d);
             }
         }
+        if self.revoked {
+            self.drop_revoked(&mut batch);
+        }
         let now = Instant::now();
         while let Some(d) = batch.pop_front() {
-            if self.revoked && !self.still_subscribed(&d) {
-                tracing::debug!(topic = %d.msg.topic, "queued through a revoked subscription: dropped");
-                self.state.mailbox.forget(&d);
-                continue;
-            }
             self.deliver(d, now);
             if self.out.len() >= OUT_HIGH_WATER * 4 {
                 break;
@@ -1990,4 +2025,24 @@ fn assign_client_id() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let salt = RandomState::new().hash_one(n);
     format!("sandpiper-{salt:016x}{n:x}")
+}
+
+#[cfg(test)]
+mod task_size {
+    /// The size of what `f` returns (an async fn's future), without calling it.
+    fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every connection's task holds `run`'s future for as long as the client stays, so
+    /// its size is a floor of the memory per idle connection. It is the largest state
+    /// across its awaits: what only CONNECT handling, a refusal or the close need is
+    /// boxed. A change that grows it past this bound grows every connection: box the part
+    /// that does, or raise the bound knowingly.
+    #[test]
+    fn an_idle_connection_task_stays_small() {
+        use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+        let size = future_size(super::run::<OwnedReadHalf, OwnedWriteHalf>);
+        assert!(size <= 1856, "connection::run's future is {size} bytes");
+    }
 }
