@@ -250,6 +250,39 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
     use super::*;
 
+    /// Every example sidecar shipped with a bundled plugin or an example plugin is a valid
+    /// sidecar (a top-level key written after a table header would land in that table).
+    #[test]
+    fn shipped_example_sidecars_parse() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut checked = 0;
+        for folder in ["plugins", "examples/plugins"] {
+            for plugin in std::fs::read_dir(root.join(folder)).unwrap().flatten() {
+                for file in std::fs::read_dir(plugin.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let path = file.path();
+                    if path.to_string_lossy().ends_with(".example.toml") {
+                        let text = std::fs::read_to_string(&path).unwrap();
+                        if let Err(e) = Sidecar::parse(&text) {
+                            panic!("{}: {e}", path.display());
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 10, "only {checked} example sidecars found");
+        let pw = Sidecar::parse(include_str!(
+            "../../../plugins/password-auth/password-auth.example.toml"
+        ))
+        .unwrap();
+        assert_eq!(pw.time_ms, 1000);
+        assert!(pw.config_files.contains_key("passwd"));
+    }
+
     #[test]
     fn defaults_and_validation() {
         let s = Sidecar::parse("").unwrap();
