@@ -17,8 +17,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sandpiper::codec::{MessageProperties, QoS, TopicName};
+use sandpiper::message::Draft;
 use sandpiper::message::{Delivery, Message};
-use sandpiper::plugins::flow::{Draft, Fate};
+use sandpiper::plugins::flow::Fate;
 use sandpiper::plugins::gate::Gate;
 use sandpiper::plugins::{Action, ClientInfo, Plugins, Request};
 
@@ -135,7 +136,7 @@ fn benches(c: &mut Criterion) {
         retain: false,
         properties: MessageProperties::default(),
         expires_at: None,
-        origin: 1,
+        publisher: Some(1),
     });
     let delivery = Delivery {
         msg,

@@ -78,7 +78,7 @@ fn message(topic: &str) -> Arc<Message> {
         retain: false,
         properties: MessageProperties::default(),
         expires_at: None,
-        origin: 0,
+        publisher: None,
     })
 }
 

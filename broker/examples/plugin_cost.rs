@@ -23,7 +23,8 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::Parser;
 use sandpiper::codec::{MessageProperties, ProtocolVersion, QoS, TopicName};
-use sandpiper::plugins::flow::{Draft, Fate};
+use sandpiper::message::Draft;
+use sandpiper::plugins::flow::Fate;
 use sandpiper::plugins::host::Host;
 use sandpiper::plugins::{Action, ClientInfo, ConnectInfo, Hooks, Plugins, Request};
 

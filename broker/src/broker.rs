@@ -1,15 +1,15 @@
-//! The broker: shared state of one running instance and its start/stop.
+//! The broker: the state every connection of one running instance shares, rebuilt from
+//! the store at start. `server` runs it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::listener;
 use crate::mailbox::QueueLimits;
+use crate::pipeline::Pipeline;
 use crate::plugins::Plugins;
 use crate::router::{RetainLimits, Router};
 use crate::session::Sessions;
@@ -34,6 +34,10 @@ pub struct Broker {
     pub reload: tokio::sync::watch::Sender<u64>,
     /// The plugin chain and its watcher.
     pub plugins: Arc<Plugins>,
+    /// The way every message enters: transforms, routing, sinks.
+    pub pipeline: Arc<Pipeline>,
+    /// Set once every listener is bound (readiness).
+    pub listening: std::sync::atomic::AtomicBool,
 }
 
 impl Broker {
@@ -59,8 +63,7 @@ impl Broker {
         let now = Instant::now();
         let topics = m.topic_limits();
         let (mut retained, mut over_topic, mut over_store) = (0, 0, 0);
-        for bytes in std::mem::take(&mut recovered.retained) {
-            let msg = record::decode_retained(&bytes).map_err(damaged)?;
+        for msg in recovered.take_retained().map_err(damaged)? {
             if msg.is_expired(now) {
                 continue;
             }
@@ -87,25 +90,6 @@ impl Broker {
                 "retained messages beyond max_retained_messages or max_retained_bytes were not loaded"
             );
         }
-        let limits = QueueLimits {
-            max_messages: config.mqtt.max_queued_messages,
-            max_bytes: config.mqtt.max_queued_bytes,
-            backpressure: config.mqtt.backpressure_timeout_ms > 0,
-        };
-        let sessions = Arc::new(Sessions::new(
-            router.clone(),
-            limits,
-            Some(store.clone()),
-            topics,
-        ));
-        let restored = sessions.restore(&mut recovered).map_err(damaged)?;
-        tracing::info!(
-            data_dir = %path,
-            durability = ?config.store.durability,
-            sessions = restored,
-            retained,
-            "store opened"
-        );
         let plugins = match config.plugins.enabled {
             true => Arc::new(
                 Plugins::new(
@@ -120,6 +104,30 @@ impl Broker {
             ),
             false => Plugins::disabled(),
         };
+        let pipeline = Arc::new(Pipeline::new(
+            router.clone(),
+            plugins.clone(),
+            config.mqtt.retain_available,
+        ));
+        let limits = QueueLimits {
+            max_messages: config.mqtt.max_queued_messages,
+            max_bytes: config.mqtt.max_queued_bytes,
+            backpressure: config.mqtt.backpressure_timeout_ms > 0,
+        };
+        let sessions = Arc::new(Sessions::new(
+            pipeline.clone(),
+            limits,
+            Some(store.clone()),
+            topics,
+        ));
+        let restored = sessions.restore(&mut recovered).map_err(damaged)?;
+        tracing::info!(
+            data_dir = %path,
+            durability = ?config.store.durability,
+            sessions = restored,
+            retained,
+            "store opened"
+        );
         let events = Arc::downgrade(&plugins);
         let _ = sessions
             .on_expired
@@ -130,6 +138,7 @@ impl Broker {
             })));
         Ok(Arc::new(Broker {
             plugins,
+            pipeline,
             sessions,
             router,
             config,
@@ -137,108 +146,34 @@ impl Broker {
             tasks: TaskTracker::new(),
             store,
             reload: tokio::sync::watch::Sender::new(0),
+            listening: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// What keeps the broker from being ready (empty: ready): a store that cannot write,
+    /// listeners not bound yet, required plugins not serving.
+    pub fn ready(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        if self.store.is_failing() {
+            missing.push("store: commits are failing".to_owned());
+        }
+        if !self.listening() {
+            missing.push("listeners: not all bound yet".to_owned());
+        }
+        for name in self.plugins.missing_required() {
+            missing.push(format!("plugin {name}: required, not loaded"));
+        }
+        missing
+    }
+
+    /// Whether every listener is bound.
+    pub fn listening(&self) -> bool {
+        self.listening.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Makes every TLS listener re-read its certificate, key and client CA files; a
     /// listener whose files do not load keeps its current ones.
     pub fn reload_certificates(&self) {
         self.reload.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// Binds every listener and serves until `shutdown` is cancelled, then closes every
-    /// connection (MQTT 5 clients get DISCONNECT 0x8B) and waits for them, at most `grace`.
-    pub async fn run(self: Arc<Self>, grace: Duration) -> std::io::Result<Vec<SocketAddr>> {
-        let mut bound = Vec::new();
-        let mut accept_loops = Vec::new();
-        // Open connections over all listeners, for `max_connections`.
-        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        // Plugins present at start are loaded before the first client is accepted.
-        let plugins = self.plugins.clone();
-        let stop = self.shutdown.clone();
-        let missing = tokio::task::spawn_blocking(move || plugins.start(stop))
-            .await
-            .unwrap_or_default();
-        if !missing.is_empty() {
-            // No listener opens without the plugins the operator requires.
-            return Err(std::io::Error::other(format!(
-                "required plugin{} not loaded: {} (see the plugin errors above)",
-                if missing.len() > 1 { "s" } else { "" },
-                missing.join(", ")
-            )));
-        }
-        if let Some(rx) = self.plugins.take_published() {
-            let me = Arc::downgrade(&self);
-            let r = std::thread::Builder::new()
-                .name("plugin-publish".into())
-                .spawn(move || route_published(me, rx));
-            if let Err(e) = r {
-                tracing::error!(error = %e, "plugin publish thread failed to start");
-            }
-        }
-        for l in &self.config.listeners {
-            let (addr, task) = listener::start(self.clone(), l.clone(), open.clone()).await?;
-            bound.push(addr);
-            accept_loops.push(task);
-        }
-        self.shutdown.cancelled().await;
-        for t in accept_loops {
-            let _ = t.await;
-        }
-        self.tasks.close();
-        if tokio::time::timeout(grace, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                remaining = self.tasks.len(),
-                "connections still open after the shutdown grace period"
-            );
-        }
-        self.store.close();
-        tracing::info!("broker stopped");
-        Ok(bound)
-    }
-}
-
-/// Routes the messages plugins publish, in order, through the other plugins' transforms,
-/// until the broker is gone or shutting down.
-fn route_published(
-    broker: std::sync::Weak<Broker>,
-    rx: std::sync::mpsc::Receiver<crate::plugins::host::Published>,
-) {
-    use crate::plugins::flow::Fate;
-    let nobody = crate::plugins::ClientInfo {
-        client_id: "".into(),
-        username: None,
-        listener: "".into(),
-        attributes: Vec::new(),
-    };
-    loop {
-        let p = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(p) => p,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match broker.upgrade() {
-                Some(b) if !b.shutdown.is_cancelled() => continue,
-                _ => return,
-            },
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let Some(b) = broker.upgrade() else { return };
-        let mut drafts = [p.draft];
-        let mut fates = [Fate::Route];
-        b.plugins
-            .transform(&nobody, &mut drafts, &mut fates, Some(&p.plugin));
-        let [d] = drafts;
-        if fates[0] != Fate::Route {
-            continue;
-        }
-        if d.retain && !b.config.mqtt.retain_available {
-            continue;
-        }
-        let msg = d.into_message(0);
-        if b.router.route(&msg).not_retained {
-            tracing::warn!(plugin = %p.plugin, topic = %msg.topic, "retained store full: a plugin's retained message was routed, not retained");
-        }
-        b.plugins.sink_offer("", &msg);
     }
 }

@@ -10,13 +10,23 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub(crate) mod http;
 pub mod listener;
 pub mod mailbox;
 pub mod message;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod passwd;
+pub(crate) mod pipeline;
 pub mod plugins;
 pub mod router;
-pub mod session;
+pub mod server;
+pub(crate) mod session;
 pub mod store;
+pub(crate) mod sys;
 pub mod transport;
+
+/// Makes `/metrics` report the log lines the binary's writer dropped (its standard error
+/// was not read fast enough).
+pub fn count_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCounter) {
+    metrics::set_log_drops(counter);
+}

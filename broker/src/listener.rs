@@ -24,7 +24,7 @@ use crate::broker::Broker;
 use crate::codec::{self, ReasonCode};
 use crate::config::{ListenerConfig, ListenerKind};
 use crate::connection::{self, ListenerInfo};
-use crate::metrics::METRICS;
+use crate::metrics::{self, C};
 use crate::transport::tls::{ReloadableTls, TlsFiles};
 use crate::transport::{self, ws};
 
@@ -99,6 +99,9 @@ pub async fn start(
         refusing: Arc::new(AtomicUsize::new(0)),
         rate: RateLimiter::new(config.connection_rate()),
     });
+    for v in &listener.info.protocols {
+        metrics::expect_connections(&listener.info.name, *v);
+    }
     tracing::info!(
         name = %name,
         kind = ?config.kind,
@@ -129,7 +132,7 @@ pub async fn start(
                     continue;
                 }
             };
-            METRICS.connections.fetch_add(1, Ordering::Relaxed);
+            metrics::inc(C::Accepted);
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
@@ -148,6 +151,7 @@ pub async fn start(
                 None => Some(permit),
                 Some(reason) => {
                     drop(permit);
+                    metrics::inc(metrics::refusal(reason));
                     tracing::debug!(%peer, ?reason, listener = %listener.info.name, "connection refused");
                     // A TLS handshake costs the server far more than the client: a refused
                     // TLS socket is closed before it, unanswered.
@@ -231,8 +235,14 @@ async fn serve_socket(
                     }
                     halves
                 }
-                Ok(Err(e)) => return tracing::info!(error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::info!("TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics::inc(C::TlsFailures);
+                    return tracing::info!(error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics::inc(C::TlsFailures);
+                    return tracing::info!("TLS handshake timed out");
+                }
             }
         }
         (ListenerKind::Tls | ListenerKind::Wss, None) => return,

@@ -12,6 +12,9 @@ use sandpiper::config::Config;
 use tracing_subscriber::EnvFilter;
 
 /// `--version`: the broker's version and the plugin contract it hosts.
+/// Log lines waiting for standard error at most; beyond, new lines are dropped.
+const LOG_LINES_QUEUED: usize = 16_384;
+
 fn version() -> &'static str {
     static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
@@ -243,11 +246,28 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // Log lines go through a bounded queue to a thread of their own: a standard error
+    // nobody reads (a full pipe) drops lines, counted, instead of stopping the broker.
+    let (writer, _flush_at_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_LINES_QUEUED)
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    sandpiper::count_dropped_log_lines(writer.error_counter());
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(writer);
+    match config.log.format {
+        sandpiper::config::LogFormat::Text => {
+            logs.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+        sandpiper::config::LogFormat::Json => {
+            logs.json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .init();
+        }
+    }
 
     prepare_descriptors(config.mqtt.max_connections);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -301,7 +321,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    let serving = broker.clone().run(Duration::from_secs(5));
+    let serving = sandpiper::server::run(broker.clone(), Duration::from_secs(5));
     match serving.await {
         Ok(_) => Ok(()),
         Err(e) => {

@@ -6,7 +6,56 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::codec::{MessageProperties, QoS, TopicFilter, TopicName};
+use crate::codec::{MessageProperties, QoS, TopicFilter, TopicName, Will};
+
+/// A client identifier as the client sent it or the broker assigned it. Shared (every
+/// idle connection, its session and the plugins' view of it hold the same one), compared
+/// and hashed as the string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(Arc<str>);
+
+impl ClientId {
+    /// The identifier `id`.
+    pub fn new(id: &str) -> ClientId {
+        ClientId(Arc::from(id))
+    }
+
+    /// The identifier as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ClientId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ClientId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for ClientId {
+    fn from(id: &str) -> ClientId {
+        ClientId::new(id)
+    }
+}
+
+impl From<String> for ClientId {
+    fn from(id: String) -> ClientId {
+        ClientId(Arc::from(id))
+    }
+}
 
 /// Identifies one session instance inside the broker (stable across reconnects of a
 /// persistent session, new for every clean start).
@@ -29,8 +78,9 @@ pub struct Message {
     pub properties: MessageProperties,
     /// When the message expires (MQTT 5 Message Expiry Interval).
     pub expires_at: Option<Instant>,
-    /// The session that published it (for No Local); 0 for messages of the broker itself.
-    pub origin: ClientKey,
+    /// The session that published it (a client's message or its will), for No Local;
+    /// `None` for what a plugin publishes.
+    pub publisher: Option<ClientKey>,
 }
 
 /// What one User Property costs in memory beyond its name and value: the pair in the
@@ -63,7 +113,7 @@ impl Message {
             retain: false,
             properties: self.properties.clone(),
             expires_at: self.expires_at,
-            origin: self.origin,
+            publisher: self.publisher,
         }
     }
 
@@ -79,6 +129,53 @@ impl Message {
         let left = at.saturating_duration_since(now);
         let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
         Some(u32::try_from(secs).unwrap_or(u32::MAX).max(1))
+    }
+}
+
+/// A message on its way in, before routing: what the `transform` hook may change.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// Topic name.
+    pub topic: TopicName,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: QoS,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// MQTT 5 properties.
+    pub properties: MessageProperties,
+}
+
+impl Draft {
+    /// The message this draft becomes once routed, published by session `publisher`; its
+    /// expiry counts from now.
+    pub fn into_message(self, publisher: Option<ClientKey>) -> Arc<Message> {
+        let now = Instant::now();
+        Arc::new(Message {
+            expires_at: (self.properties.message_expiry_interval)
+                .map(|s| now + std::time::Duration::from_secs(u64::from(s))),
+            topic: self.topic,
+            payload: self.payload,
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties,
+            publisher,
+        })
+    }
+}
+
+impl Draft {
+    /// A will as a message to publish. Its Message Expiry Interval counts from the moment
+    /// it becomes a message (MQTT 5 §3.1.3.2.4).
+    pub fn from_will(w: Will) -> Draft {
+        Draft {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties: w.properties.message,
+        }
     }
 }
 
@@ -100,4 +197,40 @@ pub struct Delivery {
     /// Already passed the `deliver` plugin hook (a delivery handed back to the mailbox
     /// unsent is not passed twice).
     pub hooked: bool,
+}
+
+/// Where an outbound QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitComp,
+}
+
+#[cfg(test)]
+impl Delivery {
+    /// A delivery of a message on topic `t` with `payload` at `qos`, for tests.
+    #[allow(clippy::unwrap_used, reason = "a constant topic")]
+    pub(crate) fn for_test(qos: QoS, payload: &[u8]) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: TopicName::new("t").unwrap(),
+                payload: Bytes::copy_from_slice(payload),
+                qos,
+                retain: false,
+                properties: MessageProperties::default(),
+                expires_at: None,
+                publisher: None,
+            }),
+            qos,
+            retain: false,
+            sub_ids: Vec::new(),
+            shared: None,
+            store_id: None,
+            hooked: false,
+        }
+    }
 }

@@ -146,7 +146,7 @@ pub fn run(file: &Path, user: &str, iterations: u32, delete: bool) -> Result<Str
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
 

@@ -195,6 +195,11 @@ pub fn overlaps(a: &str, b: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 mod tests {
     use super::*;
 

@@ -45,6 +45,11 @@ impl Client {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 mod tests {
     use super::*;
 

@@ -815,12 +815,22 @@ async fn a_full_disk_refuses_what_needs_it_and_recovers() {
     assert_eq!(first.ack_of(id, WAIT).await, 0);
 
     let filler = fill(&data);
-    // The next writes need room that is not there.
+    // The next writes need room that is not there. redb may still find free pages in its
+    // file for a few commits, so publish until one fails (bounded).
     let mut held = Vec::new();
-    for _ in 0..4 {
+    while !broker
+        .logs()
+        .iter()
+        .any(|l| l.contains("store commit failed"))
+    {
+        assert!(
+            held.len() < 256,
+            "no failed commit after {} publishes of 16 KiB on a full disk",
+            held.len()
+        );
         held.push(first.publish().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    crate::plugins::wait_for_log(&broker, "store commit failed").await;
     // A publisher with nothing waiting is refused at once.
     let mut second = AckedPublisher::connect(&broker, "disk-pub-2", 2).await;
     for _ in 0..5 {
@@ -832,9 +842,21 @@ async fn a_full_disk_refuses_what_needs_it_and_recovers() {
         );
     }
 
+    // Not ready while the store cannot write, and the failed commits are counted.
+    let (status, _, body) = crate::observability::http(broker.http_addr(), "GET", "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store: commits are failing"), "{body}");
+    let m = crate::observability::scrape(&broker).await;
+    assert_eq!(crate::observability::value(&m, "sandpiper_ready"), 0.0);
+    assert!(crate::observability::value(&m, "sandpiper_store_write_errors_total") >= 1.0);
+
     // Space comes back: the broker writes again by itself.
     std::fs::remove_file(&filler).unwrap();
     crate::plugins::wait_for_log(&broker, "store writes again").await;
+    crate::observability::until(&broker, "ready again", |m| {
+        m.get("sandpiper_ready") == Some(&1.0)
+    })
+    .await;
     for id in &held {
         let code = first.ack_of(*id, Duration::from_secs(10)).await;
         assert!(code == 0 || code == 0x97, "publish {id}: PUBACK {code:#x}");

@@ -126,7 +126,7 @@ impl Broker {
     pub fn start_in(dir: PathBuf, mqtt: &str) -> Self {
         let text = format!(
             "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n\
-             [mqtt]\n{mqtt}\n\n[log]\nlevel = \"info\"\n"
+             [mqtt]\n{mqtt}\n\n[log]\nlevel = \"info\"\n\n[http]\nbind = \"127.0.0.1:0\"\n"
         );
         Self::start_config_in(dir, &text)
     }
@@ -210,6 +210,33 @@ impl Broker {
             dir,
             status: None,
             keep_dir,
+        }
+    }
+
+    /// The broker's folder (config, data, plugins).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The address of the HTTP listener (metrics, health), from its log line.
+    pub fn http_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let found = self.logs().iter().find_map(|l| {
+                let after = &l[l.find("endpoints up")?..];
+                let v = &after[after.find("http=")? + "http=".len()..];
+                let v: String = v.chars().take_while(|c| !c.is_whitespace()).collect();
+                v.trim_matches('"').parse().ok()
+            });
+            if let Some(addr) = found {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no HTTP endpoints line; log:\n{}",
+                self.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -472,12 +499,133 @@ macro_rules! spawn_pump {
     };
 }
 
+/// What the 3.1.1 and 5.0 clients share: the client type, its start after CONNECT, and
+/// receiving, acknowledging and closing. rumqttc's types resolve at the call site (`v3`
+/// or `v5`), as for [`spawn_pump!`].
+macro_rules! shared_client {
+    () => {
+        pub struct Client {
+            pub client: AsyncClient,
+            pub connack: ConnAck,
+            pub inbox: Inbox<Packet, ConnectionError>,
+            task: JoinHandle<()>,
+        }
+
+        impl Client {
+            /// Connects or fails the test.
+            pub async fn connect(opts: MqttOptions) -> Client {
+                let id = opts.client_id();
+                match Self::try_connect(opts).await {
+                    Ok(c) => c,
+                    Err(e) => panic!("client {id:?}: connect failed: {e:?}"),
+                }
+            }
+
+            /// Waits for the CONNACK, then forwards what arrives to the inbox.
+            async fn start(
+                name: String,
+                client: AsyncClient,
+                mut eventloop: EventLoop,
+            ) -> Result<Client, ConnectionError> {
+                let connack = match timeout(WAIT, eventloop.poll()).await {
+                    Err(_) => panic!("{name}: no CONNACK within {WAIT:?}"),
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => ack,
+                    Ok(Ok(other)) => panic!("{name}: expected CONNACK first, got {other:?}"),
+                };
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = spawn_pump!(eventloop, tx);
+                Ok(Client {
+                    client,
+                    connack,
+                    inbox: Inbox::new(rx, name),
+                    task,
+                })
+            }
+
+            /// For QoS 1/2, waits for the PUBACK / PUBCOMP of what was just published.
+            async fn acknowledged(&mut self, qos: QoS) {
+                match qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => {
+                        self.inbox
+                            .take("PUBACK", |p| matches!(p, Packet::PubAck(_)))
+                            .await;
+                    }
+                    QoS::ExactlyOnce => {
+                        self.inbox
+                            .take("PUBCOMP", |p| matches!(p, Packet::PubComp(_)))
+                            .await;
+                    }
+                }
+            }
+
+            /// Next PUBLISH from the broker, or fails the test.
+            pub async fn recv(&mut self) -> Publish {
+                match self
+                    .inbox
+                    .take("PUBLISH", |p| matches!(p, Packet::Publish(_)))
+                    .await
+                {
+                    Packet::Publish(p) => p,
+                    _ => unreachable!("filtered to PUBLISH"),
+                }
+            }
+
+            pub async fn recv_within(&mut self, within: Duration) -> Option<Publish> {
+                match self
+                    .inbox
+                    .take_within(within, |p| matches!(p, Packet::Publish(_)))
+                    .await
+                {
+                    Some(Packet::Publish(p)) => Some(p),
+                    _ => None,
+                }
+            }
+
+            /// Fails if any PUBLISH arrives within [`QUIET`].
+            pub async fn expect_silence(&mut self) {
+                if let Some(p) = self.recv_within(QUIET).await {
+                    panic!("{}: unexpected PUBLISH {p:?}", self.inbox.name);
+                }
+            }
+
+            /// Sends DISCONNECT and waits for the connection to end.
+            pub async fn disconnect(mut self) {
+                queue(self.client.disconnect(), "DISCONNECT").await;
+                // The broker closes the socket after DISCONNECT; the pump then ends.
+                let _ = self.inbox.closed_within(WAIT).await;
+                self.task.abort();
+            }
+
+            /// Acknowledges a PUBLISH received with manual acks enabled.
+            pub async fn ack(&self, p: &Publish) {
+                queue(self.client.ack(p), "PUBACK").await;
+            }
+
+            /// Drops the socket without DISCONNECT (an abnormal close for the broker).
+            pub async fn kill(mut self) {
+                self.task.abort();
+                // Awaiting the aborted task guarantees the event loop and socket are
+                // dropped.
+                let _ = timeout(WAIT, &mut self.task).await;
+            }
+        }
+
+        impl Drop for Client {
+            fn drop(&mut self) {
+                self.task.abort();
+            }
+        }
+    };
+}
+
 /// MQTT 3.1.1 client (rumqttc's v4 module).
 pub mod v3 {
     use super::*;
     pub use rumqttc::{
-        AsyncClient, ConnAck, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions,
-        Packet, Publish, QoS, SubscribeReasonCode,
+        AsyncClient, ConnAck, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill,
+        MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
     };
 
     /// Options with the test defaults: 30 s keep alive and 1 MiB packet limits.
@@ -488,23 +636,9 @@ pub mod v3 {
         o
     }
 
-    pub struct Client {
-        pub client: AsyncClient,
-        pub connack: ConnAck,
-        pub inbox: Inbox<Packet, ConnectionError>,
-        task: JoinHandle<()>,
-    }
+    shared_client!();
 
     impl Client {
-        /// Connects or fails the test.
-        pub async fn connect(opts: MqttOptions) -> Client {
-            let id = opts.client_id();
-            match Self::try_connect(opts).await {
-                Ok(c) => c,
-                Err(e) => panic!("client {id:?}: connect failed: {e:?}"),
-            }
-        }
-
         /// Connects; a refused CONNACK or I/O failure comes back as the error.
         pub async fn try_connect(opts: MqttOptions) -> Result<Client, ConnectionError> {
             let name = format!("v3 client {:?}", opts.client_id());
@@ -515,20 +649,7 @@ pub mod v3 {
             network.set_tcp_nodelay(true);
             network.set_connection_timeout(WAIT.as_secs());
             eventloop.set_network_options(network);
-            let connack = match timeout(WAIT, eventloop.poll()).await {
-                Err(_) => panic!("{name}: no CONNACK within {WAIT:?}"),
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => ack,
-                Ok(Ok(other)) => panic!("{name}: expected CONNACK first, got {other:?}"),
-            };
-            let (tx, rx) = mpsc::unbounded_channel();
-            let task = spawn_pump!(eventloop, tx);
-            Ok(Client {
-                client,
-                connack,
-                inbox: Inbox::new(rx, name),
-                task,
-            })
+            Self::start(name, client, eventloop).await
         }
 
         /// Subscribes one filter and returns the SUBACK return code.
@@ -565,75 +686,7 @@ pub mod v3 {
                 "PUBLISH",
             )
             .await;
-            match qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => {
-                    self.inbox
-                        .take("PUBACK", |p| matches!(p, Packet::PubAck(_)))
-                        .await;
-                }
-                QoS::ExactlyOnce => {
-                    self.inbox
-                        .take("PUBCOMP", |p| matches!(p, Packet::PubComp(_)))
-                        .await;
-                }
-            }
-        }
-
-        /// Next PUBLISH from the broker, or fails the test.
-        pub async fn recv(&mut self) -> Publish {
-            match self
-                .inbox
-                .take("PUBLISH", |p| matches!(p, Packet::Publish(_)))
-                .await
-            {
-                Packet::Publish(p) => p,
-                _ => unreachable!("filtered to PUBLISH"),
-            }
-        }
-
-        pub async fn recv_within(&mut self, within: Duration) -> Option<Publish> {
-            match self
-                .inbox
-                .take_within(within, |p| matches!(p, Packet::Publish(_)))
-                .await
-            {
-                Some(Packet::Publish(p)) => Some(p),
-                _ => None,
-            }
-        }
-
-        /// Fails if any PUBLISH arrives within [`QUIET`].
-        pub async fn expect_silence(&mut self) {
-            if let Some(p) = self.recv_within(QUIET).await {
-                panic!("{}: unexpected PUBLISH {p:?}", self.inbox.name);
-            }
-        }
-
-        /// Sends DISCONNECT and waits for the connection to end.
-        pub async fn disconnect(mut self) {
-            queue(self.client.disconnect(), "DISCONNECT").await;
-            // The broker closes the socket after DISCONNECT; the pump then ends.
-            let _ = self.inbox.closed_within(WAIT).await;
-            self.task.abort();
-        }
-
-        /// Acknowledges a PUBLISH received with manual acks enabled.
-        pub async fn ack(&self, p: &Publish) {
-            queue(self.client.ack(p), "PUBACK").await;
-        }
-
-        /// Drops the socket without DISCONNECT (an abnormal close for the broker).
-        pub async fn kill(mut self) {
-            self.task.abort();
-            // Awaiting the aborted task guarantees the event loop and socket are dropped.
-            let _ = timeout(WAIT, &mut self.task).await;
-        }
-    }
-
-    impl Drop for Client {
-        fn drop(&mut self) {
-            self.task.abort();
+            self.acknowledged(qos).await;
         }
     }
 }
@@ -647,7 +700,7 @@ pub mod v5 {
         Packet, Publish, PublishProperties, RetainForwardRule, SubscribeProperties,
         SubscribeReasonCode,
     };
-    pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+    pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 
     /// Options with the test defaults: 30 s keep alive and a 1 MiB incoming limit.
     pub fn options(broker: &Broker, id: &str) -> MqttOptions {
@@ -662,39 +715,14 @@ pub mod v5 {
         o
     }
 
-    pub struct Client {
-        pub client: AsyncClient,
-        pub connack: ConnAck,
-        pub inbox: Inbox<Packet, ConnectionError>,
-        task: JoinHandle<()>,
-    }
+    shared_client!();
 
     impl Client {
-        pub async fn connect(opts: MqttOptions) -> Client {
-            let id = opts.client_id();
-            match Self::try_connect(opts).await {
-                Ok(c) => c,
-                Err(e) => panic!("v5 client {id:?}: connect failed: {e:?}"),
-            }
-        }
-
+        /// Connects; a refused CONNACK or I/O failure comes back as the error.
         pub async fn try_connect(opts: MqttOptions) -> Result<Client, ConnectionError> {
             let name = format!("v5 client {:?}", opts.client_id());
-            let (client, mut eventloop) = AsyncClient::new(opts, 256);
-            let connack = match timeout(WAIT, eventloop.poll()).await {
-                Err(_) => panic!("{name}: no CONNACK within {WAIT:?}"),
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => ack,
-                Ok(Ok(other)) => panic!("{name}: expected CONNACK first, got {other:?}"),
-            };
-            let (tx, rx) = mpsc::unbounded_channel();
-            let task = spawn_pump!(eventloop, tx);
-            Ok(Client {
-                client,
-                connack,
-                inbox: Inbox::new(rx, name),
-                task,
-            })
+            let (client, eventloop) = AsyncClient::new(opts, 256);
+            Self::start(name, client, eventloop).await
         }
 
         pub fn connack_properties(&self) -> ConnAckProperties {
@@ -773,72 +801,11 @@ pub mod v5 {
                 }
                 None => queue(self.client.publish(topic, qos, retain, payload), "PUBLISH").await,
             }
-            match qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => {
-                    self.inbox
-                        .take("PUBACK", |p| matches!(p, Packet::PubAck(_)))
-                        .await;
-                }
-                QoS::ExactlyOnce => {
-                    self.inbox
-                        .take("PUBCOMP", |p| matches!(p, Packet::PubComp(_)))
-                        .await;
-                }
-            }
+            self.acknowledged(qos).await;
         }
 
         pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
             self.publish_with(topic, qos, retain, payload, None).await;
-        }
-
-        pub async fn recv(&mut self) -> Publish {
-            match self
-                .inbox
-                .take("PUBLISH", |p| matches!(p, Packet::Publish(_)))
-                .await
-            {
-                Packet::Publish(p) => p,
-                _ => unreachable!("filtered to PUBLISH"),
-            }
-        }
-
-        pub async fn recv_within(&mut self, within: Duration) -> Option<Publish> {
-            match self
-                .inbox
-                .take_within(within, |p| matches!(p, Packet::Publish(_)))
-                .await
-            {
-                Some(Packet::Publish(p)) => Some(p),
-                _ => None,
-            }
-        }
-
-        pub async fn expect_silence(&mut self) {
-            if let Some(p) = self.recv_within(QUIET).await {
-                panic!("{}: unexpected PUBLISH {p:?}", self.inbox.name);
-            }
-        }
-
-        pub async fn disconnect(mut self) {
-            queue(self.client.disconnect(), "DISCONNECT").await;
-            let _ = self.inbox.closed_within(WAIT).await;
-            self.task.abort();
-        }
-
-        pub async fn ack(&self, p: &Publish) {
-            queue(self.client.ack(p), "PUBACK").await;
-        }
-
-        pub async fn kill(mut self) {
-            self.task.abort();
-            let _ = timeout(WAIT, &mut self.task).await;
-        }
-    }
-
-    impl Drop for Client {
-        fn drop(&mut self) {
-            self.task.abort();
         }
     }
 

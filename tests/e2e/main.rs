@@ -19,6 +19,7 @@ mod hostile;
 mod identity;
 mod limits;
 mod load;
+mod observability;
 mod passwords;
 mod plugin_c;
 mod plugin_hooks;

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use crate::harness::{Broker, v3};
 use crate::plugins::{hostile, wait_for_log};
 
-fn sink_probe() -> PathBuf {
+pub(crate) fn sink_probe() -> PathBuf {
     hostile().with_file_name("sink_probe.wasm")
 }
 
-fn write_sidecar(plugins: &Path, text: &str) {
+pub(crate) fn write_sidecar(plugins: &Path, text: &str) {
     std::fs::create_dir_all(plugins).unwrap();
     std::fs::write(plugins.join("sink.toml.tmp"), text).unwrap();
     std::fs::rename(plugins.join("sink.toml.tmp"), plugins.join("sink.toml")).unwrap();
@@ -25,7 +25,7 @@ fn install(plugins: &Path, sidecar: &str) {
     std::fs::rename(plugins.join("sink.wasm.tmp"), plugins.join("sink.wasm")).unwrap();
 }
 
-fn sidecar(config: &str) -> String {
+pub(crate) fn sidecar(config: &str) -> String {
     format!(
         "topics = [\"s/#\"]\ntime_ms = 2000\n[sink]\nbatch = 50\nlinger_ms = 10\n\
          retry_min_ms = 50\nretry_max_ms = 200\n[config]\n{config}\n"

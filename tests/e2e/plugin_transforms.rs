@@ -22,6 +22,15 @@ const PASSWORD: &str = "pw";
 /// [`USERS`], loaded.
 async fn broker_with_bundled(name: &str, sidecar: &str) -> Broker {
     let dir = Broker::temp_dir();
+    install_with_users(&dir, name, sidecar);
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+    broker
+}
+
+/// Puts the bundled plugin `name` with `sidecar`, and `password-auth` with [`USERS`], in
+/// `dir`'s plugin folder.
+fn install_with_users(dir: &std::path::Path, name: &str, sidecar: &str) {
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::write(plugins.join(format!("{name}.toml")), sidecar).unwrap();
@@ -35,9 +44,6 @@ async fn broker_with_bundled(name: &str, sidecar: &str) -> Broker {
     )
     .unwrap();
     std::fs::copy(bundled("password-auth"), plugins.join("password-auth.wasm")).unwrap();
-    let broker = Broker::start_in(dir, "");
-    wait_for_log(&broker, "plugin loaded").await;
-    broker
 }
 
 fn v3_as(broker: &Broker, id: &str, user: Option<&str>) -> v3::MqttOptions {
@@ -119,6 +125,63 @@ async fn topic_rewrite_routes_to_the_rewritten_topic() {
         .await;
     assert_eq!(v5::topic(&sub.recv().await), "legacy/z");
     wait_for_log(&broker, "rewrite yields an invalid topic name").await;
+    sub.expect_silence().await;
+}
+
+/// A will is a message like any other: it passes the transforms (rewritten here with the
+/// user name of the client that set it) and the sinks (`sink-probe` republishes what it
+/// gets on `sunk/...`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_passes_the_transforms_and_the_sinks() {
+    let dir = Broker::temp_dir();
+    install_with_users(&dir, "topic-rewrite", REWRITE);
+    let plugins = dir.join("plugins");
+    std::fs::write(
+        plugins.join("sink.toml"),
+        "topics = [\"tenants/#\"]\ntime_ms = 2000\n[sink]\nbatch = 50\nlinger_ms = 10\n[config]\n",
+    )
+    .unwrap();
+    let probe = crate::plugins::hostile().with_file_name("sink_probe.wasm");
+    std::fs::copy(probe, plugins.join("sink.wasm")).unwrap();
+    let broker = Broker::start_in(dir, "");
+    let deadline = std::time::Instant::now() + crate::harness::WAIT;
+    while broker
+        .logs()
+        .iter()
+        .filter(|l| l.contains("plugin loaded"))
+        .count()
+        < 3
+    {
+        assert!(std::time::Instant::now() < deadline, "plugins not loaded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut sub = v5::Client::connect(v5::options(&broker, "will-sub")).await;
+    for f in ["tenants/#", "devices/#", "sunk/#"] {
+        sub.subscribe_ok(f, v5::QoS::AtLeastOnce).await;
+    }
+    let mut o = v3_as(&broker, "will-acme", Some("acme"));
+    o.set_last_will(v3::LastWill::new(
+        "devices/w1/data/gone",
+        "bye",
+        v3::QoS::AtLeastOnce,
+        false,
+    ));
+    v3::Client::connect(o).await.kill().await;
+
+    let mut topics = Vec::new();
+    for _ in 0..2 {
+        let p = sub.recv().await;
+        assert_eq!(&p.payload[..], b"bye");
+        topics.push(v5::topic(&p));
+    }
+    topics.sort();
+    assert_eq!(
+        topics,
+        [
+            "sunk/tenants/acme/devices/w1/gone",
+            "tenants/acme/devices/w1/gone"
+        ]
+    );
     sub.expect_silence().await;
 }
 

@@ -72,3 +72,42 @@ async fn unacked_shared_messages_move_to_another_member() {
             .is_none()
     );
 }
+
+/// A persistent MQTT 5 session holds, unsent, ordinary messages and a shared one behind a
+/// full receive window when its client drops. No other member takes the shared message,
+/// so it stays with the session; after the reconnect every message arrives, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_session_gets_its_queue_when_a_shared_message_stayed_with_it() {
+    let broker = Broker::start();
+    let persistent = |clean: bool, manual: bool| {
+        let mut o = v5::options(&broker, "mixed-sub");
+        o.set_clean_start(clean);
+        o.set_session_expiry_interval(Some(600));
+        o.set_receive_maximum(Some(1));
+        o.set_manual_acks(manual);
+        o
+    };
+    let mut sub = v5::Client::connect(persistent(true, true)).await;
+    sub.subscribe_ok("plain/#", v5::QoS::AtLeastOnce).await;
+    sub.subscribe_ok("$share/g/job", v5::QoS::AtLeastOnce).await;
+    let mut pubr = v5::Client::connect(v5::options(&broker, "mixed-pub")).await;
+    for t in ["plain/1", "plain/2", "plain/3", "job"] {
+        pubr.publish(t, v5::QoS::AtLeastOnce, false, t.as_bytes())
+            .await;
+    }
+    // The window of one holds plain/1 in flight, unacknowledged; the rest wait.
+    assert_eq!(&sub.recv().await.payload[..], b"plain/1");
+    sub.kill().await;
+
+    let mut sub = v5::Client::connect(persistent(false, false)).await;
+    assert!(sub.connack.session_present);
+    let mut got = Vec::new();
+    while let Some(p) = sub.recv_within(Duration::from_secs(2)).await {
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        if got.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(got, ["plain/1", "plain/2", "plain/3", "job"]);
+    sub.expect_silence().await;
+}

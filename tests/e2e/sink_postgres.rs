@@ -7,9 +7,7 @@
 //! list is refused.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::harness::{Broker, v3, v5};
@@ -18,210 +16,22 @@ use crate::plugins::{bundled, wait_for_log};
 const USER: &str = "sink";
 const PASSWORD: &str = "sink-Pw-1";
 
-/// The folder with `initdb` and `pg_ctl`, installing Debian's `postgresql` first if it
-/// is missing (with sudo when not root, as tests/run does).
-fn pg_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = find_pg_bin() {
-            return bin;
-        }
-        let root = is_root();
-        let apt = |args: &[&str]| {
-            let mut c = if root {
-                Command::new("apt-get")
-            } else {
-                let mut c = Command::new("sudo");
-                c.arg("apt-get");
-                c
-            };
-            c.args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        assert!(apt(&["update", "-qq"]), "apt-get update failed");
-        assert!(
-            apt(&["install", "-y", "-qq", "postgresql"]),
-            "apt-get install postgresql failed"
-        );
-        find_pg_bin().expect("initdb after installing postgresql")
-    })
-}
+/// A PostgreSQL cluster of one test (see `sandpiper_test_support::postgres`): database
+/// `mqtt`, superuser `sink` with a SCRAM-SHA-256 password.
+struct Postgres(sandpiper_test_support::postgres::Postgres);
 
-/// The newest `/usr/lib/postgresql/N/bin` with `initdb`, else one on `PATH`.
-fn find_pg_bin() -> Option<PathBuf> {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    if let Some((_, bin)) = versions.pop() {
-        return Some(bin);
+impl std::ops::Deref for Postgres {
+    type Target = sandpiper_test_support::postgres::Postgres;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find(|d| d.join("initdb").exists())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A PostgreSQL cluster of one test: database `mqtt`, role `sink` (SCRAM-SHA-256
-/// password). Run as root, the server runs as the `postgres` user, which the package
-/// creates (PostgreSQL refuses to run as root). Stopped and deleted on drop.
-struct Postgres {
-    dir: PathBuf,
-    port: u16,
-    as_postgres: bool,
 }
 
 impl Postgres {
     fn start() -> Postgres {
-        let bin = pg_bin();
-        // A folder of its own (removed on drop): data, password file, log, socket.
-        let dir = Broker::temp_dir();
-        let pg = Postgres {
-            dir,
-            port: free_port(),
-            as_postgres: is_root(),
-        };
-        std::fs::write(pg.dir.join("pwfile"), PASSWORD).unwrap();
-        pg.chown();
-        let data = pg.data();
-        let pwfile = pg.dir.join("pwfile");
-        pg.run(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                &data,
-                "-U",
-                USER,
-                "--pwfile",
-                &pwfile.to_string_lossy(),
-                "--auth-local",
-                "trust",
-                "--auth-host",
-                "scram-sha-256",
-                "-E",
-                "UTF8",
-                "--no-locale",
-                "-N",
-            ],
-        );
-        pg.resume();
-        pg.psql_in("postgres", "CREATE DATABASE mqtt");
-        pg
-    }
-
-    fn data(&self) -> String {
-        self.dir.join("data").to_string_lossy().into_owned()
-    }
-
-    fn chown(&self) {
-        if self.as_postgres {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&self.dir)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "chown to postgres failed");
-        }
-    }
-
-    fn run(&self, exe: &Path, args: &[&str]) {
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        };
-        let out = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
-        assert!(
-            out.status.success(),
-            "{} {args:?} failed: {}{}",
-            exe.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Starts the server (again) on its port; returns once it accepts connections.
-    fn resume(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c password_encryption=scram-sha-256 -c fsync=off",
-            self.port,
-            self.dir.display()
-        );
-        let log = self.dir.join("log").to_string_lossy().into_owned();
-        let data = self.data();
-        self.run(
-            &pg_bin().join("pg_ctl"),
-            &[
-                "-D", &data, "-l", &log, "-o", &opts, "-w", "-t", "30", "start",
-            ],
-        );
-    }
-
-    /// Stops the server: clients are disconnected, transactions in flight rolled back.
-    fn stop(&self) {
-        let data = self.data();
-        self.run(
-            &pg_bin().join("pg_ctl"),
-            &["-D", &data, "-m", "fast", "-w", "-t", "30", "stop"],
-        );
-    }
-
-    fn psql(&self, sql: &str) -> String {
-        self.psql_in("mqtt", sql)
-    }
-
-    /// psql as the superuser over the Unix socket (trust), unaligned, tuples only.
-    fn psql_in(&self, db: &str, sql: &str) -> String {
-        let out = Command::new("psql")
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(&self.dir)
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                USER,
-                "-d",
-                db,
-                "-c",
-                sql,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+        Postgres(sandpiper_test_support::postgres::Postgres::start(
+            USER, PASSWORD,
+        ))
     }
 
     /// `SELECT count(*), count(DISTINCT payload)` of the table, 0 while it does not exist.
@@ -257,36 +67,6 @@ impl Postgres {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let pg_ctl = pg_bin().join("pg_ctl");
-        let data = self.data();
-        let args = [
-            "-D",
-            data.as_str(),
-            "-m",
-            "immediate",
-            "-w",
-            "-t",
-            "30",
-            "stop",
-        ];
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
-            c
-        } else {
-            Command::new(&pg_ctl)
-        };
-        let _ = cmd
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -576,7 +356,7 @@ async fn a_hanging_postgres_slows_neither_publishers_nor_subscribers() {
 async fn an_address_not_in_the_network_list_is_refused() {
     let pg = Postgres::start();
     // `network` lists another port: the plugin's connection to PostgreSQL is refused.
-    let elsewhere = format!("127.0.0.1:{}", free_port());
+    let elsewhere = format!("127.0.0.1:{}", sandpiper_test_support::free_port());
     let dir = Broker::temp_dir();
     let plugins = dir.join("plugins");
     install(

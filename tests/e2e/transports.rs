@@ -49,7 +49,7 @@ const LOG: &str = "[log]\nlevel = \"info\"\n";
 
 /// A rustls client configuration trusting `ca`, presenting `client` (name prefix of a
 /// `.pem` / `.key` pair in the same folder) if given.
-fn client_config(ca: &Path, client: Option<&Path>) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config(ca: &Path, client: Option<&Path>) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).expect("ca file") {
@@ -75,7 +75,7 @@ fn client_config(ca: &Path, client: Option<&Path>) -> Arc<rustls::ClientConfig> 
     Arc::new(config)
 }
 
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {

@@ -12,7 +12,7 @@ use super::packet::{
     Ack, Auth, ConnAck, Connect, Disconnect, Packet, Publish, PublishQoS, RetainHandling, SubAck,
     Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
-use super::properties::{
+use super::property_write::{
     self as props, Writer, bin_len, put_prefixed, put_varint, size_of, str_len, varint_len,
 };
 use super::reason::{self, Carrier};

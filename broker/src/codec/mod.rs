@@ -14,6 +14,7 @@ mod encode;
 mod error;
 pub mod packet;
 mod properties;
+mod property_write;
 pub(crate) mod reader;
 mod reason;
 pub mod types;
@@ -23,6 +24,7 @@ pub use encode::{encode_packet, publish_len};
 pub use error::{ConnectError, DecodeError, EncodeError};
 pub use packet::*;
 pub use reader::DecodeLimits;
+pub use reason::{Carrier, Rejection, plugin_refusal};
 pub use types::*;
 
 #[cfg(test)]

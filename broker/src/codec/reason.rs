@@ -5,7 +5,7 @@ use super::types::ReasonCode::{self, *};
 
 /// The packets that carry a reason code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Carrier {
+pub enum Carrier {
     ConnAck,
     PubAck,
     PubRec,
@@ -49,7 +49,7 @@ impl Carrier {
     }
 
     /// True when MQTT 5 allows `code` in this packet.
-    pub(super) fn allows(self, code: ReasonCode) -> bool {
+    pub fn allows(self, code: ReasonCode) -> bool {
         match self {
             // §3.2.2.2
             Carrier::ConnAck => matches!(
@@ -160,6 +160,40 @@ impl Carrier {
     }
 }
 
+/// What a reason code a plugin refused with becomes in `carrier` (the one mapping of
+/// plugin codes, which are raw bytes in the contract): itself when it is an error code
+/// MQTT 5 allows there, else 0x87 Not authorized.
+pub fn plugin_refusal(code: u8, carrier: Carrier) -> ReasonCode {
+    match ReasonCode::from_u8(code) {
+        Some(r) if r.is_error() && carrier.allows(r) => r,
+        _ => NotAuthorized,
+    }
+}
+
+/// What a transform's `reject(code)` means for an MQTT 5 publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Answer a QoS 1/2 message with this PUBACK/PUBREC code; drop a QoS 0 one.
+    Ack(ReasonCode),
+    /// Disconnect the publisher with this DISCONNECT reason code.
+    Disconnect(ReasonCode),
+}
+
+impl Rejection {
+    /// An error code PUBACK allows is answered there; one only DISCONNECT allows
+    /// disconnects (0x8B Server shutting down is the broker's own); anything else is 0x87
+    /// in the acknowledgement.
+    pub fn of(code: u8) -> Rejection {
+        match ReasonCode::from_u8(code) {
+            Some(r) if r.is_error() && Carrier::PubAck.allows(r) => Rejection::Ack(r),
+            Some(r) if r.is_error() && r != ServerShuttingDown && Carrier::Disconnect.allows(r) => {
+                Rejection::Disconnect(r)
+            }
+            _ => Rejection::Ack(NotAuthorized),
+        }
+    }
+}
+
 /// The MQTT 3.x CONNACK return code (MQTT 3.1.1 §3.2.2.3) for a reason code; `None` for a
 /// code that is neither success nor an error. Errors 3.x cannot name map to the nearest:
 /// refusals of the client to 5 (not authorized), credential problems to 4, the rest to 3
@@ -210,5 +244,47 @@ pub(super) fn from_suback_return_code(rc: u8) -> Option<ReasonCode> {
         2 => Some(GrantedQoS2),
         0x80 => Some(UnspecifiedError),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod plugin_codes {
+    use super::*;
+
+    /// The codes a plugin may refuse with, per packet, as the spec's tables list them.
+    #[test]
+    fn plugin_refusals_keep_the_codes_each_packet_allows() {
+        let connack = [
+            0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95,
+            0x97, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
+        ];
+        let suback = [0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2];
+        let puback = [0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
+        for code in 0..=255u8 {
+            for (carrier, ok) in [
+                (Carrier::ConnAck, &connack[..]),
+                (Carrier::SubAck, &suback[..]),
+                (Carrier::PubAck, &puback[..]),
+            ] {
+                let want = if ok.contains(&code) { code } else { 0x87 };
+                assert_eq!(
+                    plugin_refusal(code, carrier).code(),
+                    want,
+                    "{code:#x} in {carrier:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_rejection_acknowledges_or_disconnects() {
+        assert_eq!(Rejection::of(0x97), Rejection::Ack(QuotaExceeded));
+        assert_eq!(
+            Rejection::of(0x96),
+            Rejection::Disconnect(MessageRateTooHigh)
+        );
+        assert_eq!(Rejection::of(0x8B), Rejection::Ack(NotAuthorized));
+        assert_eq!(Rejection::of(0x00), Rejection::Ack(NotAuthorized));
+        assert_eq!(Rejection::of(0x42), Rejection::Ack(NotAuthorized));
     }
 }

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Weak;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TrySendError};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use super::bindings::sandpiper::plugin::types;
 use super::flow::client_to_wit;
 use super::{ClientInfo, Hooks, Plugins, qos_to_wit};
 use crate::codec::{ProtocolVersion, QoS};
-use crate::metrics::METRICS;
+use crate::metrics::{self, C};
 
 /// Events waiting for the plugins; beyond, new events are dropped.
 pub const QUEUE: usize = 16_384;
@@ -96,9 +95,7 @@ impl Plugins {
             return;
         }
         if let Err(TrySendError::Full(_)) = self.events_tx.try_send(e) {
-            METRICS
-                .plugin_events_dropped
-                .fetch_add(1, Ordering::Relaxed);
+            metrics::inc(C::PluginEventsDropped);
         }
     }
 }

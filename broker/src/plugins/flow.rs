@@ -8,25 +8,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::bindings::sandpiper::plugin::types;
+use super::plugin::CallError;
 use super::sidecar::PassFailure;
-use super::{Chain, ClientInfo, Hooks, Plugins, qos_from_wit, qos_to_wit};
-use crate::codec::{MessageProperties, QoS, TopicName, UserProperties};
-use crate::message::{Delivery, Message};
-
-/// A message on its way in, before routing: what `transform` may change.
-#[derive(Debug, Clone)]
-pub struct Draft {
-    /// Topic name.
-    pub topic: TopicName,
-    /// Payload.
-    pub payload: Bytes,
-    /// QoS it was published with.
-    pub qos: QoS,
-    /// RETAIN flag.
-    pub retain: bool,
-    /// MQTT 5 properties.
-    pub properties: MessageProperties,
-}
+use super::{Chain, ClientInfo, Hooks, Plugin, Plugins, qos_from_wit, qos_to_wit};
+use crate::codec::{MessageProperties, QoS, Rejection, TopicName, UserProperties};
+use crate::message::{Delivery, Draft, Message};
 
 /// What the transform chain decided for one draft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +21,8 @@ pub enum Fate {
     Route,
     /// Accepted and dropped.
     Drop,
-    /// Refused with this reason code (see `outcome.reject` in `wit/types.wit`).
-    Reject(u8),
+    /// Refused (see `outcome.reject` in `wit/types.wit`).
+    Reject(Rejection),
 }
 
 /// Why a message from a plugin cannot become a [`Draft`].
@@ -105,24 +91,6 @@ impl Draft {
         }
     }
 
-    /// The message this draft becomes once routed, published by session `origin` (0: the
-    /// broker or a plugin); its expiry counts from now.
-    pub fn into_message(self, origin: crate::message::ClientKey) -> Arc<Message> {
-        let now = std::time::Instant::now();
-        Arc::new(Message {
-            expires_at: self
-                .properties
-                .message_expiry_interval
-                .map(|s| now + std::time::Duration::from_secs(u64::from(s))),
-            topic: self.topic,
-            payload: self.payload,
-            qos: self.qos,
-            retain: self.retain,
-            properties: self.properties,
-            origin,
-        })
-    }
-
     /// A draft from a plugin's message (a `replace` outcome or the `publish` import),
     /// whose topic must be within `limits`.
     pub fn from_wit(
@@ -189,6 +157,69 @@ impl Plugins {
     }
 }
 
+/// The `transform` hook's pass: each plugin sees the previous one's output; a message
+/// dropped or refused goes no further. The plugin that published a message skips it.
+struct TransformPass<'a> {
+    publisher: &'a ClientInfo,
+    client: Option<types::Client>,
+    drafts: &'a mut [Draft],
+    fates: &'a mut [Fate],
+    skip: Option<&'a str>,
+    limits: &'a crate::config::TopicLimits,
+}
+
+impl super::pass::Pass for TransformPass<'_> {
+    const HOOK: u32 = Hooks::TRANSFORM;
+    const NAME: &'static str = "transform";
+    type Answer = types::Outcome;
+
+    fn takes(&self, p: &Plugin) -> bool {
+        self.skip != Some(&*p.name)
+    }
+
+    fn wants(&self, p: &Plugin, i: usize) -> bool {
+        self.fates[i] == Fate::Route && p.sidecar.selects(self.drafts[i].topic.as_str())
+    }
+
+    fn call(&mut self, p: &Plugin, idx: &[usize]) -> Result<Vec<types::Outcome>, CallError> {
+        let publisher = self.publisher;
+        let client = self.client.get_or_insert_with(|| client_to_wit(publisher));
+        let batch: Vec<types::Message> = idx.iter().map(|&i| self.drafts[i].to_wit()).collect();
+        p.call("transform", |s| match &s.guests.transform {
+            Some(g) => g.call_transform(&mut s.store, client, &batch),
+            None => Ok(vec![types::Outcome::Keep; batch.len()]),
+        })
+    }
+
+    fn apply(&mut self, p: &Plugin, i: usize, o: types::Outcome) {
+        match o {
+            types::Outcome::Keep => {}
+            types::Outcome::Drop => self.fates[i] = Fate::Drop,
+            types::Outcome::Reject(code) => self.fates[i] = Fate::Reject(Rejection::of(code)),
+            types::Outcome::Replace(m) => match Draft::from_wit(m, self.limits) {
+                Ok(mut d) => {
+                    // A transform may lower the QoS, never raise it: the publisher's flow
+                    // has already been chosen.
+                    d.qos = d.qos.min(self.drafts[i].qos);
+                    self.drafts[i] = d;
+                }
+                Err(_) => p.bad_answer(
+                    "transform",
+                    "replacement with an invalid topic name (or one over the topic limits)",
+                ),
+            },
+        }
+    }
+
+    fn failed(&mut self, p: &Plugin, idx: &[usize]) {
+        if p.sidecar.on_failure.transform == PassFailure::Drop {
+            for &i in idx {
+                self.fates[i] = Fate::Drop;
+            }
+        }
+    }
+}
+
 fn transform_chain(
     chain: &Chain,
     publisher: &ClientInfo,
@@ -197,62 +228,83 @@ fn transform_chain(
     skip: Option<&str>,
     limits: &crate::config::TopicLimits,
 ) {
-    let mut wit_client = None;
-    for p in &chain.plugins {
-        if !p.hooks.has(Hooks::TRANSFORM) || skip == Some(&*p.name) {
-            continue;
-        }
-        let idx: Vec<usize> = (0..drafts.len())
-            .filter(|&i| fates[i] == Fate::Route && p.sidecar.selects(drafts[i].topic.as_str()))
-            .collect();
-        if idx.is_empty() {
-            continue;
-        }
-        let client = wit_client.get_or_insert_with(|| client_to_wit(publisher));
-        let batch: Vec<types::Message> = idx.iter().map(|&i| drafts[i].to_wit()).collect();
-        let _span = tracing::debug_span!("plugin", plugin = %p.name, hook = "transform").entered();
-        let r = p
-            .call("transform", |s| match &s.guests.transform {
-                Some(g) => g.call_transform(&mut s.store, client, &batch),
-                None => Ok(vec![types::Outcome::Keep; batch.len()]),
+    let n = drafts.len();
+    let mut pass = TransformPass {
+        publisher,
+        client: None,
+        drafts,
+        fates,
+        skip,
+        limits,
+    };
+    super::pass::run(chain, n, &mut pass);
+}
+
+/// The `deliver` hook's pass over one write's deliveries: each plugin sees the previous
+/// one's output; a delivery dropped or refused is not sent. Deliveries that passed the
+/// chain before (handed back unsent) are left alone.
+struct DeliverPass<'a> {
+    subscriber: &'a ClientInfo,
+    client: Option<types::Client>,
+    /// (delivery, still to be sent, not hooked before).
+    items: Vec<(Delivery, bool, bool)>,
+    limits: &'a crate::config::TopicLimits,
+}
+
+impl super::pass::Pass for DeliverPass<'_> {
+    const HOOK: u32 = Hooks::DELIVER;
+    const NAME: &'static str = "deliver";
+    type Answer = types::Outcome;
+
+    fn wants(&self, p: &Plugin, i: usize) -> bool {
+        let (d, send, fresh) = &self.items[i];
+        *fresh && *send && p.sidecar.selects(d.msg.topic.as_str())
+    }
+
+    fn call(&mut self, p: &Plugin, idx: &[usize]) -> Result<Vec<types::Outcome>, CallError> {
+        let subscriber = self.subscriber;
+        let client = self.client.get_or_insert_with(|| client_to_wit(subscriber));
+        let msgs: Vec<types::Message> = (idx.iter())
+            .map(|&i| {
+                let d = &self.items[i].0;
+                message_to_wit(&d.msg, d.qos, d.retain)
             })
-            .and_then(|o| {
-                if o.len() == batch.len() {
-                    Ok(o)
-                } else {
-                    Err(p.arity("transform", batch.len(), o.len()))
+            .collect();
+        p.call("deliver", |s| match &s.guests.deliver {
+            Some(g) => g.call_deliver(&mut s.store, client, &msgs),
+            None => Ok(vec![types::Outcome::Keep; msgs.len()]),
+        })
+    }
+
+    fn apply(&mut self, p: &Plugin, i: usize, o: types::Outcome) {
+        match o {
+            types::Outcome::Keep => {}
+            types::Outcome::Drop | types::Outcome::Reject(_) => self.items[i].1 = false,
+            types::Outcome::Replace(m) => match Draft::from_wit(m, self.limits) {
+                Ok(new) => {
+                    let d = &mut self.items[i].0;
+                    let old = &d.msg;
+                    d.qos = d.qos.min(new.qos);
+                    d.retain = new.retain;
+                    d.msg = Arc::new(Message {
+                        topic: new.topic,
+                        payload: new.payload,
+                        qos: old.qos,
+                        retain: old.retain,
+                        properties: new.properties,
+                        expires_at: old.expires_at,
+                        publisher: old.publisher,
+                    });
                 }
-            });
-        match r {
-            Ok(outcomes) => {
-                for (&i, o) in idx.iter().zip(outcomes) {
-                    match o {
-                        types::Outcome::Keep => {}
-                        types::Outcome::Drop => fates[i] = Fate::Drop,
-                        types::Outcome::Reject(code) => fates[i] = Fate::Reject(code),
-                        types::Outcome::Replace(m) => match Draft::from_wit(m, limits) {
-                            Ok(mut d) => {
-                                // A transform may lower the QoS, never raise it: the
-                                // publisher's flow has already been chosen.
-                                d.qos = d.qos.min(drafts[i].qos);
-                                drafts[i] = d;
-                            }
-                            Err(_) => {
-                                p.bad_answer(
-                                    "transform",
-                                    "replacement with an invalid topic name (or one over the topic limits)",
-                                );
-                            }
-                        },
-                    }
-                }
-            }
-            Err(_) => {
-                if p.sidecar.on_failure.transform == PassFailure::Drop {
-                    for &i in &idx {
-                        fates[i] = Fate::Drop;
-                    }
-                }
+                Err(_) => p.bad_answer("deliver", "replacement with an invalid topic name"),
+            },
+        }
+    }
+
+    fn failed(&mut self, p: &Plugin, idx: &[usize]) {
+        if p.sidecar.on_failure.deliver == PassFailure::Drop {
+            for &i in idx {
+                self.items[i].1 = false;
             }
         }
     }
@@ -264,81 +316,23 @@ fn deliver_chain(
     batch: &mut VecDeque<Delivery>,
     limits: &crate::config::TopicLimits,
 ) -> Vec<Delivery> {
-    // (delivery, still to be sent); the ones that passed the chain before are left alone.
-    let fresh: Vec<bool> = batch.iter().map(|d| !d.hooked).collect();
-    let mut items: Vec<(Delivery, bool)> = batch.drain(..).map(|d| (d, true)).collect();
-    let mut wit_client = None;
-    for p in &chain.plugins {
-        if !p.hooks.has(Hooks::DELIVER) {
-            continue;
-        }
-        let idx: Vec<usize> = (0..items.len())
-            .filter(|&i| fresh[i] && items[i].1 && p.sidecar.selects(items[i].0.msg.topic.as_str()))
-            .collect();
-        if idx.is_empty() {
-            continue;
-        }
-        let client = wit_client.get_or_insert_with(|| client_to_wit(subscriber));
-        let msgs: Vec<types::Message> = idx
-            .iter()
-            .map(|&i| {
-                let d = &items[i].0;
-                message_to_wit(&d.msg, d.qos, d.retain)
-            })
-            .collect();
-        let _span = tracing::debug_span!("plugin", plugin = %p.name, hook = "deliver").entered();
-        let r = p
-            .call("deliver", |s| match &s.guests.deliver {
-                Some(g) => g.call_deliver(&mut s.store, client, &msgs),
-                None => Ok(vec![types::Outcome::Keep; msgs.len()]),
-            })
-            .and_then(|o| {
-                if o.len() == msgs.len() {
-                    Ok(o)
-                } else {
-                    Err(p.arity("deliver", msgs.len(), o.len()))
-                }
-            });
-        match r {
-            Ok(outcomes) => {
-                for (&i, o) in idx.iter().zip(outcomes) {
-                    match o {
-                        types::Outcome::Keep => {}
-                        types::Outcome::Drop | types::Outcome::Reject(_) => items[i].1 = false,
-                        types::Outcome::Replace(m) => match Draft::from_wit(m, limits) {
-                            Ok(new) => {
-                                let d = &mut items[i].0;
-                                let old = &d.msg;
-                                d.qos = d.qos.min(new.qos);
-                                d.retain = new.retain;
-                                d.msg = Arc::new(Message {
-                                    topic: new.topic,
-                                    payload: new.payload,
-                                    qos: old.qos,
-                                    retain: old.retain,
-                                    properties: new.properties,
-                                    expires_at: old.expires_at,
-                                    origin: old.origin,
-                                });
-                            }
-                            Err(_) => {
-                                p.bad_answer("deliver", "replacement with an invalid topic name");
-                            }
-                        },
-                    }
-                }
-            }
-            Err(_) => {
-                if p.sidecar.on_failure.deliver == PassFailure::Drop {
-                    for &i in &idx {
-                        items[i].1 = false;
-                    }
-                }
-            }
-        }
-    }
+    let items: Vec<(Delivery, bool, bool)> = batch
+        .drain(..)
+        .map(|d| {
+            let fresh = !d.hooked;
+            (d, true, fresh)
+        })
+        .collect();
+    let n = items.len();
+    let mut pass = DeliverPass {
+        subscriber,
+        client: None,
+        items,
+        limits,
+    };
+    super::pass::run(chain, n, &mut pass);
     let mut dropped = Vec::new();
-    for (mut d, keep) in items {
+    for (mut d, keep, _) in pass.items {
         d.hooked = true;
         if keep {
             batch.push_back(d);
@@ -347,32 +341,4 @@ fn deliver_chain(
         }
     }
     dropped
-}
-
-/// What a `reject(code)` outcome means for an MQTT 5 publisher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// Answer a QoS 1/2 message with this PUBACK/PUBREC code; drop a QoS 0 one.
-    Ack(u8),
-    /// Disconnect the publisher with this DISCONNECT reason code.
-    Disconnect(u8),
-}
-
-impl Rejection {
-    /// Classifies a plugin's reason code (MQTT 5 §3.4.2.1 and §3.14.2.1); a code valid in
-    /// neither packet is 0x87 in the acknowledgement.
-    pub fn of(code: u8) -> Rejection {
-        const ACK: &[u8] = &[0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
-        const DISCONNECT: &[u8] = &[
-            0x81, 0x82, 0x89, 0x8D, 0x8E, 0x8F, 0x93, 0x94, 0x95, 0x96, 0x98, 0x9A, 0x9B, 0x9C,
-            0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
-        ];
-        if ACK.contains(&code) {
-            Rejection::Ack(code)
-        } else if DISCONNECT.contains(&code) {
-            Rejection::Disconnect(code)
-        } else {
-            Rejection::Ack(super::NOT_AUTHORIZED)
-        }
-    }
 }

@@ -104,7 +104,7 @@ impl Gate {
         self.check_many(std::slice::from_ref(&req))
             .first()
             .copied()
-            .unwrap_or(Verdict::Deny(super::NOT_AUTHORIZED))
+            .unwrap_or(Verdict::Deny(crate::codec::ReasonCode::NotAuthorized))
     }
 
     /// Verdicts for a batch of requests; only the ones not cached go to the plugins, in
@@ -147,7 +147,7 @@ impl Gate {
             }
         }
         out.into_iter()
-            .map(|v| v.unwrap_or(Verdict::Deny(super::NOT_AUTHORIZED)))
+            .map(|v| v.unwrap_or(Verdict::Deny(crate::codec::ReasonCode::NotAuthorized)))
             .collect()
     }
 

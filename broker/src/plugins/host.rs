@@ -21,7 +21,7 @@ use wasmtime_wasi_http::{
 
 use super::bindings::host::{config, kv, log, metrics, publish};
 use super::bindings::{Plugin as PluginWorld, sandpiper::plugin::types};
-use crate::store::{Op, Store as DataStore};
+use crate::store::Store as DataStore;
 
 /// One epoch tick. A call's time budget is rounded up to whole ticks, so a hook is stopped
 /// between `time_ms` and `time_ms + TICK` after it started.
@@ -183,7 +183,7 @@ pub struct Published {
     /// The plugin that published it (its own transform hook is skipped).
     pub plugin: Arc<str>,
     /// The message.
-    pub draft: super::flow::Draft,
+    pub draft: crate::message::Draft,
 }
 
 /// Where the `publish` import puts messages.
@@ -223,6 +223,8 @@ pub struct PluginEnv {
     pub http: HttpPolicy,
     /// Counters and gauges the plugin defined.
     pub metrics: PluginMetrics,
+    /// Bytes of linear memory its live instances hold.
+    pub memory: AtomicU64,
 }
 
 /// A plugin's counters and gauges (at most 64 names).
@@ -274,14 +276,76 @@ impl PluginMetrics {
     }
 }
 
+/// The caps of one instance (wasmtime's `StoreLimits`), counting what its linear memories
+/// hold into the plugin's total while the instance lives.
+pub struct Limits {
+    caps: StoreLimits,
+    held: usize,
+    env: Arc<PluginEnv>,
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = self.caps.memory_growing(current, desired, maximum)?;
+        if ok {
+            let grown = desired.saturating_sub(current);
+            self.held += grown;
+            self.env.memory.fetch_add(grown as u64, Ordering::Relaxed);
+        }
+        Ok(ok)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.caps.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.caps.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.caps.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.caps.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.caps.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.caps.memories()
+    }
+}
+
+impl Drop for Limits {
+    fn drop(&mut self) {
+        self.env
+            .memory
+            .fetch_sub(self.held as u64, Ordering::Relaxed);
+    }
+}
+
 /// The data of one plugin instance's `Store`.
 pub struct State {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     http_gate: HttpGate,
     table: ResourceTable,
-    /// Memory cap of this instance.
-    pub limits: StoreLimits,
+    /// Memory cap of this instance, and what its memories hold.
+    pub limits: Limits,
     env: Arc<PluginEnv>,
     /// When the running call's time budget ends: a blocking WASI call waits no longer.
     pub deadline: std::time::Instant,
@@ -323,13 +387,17 @@ impl State {
             http: WasiHttpCtx::new(),
             http_gate: HttpGate { env: env.clone() },
             table: ResourceTable::new(),
-            limits: wasmtime::StoreLimitsBuilder::new()
-                .memory_size(memory_bytes)
-                .instances(64)
-                .tables(64)
-                .memories(8)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: Limits {
+                caps: wasmtime::StoreLimitsBuilder::new()
+                    .memory_size(memory_bytes)
+                    .instances(64)
+                    .tables(64)
+                    .memories(8)
+                    .trap_on_grow_failure(true)
+                    .build(),
+                held: 0,
+                env: env.clone(),
+            },
             env,
             deadline: std::time::Instant::now(),
         }
@@ -550,8 +618,7 @@ impl kv::Host for State {
         let Some(store) = &self.env.store else {
             return Err(kv::Error::Store("no store".into()));
         };
-        let op = Op::PutKv(self.env.name.clone(), Arc::from(key), value);
-        wait_durable(store, store.submit_one(op))
+        wait_durable(store, store.kv_set(&self.env.name, &key, value))
     }
 
     fn delete(&mut self, key: String) -> Result<(), kv::Error> {
@@ -561,8 +628,7 @@ impl kv::Host for State {
         let Some(store) = &self.env.store else {
             return Ok(());
         };
-        let op = Op::DeleteKv(self.env.name.clone(), Arc::from(key));
-        wait_durable(store, store.submit_one(op))
+        wait_durable(store, store.kv_delete(&self.env.name, &key))
     }
 }
 
@@ -593,16 +659,14 @@ impl publish::Host for State {
         if msg.payload.len() > outbox.max_payload {
             return Err(publish::Error::TooLarge);
         }
-        let draft = super::flow::Draft::from_wit(msg, &outbox.topics)
+        let draft = crate::message::Draft::from_wit(msg, &outbox.topics)
             .map_err(|_| publish::Error::InvalidTopic)?;
         let p = Published {
             plugin: self.env.name.clone(),
             draft,
         };
         outbox.tx.try_send(p).map_err(|_| {
-            crate::metrics::METRICS
-                .plugin_publish_dropped
-                .fetch_add(1, Ordering::Relaxed);
+            crate::metrics::inc(crate::metrics::C::PluginPublishDropped);
             publish::Error::Unavailable
         })
     }

@@ -10,14 +10,17 @@
 //! connections compare to drop their cached authorize decisions.
 
 mod bindings;
-pub mod events;
+pub(crate) mod events;
 pub mod flow;
 pub mod gate;
 pub mod host;
-pub mod net;
+pub(crate) mod net;
+mod pass;
 pub mod plugin;
 pub mod sidecar;
-pub mod sink;
+pub(crate) mod sink;
+mod slow;
+pub(crate) mod stats;
 mod wasi_io;
 mod watch;
 
@@ -30,7 +33,9 @@ use std::time::{Duration, Instant};
 use bindings::hooks::{authenticate as auth, authorize as authz, share};
 use bindings::sandpiper::plugin::types;
 
-use crate::codec::{ProtocolVersion, QoS};
+use crate::codec::{Carrier, ProtocolVersion, QoS, ReasonCode, plugin_refusal};
+use crate::message::ClientId;
+use plugin::CallError;
 pub use plugin::{Hooks, Plugin};
 use sidecar::DecideFailure;
 
@@ -124,7 +129,7 @@ pub enum AuthDecision {
         auth_data: Option<Vec<u8>>,
     },
     /// Refuse with this CONNACK reason code.
-    Deny(u8),
+    Deny(ReasonCode),
     /// MQTT 5 enhanced authentication goes on: send AUTH (0x18) with `auth_data`, and
     /// hand the client's answer to [`Plugins::auth_step`] with `state`, for `plugin`.
     Continue {
@@ -143,7 +148,7 @@ impl std::fmt::Debug for AuthDecision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AuthDecision::Allow { username, .. } => write!(f, "Allow({username:?})"),
-            AuthDecision::Deny(code) => write!(f, "Deny({code:#04x})"),
+            AuthDecision::Deny(reason) => write!(f, "Deny({reason:?})"),
             AuthDecision::Continue { plugin, .. } => write!(f, "Continue({})", plugin.name),
             AuthDecision::NoOpinion => f.write_str("NoOpinion"),
         }
@@ -154,7 +159,7 @@ impl std::fmt::Debug for AuthDecision {
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     /// Client identifier (shared with the session: every idle connection keeps one).
-    pub client_id: Arc<str>,
+    pub client_id: ClientId,
     /// User name (after authentication).
     pub username: Option<String>,
     /// Listener name (shared with the listener).
@@ -174,6 +179,19 @@ pub enum Action {
     Will,
     /// Retained message delivery on subscribe.
     Retained,
+}
+
+impl Action {
+    /// What a plugin's refusal code becomes: a SUBACK code for a subscription, a CONNACK
+    /// code for a will (it refuses the CONNECT), a PUBACK code otherwise.
+    fn refusal(self, code: u8) -> ReasonCode {
+        let carrier = match self {
+            Action::Subscribe => Carrier::SubAck,
+            Action::Will => Carrier::ConnAck,
+            Action::Publish | Action::Retained => Carrier::PubAck,
+        };
+        plugin_refusal(code, carrier)
+    }
 }
 
 /// One authorize question.
@@ -206,13 +224,8 @@ pub enum Verdict {
     /// Allowed, with at most this QoS if given.
     Allow(Option<QoS>),
     /// Refused with this reason code.
-    Deny(u8),
+    Deny(ReasonCode),
 }
-
-/// Reason code of a refusal whose plugin gave none we can send.
-pub const NOT_AUTHORIZED: u8 = 0x87;
-/// 0x89 Server busy: too many authentications at once.
-pub const SERVER_BUSY: u8 = 0x89;
 
 impl Plugins {
     /// A host with no plugins folder: every check is a no-op.
@@ -342,6 +355,15 @@ impl Plugins {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// The required plugins (`[plugins] required`) not serving now.
+    pub fn missing_required(&self) -> Vec<String> {
+        let chain = self.chain();
+        (self.required.iter())
+            .filter(|r| !chain.plugins.iter().any(|p| &*p.name == r.as_str()))
+            .cloned()
+            .collect()
+    }
+
     /// The current chain.
     pub fn chain(&self) -> Arc<Chain> {
         self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -372,12 +394,12 @@ impl Plugins {
             return AuthDecision::NoOpinion;
         }
         let Some(_slot) = self.auth_slot(wait).await else {
-            return AuthDecision::Deny(SERVER_BUSY);
+            return AuthDecision::Deny(ReasonCode::ServerBusy);
         };
         let chain = self.chain();
         tokio::task::spawn_blocking(move || authenticate_chain(&chain, &info))
             .await
-            .unwrap_or(AuthDecision::Deny(NOT_AUTHORIZED))
+            .unwrap_or(AuthDecision::Deny(ReasonCode::NotAuthorized))
     }
 
     /// One of the [`Plugins::with_authentications`] slots, waiting at most `wait`: an
@@ -415,11 +437,11 @@ impl Plugins {
         wait: Duration,
     ) -> AuthDecision {
         let Some(_slot) = self.auth_slot(wait).await else {
-            return AuthDecision::Deny(SERVER_BUSY);
+            return AuthDecision::Deny(ReasonCode::ServerBusy);
         };
         tokio::task::spawn_blocking(move || auth_step(&plugin, client_id, method, auth_data, state))
             .await
-            .unwrap_or(AuthDecision::Deny(NOT_AUTHORIZED))
+            .unwrap_or(AuthDecision::Deny(ReasonCode::NotAuthorized))
     }
 
     /// [`Plugins::auth_step`] from a connection task (re-authentication).
@@ -466,54 +488,6 @@ impl Plugins {
     }
 }
 
-/// A hook call slower than this marks the chain slow.
-const SLOW_CALL: Duration = Duration::from_millis(2);
-/// How long a first slow call keeps the chain marked slow.
-const SLOW_FOR: Duration = Duration::from_secs(10);
-/// Each later slow call made in place doubles that, up to 2^8 times (about 43 minutes).
-const SLOW_DOUBLINGS: u32 = 8;
-
-/// How long the chain stays marked slow after its `strikes`-th slow call made in place.
-fn slow_period(strikes: u32) -> Duration {
-    SLOW_FOR * 2u32.pow(strikes.saturating_sub(1).min(SLOW_DOUBLINGS))
-}
-
-impl Plugins {
-    /// Runs a synchronous plugin call from a connection task. Hook calls normally take a
-    /// microsecond or two and run in place; handing the worker's other tasks over to
-    /// another thread (`block_in_place`) costs more than that. Once a call has taken more
-    /// than 2 ms (a slow or hostile plugin, which may use its whole time budget), calls
-    /// hand the worker over for the next 10 s, so other clients keep being served. A call
-    /// made in place that is slow again after that doubles the period, up to about 43
-    /// minutes: on a runtime with one worker each such call stops every other client, so a
-    /// plugin that stays slow costs ever rarer stalls. A chain change starts over.
-    fn blocking<R>(&self, run: impl FnOnce() -> R) -> R {
-        let now = self.epoch.elapsed();
-        let slow = now.as_millis() < u128::from(self.slow_until.load(Ordering::Relaxed));
-        let start = Instant::now();
-        let r = match tokio::runtime::Handle::try_current() {
-            Ok(h) if slow && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(run)
-            }
-            _ => run(),
-        };
-        if start.elapsed() > SLOW_CALL {
-            let strikes = if slow {
-                // Handed over: it stopped no one; the mark is only extended.
-                self.slow_strikes.load(Ordering::Relaxed)
-            } else {
-                self.slow_strikes
-                    .fetch_add(1, Ordering::Relaxed)
-                    .saturating_add(1)
-            };
-            let until = (now + start.elapsed() + slow_period(strikes)).as_millis();
-            self.slow_until
-                .store(u64::try_from(until).unwrap_or(u64::MAX), Ordering::Relaxed);
-        }
-        r
-    }
-}
-
 fn qos_to_wit(q: QoS) -> types::Qos {
     match q {
         QoS::AtMostOnce => types::Qos::AtMostOnce,
@@ -537,27 +511,6 @@ fn attrs(a: &[(String, String)]) -> Vec<types::Attribute> {
             value: v.clone(),
         })
         .collect()
-}
-
-/// CONNACK reason codes a plugin may refuse with (MQTT 5 §3.2.2.2, errors only).
-pub(crate) fn connack_code(c: u8) -> u8 {
-    const OK: &[u8] = &[
-        0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
-        0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
-    ];
-    if OK.contains(&c) { c } else { NOT_AUTHORIZED }
-}
-
-/// SUBACK and PUBACK/PUBREC error codes a plugin may refuse with (§3.9.3, §3.4.2.1).
-fn ack_code(action: Action, c: u8) -> u8 {
-    const SUB: &[u8] = &[0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2];
-    const PUB: &[u8] = &[0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
-    let ok = if action == Action::Subscribe {
-        SUB
-    } else {
-        PUB
-    };
-    if ok.contains(&c) { c } else { NOT_AUTHORIZED }
 }
 
 fn authenticate_chain(chain: &Chain, info: &ConnectInfo) -> AuthDecision {
@@ -602,7 +555,7 @@ fn authenticate_chain(chain: &Chain, info: &ConnectInfo) -> AuthDecision {
             }
             Err(_) => {
                 if p.sidecar.on_failure.authenticate == DecideFailure::Deny {
-                    return AuthDecision::Deny(NOT_AUTHORIZED);
+                    return AuthDecision::Deny(ReasonCode::NotAuthorized);
                 }
             }
         }
@@ -626,11 +579,11 @@ fn auth_step(
     let _span = tracing::debug_span!("plugin", plugin = %plugin.name, hook = "auth-step").entered();
     let r = plugin.call("auth-step", |s| match &s.guests.authenticate {
         Some(g) => g.call_auth_step(&mut s.store, &step),
-        None => Ok(auth::Decision::Deny(NOT_AUTHORIZED)),
+        None => Ok(auth::Decision::Deny(ReasonCode::NotAuthorized.code())),
     });
     match r {
         // A plugin that ignores its own exchange ends it.
-        Ok(auth::Decision::Ignore) | Err(_) => AuthDecision::Deny(NOT_AUTHORIZED),
+        Ok(auth::Decision::Ignore) | Err(_) => AuthDecision::Deny(ReasonCode::NotAuthorized),
         Ok(d) => auth_decision(plugin, d, None, true),
     }
 }
@@ -653,93 +606,102 @@ fn auth_decision(
                 .collect(),
             auth_data: g.auth_data,
         },
-        auth::Decision::Deny(code) => AuthDecision::Deny(connack_code(code)),
+        auth::Decision::Deny(code) => AuthDecision::Deny(plugin_refusal(code, Carrier::ConnAck)),
         auth::Decision::Continue(c) if enhanced => AuthDecision::Continue {
             plugin: p.clone(),
             auth_data: c.auth_data,
             state: c.state,
         },
-        auth::Decision::Continue(_) | auth::Decision::Ignore => AuthDecision::Deny(NOT_AUTHORIZED),
+        auth::Decision::Continue(_) | auth::Decision::Ignore => {
+            AuthDecision::Deny(ReasonCode::NotAuthorized)
+        }
+    }
+}
+
+/// The `share` hook's pass: the first plugin to decide a join decides it.
+struct SharePass<'a> {
+    client: types::Client,
+    joins: &'a [Join<'a>],
+    out: Vec<Option<Verdict>>,
+}
+
+impl pass::Pass for SharePass<'_> {
+    const HOOK: u32 = Hooks::SHARE;
+    const NAME: &'static str = "share";
+    type Answer = share::Decision;
+
+    fn wants(&self, _p: &Plugin, i: usize) -> bool {
+        self.out[i].is_none()
+    }
+
+    fn call(&mut self, p: &Plugin, idx: &[usize]) -> Result<Vec<share::Decision>, CallError> {
+        let batch: Vec<share::Request> = (idx.iter())
+            .map(|&i| share::Request {
+                group: self.joins[i].group.to_owned(),
+                filter: self.joins[i].filter.to_owned(),
+                qos: qos_to_wit(self.joins[i].qos),
+            })
+            .collect();
+        let client = &self.client;
+        p.call("share", |s| match &s.guests.share {
+            Some(g) => g.call_join(&mut s.store, client, &batch),
+            None => Ok(vec![share::Decision::Ignore; batch.len()]),
+        })
+    }
+
+    fn apply(&mut self, _p: &Plugin, i: usize, d: share::Decision) {
+        self.out[i] = match d {
+            share::Decision::Allow => Some(Verdict::Allow(None)),
+            share::Decision::AllowQos(q) => Some(Verdict::Allow(Some(qos_from_wit(q)))),
+            share::Decision::Deny(c) => Some(Verdict::Deny(plugin_refusal(c, Carrier::SubAck))),
+            share::Decision::Ignore => None,
+        };
+    }
+
+    fn failed(&mut self, p: &Plugin, idx: &[usize]) {
+        if p.sidecar.on_failure.authorize == DecideFailure::Deny {
+            for &i in idx {
+                self.out[i] = Some(Verdict::Deny(ReasonCode::NotAuthorized));
+            }
+        }
     }
 }
 
 fn share_chain(chain: &Chain, client: &ClientInfo, joins: &[Join<'_>]) -> Vec<Verdict> {
-    let mut out: Vec<Option<Verdict>> = vec![None; joins.len()];
-    let wit_client = flow::client_to_wit(client);
-    for p in chain.plugins.iter().filter(|p| p.hooks.has(Hooks::SHARE)) {
-        let idx: Vec<usize> = (0..joins.len()).filter(|&i| out[i].is_none()).collect();
-        if idx.is_empty() {
-            break;
-        }
-        let batch: Vec<share::Request> = (idx.iter())
-            .map(|&i| share::Request {
-                group: joins[i].group.to_owned(),
-                filter: joins[i].filter.to_owned(),
-                qos: qos_to_wit(joins[i].qos),
-            })
-            .collect();
-        let _span = tracing::debug_span!("plugin", plugin = %p.name, hook = "share").entered();
-        let r = p
-            .call("share", |s| match &s.guests.share {
-                Some(g) => g.call_join(&mut s.store, &wit_client, &batch),
-                None => Ok(vec![share::Decision::Ignore; batch.len()]),
-            })
-            .and_then(|d| {
-                if d.len() == batch.len() {
-                    Ok(d)
-                } else {
-                    Err(p.arity("share", batch.len(), d.len()))
-                }
-            });
-        match r {
-            Ok(decisions) => {
-                for (&i, d) in idx.iter().zip(decisions) {
-                    out[i] = match d {
-                        share::Decision::Allow => Some(Verdict::Allow(None)),
-                        share::Decision::AllowQos(q) => Some(Verdict::Allow(Some(qos_from_wit(q)))),
-                        share::Decision::Deny(c) => {
-                            Some(Verdict::Deny(ack_code(Action::Subscribe, c)))
-                        }
-                        share::Decision::Ignore => None,
-                    };
-                }
-            }
-            Err(_) => {
-                if p.sidecar.on_failure.authorize == DecideFailure::Deny {
-                    for &i in &idx {
-                        out[i] = Some(Verdict::Deny(NOT_AUTHORIZED));
-                    }
-                }
-            }
-        }
-    }
-    out.into_iter()
+    let mut pass = SharePass {
+        client: flow::client_to_wit(client),
+        joins,
+        out: vec![None; joins.len()],
+    };
+    pass::run(chain, joins.len(), &mut pass);
+    (pass.out.into_iter())
         .map(|v| v.unwrap_or(Verdict::Allow(None)))
         .collect()
 }
 
-fn authorize_chain(chain: &Chain, client: &ClientInfo, requests: &[Request<'_>]) -> Vec<Verdict> {
-    let mut out: Vec<Option<Verdict>> = vec![None; requests.len()];
-    let wit_client = flow::client_to_wit(client);
-    for p in &chain.plugins {
-        if !p.hooks.has(Hooks::AUTHORIZE) {
-            continue;
-        }
-        // The undecided requests this plugin's topics select, in order.
-        let idx: Vec<usize> = (0..requests.len())
-            .filter(|&i| out[i].is_none())
-            .filter(|&i| {
-                let r = &requests[i];
-                r.action == Action::Subscribe || p.sidecar.selects(r.topic)
-            })
-            .collect();
-        if idx.is_empty() {
-            continue;
-        }
-        let batch: Vec<authz::Request> = idx
-            .iter()
+/// The `authorize` hook's pass: the first plugin to decide a request decides it. A
+/// subscription goes to every authorize plugin (a filter may overlap its topics in ways
+/// matching cannot tell); other requests to those whose topics select the topic.
+struct AuthorizePass<'a> {
+    client: types::Client,
+    requests: &'a [Request<'a>],
+    out: Vec<Option<Verdict>>,
+}
+
+impl pass::Pass for AuthorizePass<'_> {
+    const HOOK: u32 = Hooks::AUTHORIZE;
+    const NAME: &'static str = "authorize";
+    type Answer = authz::Decision;
+
+    fn wants(&self, p: &Plugin, i: usize) -> bool {
+        let r = &self.requests[i];
+        self.out[i].is_none() && (r.action == Action::Subscribe || p.sidecar.selects(r.topic))
+    }
+
+    fn call(&mut self, p: &Plugin, idx: &[usize]) -> Result<Vec<authz::Decision>, CallError> {
+        let batch: Vec<authz::Request> = (idx.iter())
             .map(|&i| {
-                let r = &requests[i];
+                let r = &self.requests[i];
                 authz::Request {
                     action: match r.action {
                         Action::Publish => authz::Action::Publish,
@@ -753,42 +715,39 @@ fn authorize_chain(chain: &Chain, client: &ClientInfo, requests: &[Request<'_>])
                 }
             })
             .collect();
-        let _span = tracing::debug_span!("plugin", plugin = %p.name, hook = "authorize").entered();
-        let r = p
-            .call("authorize", |s| match &s.guests.authorize {
-                Some(g) => g.call_authorize(&mut s.store, &wit_client, &batch),
-                None => Ok(vec![authz::Decision::Ignore; batch.len()]),
-            })
-            .and_then(|d| {
-                if d.len() == batch.len() {
-                    Ok(d)
-                } else {
-                    Err(p.arity("authorize", batch.len(), d.len()))
-                }
-            });
-        match r {
-            Ok(decisions) => {
-                for (&i, d) in idx.iter().zip(decisions) {
-                    out[i] = match d {
-                        authz::Decision::Allow => Some(Verdict::Allow(None)),
-                        authz::Decision::AllowQos(q) => Some(Verdict::Allow(Some(qos_from_wit(q)))),
-                        authz::Decision::Deny(c) => {
-                            Some(Verdict::Deny(ack_code(requests[i].action, c)))
-                        }
-                        authz::Decision::Ignore => None,
-                    };
-                }
-            }
-            Err(_) => {
-                if p.sidecar.on_failure.authorize == DecideFailure::Deny {
-                    for &i in &idx {
-                        out[i] = Some(Verdict::Deny(NOT_AUTHORIZED));
-                    }
-                }
+        let client = &self.client;
+        p.call("authorize", |s| match &s.guests.authorize {
+            Some(g) => g.call_authorize(&mut s.store, client, &batch),
+            None => Ok(vec![authz::Decision::Ignore; batch.len()]),
+        })
+    }
+
+    fn apply(&mut self, _p: &Plugin, i: usize, d: authz::Decision) {
+        self.out[i] = match d {
+            authz::Decision::Allow => Some(Verdict::Allow(None)),
+            authz::Decision::AllowQos(q) => Some(Verdict::Allow(Some(qos_from_wit(q)))),
+            authz::Decision::Deny(c) => Some(Verdict::Deny(self.requests[i].action.refusal(c))),
+            authz::Decision::Ignore => None,
+        };
+    }
+
+    fn failed(&mut self, p: &Plugin, idx: &[usize]) {
+        if p.sidecar.on_failure.authorize == DecideFailure::Deny {
+            for &i in idx {
+                self.out[i] = Some(Verdict::Deny(ReasonCode::NotAuthorized));
             }
         }
     }
-    out.into_iter()
+}
+
+fn authorize_chain(chain: &Chain, client: &ClientInfo, requests: &[Request<'_>]) -> Vec<Verdict> {
+    let mut pass = AuthorizePass {
+        client: flow::client_to_wit(client),
+        requests,
+        out: vec![None; requests.len()],
+    };
+    pass::run(chain, requests.len(), &mut pass);
+    (pass.out.into_iter())
         .map(|v| v.unwrap_or(Verdict::Allow(None)))
         .collect()
 }
@@ -800,44 +759,5 @@ impl std::fmt::Debug for Plugins {
             .field("hooks", &self.hooks())
             .field("generation", &self.generation())
             .finish_non_exhaustive()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slow_period_doubles_per_strike_up_to_a_cap() {
-        assert_eq!(slow_period(0), SLOW_FOR);
-        assert_eq!(slow_period(1), SLOW_FOR);
-        assert_eq!(slow_period(2), SLOW_FOR * 2);
-        assert_eq!(slow_period(4), SLOW_FOR * 8);
-        assert_eq!(slow_period(9), SLOW_FOR * 256);
-        assert_eq!(slow_period(u32::MAX), SLOW_FOR * 256);
-    }
-
-    #[test]
-    fn slow_calls_in_place_escalate_and_handed_over_ones_do_not() {
-        let plugins = Plugins::disabled();
-        let slow = || std::thread::sleep(SLOW_CALL * 2);
-        // Not on a runtime: every call runs in place.
-        plugins.blocking(slow);
-        assert_eq!(plugins.slow_strikes.load(Ordering::Relaxed), 1);
-        let first = plugins.slow_until.load(Ordering::Relaxed);
-        assert!(first >= u64::try_from(SLOW_FOR.as_millis()).unwrap_or(u64::MAX));
-        // Marked slow: a slow call now only extends the mark.
-        plugins.blocking(slow);
-        assert_eq!(plugins.slow_strikes.load(Ordering::Relaxed), 1);
-        // Once the mark has passed, a slow call in place is a second strike: 20 s.
-        plugins.slow_until.store(0, Ordering::Relaxed);
-        plugins.blocking(slow);
-        assert_eq!(plugins.slow_strikes.load(Ordering::Relaxed), 2);
-        let second = plugins.slow_until.load(Ordering::Relaxed);
-        let now = u64::try_from(plugins.epoch.elapsed().as_millis()).unwrap_or(0);
-        assert!(second >= now + 19_000, "{second} vs now {now}");
-        // A fast call changes nothing.
-        plugins.blocking(|| ());
-        assert_eq!(plugins.slow_strikes.load(Ordering::Relaxed), 2);
     }
 }

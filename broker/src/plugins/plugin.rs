@@ -195,8 +195,10 @@ pub struct Plugin {
     env: Arc<PluginEnv>,
     engine: wasmtime::Engine,
     pool: Mutex<Vec<Slot>>,
-    /// Calls that failed (trap, timeout, memory, wrong answer).
-    pub failures: AtomicU64,
+    /// Calls and failures by hook and kind.
+    pub stats: super::stats::PluginStats,
+    /// The first 12 hex digits of the SHA-256 of the component's bytes.
+    pub version: String,
 }
 
 impl Plugin {
@@ -210,7 +212,9 @@ impl Plugin {
         services: Services,
     ) -> wasmtime::Result<Plugin> {
         let component = host.compile(name, bytes)?;
-        Plugin::from_component(host, name, &component, sidecar, services)
+        let mut plugin = Plugin::from_component(host, name, &component, sidecar, services)?;
+        plugin.version = version_of(bytes);
+        Ok(plugin)
     }
 
     /// [`Plugin::load`] from a compiled component.
@@ -231,6 +235,7 @@ impl Plugin {
             network: Arc::new(super::net::Allowed::new(Arc::from(name), &sidecar.network)),
             http: super::host::HttpPolicy::new(&sidecar.network, sidecar.time_ms),
             metrics: Default::default(),
+            memory: AtomicU64::new(0),
         });
         let plugin = Plugin {
             name: Arc::from(name),
@@ -241,7 +246,8 @@ impl Plugin {
             env,
             engine: host.engine.clone(),
             pool: Mutex::new(Vec::new()),
-            failures: AtomicU64::new(0),
+            stats: Default::default(),
+            version: String::new(),
         };
         let first = plugin.instantiate()?;
         plugin.put(first);
@@ -327,8 +333,11 @@ impl Plugin {
             None => unwound(|| self.instantiate()).map_err(|e| self.failed(hook, e))?,
         };
         slot.store.set_epoch_deadline(ticks(self.sidecar.time_ms));
-        slot.store.data_mut().deadline = std::time::Instant::now() + millis(self.sidecar.time_ms);
-        match unwound(|| f(&mut slot)) {
+        let started = std::time::Instant::now();
+        slot.store.data_mut().deadline = started + millis(self.sidecar.time_ms);
+        let r = unwound(|| f(&mut slot));
+        self.stats.called(hook, started.elapsed());
+        match r {
             Ok(r) => {
                 self.put(slot);
                 Ok(r)
@@ -339,10 +348,7 @@ impl Plugin {
 
     /// Counts and logs a failure (the instance, if any, is already dropped).
     pub fn failed(&self, hook: &'static str, e: wasmtime::Error) -> CallError {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::METRICS
-            .plugin_failures
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.failed(super::stats::classify(&e));
         let why = match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => {
                 format!("time budget of {} ms exceeded", self.sidecar.time_ms)
@@ -356,20 +362,14 @@ impl Plugin {
 
     /// Counts and logs a wrong-length answer.
     pub fn arity(&self, hook: &'static str, want: usize, got: usize) -> CallError {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::METRICS
-            .plugin_failures
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.failed(super::stats::Failure::Answer);
         tracing::warn!(plugin = %self.name, hook, want, got, "plugin answered the wrong number of results");
         CallError::Arity { want, got }
     }
 
     /// Counts and logs an answer the broker cannot use (the rest of the answer stands).
     pub fn bad_answer(&self, hook: &'static str, why: &'static str) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::METRICS
-            .plugin_failures
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.failed(super::stats::Failure::Answer);
         tracing::warn!(plugin = %self.name, hook, "plugin answer ignored: {why}");
     }
 
@@ -377,6 +377,24 @@ impl Plugin {
     pub fn metrics(&self) -> Vec<(String, i128)> {
         self.env.metrics.snapshot()
     }
+
+    /// Bytes of linear memory its live instances hold.
+    pub fn memory_bytes(&self) -> u64 {
+        self.env.memory.load(Ordering::Relaxed)
+    }
+
+    /// Idle instances ready for a call.
+    pub fn idle_instances(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The version label of a component: the first 12 hex digits of its SHA-256 (what
+/// `sha256sum NAME.wasm` prints first).
+fn version_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
 /// A budget of `ms` milliseconds.

@@ -9,14 +9,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::bindings::hooks::sink as wit;
 use super::flow::message_to_wit;
 use super::{Hooks, Plugin, Plugins};
 use crate::message::Message;
-use crate::store::{Op, Store, record};
+use crate::store::{Fifo, Store};
 
 /// Counters of one sink queue.
 #[derive(Debug, Default)]
@@ -35,42 +35,36 @@ pub struct SinkStats {
     pub depth: AtomicU64,
 }
 
-struct QState {
-    /// Oldest sequence number not yet delivered (== `next` when empty).
-    first: u64,
-    /// Next sequence number to assign.
-    next: u64,
-    /// Records of a broker without a store (tests, benchmarks): kept here instead.
-    mem: VecDeque<(u64, Vec<u8>)>,
-}
-
-/// One sink plugin's queue.
+/// One sink plugin's queue: a durable FIFO, its counters, and the wake-up of its thread.
 pub struct SinkQueue {
+    fifo: Fifo,
     name: Arc<str>,
-    store: Option<Arc<Store>>,
-    st: Mutex<QState>,
+    /// Guards nothing but the wait for a record ([`SinkQueue::wait`]).
+    idle: Mutex<()>,
     cv: Condvar,
     /// Its counters.
     pub stats: SinkStats,
+    /// When the waiting records were queued: (second of the process, records), oldest
+    /// first; one entry per second that queued any.
+    ages: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl SinkQueue {
-    fn lock(&self) -> MutexGuard<'_, QState> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Appends a record; returns the store ticket that makes it durable.
     fn push(&self, bytes: Vec<u8>, max_queue: u64) -> Option<u64> {
-        let mut st = self.lock();
-        let seq = st.next;
-        st.next += 1;
-        let mut ops = Vec::with_capacity(2);
-        if st.next - st.first > max_queue {
-            // Full: the oldest record goes.
-            let oldest = st.first;
-            st.first += 1;
-            st.mem.pop_front();
-            ops.push(Op::DeleteSinkUpTo(self.name.clone(), oldest));
+        let a = self.fifo.push(bytes, max_queue);
+        {
+            let mut ages = self.ages.lock().unwrap_or_else(|p| p.into_inner());
+            if a.dropped_oldest {
+                take_oldest(&mut ages, 1);
+            }
+            let now = crate::metrics::uptime().as_secs();
+            match ages.back_mut() {
+                Some((s, n)) if *s == now => *n += 1,
+                _ => ages.push_back((now, 1)),
+            }
+        }
+        if a.dropped_oldest {
             let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 tracing::warn!(plugin = %self.name, dropped = n + 1, max_queue,
@@ -78,72 +72,76 @@ impl SinkQueue {
             }
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .depth
-            .store(st.next - st.first, Ordering::Relaxed);
-        // Submitted under the lock: commits follow submission order, so what a reader
-        // sees committed is always a prefix of the sequence.
-        let ticket = match &self.store {
-            Some(store) => {
-                ops.push(Op::PutSink(self.name.clone(), seq, bytes));
-                store.submit(ops)
-            }
-            None => {
-                st.mem.push_back((seq, bytes));
-                None
-            }
-        };
-        drop(st);
+        self.stats.depth.store(self.fifo.len(), Ordering::Relaxed);
+        let _idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         self.cv.notify_one();
-        ticket
+        a.ticket
     }
 
     /// Up to `limit` records from the oldest undelivered one (only committed ones).
     fn read(&self, limit: usize) -> Vec<(u64, Vec<u8>)> {
-        let first = self.lock().first;
-        match &self.store {
-            Some(store) => match store.read_sink(&self.name, first.saturating_sub(1), limit) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::error!(plugin = %self.name, error = %e, "sink queue unreadable");
-                    Vec::new()
-                }
-            },
-            None => self.lock().mem.iter().take(limit).cloned().collect(),
+        match self.fifo.read(limit) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(plugin = %self.name, error = %e, "sink queue unreadable");
+                Vec::new()
+            }
         }
     }
 
     /// Forgets everything up to and including `last` (delivered).
     fn done(&self, last: u64, delivered: usize) {
-        let mut st = self.lock();
-        if st.first <= last {
-            st.first = last + 1;
-        }
-        while st.mem.front().is_some_and(|(s, _)| *s <= last) {
-            st.mem.pop_front();
-        }
-        self.stats
-            .depth
-            .store(st.next - st.first, Ordering::Relaxed);
-        if let Some(store) = &self.store {
-            store.submit_one(Op::DeleteSinkUpTo(self.name.clone(), last));
-        }
+        self.fifo.consume_through(last);
+        take_oldest(
+            &mut self.ages.lock().unwrap_or_else(|p| p.into_inner()),
+            delivered as u64,
+        );
+        self.stats.depth.store(self.fifo.len(), Ordering::Relaxed);
         self.stats
             .delivered
             .fetch_add(delivered as u64, Ordering::Relaxed);
     }
 
+    /// The sink plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     fn waiting(&self) -> u64 {
-        let st = self.lock();
-        st.next - st.first
+        self.fifo.len()
+    }
+
+    /// How long the oldest waiting record has waited (whole seconds; records recovered at
+    /// start count from then).
+    pub fn oldest_age(&self) -> Duration {
+        let ages = self.ages.lock().unwrap_or_else(|p| p.into_inner());
+        match ages.front() {
+            Some((s, _)) => crate::metrics::uptime().saturating_sub(Duration::from_secs(*s)),
+            None => Duration::ZERO,
+        }
     }
 
     /// Waits for a record to arrive, at most `d`.
     fn wait(&self, d: Duration) {
-        let st = self.lock();
-        if st.next == st.first {
-            let _ = self.cv.wait_timeout(st, d);
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if self.fifo.is_empty() {
+            let _ = self.cv.wait_timeout(idle, d);
         }
+    }
+}
+
+/// Forgets the queue times of the `n` oldest records.
+fn take_oldest(ages: &mut VecDeque<(u64, u64)>, mut n: u64) {
+    while n > 0 {
+        let Some(front) = ages.front_mut() else {
+            return;
+        };
+        if front.1 > n {
+            front.1 -= n;
+            return;
+        }
+        n -= front.1;
+        ages.pop_front();
     }
 }
 
@@ -182,13 +180,7 @@ impl Plugins {
             };
             let b = match &bytes {
                 Some(b) => b,
-                None => match record::encode_sink(publisher, record::unix_ms_now(), msg) {
-                    Ok(b) => bytes.insert(b),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "message cannot be queued for sinks");
-                        return None;
-                    }
-                },
+                None => bytes.insert(Store::sink_record(publisher, msg)?),
             };
             ticket = ticket.max(q.push(b.clone(), p.sidecar.sink.max_queue));
         }
@@ -200,6 +192,14 @@ impl Plugins {
         self.hooks() & Hooks::SINK != 0
             && (self.chain().plugins.iter())
                 .any(|p| p.hooks.has(Hooks::SINK) && p.sidecar.selects(topic))
+    }
+
+    /// Every sink queue made so far, sorted by plugin name.
+    pub fn sink_queues(&self) -> Vec<Arc<SinkQueue>> {
+        let queues = self.sinks.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = queues.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// The counters of sink `name`'s queue, if it has one.
@@ -218,32 +218,30 @@ impl Plugins {
         if let Some(q) = queues.get(name) {
             return Some(q.clone());
         }
-        let (first, next) = match &self.store {
-            Some(store) => match store.sink_bounds(name) {
-                Ok(Some((first, last))) => (first, last + 1),
-                Ok(None) => (1, 1),
-                Err(e) => {
-                    tracing::error!(plugin = %name, error = %e, "sink queue unreadable");
-                    return None;
-                }
-            },
-            None => (1, 1),
+        let fifo = match Fifo::open(self.store.clone(), name.clone()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(plugin = %name, error = %e, "sink queue unreadable");
+                return None;
+            }
         };
-        if next > first {
-            tracing::info!(plugin = %name, waiting = next - first, "sink queue recovered");
+        let waiting = fifo.len();
+        if waiting > 0 {
+            tracing::info!(plugin = %name, waiting, "sink queue recovered");
         }
         let q = Arc::new(SinkQueue {
+            fifo,
             name: name.clone(),
-            store: self.store.clone(),
-            st: Mutex::new(QState {
-                first,
-                next,
-                mem: VecDeque::new(),
-            }),
+            idle: Mutex::new(()),
             cv: Condvar::new(),
             stats: SinkStats::default(),
+            ages: Mutex::new(if waiting > 0 {
+                VecDeque::from([(crate::metrics::uptime().as_secs(), waiting)])
+            } else {
+                VecDeque::new()
+            }),
         });
-        q.stats.depth.store(next - first, Ordering::Relaxed);
+        q.stats.depth.store(waiting, Ordering::Relaxed);
         queues.insert(name.clone(), q.clone());
         let runner = q.clone();
         let r = std::thread::Builder::new()
@@ -311,7 +309,7 @@ fn run(plugins: &Weak<Plugins>, q: &SinkQueue, shutdown: &tokio_util::sync::Canc
         filling_since = None;
         let batch: Vec<wit::SinkRecord> = rows
             .iter()
-            .filter_map(|(seq, bytes)| match record::decode_sink(bytes) {
+            .filter_map(|(seq, bytes)| match Store::open_sink_record(bytes) {
                 Ok((publisher, received_at, m)) => Some(wit::SinkRecord {
                     publisher,
                     received_at,

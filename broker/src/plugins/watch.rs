@@ -102,6 +102,7 @@ impl Watcher {
             }) = self.known.remove(&name)
             {
                 tracing::info!(plugin = %name, "plugin removed");
+                crate::metrics::reloaded(&name, "removed");
                 changed = true;
             }
         }
@@ -128,6 +129,10 @@ impl Watcher {
             let stamp = stamp_of(&wasm, &files);
             match loaded {
                 Ok(p) => {
+                    crate::metrics::reloaded(
+                        &name,
+                        if old.is_some() { "replaced" } else { "loaded" },
+                    );
                     tracing::info!(plugin = %name, hooks = ?p.hooks.names(), priority = p.sidecar.priority,
                         "plugin {}", if old.is_some() { "replaced" } else { "loaded" });
                     self.known.insert(
@@ -141,6 +146,7 @@ impl Watcher {
                     changed = true;
                 }
                 Err(e) => {
+                    crate::metrics::reloaded(&name, "refused");
                     tracing::error!(plugin = %name, error = %e,
                         "plugin refused{}", if old.is_some() { "; the previous version keeps serving" } else { "" });
                     self.known.insert(

@@ -14,8 +14,7 @@ use crate::codec::{
     PublishProperties, PublishQoS, QoS, RetainHandling, SubscriptionOptions, TopicFilter, Will,
     WillProperties,
 };
-use crate::message::{ClientKey, Delivery, Message};
-use crate::session::Stage;
+use crate::message::{ClientKey, Delivery, Message, Stage};
 
 const FORMAT: u8 = 1;
 
@@ -88,7 +87,8 @@ fn put_message(
     keep_expiry_interval: bool,
 ) -> Result<(), RecordError> {
     put_u64(out, m.expires_at.map_or(0, instant_to_unix_ms));
-    put_u64(out, m.origin);
+    // Session keys start at 1: 0 is "no publishing session".
+    put_u64(out, m.publisher.unwrap_or(0));
     let mut properties = m.properties.clone();
     if !keep_expiry_interval {
         properties.message_expiry_interval = None;
@@ -116,7 +116,7 @@ fn put_message(
 
 fn get_message(r: &mut Reader<'_>) -> Result<Message, RecordError> {
     let expires = get_u64(r)?;
-    let origin = get_u64(r)?;
+    let publisher = get_u64(r)?;
     let len = usize::try_from(r.u32()?).map_err(|_| bad("length"))?;
     let mut sub = r.sub(len)?;
     let mut buf = BytesMut::from(&sub.rest()[..]);
@@ -132,7 +132,7 @@ fn get_message(r: &mut Reader<'_>) -> Result<Message, RecordError> {
         retain: p.retain,
         properties: p.properties.message,
         expires_at: (expires != 0).then(|| unix_ms_to_instant(expires)),
-        origin,
+        publisher: (publisher != 0).then_some(publisher),
     })
 }
 
@@ -371,7 +371,7 @@ pub fn encode_session(s: &SessionRecord) -> Result<Vec<u8>, RecordError> {
                 retain: w.retain,
                 properties: w.properties.message.clone(),
                 expires_at: None,
-                origin: s.key,
+                publisher: Some(s.key),
             };
             put_message(&mut out, &m, true)?;
         }
@@ -456,7 +456,7 @@ pub fn decode_session(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
     use crate::codec::{TopicName, UserProperties};
@@ -473,7 +473,7 @@ mod tests {
                 ..Default::default()
             },
             expires_at: Some(Instant::now() + Duration::from_secs(100)),
-            origin: 7,
+            publisher: Some(7),
         }
     }
 
@@ -500,7 +500,7 @@ mod tests {
         assert_eq!(m.topic.as_str(), "a/b");
         assert_eq!(&m.payload[..], b"payload");
         assert_eq!(m.properties, d.msg.properties);
-        assert_eq!(m.origin, 7);
+        assert_eq!(m.publisher, Some(7));
         let left = m.remaining_expiry(Instant::now()).unwrap();
         assert!((98..=100).contains(&left), "{left}");
     }

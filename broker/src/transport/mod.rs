@@ -95,7 +95,7 @@ where
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};

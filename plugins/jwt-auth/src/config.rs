@@ -264,6 +264,11 @@ fn key(k: RawKey) -> Result<Key, String> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 pub(crate) mod tests {
     use super::*;
 

@@ -305,6 +305,11 @@ pub(crate) fn verify(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 pub(crate) mod tests {
     use super::*;
     use crate::config::tests::{SECRET, es256_key};

@@ -51,6 +51,11 @@ pub fn outgoing(config: &Config, r: SinkRecord) -> Outgoing {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 mod tests {
     use sandpiper_plugin::types::{Message, Qos, UserProperty};
 

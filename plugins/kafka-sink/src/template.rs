@@ -127,6 +127,11 @@ fn sanitize(c: char) -> char {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 mod tests {
     use super::*;
 

@@ -10,103 +10,16 @@
 )]
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kafka_sink::kafka::partition;
 use kafka_sink::kafka::{Error, Outgoing, Producer, Record, Rejected, Settings};
 
-fn tool() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_tool.py")
-}
-
-fn tansu_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new("python3")
-            .arg(tool())
-            .arg("tansu")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run kafka_tool.py");
-        assert!(out.status.success(), "kafka_tool.py tansu failed");
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A tansu broker on 127.0.0.1, killed on drop.
-struct Tansu {
-    child: Child,
-    port: u16,
-}
-
-impl Tansu {
-    fn start() -> Tansu {
-        Tansu::start_on(free_port())
-    }
-
-    fn start_on(port: u16) -> Tansu {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let t = Tansu { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(t.addr()).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-            thread::sleep(Duration::from_millis(20));
-        }
-        t
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(tansu_bin())
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &format!("tcp://{}", self.addr()),
-            ])
-            .args(["--partitions", &partitions.to_string(), name])
-            .stdout(Stdio::null())
-            .status()
-            .expect("tansu topic create");
-        assert!(status.success(), "creating topic {name}");
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use sandpiper_test_support::free_port;
+use sandpiper_test_support::tansu::{Tansu, kafka_tool as tool};
 
 /// A record as kafka-python read it.
 #[derive(Debug)]

@@ -296,6 +296,7 @@ impl Authenticate for PasswordAuth {
 sandpiper_plugin::export!(PasswordAuth with [init, authenticate]);
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
     use base64::engine::general_purpose::STANDARD;

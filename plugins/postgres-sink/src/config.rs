@@ -141,6 +141,11 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 mod tests {
     use super::*;
 

@@ -1,6 +1,12 @@
 //! The wire client and the writer against a real PostgreSQL (see [`crate::testdb`]),
 //! and against fake servers that hang or misbehave.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

@@ -1,6 +1,12 @@
 //! Native tests of the settings and the document (the request itself is tested through
 //! the broker, `tests/e2e/sink_webhook.rs`).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
+
 use sandpiper_plugin::sink::SinkRecord;
 use sandpiper_plugin::types::{Message, Qos, UserProperty};
 use serde_json::{Value, json};

@@ -127,6 +127,11 @@ fn put_unsigned(out: &mut Vec<u8>, mut v: u64) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on purpose"
+)]
 mod tests {
     use super::*;
 

@@ -16,6 +16,12 @@
 //!   import, as a QoS 1 message on `probe-events/<kind>` with the client id (or topic) as
 //!   payload.
 
+#![allow(
+    unsafe_code,
+    reason = "the bindings wit_bindgen::generate! writes here export the hooks by symbol \
+              name; the probe makes its own to export every hook of the world at once"
+)]
+
 wit_bindgen::generate!({
     path: "../../../wit",
     inline: "

@@ -16,10 +16,10 @@ impl Sink for Probe {
         if config::get("fail").as_deref() == Some("true") {
             return WriteResult::Retry("told to fail".into());
         }
-        if let Some(addr) = config::get("connect") {
-            if let Err(e) = std::net::TcpStream::connect(addr.as_str()) {
-                return WriteResult::Retry(format!("connect {addr}: {e}"));
-            }
+        if let Some(addr) = config::get("connect")
+            && let Err(e) = std::net::TcpStream::connect(addr.as_str())
+        {
+            return WriteResult::Retry(format!("connect {addr}: {e}"));
         }
         for r in batch {
             let mut m = Message::new(format!("sunk/{}", r.message.topic), r.message.payload);

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::codec::ProtocolVersion;
+mod listener;
+
+pub use listener::DEFAULT_CONNECTION_RATE;
+use listener::default_listeners;
+pub use listener::{ListenerConfig, ListenerKind, Protocol};
 
 pub use crate::store::{Durability, StoreConfig};
 
@@ -32,6 +36,58 @@ pub struct Config {
     /// The plugin host.
     #[serde(default)]
     pub plugins: PluginsConfig,
+    /// The HTTP listener (metrics, health).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// The `$SYS` tree.
+    #[serde(default)]
+    pub sys: SysConfig,
+}
+
+/// `[sys]`: the `$SYS/broker/...` tree.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SysConfig {
+    /// Seconds between two publications; 0 turns the tree off. Default 10.
+    pub interval: u64,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        SysConfig { interval: 10 }
+    }
+}
+
+/// `[http]`: the listener that serves `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to bind; empty turns the listener off. Unset: [`DEFAULT_HTTP`], and a
+    /// failure to bind it is logged, not fatal (another broker on the machine may hold
+    /// it); an address set here that cannot be bound stops the broker like any listener.
+    pub bind: Option<String>,
+    /// PEM certificate chain: with `key`, the listener serves HTTPS (the same keys as a
+    /// `tls` listener; the files are read again on SIGHUP or when they change).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate it signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Where the HTTP listener binds unless `[http] bind` says otherwise.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8083";
+
+impl HttpConfig {
+    /// The address to bind, or `None` when the listener is off.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.bind.as_deref().unwrap_or(DEFAULT_HTTP).parse().ok()
+    }
+
+    /// Whether the address was set in the configuration (then failing to bind is fatal).
+    pub fn explicit(&self) -> bool {
+        self.bind.is_some()
+    }
 }
 
 /// `[plugins]`: where the broker looks for WebAssembly plugins.
@@ -71,212 +127,6 @@ impl Default for PluginsConfig {
             required: Vec::new(),
             authentications_per_core: 4,
         }
-    }
-}
-
-/// One listener.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerConfig {
-    /// Name used in logs; defaults to `listener-N`.
-    pub name: Option<String>,
-    /// Transport: `tcp` (default), `tls`, `ws` or `wss`.
-    #[serde(default)]
-    pub kind: ListenerKind,
-    /// Address and port to bind; port 0 picks a free port (logged at start).
-    pub bind: SocketAddr,
-    /// Whether clients may connect without being authenticated. Defaults to true only when
-    /// `bind` is a loopback address: a broker reachable from the network is closed unless
-    /// the operator opens it.
-    pub allow_anonymous: Option<bool>,
-    /// PEM certificate chain (server certificate first); `tls` and `wss` only, required there.
-    /// A relative path is relative to the configuration file's folder.
-    pub cert: Option<PathBuf>,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert`.
-    pub key: Option<PathBuf>,
-    /// PEM certificates of the CAs that sign client certificates: turns on mutual TLS.
-    pub client_ca: Option<PathBuf>,
-    /// With `client_ca`: whether a client must present a certificate (default true). With
-    /// false a client without one is served as any other client; a presented certificate
-    /// must still verify.
-    pub require_client_cert: Option<bool>,
-    /// With `client_ca`: the Common Name of a verified client certificate becomes the
-    /// client's user name, and such a client counts as authenticated (it is let in even
-    /// where anonymous clients are not).
-    #[serde(default)]
-    pub username_from_cert: bool,
-    /// HTTP path of the WebSocket endpoint (`ws` and `wss`); default `/mqtt`.
-    pub path: Option<String>,
-    /// Browser origins (`scheme://host[:port]`, or `"*"` for any) whose pages may connect
-    /// to a `ws` / `wss` listener; requests without an `Origin` header (not from a
-    /// browser) are not affected. Default: none where anonymous clients are allowed (a
-    /// page in a local browser must not reach a loopback broker), any elsewhere.
-    pub allowed_origins: Option<Vec<String>>,
-    /// Most connections open at once on this listener; 0 = only the global
-    /// `[mqtt] max_connections` applies.
-    #[serde(default)]
-    pub max_connections: usize,
-    /// Most new connections per second from one source IP address. Default: no limit on a
-    /// loopback `bind`, 100 otherwise. 0 = no limit.
-    pub max_connection_rate: Option<u32>,
-    /// MQTT versions accepted on this listener (`"3.1"`, `"3.1.1"`, `"5"`); default all.
-    pub protocols: Option<Vec<Protocol>>,
-}
-
-/// Transport of a listener.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ListenerKind {
-    /// MQTT over plain TCP.
-    #[default]
-    Tcp,
-    /// MQTT over TLS (rustls, TLS 1.2 and 1.3).
-    Tls,
-    /// MQTT over WebSocket (subprotocol `mqtt`).
-    Ws,
-    /// MQTT over WebSocket over TLS.
-    Wss,
-}
-
-impl ListenerKind {
-    /// Whether the transport is encrypted.
-    pub fn is_tls(self) -> bool {
-        matches!(self, ListenerKind::Tls | ListenerKind::Wss)
-    }
-
-    /// Whether the transport is WebSocket.
-    pub fn is_ws(self) -> bool {
-        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
-    }
-}
-
-/// An MQTT protocol version as named in `protocols`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Protocol {
-    /// MQTT 3.1 (protocol level 3).
-    #[serde(rename = "3.1")]
-    V3_1,
-    /// MQTT 3.1.1 (protocol level 4).
-    #[serde(rename = "3.1.1")]
-    V3_1_1,
-    /// MQTT 5.0 (protocol level 5).
-    #[serde(rename = "5", alias = "5.0")]
-    V5,
-}
-
-impl Protocol {
-    /// The codec's version.
-    pub fn version(self) -> ProtocolVersion {
-        match self {
-            Protocol::V3_1 => ProtocolVersion::V3_1,
-            Protocol::V3_1_1 => ProtocolVersion::V3_1_1,
-            Protocol::V5 => ProtocolVersion::V5,
-        }
-    }
-}
-
-/// Connections per second per source IP allowed by default on a non-loopback listener.
-pub const DEFAULT_CONNECTION_RATE: u32 = 100;
-
-impl ListenerConfig {
-    /// The effective anonymous policy of this listener.
-    pub fn anonymous_allowed(&self) -> bool {
-        self.allow_anonymous.unwrap_or(self.bind.ip().is_loopback())
-    }
-
-    /// The effective per-source-IP connection rate (per second); 0 = unlimited.
-    pub fn connection_rate(&self) -> u32 {
-        self.max_connection_rate
-            .unwrap_or(if self.bind.ip().is_loopback() {
-                0
-            } else {
-                DEFAULT_CONNECTION_RATE
-            })
-    }
-
-    /// The WebSocket path.
-    pub fn ws_path(&self) -> &str {
-        self.path.as_deref().unwrap_or("/mqtt")
-    }
-
-    /// The effective origin policy of a `ws` / `wss` listener.
-    pub fn origins(&self) -> crate::transport::ws::Origins {
-        use crate::transport::ws::Origins;
-        match &self.allowed_origins {
-            Some(list) if list.iter().any(|o| o == "*") => Origins::Any,
-            Some(list) => Origins::Only(list.clone()),
-            None if self.anonymous_allowed() => Origins::Only(Vec::new()),
-            None => Origins::Any,
-        }
-    }
-
-    /// The protocol versions accepted.
-    pub fn versions(&self) -> Vec<ProtocolVersion> {
-        match &self.protocols {
-            Some(p) => p.iter().map(|p| p.version()).collect(),
-            None => vec![
-                ProtocolVersion::V3_1,
-                ProtocolVersion::V3_1_1,
-                ProtocolVersion::V5,
-            ],
-        }
-    }
-
-    fn validate(&self, i: usize) -> Result<(), ConfigError> {
-        let invalid = |reason: String| {
-            Err(ConfigError::Listener {
-                listener: self.name.clone().unwrap_or_else(|| format!("listener-{i}")),
-                reason,
-            })
-        };
-        if self.kind.is_tls() {
-            if self.cert.is_none() || self.key.is_none() {
-                return invalid("a tls or wss listener needs `cert` and `key`".to_owned());
-            }
-        } else {
-            for (key, set) in [
-                ("cert", self.cert.is_some()),
-                ("key", self.key.is_some()),
-                ("client_ca", self.client_ca.is_some()),
-            ] {
-                if set {
-                    return invalid(format!("`{key}` is only for tls and wss listeners"));
-                }
-            }
-        }
-        if self.client_ca.is_none()
-            && (self.require_client_cert.is_some() || self.username_from_cert)
-        {
-            return invalid(
-                "`require_client_cert` and `username_from_cert` need `client_ca`".to_owned(),
-            );
-        }
-        match &self.path {
-            Some(_) if !self.kind.is_ws() => {
-                return invalid("`path` is only for ws and wss listeners".to_owned());
-            }
-            Some(p) if !p.starts_with('/') => {
-                return invalid("`path` must start with /".to_owned());
-            }
-            _ => {}
-        }
-        if let Some(origins) = &self.allowed_origins {
-            if !self.kind.is_ws() {
-                return invalid("`allowed_origins` is only for ws and wss listeners".to_owned());
-            }
-            if let Some(bad) = origins
-                .iter()
-                .find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
-            {
-                return invalid(format!(
-                    "`allowed_origins`: {bad:?} is not \"*\" or an origin such as \"https://app.example.com\""
-                ));
-            }
-        }
-        if self.protocols.as_ref().is_some_and(|p| p.is_empty()) {
-            return invalid("`protocols` must name at least one version".to_owned());
-        }
-        Ok(())
     }
 }
 
@@ -351,7 +201,7 @@ pub struct MqttConfig {
     /// another principal (another authenticated user; for anonymous clients, another
     /// listener): `refuse` (CONNACK 0x87, the owner undisturbed), `allow` (taken over,
     /// as MQTT alone says) or `fresh` (a new session; the owner's is ended).
-    pub session_principal: crate::session::PrincipalPolicy,
+    pub session_principal: PrincipalPolicy,
 }
 
 impl MqttConfig {
@@ -433,7 +283,7 @@ impl Default for MqttConfig {
             max_connect_packet_size: 128 * 1024,
             max_retained_messages: 100_000,
             max_retained_bytes: 256 * 1024 * 1024,
-            session_principal: crate::session::PrincipalPolicy::Refuse,
+            session_principal: PrincipalPolicy::Refuse,
         }
     }
 }
@@ -469,33 +319,29 @@ impl RuntimeConfig {
 pub struct LogConfig {
     /// A tracing filter such as `info` or `sandpiper=debug`; `RUST_LOG` overrides it.
     pub level: String,
+    /// `text` (the default) or `json`: one JSON object per line, the event's fields as
+    /// keys (and those of the spans it happened in, such as the client id and peer).
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_owned(),
+            format: LogFormat::Text,
         }
     }
-}
-
-fn default_listeners() -> Vec<ListenerConfig> {
-    vec![ListenerConfig {
-        name: Some("default".to_owned()),
-        kind: ListenerKind::Tcp,
-        bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
-        allow_anonymous: None,
-        cert: None,
-        key: None,
-        client_ca: None,
-        require_client_cert: None,
-        username_from_cert: false,
-        path: None,
-        allowed_origins: None,
-        max_connections: 0,
-        max_connection_rate: None,
-        protocols: None,
-    }]
 }
 
 impl Default for Config {
@@ -507,6 +353,8 @@ impl Default for Config {
             log: LogConfig::default(),
             runtime: RuntimeConfig::default(),
             plugins: PluginsConfig::default(),
+            http: HttpConfig::default(),
+            sys: SysConfig::default(),
         }
     }
 }
@@ -572,6 +420,13 @@ impl Config {
                 rebase(p);
             }
         }
+        let h = &mut config.http;
+        for p in [&mut h.cert, &mut h.key, &mut h.client_ca]
+            .into_iter()
+            .flatten()
+        {
+            rebase(p);
+        }
         Ok(config)
     }
 
@@ -584,6 +439,15 @@ impl Config {
             ("data_dir".to_owned(), abs(&self.store.data_dir)),
             ("plugins.dir".to_owned(), abs(&self.plugins.dir)),
         ];
+        for (key, p) in [
+            ("cert", &self.http.cert),
+            ("key", &self.http.key),
+            ("client_ca", &self.http.client_ca),
+        ] {
+            if let Some(p) = p {
+                out.push((format!("http {key}"), abs(p)));
+            }
+        }
         for l in &self.listeners {
             let name = l.name.as_deref().unwrap_or("listener");
             for (key, p) in [
@@ -614,6 +478,18 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.mqtt;
         let invalid = |key, reason| Err(ConfigError::Invalid { key, reason });
+        if self.http.cert.is_some() != self.http.key.is_some() {
+            return invalid("http.cert", "`cert` and `key` go together (both for HTTPS)");
+        }
+        if self.http.client_ca.is_some() && self.http.cert.is_none() {
+            return invalid("http.client_ca", "needs `cert` and `key` (HTTPS)");
+        }
+        if self.http.bind.as_deref().is_some_and(|b| !b.is_empty()) && self.http.addr().is_none() {
+            return invalid(
+                "http.bind",
+                "not an address such as 127.0.0.1:8083 (empty turns it off)",
+            );
+        }
         if self.listeners.is_empty() {
             return invalid("listener", "at least one listener is required");
         }
@@ -670,9 +546,10 @@ impl Config {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
+    use crate::codec::ProtocolVersion;
 
     #[test]
     fn runtime_workers() {
@@ -741,4 +618,19 @@ mod tests {
     fn zero_inflight_is_rejected() {
         assert!(Config::parse("[mqtt]\nmax_inflight = 0\n").is_err());
     }
+}
+
+/// What a CONNECT gets for a client id whose session belongs to another principal
+/// (`[mqtt] session_principal`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalPolicy {
+    /// Refused (CONNACK 0x87, 3.x return code 5); the owner is not disturbed.
+    #[default]
+    Refuse,
+    /// Taken over as if it were its own (the owner's connection is closed, its session
+    /// resumed): what MQTT alone says.
+    Allow,
+    /// A fresh session instead: the owner's session is ended (its connection closed).
+    Fresh,
 }

@@ -1,208 +1,33 @@
-//! Sessions: the state the broker keeps per client identifier, and the registry that attaches
-//! sessions to connections, hands them over on takeover and expires them.
-//!
-//! While a client is connected its connection task owns the [`SessionState`]; when it goes,
-//! the state comes back to the registry, which keeps it until it expires (running the will
-//! delay and session expiry timers) or a new connection takes it. Only the [`Mailbox`] is
-//! shared with the router at all times, so nothing on the hot path takes the registry lock.
+//! The registry of sessions: attaches sessions to connections, hands them over on
+//! takeover, keeps detached ones until they expire (will delay and expiry timers), and
+//! restores them from the store at start.
 
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::num::NonZeroU32;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::codec::{PacketId, SubscriptionOptions, TopicFilter, Will};
-use crate::config::TopicLimits;
+use crate::codec::PacketId;
+use crate::config::{PrincipalPolicy, TopicLimits};
 use crate::mailbox::{Mailbox, QueueLimits};
-use crate::message::{ClientKey, Delivery, Message};
-use crate::router::{Router, Subscriber};
-use crate::store::record::{self, RecordError, SessionRecord};
-use crate::store::{Op, Recovered, Store};
+use crate::message::{ClientId, ClientKey, Draft, Stage};
+use crate::pipeline::{Origin, Pipeline};
+use crate::plugins::ClientInfo;
+use crate::store::record::{self, RecordError};
+use crate::store::{Recovered, Store};
 
-/// Session expiry meaning "never".
-pub const NEVER_EXPIRES: u32 = u32::MAX;
+use super::{
+    AttachRefused, Flows, Inflight, Kick, NEVER_EXPIRES, PendingWill, Principal, SessionState,
+    Subscription,
+};
 
 /// How long a new connection waits for the connection it takes over to hand its session
 /// back.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One subscription of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subscription {
-    /// Its options.
-    pub options: SubscriptionOptions,
-    /// Its MQTT 5 subscription identifier.
-    pub id: Option<NonZeroU32>,
-}
-
-/// Where an outbound QoS 1/2 message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// QoS 1 sent, waiting for PUBACK.
-    AwaitAck,
-    /// QoS 2 sent, waiting for PUBREC.
-    AwaitRec,
-    /// PUBREL sent, waiting for PUBCOMP.
-    AwaitComp,
-}
-
-/// An outbound QoS 1/2 message not yet fully acknowledged.
-#[derive(Debug, Clone)]
-pub struct Inflight {
-    /// Its packet identifier.
-    pub id: PacketId,
-    /// What was sent.
-    pub delivery: Delivery,
-    /// Where the handshake stands.
-    pub stage: Stage,
-}
-
-/// Everything the broker keeps for one client identifier.
-#[derive(Debug)]
-pub struct SessionState {
-    /// The client identifier.
-    pub client_id: Arc<str>,
-    /// The key of this session instance in the router.
-    pub key: ClientKey,
-    /// The queue the router delivers into.
-    pub mailbox: Arc<Mailbox>,
-    /// Subscriptions by filter (as sent, with any share prefix).
-    pub subscriptions: HashMap<TopicFilter, Subscription>,
-    /// Outbound QoS 1/2 messages in the order they were sent.
-    pub inflight: VecDeque<Inflight>,
-    /// The next packet identifier to try.
-    pub next_id: PacketId,
-    /// Inbound QoS 2 packet identifiers awaiting PUBREL (delivered once, MQTT-4.3.3).
-    pub inbound_qos2: HashSet<PacketId>,
-    /// Session Expiry Interval in seconds; [`NEVER_EXPIRES`] for never, 0 for "ends with the
-    /// connection".
-    pub expiry: u32,
-    /// Who owns the session (`None`: not known, for sessions stored before it was kept).
-    pub principal: Option<Principal>,
-}
-
-/// Who a session belongs to: the user name as authenticated (by a plugin or a client
-/// certificate; none for an anonymous client) and the listener it came through.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// The authenticated user name.
-    pub user: Option<Arc<str>>,
-    /// The listener's name.
-    pub listener: Arc<str>,
-}
-
-impl Principal {
-    /// Whether `other` is the same principal: the same authenticated user (on whatever
-    /// listener), or, for anonymous clients, the same listener.
-    pub fn same_as(&self, other: &Principal) -> bool {
-        match (&self.user, &other.user) {
-            (Some(a), Some(b)) => a == b,
-            (None, None) => self.listener == other.listener,
-            _ => false,
-        }
-    }
-}
-
-/// What a CONNECT gets for a client id whose session belongs to another principal
-/// (`[mqtt] session_principal`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PrincipalPolicy {
-    /// Refused (CONNACK 0x87, 3.x return code 5); the owner is not disturbed.
-    #[default]
-    Refuse,
-    /// Taken over as if it were its own (the owner's connection is closed, its session
-    /// resumed): what MQTT alone says.
-    Allow,
-    /// A fresh session instead: the owner's session is ended (its connection closed).
-    Fresh,
-}
-
-/// Why a connection gets no session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachRefused {
-    /// A newer connection with the same client id took over while this one waited for
-    /// the session (it is closed before CONNACK).
-    Displaced,
-    /// The session belongs to another principal ([`PrincipalPolicy::Refuse`]).
-    OtherPrincipal,
-}
-
-impl SessionState {
-    /// The router's view of this session.
-    pub fn subscriber(&self) -> Subscriber {
-        Subscriber {
-            key: self.key,
-            mailbox: self.mailbox.clone(),
-        }
-    }
-
-    /// Allocates a packet identifier not used by any message in flight.
-    pub fn allocate_id(&mut self) -> Option<PacketId> {
-        for _ in 0..u16::MAX {
-            let id = self.next_id;
-            self.next_id = id.next();
-            if !self.inflight.iter().any(|f| f.id == id) {
-                return Some(id);
-            }
-        }
-        None
-    }
-
-    /// Finds an inflight message by identifier. Acknowledgements come mostly in order, so
-    /// the front is checked first.
-    pub fn inflight_position(&self, id: PacketId) -> Option<usize> {
-        self.inflight.iter().position(|f| f.id == id)
-    }
-}
-
-/// A will message not yet published.
-#[derive(Debug, Clone)]
-pub struct PendingWill {
-    /// The will as the client sent it.
-    pub will: Will,
-    /// The session that set it (for No Local).
-    pub origin: ClientKey,
-}
-
-impl PendingWill {
-    /// MQTT 5 Will Delay Interval in seconds.
-    pub fn delay(&self) -> u32 {
-        self.will.properties.will_delay_interval.unwrap_or(0)
-    }
-
-    /// The message to publish now. Its Message Expiry Interval counts from now, the moment
-    /// the will is published (MQTT 5 §3.1.3.2.4).
-    pub fn into_message(self) -> Arc<Message> {
-        let w = self.will;
-        let expires_at = w
-            .properties
-            .message
-            .message_expiry_interval
-            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
-        Arc::new(Message {
-            topic: w.topic,
-            payload: w.payload,
-            qos: w.qos,
-            retain: w.retain,
-            properties: w.properties.message,
-            expires_at,
-            origin: self.origin,
-        })
-    }
-}
-
-/// Why the registry asks a connection to close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kick {
-    /// Another connection with the same client identifier arrived (MQTT 5 reason 0x8E).
-    TakenOver,
-}
 
 /// The result of attaching a connection to a session.
 #[derive(Debug)]
@@ -249,12 +74,13 @@ enum Slot {
 /// The registry of sessions by client identifier.
 #[derive(Debug)]
 pub struct Sessions {
-    router: Arc<Router>,
+    /// Wills enter the broker here; subscriptions go to its router.
+    pipeline: Arc<Pipeline>,
     limits: QueueLimits,
     store: Option<Arc<Store>>,
     /// Subscriptions read back from the store beyond these are skipped.
     topics: TopicLimits,
-    slots: Mutex<HashMap<Arc<str>, Slot>>,
+    slots: Mutex<HashMap<ClientId, Slot>>,
     next_key: AtomicU64,
     next_conn: AtomicU64,
     /// Told the client id of every session that expires (the plugins' events hook).
@@ -271,15 +97,16 @@ impl std::fmt::Debug for ExpiryListener {
 }
 
 impl Sessions {
-    /// An empty registry delivering through `router`.
+    /// An empty registry subscribing through `pipeline`'s router and publishing wills
+    /// through `pipeline`.
     pub fn new(
-        router: Arc<Router>,
+        pipeline: Arc<Pipeline>,
         limits: QueueLimits,
         store: Option<Arc<Store>>,
         topics: TopicLimits,
     ) -> Sessions {
         Sessions {
-            router,
+            pipeline,
             limits,
             store,
             topics,
@@ -290,22 +117,20 @@ impl Sessions {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Slot>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ClientId, Slot>> {
         // Each critical section below is a handful of map operations without panicking
         // points, so a poisoned lock still guards a consistent map.
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn new_state(&self, client_id: Arc<str>, expiry: u32) -> SessionState {
+    fn new_state(&self, client_id: ClientId, expiry: u32) -> SessionState {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         SessionState {
             client_id,
             key,
             mailbox: Arc::new(self.mailbox(key)),
             subscriptions: HashMap::new(),
-            inflight: VecDeque::new(),
-            next_id: PacketId::FIRST,
-            inbound_qos2: HashSet::new(),
+            flows: Flows::default(),
             expiry,
             principal: None,
         }
@@ -318,61 +143,13 @@ impl Sessions {
         }
     }
 
-    /// Writes the session record of a persistent session; returns the store ticket.
-    /// `disconnected_at` is 0 while a connection holds the session.
-    pub fn save(
-        &self,
-        state: &SessionState,
-        disconnected_at: u64,
-        will: Option<&PendingWill>,
-    ) -> Option<u64> {
-        let (store, key) = state.mailbox.store()?;
-        let rec = SessionRecord {
-            key,
-            expiry: state.expiry,
-            disconnected_at,
-            next_id: state.next_id.get(),
-            will: will.map(|w| w.will.clone()),
-            principal: (state.principal.as_ref())
-                .map(|p| (p.user.as_deref().map(str::to_owned), p.listener.to_string())),
-        };
-        match record::encode_session(&rec) {
-            Ok(bytes) => store.submit_one(Op::PutSession(state.client_id.clone(), bytes)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot store a session");
-                None
-            }
-        }
-    }
-
-    /// Writes (`Some`) or removes (`None`) one subscription of a persistent session;
-    /// returns the store ticket.
-    pub fn save_subscription(
-        &self,
-        state: &SessionState,
-        filter: &TopicFilter,
-        sub: Option<Subscription>,
-    ) -> Option<u64> {
-        let (store, key) = state.mailbox.store()?;
-        let filter: Arc<str> = Arc::from(filter.as_str());
-        store.submit_one(match sub {
-            Some(s) => {
-                Op::PutSubscription(key, filter, record::encode_subscription(s.options, s.id))
-            }
-            None => Op::DeleteSubscription(key, filter),
-        })
-    }
-
     /// Rebuilds the sessions read from the store at start: subscriptions go back into the
     /// router, queued and in-flight messages into the session. Sessions that expired while
     /// the broker was down are ended (publishing their pending will).
     pub fn restore(self: &Arc<Self>, recovered: &mut Recovered) -> Result<usize, RecordError> {
         let now_ms = record::unix_ms_now();
         let mut restored = 0;
-        let sessions = std::mem::take(&mut recovered.sessions);
-        for (client_id, bytes) in sessions {
-            let (rec, _) = record::decode_session(&bytes)?;
-            let client_id: Arc<str> = Arc::from(client_id.as_str());
+        for (client_id, rec) in recovered.take_sessions()? {
             self.next_key.fetch_max(rec.key + 1, Ordering::Relaxed);
             let mailbox = Arc::new(self.mailbox(rec.key));
             mailbox.set_persistent(true);
@@ -381,9 +158,7 @@ impl Sessions {
                 key: rec.key,
                 mailbox,
                 subscriptions: HashMap::new(),
-                inflight: VecDeque::new(),
-                next_id: PacketId::new(rec.next_id).unwrap_or(PacketId::FIRST),
-                inbound_qos2: HashSet::new(),
+                flows: Flows::new(PacketId::new(rec.next_id).unwrap_or(PacketId::FIRST)),
                 expiry: rec.expiry,
                 principal: rec.principal.map(|(user, listener)| Principal {
                     user: user.map(Arc::from),
@@ -391,46 +166,43 @@ impl Sessions {
                 }),
             };
             let sub = state.subscriber();
-            let rows = recovered.subscriptions.remove(&rec.key).unwrap_or_default();
-            for (filter, bytes) in rows {
-                let (filter, options, id) = record::decode_subscription(&filter, &bytes)?;
+            for (filter, options, id) in recovered.take_subscriptions(rec.key)? {
                 if !self.topics.fits(filter.as_str()) {
                     tracing::warn!(client_id = %client_id, filter_len = filter.as_str().len(),
                         "stored subscription over max_topic_length or max_topic_levels: skipped");
                     continue;
                 }
-                self.router.subscribe(&sub, &filter, options, id);
+                self.pipeline.router().subscribe(&sub, &filter, options, id);
                 state
                     .subscriptions
                     .insert(filter, Subscription { options, id });
             }
-            let summary = recovered.queues.remove(&rec.key).unwrap_or_default();
-            for (id, bytes) in summary.inflight {
-                let q = record::decode_queued(&bytes, id)?;
+            let queue = recovered.take_queue(rec.key)?;
+            for q in queue.inflight {
                 if let Some((pid, stage)) = q.inflight {
-                    state.inflight.push_back(Inflight {
+                    state.flows.restore([Inflight {
                         id: pid,
                         delivery: q.delivery,
                         stage,
-                    });
+                    }]);
                 }
             }
-            state.mailbox.restore_disk(
-                summary.queued,
-                summary.after,
-                summary.bytes,
-                summary.max_id + 1,
-            );
-            for id in recovered.qos2_in.remove(&rec.key).unwrap_or_default() {
-                if let Some(id) = PacketId::new(id) {
-                    state.inbound_qos2.insert(id);
-                }
+            (state.mailbox).restore_disk(queue.queued, queue.after, queue.bytes, queue.next_id);
+            for id in recovered.take_qos2_received(rec.key) {
+                state.flows.restore_received(id);
             }
             let will = rec.will.and_then(|will| {
                 if self.topics.fits(will.topic.as_str()) {
+                    let principal = state.principal.as_ref();
                     return Some(PendingWill {
                         will,
                         origin: rec.key,
+                        client: ClientInfo {
+                            client_id: client_id.clone(),
+                            username: principal.and_then(|p| p.user.as_deref().map(str::to_owned)),
+                            listener: principal.map_or_else(|| "".into(), |p| p.listener.clone()),
+                            attributes: Vec::new(),
+                        },
                     });
                 }
                 tracing::warn!(client_id = %client_id,
@@ -457,7 +229,7 @@ impl Sessions {
                 Duration::from_secs(u64::from(w.delay().min(expiry))).saturating_sub(elapsed)
             });
             if rec.disconnected_at == 0 {
-                self.save(&state, now_ms, will.as_ref());
+                state.save(now_ms, will.as_ref());
             }
             let generation = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let timer = self.spawn_timers(client_id.clone(), generation, will_in, expires_in);
@@ -477,7 +249,7 @@ impl Sessions {
 
     fn spawn_timers(
         self: &Arc<Self>,
-        client_id: Arc<str>,
+        client_id: ClientId,
         generation: u64,
         will_in: Option<Duration>,
         expires_in: Option<Duration>,
@@ -505,6 +277,15 @@ impl Sessions {
         self.len() == 0
     }
 
+    /// Sessions with a connection and sessions without one, for metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        let slots = self.lock();
+        let online = (slots.values())
+            .filter(|s| matches!(s, Slot::Attached(_)))
+            .count();
+        (online, slots.len() - online)
+    }
+
     /// Attaches a new connection to the session of `client_id`, taking it over from a
     /// connection that holds it (MQTT-3.1.4-3). With `clean_start` any existing session is
     /// ended first; otherwise it is resumed. Refused when yet another connection with the
@@ -514,7 +295,7 @@ impl Sessions {
     /// owner's is touched).
     pub async fn attach(
         &self,
-        client_id: Arc<str>,
+        client_id: ClientId,
         clean_start: bool,
         expiry: u32,
         principal: Principal,
@@ -607,7 +388,7 @@ impl Sessions {
         let mut ticket = None;
         if expiry > 0 || state.mailbox.is_persistent() {
             state.mailbox.set_persistent(true);
-            ticket = self.save(&state, 0, None);
+            ticket = state.save(0, None);
         }
         state.mailbox.set_online(true);
         Ok(Attachment {
@@ -678,7 +459,7 @@ impl Sessions {
             .as_ref()
             .map(|w| Duration::from_secs(u64::from(w.delay().min(expiry))));
         let expires_in = (expiry != NEVER_EXPIRES).then(|| Duration::from_secs(u64::from(expiry)));
-        self.save(&state, record::unix_ms_now(), will.as_ref());
+        state.save(record::unix_ms_now(), will.as_ref());
         let timer = self.spawn_timers(state.client_id.clone(), generation, will_in, expires_in);
         slot.insert(Slot::Detached(Box::new(Detached {
             state,
@@ -690,7 +471,7 @@ impl Sessions {
 
     async fn run_timers(
         self: Arc<Self>,
-        client_id: Arc<str>,
+        client_id: ClientId,
         generation: u64,
         will_in: Option<Duration>,
         expires_in: Option<Duration>,
@@ -702,7 +483,7 @@ impl Sessions {
                 Some(Slot::Detached(d)) if d.generation == generation => {
                     let w = d.will.take();
                     if w.is_some() {
-                        self.save(&d.state, record::unix_ms_now(), None);
+                        d.state.save(record::unix_ms_now(), None);
                     }
                     w
                 }
@@ -736,11 +517,18 @@ impl Sessions {
     }
 
     /// Publishes a will (routed like any message; retained if it asks and there is room).
+    /// Publishes a will through the pipeline, like any message (transforms, sinks).
     fn publish_will(&self, w: PendingWill) {
-        let msg = w.into_message();
-        if self.router.route(&msg).not_retained {
-            tracing::warn!(topic = %msg.topic, "retained store full: a will was routed, not retained");
-        }
+        let PendingWill {
+            will,
+            origin,
+            client,
+        } = w;
+        let from = Origin::Will {
+            session: origin,
+            client: &client,
+        };
+        self.pipeline.publish(&from, Draft::from_will(will));
     }
 
     fn end_with_will(&self, state: SessionState, will: Option<PendingWill>) {
@@ -756,11 +544,11 @@ impl Sessions {
         state.mailbox.set_online(false);
         self.redistribute_shared(&mut state, true);
         if let Some((store, key)) = state.mailbox.store() {
-            store.submit_one(Op::DeleteSession(state.client_id.clone(), key));
+            store.delete_session(&state.client_id, key);
         }
         state.mailbox.set_persistent(false);
         for filter in state.subscriptions.keys() {
-            self.router.unsubscribe(state.key, filter);
+            self.pipeline.router().unsubscribe(state.key, filter);
         }
     }
 
@@ -772,8 +560,9 @@ impl Sessions {
     /// session `ending`. Completed QoS 2 handshakes (PUBREC received) never move.
     fn redistribute_shared(&self, state: &mut SessionState, ending: bool) {
         let key = state.key;
-        let mut keep = VecDeque::with_capacity(state.inflight.len());
-        for f in state.inflight.drain(..) {
+        let taken = state.flows.take_inflight();
+        let mut keep = VecDeque::with_capacity(taken.len());
+        for f in taken {
             let movable = match f.stage {
                 Stage::AwaitAck => true,
                 Stage::AwaitRec => ending,
@@ -782,14 +571,14 @@ impl Sessions {
             if f.delivery.shared.is_some() && movable {
                 let mut d = f.delivery.clone();
                 d.retain = false;
-                if self.router.redeliver_shared(d, key).is_ok() {
+                if self.pipeline.router().redeliver_shared(d, key).is_ok() {
                     state.mailbox.forget(&f.delivery);
                     continue;
                 }
             }
             keep.push_back(f);
         }
-        state.inflight = keep;
+        state.flows.restore(keep);
         if state.mailbox.is_empty() {
             return;
         }
@@ -797,7 +586,7 @@ impl Sessions {
         let mut back = Vec::new();
         for d in moved {
             let copy = d.store_id.map(|_| d.clone());
-            match self.router.redeliver_shared(d, key) {
+            match self.pipeline.router().redeliver_shared(d, key) {
                 Ok(()) => {
                     if let Some(c) = copy {
                         state.mailbox.forget(&c);

@@ -10,8 +10,8 @@ use tokio::sync::Notify;
 
 use crate::codec::QoS;
 use crate::message::{ClientKey, Delivery};
-use crate::metrics::METRICS;
-use crate::store::{Op, Store, record};
+use crate::metrics::{self, C};
+use crate::store::{QueueEntry, Store};
 
 /// Limits of one session's queue (messages not yet in flight).
 #[derive(Debug, Clone, Copy)]
@@ -132,6 +132,52 @@ struct Durable {
     on: AtomicBool,
 }
 
+/// The queue, locked; what changed in its size while locked goes to the broker-wide
+/// gauges of queued messages and bytes when it is unlocked.
+struct Locked<'a> {
+    q: std::sync::MutexGuard<'a, Queue>,
+    before: (usize, usize),
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Queue;
+    fn deref(&self) -> &Queue {
+        &self.q
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Queue {
+        &mut self.q
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let after = (self.q.len(), self.q.bytes);
+        if after != self.before {
+            // Wrapping: the gauges are sums of signed changes.
+            metrics::add(
+                C::QueuedMessages,
+                (after.0 as u64).wrapping_sub(self.before.0 as u64),
+            );
+            metrics::add(
+                C::QueuedBytes,
+                (after.1 as u64).wrapping_sub(self.before.1 as u64),
+            );
+        }
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        // What it still holds leaves the broker-wide gauges with it.
+        let q = self.queue.get_mut().unwrap_or_else(|e| e.into_inner());
+        metrics::add(C::QueuedMessages, (q.len() as u64).wrapping_neg());
+        metrics::add(C::QueuedBytes, (q.bytes as u64).wrapping_neg());
+    }
+}
+
 impl Mailbox {
     /// An empty, offline mailbox.
     pub fn new(limits: QueueLimits) -> Mailbox {
@@ -151,14 +197,13 @@ impl Mailbox {
     /// An empty, offline mailbox whose QoS 1/2 deliveries are written to `store` under the
     /// session `key` while [`Mailbox::set_persistent`] is on.
     pub fn with_store(limits: QueueLimits, store: Arc<Store>, key: ClientKey) -> Mailbox {
-        Mailbox {
-            durable: Some(Durable {
-                store,
-                key,
-                on: AtomicBool::new(false),
-            }),
-            ..Mailbox::new(limits)
-        }
+        let mut m = Mailbox::new(limits);
+        m.durable = Some(Durable {
+            store,
+            key,
+            on: AtomicBool::new(false),
+        });
+        m
     }
 
     /// Turns writing to the store on or off (a session with expiry 0 costs no disk writes).
@@ -186,7 +231,7 @@ impl Mailbox {
     /// Deletes the durable copy of a delivery that was acknowledged or dropped.
     pub fn forget(&self, d: &Delivery) {
         if let (Some(id), Some((store, key))) = (d.store_id, self.store()) {
-            store.submit_one(Op::DeleteQueued(key, id));
+            store.queue_delete(key, id);
         }
     }
 
@@ -199,10 +244,12 @@ impl Mailbox {
         q.bytes += bytes;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+    fn lock(&self) -> Locked<'_> {
         // A panic while holding this lock cannot leave the queue inconsistent (each
         // operation is a single push/pop), so a poisoned lock is still usable.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let before = (q.len(), q.bytes);
+        Locked { q, before }
     }
 
     /// Queues a delivery and wakes the connection. Overflow policy: the new message is
@@ -233,23 +280,20 @@ impl Mailbox {
                 let id = q.next_store_id;
                 q.next_store_id += 1;
                 d.store_id = Some(id);
-                match record::encode_queued(&d, None) {
-                    Ok(bytes) => {
-                        ticket = store.submit_one(Op::PutQueued(key, id, bytes));
-                        // Offline, or behind a backlog: the message stays on disk only.
-                        if q.disk.count > 0 || !self.is_online() || q.acked.len() >= RAM_QUEUE {
-                            if q.disk.count == 0 {
-                                q.disk.after = id - 1;
-                            }
-                            q.disk.count += 1;
-                            q.bytes += size;
-                            let congested = self.congested(q.len());
-                            drop(q);
-                            self.notify.notify_one();
-                            return Ok(Pushed { ticket, congested });
+                if let Ok(t) = store.queue_put(key, id, &d, None) {
+                    ticket = t;
+                    // Offline, or behind a backlog: the message stays on disk only.
+                    if q.disk.count > 0 || !self.is_online() || q.acked.len() >= RAM_QUEUE {
+                        if q.disk.count == 0 {
+                            q.disk.after = id - 1;
                         }
+                        q.disk.count += 1;
+                        q.bytes += size;
+                        let congested = self.congested(q.len());
+                        drop(q);
+                        self.notify.notify_one();
+                        return Ok(Pushed { ticket, congested });
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot store a queued message"),
                 }
             }
             q.bytes += size;
@@ -264,7 +308,7 @@ impl Mailbox {
 
     fn count_drop(&self, qos: QoS) {
         let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        METRICS.queue_dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::inc(C::DroppedQueueFull);
         if n == 1 || n.is_multiple_of(1000) {
             tracing::warn!(
                 dropped = n,
@@ -279,6 +323,9 @@ impl Mailbox {
     /// a blocked QoS 1/2 one still move. Entries on disk are read back as needed. Returns
     /// false when entries are on disk but not yet readable (their commit is under way): the
     /// caller tries again once the store has committed more.
+    ///
+    /// The store is read without the queue's lock, so publishers pushing to this session
+    /// never wait for a database read.
     pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize, mut credits: usize) -> bool {
         let mut q = self.lock();
         let start = out.len();
@@ -286,7 +333,16 @@ impl Mailbox {
         while out.len() < max {
             if q.acked.is_empty() && q.disk.count > 0 && credits > 0 {
                 let want = credits.min(max - out.len()).min(LOAD_BATCH);
-                if !self.load(&mut q, want) {
+                let after = q.disk.after;
+                drop(q);
+                let rows = self.read_disk(after, want);
+                q = self.lock();
+                if !q.acked.is_empty() || q.disk.after != after {
+                    // The tail moved while unlocked (spilled, or drained by another
+                    // caller): what was read may not follow on; look again.
+                    continue;
+                }
+                if !Self::load(&mut q, rows) {
                     break;
                 }
             }
@@ -326,24 +382,30 @@ impl Mailbox {
         !stalled
     }
 
-    /// Reads up to `want` entries from the disk tail into the QoS 1/2 lane. False when none
-    /// could be read.
-    fn load(&self, q: &mut Queue, want: usize) -> bool {
-        let Some((store, key)) = self.store() else {
+    /// Reads (and decodes) up to `want` committed entries of the disk tail with ids above
+    /// `after`; `None` when the session is no longer persistent (its tail is gone).
+    fn read_disk(&self, after: u64, want: usize) -> Option<Vec<QueueEntry>> {
+        let (store, key) = self.store()?;
+        match store.read_queued(key, after, want) {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a queue from the store");
+                Some(Vec::new())
+            }
+        }
+    }
+
+    /// Moves what [`Mailbox::read_disk`] read from the disk tail into the QoS 1/2 lane.
+    /// False when nothing could be moved.
+    fn load(q: &mut Queue, rows: Option<Vec<QueueEntry>>) -> bool {
+        let Some(rows) = rows else {
             q.disk = DiskTail::default();
             return false;
         };
-        let rows = match store.read_queue(key, q.disk.after, want) {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read a queue from the store");
-                return false;
-            }
-        };
         let mut loaded = false;
-        for (id, bytes) in rows {
+        for (id, rec) in rows {
             q.disk.after = id;
-            match record::decode_queued(&bytes, id) {
+            match rec {
                 // Entries in flight at a restart were restored with the session.
                 Ok(rec) if rec.inflight.is_some() => {}
                 Ok(rec) => {
@@ -462,6 +524,7 @@ impl Mailbox {
     /// The session did not make room in time: stop holding publishers back for it.
     pub fn mark_stalled(&self) {
         if !self.stalled.swap(true, Ordering::AcqRel) {
+            metrics::inc(C::SlowSubscribers);
             tracing::warn!(
                 queued = self.len(),
                 "subscriber is not keeping up: its messages overflow instead of holding publishers back"
@@ -478,10 +541,16 @@ impl Mailbox {
         if self.is_persistent() {
             let mut q = self.lock();
             let all_stored = q.acked.iter().all(|(_, d)| d.store_id.is_some());
-            if all_stored && let Some(first) = q.acked.front().and_then(|(_, d)| d.store_id) {
+            // The lowest id, not the front's: deliveries put back at the front (shared
+            // ones no other member took) may have higher ids than those behind them.
+            let lowest = q.acked.iter().filter_map(|(_, d)| d.store_id).min();
+            if all_stored && let Some(lowest) = lowest {
                 let n = q.acked.len();
                 q.acked.clear();
-                q.disk.after = first - 1;
+                q.disk.after = match q.disk.count {
+                    0 => lowest - 1,
+                    _ => q.disk.after.min(lowest - 1),
+                };
                 q.disk.count += n;
             }
         }
@@ -494,183 +563,4 @@ impl Mailbox {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::codec::{MessageProperties, TopicName};
-    use crate::message::Message;
-    use bytes::Bytes;
-    use std::sync::Arc;
-
-    fn d(n: u8, qos: QoS) -> Delivery {
-        Delivery {
-            msg: Arc::new(Message {
-                topic: TopicName::new("t").unwrap(),
-                payload: Bytes::from(vec![n]),
-                qos,
-                retain: false,
-                properties: MessageProperties::default(),
-                expires_at: None,
-                origin: 0,
-            }),
-            qos,
-            retain: false,
-            sub_ids: Vec::new(),
-            shared: None,
-            store_id: None,
-            hooked: false,
-        }
-    }
-
-    fn online(max_messages: usize) -> Mailbox {
-        let m = Mailbox::new(QueueLimits {
-            max_messages,
-            max_bytes: 1 << 20,
-            backpressure: true,
-        });
-        m.set_online(true);
-        m
-    }
-
-    fn payloads(v: &VecDeque<Delivery>) -> Vec<u8> {
-        v.iter().map(|d| d.msg.payload[0]).collect()
-    }
-
-    #[test]
-    fn drains_in_arrival_order_across_qos() {
-        let m = online(10);
-        for (n, q) in [
-            (1, QoS::AtLeastOnce),
-            (2, QoS::AtMostOnce),
-            (3, QoS::ExactlyOnce),
-        ] {
-            m.push(d(n, q)).unwrap();
-        }
-        let mut out = VecDeque::new();
-        m.drain(&mut out, 10, 10);
-        assert_eq!(payloads(&out), vec![1, 2, 3]);
-    }
-
-    #[test]
-    fn qos0_passes_a_full_window_but_qos1_waits() {
-        let m = online(10);
-        m.push(d(1, QoS::AtLeastOnce)).unwrap();
-        m.push(d(2, QoS::AtMostOnce)).unwrap();
-        m.push(d(3, QoS::AtLeastOnce)).unwrap();
-        let mut out = VecDeque::new();
-        m.drain(&mut out, 10, 0);
-        assert_eq!(payloads(&out), vec![2]);
-        out.clear();
-        m.drain(&mut out, 10, 1);
-        assert_eq!(payloads(&out), vec![1]);
-    }
-
-    #[test]
-    fn unshift_restores_the_front() {
-        let m = online(10);
-        for n in 1..=4 {
-            m.push(d(n, QoS::AtLeastOnce)).unwrap();
-        }
-        let mut out = VecDeque::new();
-        m.drain(&mut out, 2, 10);
-        m.push(d(5, QoS::AtMostOnce)).unwrap();
-        m.unshift(out.drain(..));
-        m.drain(&mut out, 10, 10);
-        assert_eq!(payloads(&out), vec![1, 2, 3, 4, 5]);
-    }
-
-    #[test]
-    fn full_queue_drops_newest_and_offline_refuses_qos0() {
-        let m = online(2);
-        m.push(d(1, QoS::AtLeastOnce)).unwrap();
-        m.push(d(2, QoS::AtLeastOnce)).unwrap();
-        assert_eq!(m.push(d(3, QoS::AtLeastOnce)), Err(Refused::Full));
-        m.set_online(false);
-        let m2 = Mailbox::new(QueueLimits {
-            max_messages: 2,
-            max_bytes: 10,
-            backpressure: true,
-        });
-        assert_eq!(m2.push(d(1, QoS::AtMostOnce)), Err(Refused::Offline));
-        assert_eq!(m.len(), 2);
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod disk_tests {
-    use super::*;
-    use crate::codec::{MessageProperties, TopicName};
-    use crate::message::Message;
-    use crate::store::StoreConfig;
-    use bytes::Bytes;
-
-    fn d(n: u32) -> Delivery {
-        Delivery {
-            msg: Arc::new(Message {
-                topic: TopicName::new("t").unwrap(),
-                payload: Bytes::from(n.to_be_bytes().to_vec()),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                properties: MessageProperties::default(),
-                expires_at: None,
-                origin: 0,
-            }),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            sub_ids: Vec::new(),
-            shared: None,
-            store_id: None,
-            hooked: false,
-        }
-    }
-
-    #[test]
-    fn offline_queue_lives_on_disk_and_drains_in_order() {
-        let dir = std::env::temp_dir().join(format!(
-            "sandpiper-mailbox-{}-{}",
-            std::process::id(),
-            crate::store::record::unix_ms_now()
-        ));
-        let (store, _) = Store::open(&StoreConfig {
-            data_dir: dir.clone(),
-            ..StoreConfig::default()
-        })
-        .unwrap();
-        let store = Arc::new(store);
-        let limits = QueueLimits {
-            max_messages: 100_000,
-            max_bytes: 1 << 30,
-            backpressure: true,
-        };
-        let m = Mailbox::with_store(limits, store.clone(), 9);
-        m.set_persistent(true);
-        m.set_online(true);
-        for n in 0..10 {
-            m.push(d(n)).unwrap();
-        }
-        m.set_online(false);
-        m.spill();
-        for n in 10..5000 {
-            m.push(d(n)).unwrap();
-        }
-        // Nothing of the backlog is held in memory.
-        assert!(m.lock().acked.is_empty());
-        assert_eq!(m.len(), 5000);
-        store.flush();
-        m.set_online(true);
-        let mut out = VecDeque::new();
-        let mut got = Vec::new();
-        while got.len() < 5000 {
-            assert!(m.drain(&mut out, 300, 300));
-            assert!(!out.is_empty(), "stalled after {}", got.len());
-            for x in out.drain(..) {
-                got.push(u32::from_be_bytes(x.msg.payload[..].try_into().unwrap()));
-            }
-        }
-        assert_eq!(got, (0..5000).collect::<Vec<_>>());
-        assert!(m.is_empty());
-        store.close();
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+mod tests;

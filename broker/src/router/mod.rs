@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use crate::codec::{QoS, SubscriptionOptions, TopicFilter};
 use crate::mailbox::{Mailbox, Pushed};
 use crate::message::{ClientKey, Delivery, Message};
-use crate::store::{Op, Store, record};
+use crate::store::Store;
 
 /// A session as the router sees it: its key and its mailbox.
 #[derive(Debug, Clone)]
@@ -154,6 +154,10 @@ pub struct Router {
     retained: RwLock<Retained>,
     retain_limits: RetainLimits,
     store: Option<Arc<Store>>,
+    /// Subscriptions held (shared ones count once per member).
+    subscriptions: AtomicUsize,
+    /// Shared subscription groups.
+    shared_groups: AtomicUsize,
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -208,6 +212,7 @@ impl Router {
                 let idx = match pos {
                     Some(i) => i,
                     None => {
+                        self.shared_groups.fetch_add(1, Ordering::Relaxed);
                         node.shared.push(SharedGroup {
                             filter: filter.clone(),
                             members: Vec::new(),
@@ -229,9 +234,18 @@ impl Router {
             }
             None => {
                 list.push(entry);
+                self.subscriptions.fetch_add(1, Ordering::Relaxed);
                 true
             }
         }
+    }
+
+    /// Subscriptions held and shared groups, for metrics.
+    pub fn subscription_counts(&self) -> (usize, usize) {
+        (
+            self.subscriptions.load(Ordering::Relaxed),
+            self.shared_groups.load(Ordering::Relaxed),
+        )
     }
 
     /// Removes the subscription of `key` to `filter`; true if it existed. Nodes left empty
@@ -271,12 +285,18 @@ impl Router {
                     g.members.retain(|e| e.sub.key != key);
                     removed |= before != g.members.len();
                 }
+                let groups = leaf.shared.len();
                 leaf.shared.retain(|g| !g.members.is_empty());
+                let gone = groups - leaf.shared.len();
+                self.shared_groups.fetch_sub(gone, Ordering::Relaxed);
                 removed
             }
         };
         if leaf.is_empty() {
             cut(&mut root, &levels, keep);
+        }
+        if removed {
+            self.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
         removed
     }
@@ -318,7 +338,7 @@ impl Router {
             let mut ids = Vec::new();
             while let Some(e) = matches.get(j).filter(|e| Some(e.sub.key) == key) {
                 j += 1;
-                if e.options.no_local && e.sub.key == msg.origin {
+                if e.options.no_local && msg.publisher == Some(e.sub.key) {
                     continue;
                 }
                 let q = msg.qos.min(e.options.qos);
@@ -408,17 +428,10 @@ impl Router {
         let Some(store) = self.store.as_ref() else {
             return Ok(None);
         };
-        let topic: Arc<str> = Arc::from(msg.topic.as_str());
         if msg.payload.is_empty() {
-            return Ok(store.submit_one(Op::DeleteRetained(topic)));
+            return Ok(store.delete_retained(msg.topic.as_str()));
         }
-        match record::encode_retained(msg) {
-            Ok(bytes) => Ok(store.submit_one(Op::PutRetained(topic, bytes))),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot store a retained message");
-                Ok(None)
-            }
-        }
+        Ok(store.save_retained(msg))
     }
 
     /// Whether the retained store has room for `msg` (a replacement counts only what it
@@ -437,6 +450,17 @@ impl Router {
         let count = r.count + usize::from(old == 0);
         let bytes = (r.bytes - old.min(r.bytes)).saturating_add(msg.size());
         count <= self.retain_limits.max_messages && bytes <= self.retain_limits.max_bytes
+    }
+
+    /// Keeps the broker's own `$SYS` message in memory, outside the retained store's
+    /// counts and limits (only the broker publishes under `$SYS/`).
+    pub fn retain_system(&self, msg: &Arc<Message>) {
+        let mut r = write(&self.retained);
+        let mut node = &mut r.root;
+        for level in msg.topic.as_str().split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        node.msg = Some(msg.clone());
     }
 
     /// Stores or clears a retained message in memory only (also used at start, for
@@ -672,255 +696,4 @@ fn remove_retained(root: &mut RetainedNode, levels: &[&str]) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::codec::{MessageProperties, TopicName, filter_matches};
-    use crate::mailbox::QueueLimits;
-    use bytes::Bytes;
-    use proptest::prelude::*;
-
-    fn sub(key: ClientKey) -> Subscriber {
-        let mailbox = Arc::new(Mailbox::new(QueueLimits {
-            max_messages: 1000,
-            max_bytes: 1 << 20,
-            backpressure: true,
-        }));
-        mailbox.set_online(true);
-        Subscriber { key, mailbox }
-    }
-
-    fn msg(topic: &str, qos: QoS) -> Arc<Message> {
-        Arc::new(Message {
-            topic: TopicName::new(topic).unwrap(),
-            payload: Bytes::from_static(b"x"),
-            qos,
-            retain: false,
-            properties: MessageProperties::default(),
-            expires_at: None,
-            origin: 0,
-        })
-    }
-
-    fn drain(s: &Subscriber) -> Vec<Delivery> {
-        let mut out = std::collections::VecDeque::new();
-        s.mailbox.drain(&mut out, usize::MAX, usize::MAX);
-        out.into_iter().collect()
-    }
-
-    #[test]
-    fn overlapping_subscriptions_deliver_once_at_max_qos() {
-        let r = Router::new();
-        let s = sub(1);
-        let f1 = TopicFilter::new("a/+").unwrap();
-        let f2 = TopicFilter::new("a/#").unwrap();
-        r.subscribe(
-            &s,
-            &f1,
-            SubscriptionOptions::qos(QoS::AtMostOnce),
-            NonZeroU32::new(1),
-        );
-        r.subscribe(
-            &s,
-            &f2,
-            SubscriptionOptions::qos(QoS::AtLeastOnce),
-            NonZeroU32::new(2),
-        );
-        assert_eq!(r.publish(&msg("a/b", QoS::ExactlyOnce)).delivered, 1);
-        let got = drain(&s);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].qos, QoS::AtLeastOnce);
-        let mut ids: Vec<u32> = got[0].sub_ids.iter().map(|i| i.get()).collect();
-        ids.sort();
-        assert_eq!(ids, vec![1, 2]);
-    }
-
-    #[test]
-    fn dollar_topics_skip_leading_wildcards() {
-        let r = Router::new();
-        let s = sub(1);
-        r.subscribe(
-            &s,
-            &TopicFilter::new("#").unwrap(),
-            SubscriptionOptions::qos(QoS::AtMostOnce),
-            None,
-        );
-        r.subscribe(
-            &s,
-            &TopicFilter::new("+/x").unwrap(),
-            SubscriptionOptions::qos(QoS::AtMostOnce),
-            None,
-        );
-        assert_eq!(r.publish(&msg("$SYS/x", QoS::AtMostOnce)).delivered, 0);
-        r.subscribe(
-            &s,
-            &TopicFilter::new("$SYS/#").unwrap(),
-            SubscriptionOptions::qos(QoS::AtMostOnce),
-            None,
-        );
-        assert_eq!(r.publish(&msg("$SYS/x", QoS::AtMostOnce)).delivered, 1);
-    }
-
-    #[test]
-    fn shared_group_delivers_to_one_member() {
-        let r = Router::new();
-        let a = sub(1);
-        let b = sub(2);
-        let f = TopicFilter::new("$share/g/t/#").unwrap();
-        r.subscribe(&a, &f, SubscriptionOptions::qos(QoS::AtLeastOnce), None);
-        r.subscribe(&b, &f, SubscriptionOptions::qos(QoS::AtLeastOnce), None);
-        for _ in 0..10 {
-            assert_eq!(r.publish(&msg("t/1", QoS::AtLeastOnce)).delivered, 1);
-        }
-        assert_eq!(drain(&a).len() + drain(&b).len(), 10);
-    }
-
-    #[test]
-    fn unsubscribe_prunes() {
-        let r = Router::new();
-        let a = sub(1);
-        let f = TopicFilter::new("a/b/c").unwrap();
-        r.subscribe(&a, &f, SubscriptionOptions::qos(QoS::AtMostOnce), None);
-        assert!(r.unsubscribe(1, &f));
-        assert!(!r.unsubscribe(1, &f));
-        assert!(read(&r.trie).is_empty());
-    }
-
-    /// Topics far deeper than any limit (65,536 levels, as a will could once carry) are
-    /// stored, matched, removed and dropped without recursion.
-    #[test]
-    fn deep_topics_do_not_recurse() {
-        let deep = "/".repeat(65_535);
-        let r = Router::new();
-        let s = sub(1);
-        let f = TopicFilter::new(&deep).unwrap();
-        r.subscribe(&s, &f, SubscriptionOptions::qos(QoS::AtMostOnce), None);
-        r.subscribe(
-            &s,
-            &TopicFilter::new("#").unwrap(),
-            SubscriptionOptions::qos(QoS::AtMostOnce),
-            None,
-        );
-        let mut m = clone_msg(&msg(&deep, QoS::AtMostOnce));
-        m.retain = true;
-        let m = Arc::new(m);
-        assert_eq!(r.publish(&m).delivered, 1);
-        r.retain(&m).unwrap();
-        assert_eq!(r.retained_matching("#", Instant::now()).len(), 1);
-        assert_eq!(r.retained_matching(&deep, Instant::now()).len(), 1);
-        assert!(r.unsubscribe(1, &f));
-        let mut clear = clone_msg(&m);
-        clear.payload = Bytes::new();
-        r.retain(&Arc::new(clear)).unwrap();
-        assert_eq!(r.retained_size(), (0, 0));
-        // And a whole deep tree dropped at once.
-        r.subscribe(&s, &f, SubscriptionOptions::qos(QoS::AtMostOnce), None);
-        r.retain(&m).unwrap();
-        drop(r);
-    }
-
-    #[test]
-    fn retained_store_keeps_to_its_limits() {
-        let r = Router {
-            retain_limits: RetainLimits {
-                max_messages: 2,
-                max_bytes: 100,
-            },
-            ..Router::default()
-        };
-        let retained = |topic: &str, payload: &'static [u8]| {
-            let mut m = clone_msg(&msg(topic, QoS::AtMostOnce));
-            m.retain = true;
-            m.payload = Bytes::from_static(payload);
-            Arc::new(m)
-        };
-        r.retain(&retained("a", b"1")).unwrap();
-        r.retain(&retained("b", b"2")).unwrap();
-        assert!(!r.retain_room(&retained("c", b"3")));
-        assert_eq!(r.retain(&retained("c", b"3")), Err(RetainedFull));
-        // A replacement adds no message, and clearing always fits.
-        assert!(r.retain_room(&retained("a", b"11")));
-        r.retain(&retained("a", b"11")).unwrap();
-        assert_eq!(r.retained_size(), (2, 5));
-        assert_eq!(r.retain(&retained("b", &[0; 100])), Err(RetainedFull));
-        r.retain(&retained("b", b"")).unwrap();
-        r.retain(&retained("c", b"3")).unwrap();
-        assert_eq!(r.retained_size(), (2, 5));
-    }
-
-    #[test]
-    fn retained_store_replace_clear() {
-        let r = Router::new();
-        let mut m = Message {
-            topic: TopicName::new("a/b").unwrap(),
-            payload: Bytes::from_static(b"1"),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: MessageProperties::default(),
-            expires_at: None,
-            origin: 0,
-        };
-        r.retain(&Arc::new(Message {
-            payload: Bytes::from_static(b"1"),
-            ..clone_msg(&m)
-        }))
-        .unwrap();
-        r.retain(&Arc::new(Message {
-            payload: Bytes::from_static(b"2"),
-            ..clone_msg(&m)
-        }))
-        .unwrap();
-        let got = r.retained_matching("a/#", Instant::now());
-        assert_eq!(got.len(), 1);
-        assert_eq!(&got[0].payload[..], b"2");
-        m.payload = Bytes::new();
-        r.retain(&Arc::new(m)).unwrap();
-        assert_eq!(r.retained_count(), 0);
-    }
-
-    fn clone_msg(m: &Message) -> Message {
-        Message {
-            topic: m.topic.clone(),
-            payload: m.payload.clone(),
-            qos: m.qos,
-            retain: m.retain,
-            properties: m.properties.clone(),
-            expires_at: m.expires_at,
-            origin: m.origin,
-        }
-    }
-
-    fn level() -> impl Strategy<Value = String> {
-        prop_oneof![Just("a"), Just("b"), Just("$c"), Just("")].prop_map(String::from)
-    }
-
-    proptest! {
-        /// The trie agrees with the reference matcher for every filter/topic pair.
-        #[test]
-        fn trie_matches_like_reference(
-            topic in prop::collection::vec(level(), 1..4),
-            filter in prop::collection::vec(prop_oneof![level(), Just("+".to_string())], 1..4),
-            hash in any::<bool>(),
-        ) {
-            let topic = topic.join("/");
-            let mut filter = filter.join("/");
-            if hash { filter.push_str("/#"); }
-            let (Ok(t), Ok(f)) = (TopicName::new(&topic), TopicFilter::new(&filter)) else {
-                return Ok(());
-            };
-            let r = Router::new();
-            let s = sub(1);
-            r.subscribe(&s, &f, SubscriptionOptions::qos(QoS::AtMostOnce), None);
-            let m = msg(t.as_str(), QoS::AtMostOnce);
-            prop_assert_eq!(r.publish(&m).delivered == 1, filter_matches(&filter, &topic));
-            let rr = Router::new();
-            let mut stored = clone_msg(&m);
-            stored.retain = true;
-            rr.retain(&Arc::new(stored)).unwrap();
-            prop_assert_eq!(
-                rr.retained_matching(&filter, Instant::now()).len() == 1,
-                filter_matches(&filter, &topic)
-            );
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,372 @@
+//! One task per client connection: read → decode → act on the session → route; drain the
+//! session's mailbox → encode → write. Reads and writes are multiplexed in one `select!` so a
+//! client that does not read cannot stall us reading its acks, and a client that floods us
+//! cannot make us buffer without bound (reading stops while our write buffer is full).
+//!
+//! `run` (here) takes a socket from CONNECT to close; `handshake` reads CONNECT and answers
+//! it; `socket` is the read/write loop; `publish`, `subscribe` and `deliver` handle the
+//! packets of each flow.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::broker::Broker;
+use crate::codec::{Disconnect, Packet, ProtocolVersion, PublishQoS, ReasonCode, TopicName};
+use crate::message::Delivery;
+use crate::message::Draft;
+use crate::session::{Kick, PendingWill};
+use handshake::ReadError;
+use handshake::read_connect;
+use handshake::refuse_connect;
+
+mod deliver;
+mod handshake;
+mod publish;
+mod socket;
+mod subscribe;
+
+pub(crate) use handshake::send_connack_and_close;
+
+/// Facts about the listener a connection came through (and, for TLS, about the client's
+/// certificate: the future authenticate hook gets them from here).
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// Listener name, for logs and plugins.
+    pub name: Arc<str>,
+    /// Whether unauthenticated clients may connect.
+    pub allow_anonymous: bool,
+    /// MQTT versions accepted; a CONNECT of another gets 0x84 (3.x: return code 1).
+    pub protocols: Vec<ProtocolVersion>,
+    /// Whether a verified client certificate's Common Name is the client's user name, which
+    /// also makes the client authenticated.
+    pub username_from_cert: bool,
+    /// The client certificate this connection presented, verified against the listener's
+    /// client CA (TLS listeners only; set per connection).
+    pub client_cert: Option<crate::transport::tls::ClientCert>,
+}
+
+impl ListenerInfo {
+    /// The user name a verified client certificate gives, when the listener uses it
+    /// (`username_from_cert`): the certificate's Common Name.
+    pub fn cert_username(&self) -> Option<&str> {
+        if !self.username_from_cert {
+            return None;
+        }
+        self.client_cert.as_ref()?.common_name.as_deref()
+    }
+}
+
+/// Stop taking deliveries from the mailbox once this much is waiting to be written.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Smallest and largest read buffer reservation. An idle connection keeps the small one
+/// (memory per idle client is what limits how many a broker holds); a busy one doubles it
+/// while reads fill it.
+const MIN_READ: usize = 64;
+const MAX_READ: usize = 64 * 1024;
+/// How long a closing connection tries to flush its last packets.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// DISCONNECT with reason 0x00: the will is discarded.
+    Normal,
+    /// DISCONNECT with any other reason (0x04 asks for the will explicitly).
+    ClientWithWill,
+    /// The socket closed or failed without DISCONNECT.
+    Lost,
+    /// The client broke the protocol; MQTT 5 clients are told why.
+    Error(ReasonCode),
+    /// No packet within 1.5 × keep alive (MQTT-3.1.2-24).
+    KeepAlive,
+    /// Another connection took the session (MQTT-3.1.4-3).
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl Close {
+    /// Whether the broker ends the connection while the client may still be sending:
+    /// after a protocol error or a takeover (not after the client's DISCONNECT or close,
+    /// a keep-alive timeout, when the client sent nothing for a while, or at shutdown,
+    /// which should not wait for clients).
+    fn broker_first(self) -> bool {
+        matches!(self, Close::Error(_) | Close::TakenOver)
+    }
+
+    /// The DISCONNECT reason sent to an MQTT 5 client, if one is sent.
+    fn reason(self) -> Option<ReasonCode> {
+        match self {
+            Close::Error(r) => Some(r),
+            Close::KeepAlive => Some(ReasonCode::KeepAliveTimeout),
+            Close::TakenOver => Some(ReasonCode::SessionTakenOver),
+            Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
+            Close::Normal | Close::ClientWithWill | Close::Lost => None,
+        }
+    }
+}
+
+/// Moves `timer` earlier to `at`; a later deadline is left for the timer's branch to find.
+fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, at: tokio::time::Instant) {
+    if at < timer.deadline() {
+        timer.reset(at);
+    }
+}
+
+/// Serves one client until it disconnects, fails, is taken over, or the broker stops.
+pub async fn run<R, W>(
+    broker: Arc<Broker>,
+    listener: Arc<ListenerInfo>,
+    peer: SocketAddr,
+    mut rd: R,
+    mut wr: W,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let cfg = &broker.config.mqtt;
+    let mut inbuf = BytesMut::with_capacity(MIN_READ);
+    let deadline = Duration::from_secs(cfg.connect_timeout);
+    let first = tokio::select! {
+        _ = broker.shutdown.cancelled() => return,
+        r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, cfg.connect_limits())) => r,
+    };
+    let connect = match first {
+        Err(_) => {
+            tracing::info!("no CONNECT within {}s: closing", cfg.connect_timeout);
+            return;
+        }
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => return,
+        Ok(Err(ReadError::Io(e))) => {
+            tracing::debug!(error = %e, "read failed before CONNECT");
+            return;
+        }
+        Ok(Err(ReadError::Decode(e))) => {
+            tracing::info!(error = %e.error, "bad CONNECT: closing");
+            Box::pin(async move {
+                refuse_connect(&mut wr, &e).await;
+                linger(&mut rd).await;
+            })
+            .await;
+            return;
+        }
+    };
+    tracing::trace!(%peer, "CONNECT received");
+    // Accepting (authentication plugins, session takeover, and the linger after a refusal)
+    // and finishing are boxed so that their state does not enlarge the future every idle
+    // connection keeps while serving. (Awaiting the linger here, with the `Option<Conn>`
+    // of the refusal still in scope, cost every connection the size of a `Conn`.)
+    let accept = Box::pin(async {
+        let conn = Conn::accept(
+            &broker,
+            &listener,
+            peer,
+            *connect,
+            (&mut rd, &mut inbuf),
+            &mut wr,
+        )
+        .await;
+        if conn.is_none() {
+            // Refused (CONNACK with a reason code sent) or failed.
+            linger(&mut rd).await;
+        }
+        conn
+    });
+    let Some(mut conn) = accept.await else {
+        return;
+    };
+    let open = crate::metrics::open(&listener.name, conn.version);
+    let close = conn.serve(&mut rd, &mut wr, inbuf).await;
+    if close == Close::KeepAlive {
+        crate::metrics::inc(crate::metrics::C::KeepAliveTimeouts);
+    }
+    // The reason code sent with DISCONNECT to an MQTT 5 client, if the broker sent one.
+    let code = close.reason().map(|r| format!("0x{:02X}", r as u8));
+    tracing::info!(
+        listener = %listener.name,
+        protocol = %conn.version,
+        reason = ?close,
+        code = code.as_deref().unwrap_or(""),
+        "client disconnected"
+    );
+    drop(open);
+    Box::pin(async move {
+        conn.finish(close, &mut wr).await;
+        if close.broker_first() {
+            linger(&mut rd).await;
+        }
+    })
+    .await;
+}
+
+/// How long, and for how many bytes, a connection the broker closed first keeps reading.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Reads and discards what the client still sends after the broker has written its last
+/// packet (a CONNACK or DISCONNECT with a reason code) and shut down its side, until the
+/// client closes, [`LINGER`] passes or [`LINGER_BYTES`] were read. A socket closed with
+/// unread data in its receive buffer is reset (RFC 1122 §4.2.2.13), and a reset destroys
+/// what the client has not read yet: the packet that tells it why, and the
+/// acknowledgements before it.
+pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// A connected client.
+struct Conn {
+    broker: Arc<Broker>,
+    version: ProtocolVersion,
+    state: crate::session::SessionState,
+    conn_id: u64,
+    kick: tokio::sync::oneshot::Receiver<Kick>,
+    out: BytesMut,
+    batch: VecDeque<Delivery>,
+    /// Outbound inflight window: min(client Receive Maximum, max_inflight).
+    window: usize,
+    /// The client's Maximum Packet Size.
+    client_max_packet: usize,
+    /// Topic aliases the client defined (index = alias − 1).
+    alias_in: Vec<Option<TopicName>>,
+    /// Topic aliases we define toward the client, if it allows any. Boxed, as are the
+    /// will and the re-authentication state: most clients use none of them, and every
+    /// byte here is kept by every idle connection.
+    alias_out: Option<Box<OutAliases>>,
+    will: Option<Box<PendingWill>>,
+    keep_alive: Option<Duration>,
+    /// Packets waiting for a store ticket to be durable, in send order.
+    held: VecDeque<(u64, BytesMut)>,
+    /// The highest durable store ticket.
+    committed: tokio::sync::watch::Receiver<u64>,
+    /// Queued messages are on disk but not yet readable: fill again after the next commit.
+    waiting_for_store: bool,
+    /// Decoding stopped (a congested subscriber, too many held acknowledgements) with
+    /// packets possibly left in the read buffer: decode again once that has passed.
+    input_stopped: bool,
+    /// A subscriber of ours is congested: reading stops until it has room, or until the
+    /// deadline, after which it is marked slow.
+    paused: Option<(Arc<crate::mailbox::Mailbox>, tokio::time::Instant)>,
+    /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
+    connect_expiry: u32,
+    /// Authorization by plugins, with this connection's cached decisions.
+    gate: crate::plugins::gate::Gate,
+    /// Publishes of the current read waiting for the transform hook, in order.
+    pending: Vec<(Draft, PublishQoS)>,
+    /// What the CONNECT of a client using MQTT 5 enhanced authentication said, for
+    /// re-authentication (MQTT 5 §4.12.1).
+    reauth: Option<Box<Reauth>>,
+    /// A subscription was revoked by a policy change: deliveries queued before (on disk
+    /// too) are checked against the subscriptions left before they are sent.
+    revoked: bool,
+}
+
+/// Topic aliases defined toward the client (MQTT 5 §3.3.2.3.4).
+struct OutAliases {
+    by_topic: HashMap<TopicName, NonZeroU16>,
+    /// The client's Topic Alias Maximum.
+    max: u16,
+}
+
+/// What re-authentication needs (MQTT 5 §4.12.1).
+struct Reauth {
+    /// What the client's CONNECT said.
+    connect: crate::plugins::ConnectInfo,
+    /// An exchange in progress: the plugin and its state.
+    step: Option<(Arc<crate::plugins::Plugin>, Vec<u8>)>,
+}
+
+impl Conn {
+    /// Acts on one packet from the client. `Some` closes the connection.
+    fn handle(&mut self, p: Packet) -> Option<Close> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p).err().map(Close::Error),
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PubRel(_) => {
+                let v5 = self.version.is_v5();
+                if let Some(reply) = self.state.acknowledged(&p, v5)
+                    && let Some(packet) = reply.packet
+                {
+                    self.send_after(reply.after, &packet);
+                }
+                None
+            }
+            Packet::Subscribe(s) => {
+                self.on_subscribe(s);
+                None
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                None
+            }
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                None
+            }
+            Packet::Disconnect(d) => Some(self.on_disconnect(d)),
+            Packet::Connect(_) => {
+                tracing::info!("second CONNECT: protocol error");
+                Some(Close::Error(ReasonCode::ProtocolError))
+            }
+            Packet::Auth(a) => self.on_auth(a).err().map(Close::Error),
+            other => {
+                tracing::info!(
+                    packet = other.name(),
+                    "packet a client may not send: protocol error"
+                );
+                Some(Close::Error(ReasonCode::ProtocolError))
+            }
+        }
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Close {
+        if let Some(e) = d.properties.session_expiry_interval {
+            if self.connect_expiry == 0 && e != 0 {
+                // MQTT-3.14.2-2: a session that was to end with the connection cannot be
+                // made persistent at DISCONNECT.
+                return Close::Error(ReasonCode::ProtocolError);
+            }
+            self.state.expiry = e.min(self.broker.config.mqtt.max_session_expiry);
+        }
+        if d.reason == ReasonCode::Success {
+            Close::Normal
+        } else {
+            Close::ClientWithWill
+        }
+    }
+}
+
+#[cfg(test)]
+mod task_size {
+    /// The size of what `f` returns (an async fn's future), without calling it.
+    fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every connection's task holds `run`'s future for as long as the client stays, so
+    /// its size is a floor of the memory per idle connection. It is the largest state
+    /// across its awaits: what only CONNECT handling, a refusal or the close need is
+    /// boxed. A change that grows it past this bound grows every connection: box the part
+    /// that does, or raise the bound knowingly.
+    #[test]
+    fn an_idle_connection_task_stays_small() {
+        use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+        let size = future_size(super::run::<OwnedReadHalf, OwnedWriteHalf>);
+        assert!(size <= 1856, "connection::run's future is {size} bytes");
+    }
+}

@@ -1,0 +1,394 @@
+//! The socket loop: reads, decodes and dispatches packets, fills the write buffer from
+//! the mailbox, holds acknowledgements until the store has made them durable, and closes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::codec::Rejection;
+use crate::codec::{self, Disconnect, Packet, PublishQoS, QoS, ReasonCode};
+use crate::message::Delivery;
+use crate::message::Draft;
+use crate::plugins::events::{DropReason, Event};
+use crate::plugins::flow::Fate;
+use crate::session::Kick;
+
+use super::{CLOSE_FLUSH, Close, Conn, MAX_READ, MIN_READ, OUT_HIGH_WATER, arm};
+
+/// Waits until the congested subscriber has room (true) or the deadline passes (false).
+pub(super) async fn wait_for_room(
+    paused: &Option<(Arc<crate::mailbox::Mailbox>, tokio::time::Instant)>,
+) -> bool {
+    match paused {
+        Some((mb, deadline)) => tokio::time::timeout_at(*deadline, mb.wait_for_room())
+            .await
+            .is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Stop reading from the client while this much is waiting to be written to it.
+const OUT_READ_LIMIT: usize = 1024 * 1024;
+
+/// Most store tickets a connection's held acknowledgements may wait for: beyond, it stops
+/// handling and reading packets until the store has caught up, so a client cannot queue
+/// unbounded work for the store (each ticket is one submission).
+const MAX_HELD: usize = 1024;
+
+impl Conn {
+    /// The main loop.
+    pub(super) async fn serve<R, W>(&mut self, rd: &mut R, wr: &mut W, mut inbuf: BytesMut) -> Close
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mailbox = self.state.mailbox.clone();
+        let shutdown = self.broker.shutdown.clone();
+        let mut last_rx = tokio::time::Instant::now();
+        let ka = self.keep_alive;
+        let mut kick_gone = false;
+        let mut read_hint = MIN_READ;
+        // A packet started but not finished must be within `packet_timeout` (a client that
+        // sends half a packet and stalls is dropped, not kept by its keep alive).
+        let packet_timeout = Duration::from_secs(self.broker.config.mqtt.packet_timeout);
+        let mut partial_since: Option<tokio::time::Instant> = None;
+        // One timer serves both deadlines (keep alive and partial packet): it fires at the
+        // earlier one or before, and its branch works out which has passed. Each timer is
+        // state every idle connection keeps.
+        let timer = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(timer);
+
+        // Packets that arrived together with CONNECT.
+        if let Some(close) = self.handle_input(&mut inbuf) {
+            return close;
+        }
+        if !inbuf.is_empty() {
+            let now = tokio::time::Instant::now();
+            partial_since = Some(now);
+            arm(timer.as_mut(), now + packet_timeout);
+        }
+        loop {
+            self.fill();
+            if !self.held.is_empty() {
+                self.release_held();
+            }
+            // Packets read before the held acknowledgements filled up wait in `inbuf`:
+            // handled as soon as there is room, whichever branch made it (the client may
+            // be sending nothing more until they are answered).
+            if self.input_stopped && self.held.len() < MAX_HELD && self.paused.is_none() {
+                let before = inbuf.len();
+                if let Some(close) = self.handle_input(&mut inbuf) {
+                    return close;
+                }
+                if inbuf.is_empty() {
+                    partial_since = None;
+                } else if inbuf.len() < before {
+                    let now = tokio::time::Instant::now();
+                    partial_since = Some(now);
+                    arm(timer.as_mut(), now + packet_timeout);
+                }
+            }
+            let want_read = self.out.len() < OUT_READ_LIMIT
+                && self.paused.is_none()
+                && self.held.len() < MAX_HELD;
+            if !want_read && partial_since.is_some() {
+                // Not reading is our doing: the client's time to finish its packet starts
+                // again when we read again.
+                partial_since = Some(tokio::time::Instant::now());
+            }
+            if want_read && inbuf.capacity() - inbuf.len() < read_hint {
+                if inbuf.is_empty() && inbuf.capacity() > 4 * read_hint {
+                    // Give back what a burst grew.
+                    inbuf = BytesMut::with_capacity(read_hint);
+                } else {
+                    inbuf.reserve(read_hint);
+                }
+            }
+            if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER * 4 {
+                self.out = BytesMut::new();
+            }
+            let spare = inbuf.capacity() - inbuf.len();
+            let paused = self.paused.clone();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Close::Shutdown,
+                k = &mut self.kick, if !kick_gone => {
+                    match k {
+                        Ok(Kick::TakenOver) => return Close::TakenOver,
+                        // The registry dropped our kick sender without using it: nothing
+                        // can kick us any more; keep serving.
+                        Err(_) => kick_gone = true,
+                    }
+                }
+                r = wr.write_buf(&mut self.out), if !self.out.is_empty() => {
+                    match r {
+                        Ok(0) | Err(_) => return Close::Lost,
+                        Ok(_) => {}
+                    }
+                }
+                r = rd.read_buf(&mut inbuf), if want_read => {
+                    match r {
+                        Ok(0) | Err(_) => return Close::Lost,
+                        Ok(n) => {
+                            read_hint = if n >= spare {
+                                (read_hint * 2).min(MAX_READ)
+                            } else if n < read_hint / 4 {
+                                (read_hint / 2).max(MIN_READ)
+                            } else {
+                                read_hint
+                            };
+                            last_rx = tokio::time::Instant::now();
+                            let before = inbuf.len();
+                            if let Some(close) = self.handle_input(&mut inbuf) {
+                                return close;
+                            }
+                            if inbuf.is_empty() {
+                                partial_since = None;
+                            } else if partial_since.is_none() || inbuf.len() < before {
+                                // A new packet started (or one completed and the next began).
+                                partial_since = Some(last_rx);
+                                arm(timer.as_mut(), last_rx + packet_timeout);
+                            }
+                        }
+                    }
+                }
+                _ = mailbox.notified() => {}
+                room = wait_for_room(&paused), if paused.is_some() => {
+                    if !room && let Some((mb, _)) = &paused {
+                        mb.mark_stalled();
+                    }
+                    self.paused = None;
+                    // Packets read before the pause, not handled yet.
+                    if let Some(close) = self.handle_input(&mut inbuf) {
+                        return close;
+                    }
+                    if inbuf.is_empty() {
+                        partial_since = None;
+                    }
+                }
+                r = self.committed.changed(), if !self.held.is_empty() || self.waiting_for_store => {
+                    if r.is_err() {
+                        // The store is gone (shutting down): nothing more becomes durable.
+                        return Close::Shutdown;
+                    }
+                    self.release_held();
+                }
+                _ = &mut timer, if ka.is_some() || partial_since.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    // A paused connection is not reading: its partial packet cannot progress.
+                    let partial_due = partial_since.filter(|_| want_read).map(|t| t + packet_timeout);
+                    if partial_due.is_some_and(|due| due <= now) {
+                        tracing::info!("partial packet not completed within {}s: closing", packet_timeout.as_secs());
+                        return Close::Lost;
+                    }
+                    if self.paused.is_some() || self.held.len() >= MAX_HELD {
+                        // Not reading because of the broker (acknowledgements held for a
+                        // slow store, a congested subscriber): what the client sent waits
+                        // unread, so its silence is ours. The keep alive counts again from
+                        // when reading resumes. (A client that does not read what we send
+                        // gets no such grace.)
+                        last_rx = last_rx.max(now);
+                    }
+                    let ka_due = ka.map(|limit| last_rx + limit);
+                    if ka_due.is_some_and(|due| due <= now) {
+                        tracing::info!("keep alive timeout");
+                        return Close::KeepAlive;
+                    }
+                    let next = match (partial_due, ka_due) {
+                        (Some(p), Some(k)) => p.min(k),
+                        (Some(p), None) => p,
+                        (None, Some(k)) => k,
+                        // Paused with a partial packet and no keep alive: look again later.
+                        (None, None) => now + packet_timeout,
+                    };
+                    timer.as_mut().reset(next);
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in `inbuf`.
+    /// Stops early while a subscriber we published to is congested: the rest waits in
+    /// `inbuf` until it has room, so one read cannot overrun a queue.
+    pub(super) fn handle_input(&mut self, inbuf: &mut BytesMut) -> Option<Close> {
+        let close = self.decode_input(inbuf);
+        // Publishes before the packet that closes were accepted: they are answered first.
+        self.flush_pending().or(close)
+    }
+
+    pub(super) fn decode_input(&mut self, inbuf: &mut BytesMut) -> Option<Close> {
+        let limits = self.broker.config.mqtt.decode_limits();
+        loop {
+            self.input_stopped = self.paused.is_some() || self.held.len() >= MAX_HELD;
+            if self.input_stopped {
+                return None;
+            }
+            match codec::decode_packet_limited(inbuf, self.version, &limits) {
+                Ok(Some(p)) => {
+                    // Answers keep the order of the packets they answer.
+                    if !matches!(p, Packet::Publish(_))
+                        && let Some(close) = self.flush_pending()
+                    {
+                        return Some(close);
+                    }
+                    if let Some(close) = self.handle(p) {
+                        return Some(close);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::info!(error = %e, "bad packet: closing");
+                    return Some(Close::Error(e.reason_code()));
+                }
+            }
+        }
+    }
+
+    /// Runs the transform hook over the publishes waiting for it, then routes and answers
+    /// each in order.
+    pub(super) fn flush_pending(&mut self) -> Option<Close> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let (mut drafts, flows): (Vec<Draft>, Vec<PublishQoS>) =
+            std::mem::take(&mut self.pending).into_iter().unzip();
+        let mut fates = vec![Fate::Route; drafts.len()];
+        let pipeline = self.broker.pipeline.clone();
+        pipeline.transform(&self.origin(), &mut drafts, &mut fates);
+        for ((d, flow), fate) in drafts.into_iter().zip(flows).zip(fates) {
+            let r = match fate {
+                Fate::Route => {
+                    let msg = self.message(d);
+                    self.accept_publish(Some(&msg), flow)
+                }
+                Fate::Drop => {
+                    tracing::debug!(topic = %d.topic.as_str(), "PUBLISH dropped by a transform plugin");
+                    self.dropped(String::new(), d.topic.as_str(), DropReason::Plugin);
+                    crate::metrics::inc(crate::metrics::C::DroppedPlugin);
+                    self.accept_publish(None, flow)
+                }
+                Fate::Reject(rejection) => {
+                    tracing::debug!(topic = %d.topic.as_str(), ?rejection, "PUBLISH rejected by a transform plugin");
+                    match rejection {
+                        _ if !self.version.is_v5() => self.accept_publish(None, flow),
+                        Rejection::Ack(reason) => self.refuse_publish(flow, reason),
+                        Rejection::Disconnect(reason) => Err(reason),
+                    }
+                }
+            };
+            if let Err(reason) = r {
+                return Some(Close::Error(reason));
+            }
+        }
+        None
+    }
+
+    /// Sends the connection's last words, publishes or keeps the will, and gives the session
+    /// back to the registry.
+    pub(super) async fn finish<W: AsyncWrite + Unpin>(mut self, close: Close, wr: &mut W) {
+        tracing::debug!(?close, "closing");
+        if self.broker.plugins.wants_events() {
+            let reason = match close {
+                Close::Normal => Some(0),
+                Close::ClientWithWill => Some(ReasonCode::DisconnectWithWill.code()),
+                other => other.reason().map(ReasonCode::code),
+            };
+            self.broker.plugins.emit(Event::Disconnected {
+                client: self.gate.client().clone(),
+                reason,
+            });
+        }
+        // From here on the session is offline: QoS 0 messages are no longer accepted for it
+        // and those still queued are dropped (MQTT-3.1.2-5 makes keeping them optional).
+        self.state.mailbox.set_online(false);
+        self.state.mailbox.extract(|d| d.qos == QoS::AtMostOnce);
+        if let Some(&(last, _)) = self.held.back() {
+            // Acknowledgements promised on durability go out only once durable.
+            let mut committed = self.committed.clone();
+            let _ = tokio::time::timeout(CLOSE_FLUSH, committed.wait_for(|c| *c >= last)).await;
+            self.release_held();
+            self.held.clear();
+        }
+        if self.version.is_v5()
+            && let Some(reason) = close.reason()
+        {
+            self.send(&Packet::Disconnect(Disconnect::new(reason)));
+        }
+        if !self.out.is_empty() {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&self.out)).await;
+        }
+        let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
+        // Deliveries taken from the mailbox but not sent go back to it, in order.
+        let unsent = std::mem::take(&mut self.batch);
+        if !unsent.is_empty() {
+            let kept: Vec<Delivery> = unsent
+                .into_iter()
+                .filter(|d| d.qos != QoS::AtMostOnce)
+                .collect();
+            self.state.mailbox.unshift(kept.into_iter());
+        }
+        let will = match close {
+            Close::Normal | Close::Shutdown => None,
+            _ => self.will.take().map(|w| *w),
+        };
+        self.broker.sessions.detach(self.conn_id, self.state, will);
+    }
+
+    /// Encodes a packet into the write buffer, behind any packet still held for the store.
+    pub(super) fn send(&mut self, p: &Packet) {
+        self.send_after(None, p);
+    }
+
+    /// Encodes a packet to be written once store ticket `ticket` is durable (a PUBACK,
+    /// PUBREC or SUBACK that promises what is on disk). Output keeps its order: anything
+    /// sent after a held packet waits for it.
+    pub(super) fn send_after(&mut self, ticket: Option<u64>, p: &Packet) {
+        let last = self.held.back().map(|(t, _)| *t);
+        let ticket = match ticket.max(last) {
+            None => None,
+            Some(t) if last.is_none() && t <= *self.committed.borrow() => None,
+            Some(t) => Some(t),
+        };
+        let Some(ticket) = ticket else {
+            if let Err(e) = codec::encode_packet(p, self.version, &mut self.out) {
+                tracing::warn!(error = %e, packet = p.name(), "cannot encode packet");
+            }
+            return;
+        };
+        let mut buf = match self.held.pop_back() {
+            Some((t, buf)) if t == ticket => buf,
+            Some(other) => {
+                self.held.push_back(other);
+                BytesMut::new()
+            }
+            None => BytesMut::new(),
+        };
+        if let Err(e) = codec::encode_packet(p, self.version, &mut buf) {
+            tracing::warn!(error = %e, packet = p.name(), "cannot encode packet");
+        }
+        self.held.push_back((ticket, buf));
+    }
+
+    /// Moves held packets whose tickets are durable to the write buffer.
+    pub(super) fn release_held(&mut self) {
+        let done = *self.committed.borrow();
+        while self.held.front().is_some_and(|(t, _)| *t <= done) {
+            if let Some((_, buf)) = self.held.pop_front() {
+                self.out.extend_from_slice(&buf);
+            }
+        }
+    }
+
+    /// Stops reading from this publisher until `congested` (a subscriber's queue) has room.
+    pub(super) fn pause_for(&mut self, congested: Option<Arc<crate::mailbox::Mailbox>>) {
+        if let Some(mb) = congested
+            && self.paused.is_none()
+        {
+            crate::metrics::inc(crate::metrics::C::BackpressureWaits);
+            let timeout = Duration::from_millis(self.broker.config.mqtt.backpressure_timeout_ms);
+            self.paused = Some((mb, tokio::time::Instant::now() + timeout));
+        }
+    }
+}

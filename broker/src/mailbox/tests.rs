@@ -1,0 +1,218 @@
+//! The mailbox beside its code: lanes and order, limits, and the disk tail of a persistent
+//! session.
+
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+
+mod queue {
+    use super::super::*;
+
+    fn d(n: u8, qos: QoS) -> Delivery {
+        Delivery::for_test(qos, &[n])
+    }
+
+    fn online(max_messages: usize) -> Mailbox {
+        let m = Mailbox::new(QueueLimits {
+            max_messages,
+            max_bytes: 1 << 20,
+            backpressure: true,
+        });
+        m.set_online(true);
+        m
+    }
+
+    fn payloads(v: &VecDeque<Delivery>) -> Vec<u8> {
+        v.iter().map(|d| d.msg.payload[0]).collect()
+    }
+
+    #[test]
+    fn drains_in_arrival_order_across_qos() {
+        let m = online(10);
+        for (n, q) in [
+            (1, QoS::AtLeastOnce),
+            (2, QoS::AtMostOnce),
+            (3, QoS::ExactlyOnce),
+        ] {
+            m.push(d(n, q)).unwrap();
+        }
+        let mut out = VecDeque::new();
+        m.drain(&mut out, 10, 10);
+        assert_eq!(payloads(&out), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn qos0_passes_a_full_window_but_qos1_waits() {
+        let m = online(10);
+        m.push(d(1, QoS::AtLeastOnce)).unwrap();
+        m.push(d(2, QoS::AtMostOnce)).unwrap();
+        m.push(d(3, QoS::AtLeastOnce)).unwrap();
+        let mut out = VecDeque::new();
+        m.drain(&mut out, 10, 0);
+        assert_eq!(payloads(&out), vec![2]);
+        out.clear();
+        m.drain(&mut out, 10, 1);
+        assert_eq!(payloads(&out), vec![1]);
+    }
+
+    #[test]
+    fn unshift_restores_the_front() {
+        let m = online(10);
+        for n in 1..=4 {
+            m.push(d(n, QoS::AtLeastOnce)).unwrap();
+        }
+        let mut out = VecDeque::new();
+        m.drain(&mut out, 2, 10);
+        m.push(d(5, QoS::AtMostOnce)).unwrap();
+        m.unshift(out.drain(..));
+        m.drain(&mut out, 10, 10);
+        assert_eq!(payloads(&out), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn full_queue_drops_newest_and_offline_refuses_qos0() {
+        let m = online(2);
+        m.push(d(1, QoS::AtLeastOnce)).unwrap();
+        m.push(d(2, QoS::AtLeastOnce)).unwrap();
+        assert_eq!(m.push(d(3, QoS::AtLeastOnce)), Err(Refused::Full));
+        m.set_online(false);
+        let m2 = Mailbox::new(QueueLimits {
+            max_messages: 2,
+            max_bytes: 10,
+            backpressure: true,
+        });
+        assert_eq!(m2.push(d(1, QoS::AtMostOnce)), Err(Refused::Offline));
+        assert_eq!(m.len(), 2);
+    }
+}
+
+mod disk {
+    use super::super::*;
+
+    use crate::store::Scratch;
+
+    fn d(n: u32) -> Delivery {
+        Delivery::for_test(QoS::AtLeastOnce, &n.to_be_bytes())
+    }
+
+    #[test]
+    fn offline_queue_lives_on_disk_and_drains_in_order() {
+        let scratch = Scratch::open("mailbox");
+        let store = scratch.store.clone();
+        let limits = QueueLimits {
+            max_messages: 100_000,
+            max_bytes: 1 << 30,
+            backpressure: true,
+        };
+        let m = Mailbox::with_store(limits, store.clone(), 9);
+        m.set_persistent(true);
+        m.set_online(true);
+        for n in 0..10 {
+            m.push(d(n)).unwrap();
+        }
+        m.set_online(false);
+        m.spill();
+        for n in 10..5000 {
+            m.push(d(n)).unwrap();
+        }
+        // Nothing of the backlog is held in memory.
+        assert!(m.lock().acked.is_empty());
+        assert_eq!(m.len(), 5000);
+        store.flush();
+        m.set_online(true);
+        let mut out = VecDeque::new();
+        let mut got = Vec::new();
+        while got.len() < 5000 {
+            assert!(m.drain(&mut out, 300, 300));
+            assert!(!out.is_empty(), "stalled after {}", got.len());
+            for x in out.drain(..) {
+                got.push(u32::from_be_bytes(x.msg.payload[..].try_into().unwrap()));
+            }
+        }
+        assert_eq!(got, (0..5000).collect::<Vec<_>>());
+        assert!(m.is_empty());
+    }
+
+    /// Publishers keep pushing while the connection reads the disk tail back (the read
+    /// happens without the queue's lock): everything arrives once, in order.
+    #[test]
+    fn pushes_during_disk_reads_keep_order() {
+        let scratch = Scratch::open("mailbox-race");
+        let store = scratch.store.clone();
+        let limits = QueueLimits {
+            max_messages: 100_000,
+            max_bytes: 1 << 30,
+            backpressure: false,
+        };
+        let m = Arc::new(Mailbox::with_store(limits, store.clone(), 11));
+        m.set_persistent(true);
+        for n in 0..3000 {
+            m.push(d(n)).unwrap();
+        }
+        store.flush();
+        m.set_online(true);
+        let pusher = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for n in 3000..6000 {
+                    m.push(d(n)).unwrap();
+                }
+            })
+        };
+        let mut out = VecDeque::new();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while got.len() < 6000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of 6000",
+                got.len()
+            );
+            if !m.drain(&mut out, 300, 300) || out.is_empty() {
+                // Not committed yet.
+                store.flush();
+            }
+            for x in out.drain(..) {
+                got.push(u32::from_be_bytes(x.msg.payload[..].try_into().unwrap()));
+            }
+        }
+        pusher.join().unwrap();
+        assert_eq!(got, (0..6000).collect::<Vec<_>>());
+        assert!(m.is_empty());
+    }
+
+    /// A shared delivery no other member took is put back at the front, ahead of older
+    /// ones; spilled to disk, the session still gets every message when it comes back,
+    /// in the order they arrived.
+    #[test]
+    fn spilling_after_a_shared_delivery_came_back_loses_nothing() {
+        let scratch = Scratch::open("mailbox-spill");
+        let store = scratch.store.clone();
+        let limits = QueueLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            backpressure: false,
+        };
+        let m = Mailbox::with_store(limits, store.clone(), 12);
+        m.set_persistent(true);
+        m.set_online(true);
+        for n in 0..4 {
+            let mut x = d(n);
+            if n == 3 {
+                x.shared = Some(crate::codec::TopicFilter::new("$share/g/t").unwrap());
+            }
+            m.push(x).unwrap();
+        }
+        let back = m.extract(|x| x.shared.is_some());
+        m.unshift(back.into_iter());
+        m.set_online(false);
+        m.spill();
+        store.flush();
+        m.set_online(true);
+        let mut out = VecDeque::new();
+        assert!(m.drain(&mut out, 10, 10));
+        let got: Vec<u32> = (out.iter())
+            .map(|x| u32::from_be_bytes(x.msg.payload[..].try_into().unwrap()))
+            .collect();
+        assert_eq!(got, [0, 1, 2, 3]);
+        assert!(m.is_empty());
+    }
+}

@@ -1,0 +1,183 @@
+//! The one way a message enters the broker: a client's PUBLISH, a will, a plugin's
+//! `publish`. Every message takes the same steps:
+//!
+//! 1. **authorize**: a client's PUBLISH by its connection's gate (decisions cached per
+//!    connection, `connection/publish.rs`), a will when its CONNECT is accepted
+//!    (`connection/handshake.rs`); a plugin's message is not authorized (plugins are the
+//!    operator's code);
+//! 2. **transform**: the `transform` hooks of the chain (a plugin's own hook is skipped for
+//!    what it publishes);
+//! 3. **route**: the router queues it for every matching session and keeps it if retained;
+//! 4. **sinks**: every sink plugin whose topics select it queues it durably.
+//!
+//! A client's messages are transformed in batches (what one read decoded) and acknowledged
+//! by the connection once the store tickets of steps 3 and 4 are durable; wills and plugin
+//! messages go through [`Pipeline::publish`], which nobody waits on.
+
+use std::sync::Arc;
+
+use crate::message::{ClientKey, Draft, Message};
+use crate::plugins::flow::Fate;
+use crate::plugins::{ClientInfo, Hooks, Plugins};
+use crate::router::{Routed, Router};
+
+/// Who a message comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A client's PUBLISH, from its session `session`.
+    Client {
+        /// The publishing session (No Local).
+        session: ClientKey,
+        /// The client, as the plugins see it.
+        client: &'a ClientInfo,
+    },
+    /// The will of session `session`, published when its connection ended.
+    Will {
+        /// The session that set it (No Local).
+        session: ClientKey,
+        /// The client that set it, as the plugins saw it.
+        client: &'a ClientInfo,
+    },
+    /// A plugin's message (the `publish` host import).
+    Plugin {
+        /// The plugin's name.
+        name: &'a str,
+    },
+}
+
+impl Origin<'_> {
+    /// The session that publishes, for No Local.
+    pub fn session(&self) -> Option<ClientKey> {
+        match *self {
+            Origin::Client { session, .. } | Origin::Will { session, .. } => Some(session),
+            Origin::Plugin { .. } => None,
+        }
+    }
+
+    /// The client the hooks are told about.
+    fn client<'c>(&'c self, nobody: &'c ClientInfo) -> &'c ClientInfo {
+        match self {
+            Origin::Client { client, .. } | Origin::Will { client, .. } => client,
+            Origin::Plugin { .. } => nobody,
+        }
+    }
+
+    /// The plugin whose own transform is skipped.
+    fn plugin(&self) -> Option<&str> {
+        match self {
+            Origin::Plugin { name } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Client { client, .. } => write!(f, "client {}", client.client_id),
+            Origin::Will { client, .. } => write!(f, "will of {}", client.client_id),
+            Origin::Plugin { name } => write!(f, "plugin {name}"),
+        }
+    }
+}
+
+/// Transform, route and sinks, shared by every connection, the session registry (wills)
+/// and the plugin host (plugin messages).
+#[derive(Debug)]
+pub struct Pipeline {
+    router: Arc<Router>,
+    plugins: Arc<Plugins>,
+    retain_available: bool,
+    /// What the hooks see as the client of a plugin's message: the contract's records
+    /// have no "no client", so every field is empty.
+    nobody: ClientInfo,
+}
+
+impl Pipeline {
+    /// A pipeline over `router` and `plugins`; `retain_available` as configured.
+    pub fn new(router: Arc<Router>, plugins: Arc<Plugins>, retain_available: bool) -> Pipeline {
+        Pipeline {
+            router,
+            plugins,
+            retain_available,
+            nobody: ClientInfo {
+                client_id: "".into(),
+                username: None,
+                listener: "".into(),
+                attributes: Vec::new(),
+            },
+        }
+    }
+
+    /// The router behind the pipeline.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Whether a transform hook is loaded (else step 2 is skipped without a call).
+    #[inline]
+    pub fn transforms(&self) -> bool {
+        self.plugins.hooks() & Hooks::TRANSFORM != 0
+    }
+
+    /// Step 2 for a batch of drafts from one origin: each fate says whether to route it
+    /// (changed or not), drop it or refuse it.
+    pub fn transform(&self, from: &Origin<'_>, drafts: &mut [Draft], fates: &mut [Fate]) {
+        let client = from.client(&self.nobody);
+        (self.plugins).transform(client, drafts, fates, from.plugin());
+    }
+
+    /// The broker's own status (`$SYS`): no hooks, retained in memory only, routed.
+    pub fn publish_system(&self, msg: &Arc<Message>) {
+        if msg.retain {
+            self.router.retain_system(msg);
+        }
+        self.router.publish(msg);
+    }
+
+    /// Steps 3 and 4 for an accepted message. The ticket of what it returns covers both:
+    /// the publisher is acknowledged once it is durable.
+    pub fn route(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Routed {
+        let mut routed = self.router.route(msg);
+        if routed.delivered == 0 && !msg.retain && !self.plugins.sink_selects(msg.topic.as_str()) {
+            crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
+        }
+        let publisher = &from.client(&self.nobody).client_id;
+        routed.ticket = routed.ticket.max(self.plugins.sink_offer(publisher, msg));
+        routed
+    }
+
+    /// Steps 2 to 4 for a message nobody waits on (a will, a plugin's message): `None`
+    /// when a transform dropped or refused it, or it is retained and retained messages
+    /// are off.
+    pub fn publish(&self, from: &Origin<'_>, draft: Draft) -> Option<Routed> {
+        let mut drafts = [draft];
+        if self.transforms() {
+            let mut fates = [Fate::Route];
+            self.transform(from, &mut drafts, &mut fates);
+            if fates[0] != Fate::Route {
+                tracing::debug!(origin = %from, topic = %drafts[0].topic, fate = ?fates[0],
+                    "message not routed: a transform plugin dropped or refused it");
+                return None;
+            }
+        }
+        let [draft] = drafts;
+        if crate::sys::is_sys(draft.topic.as_str()) {
+            tracing::info!(origin = %from, topic = %draft.topic,
+                "message dropped: only the broker publishes under $SYS");
+            return None;
+        }
+        if draft.retain && !self.retain_available {
+            tracing::debug!(origin = %from, topic = %draft.topic,
+                "retained message dropped: retain_available is off");
+            return None;
+        }
+        let msg = draft.into_message(from.session());
+        let routed = self.route(from, &msg);
+        if routed.not_retained {
+            tracing::warn!(origin = %from, topic = %msg.topic,
+                "retained store full: message routed, not retained");
+        }
+        Some(routed)
+    }
+}

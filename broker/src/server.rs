@@ -1,0 +1,93 @@
+//! Running a broker: loads the plugins present at start, binds every listener, serves
+//! until shutdown, then closes the connections and the store.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::broker::Broker;
+use crate::listener;
+use crate::pipeline::Origin;
+
+/// Binds every listener and serves until `shutdown` is cancelled, then closes every
+/// connection (MQTT 5 clients get DISCONNECT 0x8B) and waits for them, at most `grace`.
+pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<SocketAddr>> {
+    let mut bound = Vec::new();
+    let mut accept_loops = Vec::new();
+    // Open connections over all listeners, for `max_connections`.
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    crate::metrics::uptime();
+    // Health and metrics answer while plugins load (not ready until the listeners are).
+    crate::http::start(broker.clone()).await?;
+    // Plugins present at start are loaded before the first client is accepted.
+    let plugins = broker.plugins.clone();
+    let stop = broker.shutdown.clone();
+    let missing = tokio::task::spawn_blocking(move || plugins.start(stop))
+        .await
+        .unwrap_or_default();
+    if !missing.is_empty() {
+        // No listener opens without the plugins the operator requires.
+        return Err(std::io::Error::other(format!(
+            "required plugin{} not loaded: {} (see the plugin errors above)",
+            if missing.len() > 1 { "s" } else { "" },
+            missing.join(", ")
+        )));
+    }
+    if let Some(rx) = broker.plugins.take_published() {
+        let me = Arc::downgrade(&broker);
+        let r = std::thread::Builder::new()
+            .name("plugin-publish".into())
+            .spawn(move || route_published(me, rx));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "plugin publish thread failed to start");
+        }
+    }
+    for l in &broker.config.listeners {
+        let (addr, task) = listener::start(broker.clone(), l.clone(), open.clone()).await?;
+        bound.push(addr);
+        accept_loops.push(task);
+    }
+    broker
+        .listening
+        .store(true, std::sync::atomic::Ordering::Release);
+    crate::sys::spawn(broker.clone());
+    broker.shutdown.cancelled().await;
+    for t in accept_loops {
+        let _ = t.await;
+    }
+    broker.tasks.close();
+    if tokio::time::timeout(grace, broker.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = broker.tasks.len(),
+            "connections still open after the shutdown grace period"
+        );
+    }
+    broker.store.close();
+    tracing::info!("broker stopped");
+    Ok(bound)
+}
+
+/// Publishes the messages plugins publish, in order, through the pipeline, until the
+/// broker is gone or shutting down.
+fn route_published(
+    broker: std::sync::Weak<Broker>,
+    rx: std::sync::mpsc::Receiver<crate::plugins::host::Published>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let p = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(p) => p,
+            Err(RecvTimeoutError::Timeout) => match broker.upgrade() {
+                Some(b) if !b.shutdown.is_cancelled() => continue,
+                _ => return,
+            },
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(b) = broker.upgrade() else { return };
+        let from = Origin::Plugin { name: &p.plugin };
+        b.pipeline.publish(&from, p.draft);
+    }
+}

@@ -1,0 +1,192 @@
+//! A durable first-in first-out queue of records, named, in the store's `sink` table
+//! (keyed by name and sequence number): what a sink plugin's queue is, and what an
+//! outbound queue that must survive a crash can be. Appends are submitted under the
+//! queue's lock, so commits follow sequence order and a reader always sees a committed
+//! prefix; reads return only committed records. A full queue drops its oldest records.
+//! Without a store (tests, benchmarks) the records are kept in memory.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Store, StoreError};
+
+/// Where the queue stands.
+#[derive(Debug)]
+struct Bounds {
+    /// Oldest sequence number not yet consumed (== `next` when empty).
+    first: u64,
+    /// Next sequence number to assign.
+    next: u64,
+    /// The records, when there is no store.
+    mem: VecDeque<(u64, Vec<u8>)>,
+}
+
+/// One named durable queue.
+#[derive(Debug)]
+pub struct Fifo {
+    name: Arc<str>,
+    store: Option<Arc<Store>>,
+    bounds: Mutex<Bounds>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The store ticket that makes the record durable.
+    pub ticket: Option<u64>,
+    /// The queue was full: its oldest record was dropped.
+    pub dropped_oldest: bool,
+}
+
+impl Fifo {
+    /// The queue `name` as the store holds it (records left from before a restart stay).
+    pub fn open(store: Option<Arc<Store>>, name: Arc<str>) -> Result<Fifo, StoreError> {
+        let (first, next) = match &store {
+            Some(s) => match s.sink_bounds(&name)? {
+                Some((first, last)) => (first, last + 1),
+                None => (1, 1),
+            },
+            None => (1, 1),
+        };
+        Ok(Fifo {
+            name,
+            store,
+            bounds: Mutex::new(Bounds {
+                first,
+                next,
+                mem: VecDeque::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Bounds> {
+        // Each critical section is a few field updates: a poisoned lock is still sound.
+        self.bounds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Records waiting.
+    pub fn len(&self) -> u64 {
+        let b = self.lock();
+        b.next - b.first
+    }
+
+    /// Whether no record waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `record`, dropping the oldest one first when `max` are waiting.
+    pub fn push(&self, record: Vec<u8>, max: u64) -> Appended {
+        let mut b = self.lock();
+        let seq = b.next;
+        b.next += 1;
+        let mut drop_through = None;
+        if b.next - b.first > max {
+            let oldest = b.first;
+            b.first += 1;
+            b.mem.pop_front();
+            drop_through = Some(oldest);
+        }
+        // Submitted under the lock: commits follow submission order.
+        let ticket = match &self.store {
+            Some(store) => store.sink_append(&self.name, seq, record, drop_through),
+            None => {
+                b.mem.push_back((seq, record));
+                None
+            }
+        };
+        Appended {
+            ticket,
+            dropped_oldest: drop_through.is_some(),
+        }
+    }
+
+    /// Up to `limit` committed records from the oldest one: (sequence number, record).
+    pub fn read(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let first = self.lock().first;
+        match &self.store {
+            Some(store) => store.read_sink(&self.name, first.saturating_sub(1), limit),
+            None => Ok(self.lock().mem.iter().take(limit).cloned().collect()),
+        }
+    }
+
+    /// Consumes every record up to and including `last`.
+    pub fn consume_through(&self, last: u64) {
+        let mut b = self.lock();
+        if b.first <= last {
+            b.first = last + 1;
+        }
+        while b.mem.front().is_some_and(|(s, _)| *s <= last) {
+            b.mem.pop_front();
+        }
+        if let Some(store) = &self.store {
+            store.sink_delete_through(&self.name, last);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn records(f: &Fifo) -> Vec<u8> {
+        f.read(100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r[0])
+            .collect()
+    }
+
+    #[test]
+    fn keeps_order_drops_the_oldest_and_survives_a_reopen() {
+        let dir = std::env::temp_dir().join(format!(
+            "sandpiper-fifo-{}-{}",
+            std::process::id(),
+            crate::store::record::unix_ms_now()
+        ));
+        let config = StoreConfig {
+            data_dir: dir.clone(),
+            ..StoreConfig::default()
+        };
+        {
+            let (store, _) = Store::open(&config).unwrap();
+            let store = Arc::new(store);
+            let f = Fifo::open(Some(store.clone()), "q".into()).unwrap();
+            for n in 1..=5u8 {
+                let a = f.push(vec![n], 4);
+                assert_eq!(a.dropped_oldest, n == 5);
+            }
+            store.flush();
+            assert_eq!(records(&f), [2, 3, 4, 5]);
+            let first = f.read(1).unwrap()[0].0;
+            f.consume_through(first);
+            assert_eq!(f.len(), 3);
+            store.flush();
+            store.close();
+        }
+        let (store, _) = Store::open(&config).unwrap();
+        let f = Fifo::open(Some(Arc::new(store)), "q".into()).unwrap();
+        assert_eq!(records(&f), [3, 4, 5]);
+        assert_eq!(f.len(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn without_a_store_it_lives_in_memory() {
+        let f = Fifo::open(None, "m".into()).unwrap();
+        assert!(f.is_empty());
+        for n in 1..=3u8 {
+            assert_eq!(f.push(vec![n], 2).ticket, None);
+        }
+        assert_eq!(records(&f), [2, 3]);
+        f.consume_through(2);
+        assert_eq!(records(&f), [3]);
+    }
+}
