@@ -319,9 +319,7 @@ async fn live_reload_under_qos1_load_loses_nothing() {
         .publish("probe/blocked", v3::QoS::AtLeastOnce, false, b"old")
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    while let Some(p) = sub.recv_within(Duration::from_millis(1)).await {
-        received.insert(payload(&p));
-    }
+    drain_for(&mut sub, &mut received, Duration::from_millis(20)).await;
     // New rules, live.
     install_acl(&plugins, LOAD_V2);
     let swapped = Instant::now();
@@ -333,18 +331,9 @@ async fn live_reload_under_qos1_load_loses_nothing() {
             assert_eq!(payload(&p), "new", "the old rules let a message through");
             break;
         }
-        // Keep the subscriber flowing, for 20 ms at most: under the flood its inbox never
-        // runs dry, and draining it whole held this check back past the second it
-        // measures (what is left is collected at the end).
-        let drain_until = Instant::now() + Duration::from_millis(20);
-        while Instant::now() < drain_until {
-            match sub.recv_within(Duration::from_millis(1)).await {
-                Some(p) => {
-                    received.insert(payload(&p));
-                }
-                None => break,
-            }
-        }
+        // Keep the subscriber flowing, for 20 ms at most (what is left is collected at the
+        // end).
+        drain_for(&mut sub, &mut received, Duration::from_millis(20)).await;
         assert!(
             swapped.elapsed() < Duration::from_secs(1),
             "new rules not applied within 1 s"
@@ -359,12 +348,7 @@ async fn live_reload_under_qos1_load_loses_nothing() {
         .await;
     assert_eq!(payload(&checker.recv().await), "still");
 
-    let run_until = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < run_until {
-        while let Some(p) = sub.recv_within(Duration::from_millis(10)).await {
-            received.insert(payload(&p));
-        }
-    }
+    drain_for(&mut sub, &mut received, Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent = Vec::new();
     for p in publishers {
@@ -387,6 +371,17 @@ async fn live_reload_under_qos1_load_loses_nothing() {
         &lost[..lost.len().min(5)]
     );
     assert!(!sub.inbox.is_closed(), "subscriber lost its connection");
+}
+
+/// Collects what `sub` receives for `time` at most: under a flood its inbox never runs
+/// dry, so a drain that waits for a quiet moment would never end while publishers run.
+async fn drain_for(sub: &mut v3::Client, received: &mut HashSet<String>, time: Duration) {
+    let until = Instant::now() + time;
+    while Instant::now() < until {
+        if let Some(p) = sub.recv_within(Duration::from_millis(1)).await {
+            received.insert(payload(&p));
+        }
+    }
 }
 
 /// `(id, bytes)` MQTT 5 properties from a property block at `at` (length varint first);
