@@ -18,16 +18,24 @@ pub enum C {
     ReceivedQos1,
     /// See [`C::ReceivedQos0`].
     ReceivedQos2,
-    /// Payload bytes of the PUBLISH packets received.
-    ReceivedBytes,
+    /// Payload bytes of the PUBLISH packets received, by QoS.
+    ReceivedBytesQos0,
+    /// See [`C::ReceivedBytesQos0`].
+    ReceivedBytesQos1,
+    /// See [`C::ReceivedBytesQos0`].
+    ReceivedBytesQos2,
     /// PUBLISH packets sent to clients, by QoS.
     SentQos0,
     /// See [`C::SentQos0`].
     SentQos1,
     /// See [`C::SentQos0`].
     SentQos2,
-    /// Payload bytes of the PUBLISH packets sent.
-    SentBytes,
+    /// Payload bytes of the PUBLISH packets sent, by QoS.
+    SentBytesQos0,
+    /// See [`C::SentBytesQos0`].
+    SentBytesQos1,
+    /// See [`C::SentBytesQos0`].
+    SentBytesQos2,
     /// Messages dropped for a session whose queue was full.
     DroppedQueueFull,
     /// Messages dropped because they expired before delivery.
@@ -168,6 +176,24 @@ pub fn sent(qos: crate::codec::QoS) -> C {
         crate::codec::QoS::AtMostOnce => C::SentQos0,
         crate::codec::QoS::AtLeastOnce => C::SentQos1,
         crate::codec::QoS::ExactlyOnce => C::SentQos2,
+    }
+}
+
+/// The received-payload-bytes counter for a QoS.
+pub fn received_bytes(qos: crate::codec::QoS) -> C {
+    match qos {
+        crate::codec::QoS::AtMostOnce => C::ReceivedBytesQos0,
+        crate::codec::QoS::AtLeastOnce => C::ReceivedBytesQos1,
+        crate::codec::QoS::ExactlyOnce => C::ReceivedBytesQos2,
+    }
+}
+
+/// The sent-payload-bytes counter for a QoS.
+pub fn sent_bytes(qos: crate::codec::QoS) -> C {
+    match qos {
+        crate::codec::QoS::AtMostOnce => C::SentBytesQos0,
+        crate::codec::QoS::AtLeastOnce => C::SentBytesQos1,
+        crate::codec::QoS::ExactlyOnce => C::SentBytesQos2,
     }
 }
 

@@ -54,9 +54,17 @@ const LOADS: [(&str, &[C]); 4] = [
         &[C::ReceivedQos0, C::ReceivedQos1, C::ReceivedQos2],
     ),
     ("messages/sent", &[C::SentQos0, C::SentQos1, C::SentQos2]),
-    ("bytes/received", &[C::ReceivedBytes]),
-    ("bytes/sent", &[C::SentBytes]),
+    ("bytes/received", RECEIVED_BYTES),
+    ("bytes/sent", SENT_BYTES),
 ];
+
+/// Payload bytes received and sent (every QoS).
+const RECEIVED_BYTES: &[C] = &[
+    C::ReceivedBytesQos0,
+    C::ReceivedBytesQos1,
+    C::ReceivedBytesQos2,
+];
+const SENT_BYTES: &[C] = &[C::SentBytesQos0, C::SentBytesQos1, C::SentBytesQos2];
 
 fn sum(counters: &[C]) -> u64 {
     counters.iter().map(|c| metrics::get(*c)).sum()
@@ -148,14 +156,8 @@ fn figures(broker: &Broker, out: &mut Vec<(String, String)>) {
         "store/messages/count".to_owned(),
         (retained as i64 + queued).to_string(),
     ));
-    out.push((
-        "bytes/received".to_owned(),
-        metrics::get(C::ReceivedBytes).to_string(),
-    ));
-    out.push((
-        "bytes/sent".to_owned(),
-        metrics::get(C::SentBytes).to_string(),
-    ));
+    out.push(("bytes/received".to_owned(), sum(RECEIVED_BYTES).to_string()));
+    out.push(("bytes/sent".to_owned(), sum(SENT_BYTES).to_string()));
 }
 
 /// Retains `value` on `$SYS/broker/<topic>` and routes it.

@@ -192,8 +192,24 @@ async fn metrics_count_what_clients_do() {
     assert_eq!(value(&m, "sandpiper_messages_sent_total{qos=\"1\"}"), 11.0);
     assert_eq!(value(&m, "sandpiper_messages_sent_total{qos=\"0\"}"), 5.0);
     assert_eq!(
-        value(&m, "sandpiper_received_payload_bytes_total"),
-        (10 * 100 + 5 * 10 + 1 + 1) as f64
+        value(&m, "sandpiper_received_payload_bytes_total{qos=\"1\"}"),
+        (10 * 100 + 1 + 1) as f64
+    );
+    assert_eq!(
+        value(&m, "sandpiper_received_payload_bytes_total{qos=\"0\"}"),
+        (5 * 10) as f64
+    );
+    assert_eq!(
+        value(&m, "sandpiper_received_payload_bytes_total{qos=\"2\"}"),
+        0.0
+    );
+    assert_eq!(
+        value(&m, "sandpiper_sent_payload_bytes_total{qos=\"1\"}"),
+        (10 * 100 + 1) as f64
+    );
+    assert_eq!(
+        value(&m, "sandpiper_sent_payload_bytes_total{qos=\"0\"}"),
+        (5 * 10) as f64
     );
     assert_eq!(
         value(

@@ -136,7 +136,7 @@ impl Conn {
             return;
         };
         metrics::inc(metrics::sent(d.qos));
-        metrics::add(C::SentBytes, d.msg.payload.len() as u64);
+        metrics::add(metrics::sent_bytes(d.qos), d.msg.payload.len() as u64);
         let ticket = id.and_then(|id| self.state.sent(id, d));
         self.send_after(ticket, &Packet::Publish(p));
     }

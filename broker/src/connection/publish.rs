@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::codec::{Ack, Packet, Publish, PublishQoS, QoS, ReasonCode};
 use crate::message::Draft;
 use crate::message::Message;
-use crate::metrics::{self, C};
+use crate::metrics;
 use crate::pipeline::Origin;
 use crate::plugins::events::{DropReason, Event};
 
@@ -42,7 +42,7 @@ impl Conn {
 
     pub(super) fn on_publish(&mut self, p: Publish) -> Result<(), ReasonCode> {
         metrics::inc(metrics::received(p.qos.qos()));
-        metrics::add(C::ReceivedBytes, p.payload.len() as u64);
+        metrics::add(metrics::received_bytes(p.qos.qos()), p.payload.len() as u64);
         let cfg = &self.broker.config.mqtt;
         let topic = match (p.topic, p.properties.topic_alias) {
             (topic, Some(alias)) => {

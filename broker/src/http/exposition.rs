@@ -149,17 +149,25 @@ pub(super) fn render(broker: &Broker) -> String {
         "qos",
         &qos(C::SentQos0, C::SentQos1, C::SentQos2),
     );
-    counter(
+    by_label(
         o,
         "sandpiper_received_payload_bytes_total",
-        "Payload bytes of the PUBLISH packets received.",
-        C::ReceivedBytes,
+        "counter",
+        "Payload bytes of the PUBLISH packets received, by QoS.",
+        "qos",
+        &qos(
+            C::ReceivedBytesQos0,
+            C::ReceivedBytesQos1,
+            C::ReceivedBytesQos2,
+        ),
     );
-    counter(
+    by_label(
         o,
         "sandpiper_sent_payload_bytes_total",
-        "Payload bytes of the PUBLISH packets sent.",
-        C::SentBytes,
+        "counter",
+        "Payload bytes of the PUBLISH packets sent, by QoS.",
+        "qos",
+        &qos(C::SentBytesQos0, C::SentBytesQos1, C::SentBytesQos2),
     );
     by_label(
         o,
