@@ -8,12 +8,14 @@
 //! Malformed packets and their flood are `limits.rs`'s business (one test per spec rule in
 //! the codec's tests, and `malformed_flood_does_not_slow_others`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Broker, raw, v3};
+use crate::harness::{Broker, raw, v3, v5};
 
 /// Another client's view of the broker while an attack runs: a QoS 1 message to itself.
 struct Probe {
@@ -205,6 +207,75 @@ async fn a_deep_will_topic_never_crashes_the_broker() {
     broker.assert_running();
     let mut probe = Probe::new(&broker, "deep-probe-2").await;
     probe.round_trip().await;
+}
+
+/// A subscription or a will stored under limits that admitted it, read back at a start
+/// whose limits no longer do, is logged and skipped: the will is not published, the
+/// subscription no longer routes, and the rest of the session is resumed whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_topics_over_todays_limits_are_skipped_at_start() {
+    let persistent = |broker: &Broker, id: &str| {
+        let mut o = v3::options(broker, id);
+        o.set_clean_session(false);
+        o
+    };
+    let keeper = |broker: &Broker| {
+        let mut o = v5::options(broker, "keeper");
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(600));
+        o
+    };
+    let broker = Broker::start_with("max_topic_levels = 10");
+    let mut watcher = v3::Client::connect(persistent(&broker, "watcher")).await;
+    watcher.subscribe_ok("#", v3::QoS::AtLeastOnce).await;
+    // A will with a delay is kept with the detached session, on disk.
+    let mut o = keeper(&broker);
+    o.set_last_will(v5::LastWill::new(
+        "will/1/2/3/4/5/6",
+        "gone",
+        v5::QoS::AtLeastOnce,
+        false,
+        Some(v5::LastWillProperties {
+            delay_interval: Some(300),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    ));
+    let mut k = v5::Client::connect(o).await;
+    k.subscribe_ok("deep/1/2/3/4/5/6", v5::QoS::AtLeastOnce)
+        .await;
+    k.subscribe_ok("ok/#", v5::QoS::AtLeastOnce).await;
+    k.kill().await;
+    crate::plugins::wait_for_log(
+        &broker,
+        "client_id=\"keeper\"}: sandpiper::connection: client disconnected",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = broker.kill9();
+    drop(watcher);
+
+    let mut broker = Broker::start_in(dir, "max_topic_levels = 4");
+    crate::plugins::wait_for_log(&broker, "stored subscription over max_topic_length").await;
+    crate::plugins::wait_for_log(&broker, "stored will over max_topic_length").await;
+    let mut watcher = v3::Client::connect(persistent(&broker, "watcher")).await;
+    assert!(watcher.connack.session_present);
+    let mut k = v5::Client::connect(keeper(&broker)).await;
+    assert!(k.connack.session_present, "the session is resumed");
+    let mut publisher = v3::Client::connect(v3::options(&broker, "publisher")).await;
+    publisher
+        .publish("ok/1", v3::QoS::AtLeastOnce, false, b"still")
+        .await;
+    assert_eq!(&k.recv().await.payload[..], b"still");
+    let got = watcher.recv().await;
+    assert_eq!(got.topic, "ok/1", "no will before it");
+    watcher.expect_silence().await;
+    k.expect_silence().await;
+    broker.assert_running();
 }
 
 /// One SUBSCRIBE may not exhaust memory: more filters than `max_filters_per_packet` is a
@@ -570,8 +641,13 @@ async fn concurrent_takeovers_keep_the_session_whole() {
     // A publisher keeps sending QoS 1 while the takeovers happen.
     let mut publisher = v3::Client::connect(v3::options(&broker, "contest-pub")).await;
     let addr = broker.addr();
+    // Contenders that got their CONNACK and are still connected, and those settled
+    // (CONNACK or closed).
+    let open = Arc::new(AtomicUsize::new(0));
+    let settled = Arc::new(AtomicUsize::new(0));
     let mut contenders = Vec::new();
     for _ in 0..10 {
+        let (open, settled) = (open.clone(), settled.clone());
         contenders.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(&raw::connect("MQTT", 4, "contested", false, 30, None))
@@ -580,10 +656,18 @@ async fn concurrent_takeovers_keep_the_session_whole() {
             // Read (and acknowledge) until the broker closes this one.
             let mut got = Vec::new();
             let mut present = None;
+            let mut accepted = false;
             while let Some((first, body)) = raw::read_packet(&mut s, Duration::from_secs(60)).await
             {
                 match first >> 4 {
-                    2 => present = body.first().map(|b| b & 1 == 1),
+                    2 => {
+                        present = body.first().map(|b| b & 1 == 1);
+                        accepted = body.get(1) == Some(&0);
+                        if accepted {
+                            open.fetch_add(1, Ordering::SeqCst);
+                        }
+                        settled.fetch_add(1, Ordering::SeqCst);
+                    }
                     3 => {
                         let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
                         let id = &body[2 + topic_len..4 + topic_len];
@@ -596,6 +680,12 @@ async fn concurrent_takeovers_keep_the_session_whole() {
                     break;
                 }
             }
+            if accepted {
+                open.fetch_sub(1, Ordering::SeqCst);
+            }
+            if present.is_none() {
+                settled.fetch_add(1, Ordering::SeqCst);
+            }
             (present, got)
         }));
     }
@@ -606,8 +696,25 @@ async fn concurrent_takeovers_keep_the_session_whole() {
             .await;
         acked.push(i);
     }
-    // The last connection in holds the session; a new one takes it over from it and
-    // collects what is left.
+    // Exactly one contender wins: once all are answered, one is connected, the others
+    // were taken over (or refused) and closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while settled.load(Ordering::SeqCst) < 10 || open.load(Ordering::SeqCst) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 10 contenders answered, {} connected",
+            settled.load(Ordering::SeqCst),
+            open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        1,
+        "one winner holds the session"
+    );
+    // A new connection takes the session over from the winner and collects what is left.
     let mut last = v3::Client::connect(persistent(&broker)).await;
     assert!(
         last.connack.session_present,
@@ -625,7 +732,7 @@ async fn concurrent_takeovers_keep_the_session_whole() {
         }
         received.extend(got);
     }
-    eprintln!("{winners} of 10 contenders got a CONNACK");
+    assert!(winners >= 1, "no contender got a CONNACK");
     let received: std::collections::HashSet<u32> = received
         .iter()
         .filter_map(|p| Some(u32::from_be_bytes(p.as_slice().try_into().ok()?)))

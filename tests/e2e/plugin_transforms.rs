@@ -185,6 +185,55 @@ async fn a_will_passes_the_transforms_and_the_sinks() {
     sub.expect_silence().await;
 }
 
+/// `max_topic_levels` bounds the topics plugins make too: a rewrite past it is ignored
+/// (the message keeps its topic, the plugin's answer is logged as bad), and a topic a
+/// plugin publishes past it is refused (`sink-probe` is told `invalid-topic` and retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_plugins_make_keep_to_the_topic_limits() {
+    let dir = Broker::temp_dir();
+    install_with_users(&dir, "topic-rewrite", REWRITE);
+    let plugins = dir.join("plugins");
+    std::fs::write(
+        plugins.join("sink.toml"),
+        "topics = [\"tenants/#\"]\ntime_ms = 2000\n[sink]\nbatch = 1\nlinger_ms = 1\n[config]\n",
+    )
+    .unwrap();
+    std::fs::copy(crate::plugin_sink::sink_probe(), plugins.join("sink.wasm")).unwrap();
+    let broker = Broker::start_in(dir, "max_topic_levels = 5");
+    let deadline = std::time::Instant::now() + crate::harness::WAIT;
+    while broker
+        .logs()
+        .iter()
+        .filter(|l| l.contains("plugin loaded"))
+        .count()
+        < 3
+    {
+        assert!(std::time::Instant::now() < deadline, "plugins not loaded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut sub = v5::Client::connect(v5::options(&broker, "lim-sub")).await;
+    sub.subscribe_ok("#", v5::QoS::AtLeastOnce).await;
+    let mut acme = v3::Client::connect(v3_as(&broker, "lim-acme", Some("acme"))).await;
+
+    // Five levels after the rewrite: within the limit, rewritten.
+    acme.publish("devices/d1/data/x", v3::QoS::AtLeastOnce, false, b"1")
+        .await;
+    assert_eq!(v5::topic(&sub.recv().await), "tenants/acme/devices/d1/x");
+    // The sink's republish would have six levels: refused, the sink retries.
+    wait_for_log(&broker, "sink batch not delivered: publish:").await;
+    let line = (broker.logs().into_iter())
+        .find(|l| l.contains("sink batch not delivered"))
+        .unwrap();
+    assert!(line.to_lowercase().contains("invalid"), "{line}");
+
+    // Six levels after the rewrite: the answer is ignored, the topic kept.
+    acme.publish("devices/d1/data/x/y", v3::QoS::AtLeastOnce, false, b"2")
+        .await;
+    assert_eq!(v5::topic(&sub.recv().await), "devices/d1/data/x/y");
+    wait_for_log(&broker, "over the topic limits").await;
+    sub.expect_silence().await;
+}
+
 /// The JSON members after `prefix` in `payload`, checking that `received_at` is now.
 fn enriched_tail(payload: &str, prefix: &str) -> String {
     let rest = payload

@@ -588,4 +588,18 @@ async fn a_required_plugin_is_never_missing() {
         "{}",
         broker.logs().join("\n")
     );
+
+    // The file comes back: logged, and the plugin serves as before.
+    install_acl(&plugins, ACL_RULES);
+    wait_for_log(&broker, "required plugin's file is back").await;
+    // A broken replacement is refused; the running version keeps serving.
+    std::fs::write(plugins.join("acl.wasm.tmp"), b"\0asm broken").unwrap();
+    std::fs::rename(plugins.join("acl.wasm.tmp"), plugins.join("acl.wasm")).unwrap();
+    wait_for_log(&broker, "the previous version keeps serving").await;
+    let mut c = v3::Client::connect(v3::options(&broker, "d3")).await;
+    assert_eq!(
+        c.subscribe("devices/d2/cmd", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Failure
+    );
+    c.subscribe_ok("devices/d3/cmd", v3::QoS::AtLeastOnce).await;
 }
