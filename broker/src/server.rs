@@ -51,6 +51,7 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         .listening
         .store(true, std::sync::atomic::Ordering::Release);
     crate::sys::spawn(broker.clone());
+    spawn_policy_changes(&broker);
     broker.shutdown.cancelled().await;
     for t in accept_loops {
         let _ = t.await;
@@ -68,6 +69,25 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
     broker.store.close();
     tracing::info!("broker stopped");
     Ok(bound)
+}
+
+/// Wakes every subscriber's connection when the plugin chain changes, so that each
+/// authorizes its subscriptions again at once, idle or not (a connection checks the chain's
+/// generation whenever it wakes; one woken with nothing to deliver does only that).
+fn spawn_policy_changes(broker: &Arc<Broker>) {
+    let me = Arc::downgrade(broker);
+    let stop = broker.shutdown.clone();
+    let plugins = broker.plugins.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = plugins.changed() => {}
+            }
+            let Some(broker) = me.upgrade() else { return };
+            broker.router.wake_subscribers();
+        }
+    });
 }
 
 /// Publishes the messages plugins publish, in order, through the pipeline, until the

@@ -5,7 +5,7 @@
 //! while connected).
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::{Broker, v3, v5};
 use crate::plugins::{bundled, install_acl, wait_for_log};
@@ -237,6 +237,146 @@ async fn held_subscriptions_follow_policy_changes() {
         .publish("feed/b", v3::QoS::AtLeastOnce, false, b"3")
         .await;
     away.expect_silence().await;
+}
+
+/// Anonymous clients on two listeners are two principals: the listener a session was
+/// made on is part of its owner, so an anonymous client on the other listener cannot take
+/// it (MQTT 5 0x87, 3.x return code 5) and the owner stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_is_part_of_an_anonymous_owner() {
+    let broker = Broker::start_config_in(
+        Broker::temp_dir(),
+        "[[listener]]\nname = \"inside\"\nbind = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nname = \"outside\"\nbind = \"127.0.0.1:0\"\n",
+    );
+    let outside = broker.listener_addr("outside");
+    let mut owner = v5::Client::connect({
+        let mut o = v5::options(&broker, "meter");
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(600));
+        o
+    })
+    .await;
+    owner.subscribe_ok("meter/#", v5::QoS::AtLeastOnce).await;
+
+    let mut o = v5::MqttOptions::new("meter", "127.0.0.1", outside.port());
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    let e = v5::Client::try_connect(o)
+        .await
+        .err()
+        .expect("refused on the other listener");
+    assert!(refused(&e).contains("NotAuthorized"), "{e:?}");
+    let mut o3 = v3::MqttOptions::new("meter", "127.0.0.1", outside.port());
+    o3.set_clean_session(true);
+    let e = v3::Client::try_connect(o3)
+        .await
+        .err()
+        .expect("3.1.1 refused on the other listener");
+    assert!(format!("{e:?}").contains("NotAuthorized"), "{e:?}");
+
+    // The owner was not disturbed, and takes its session back on its own listener.
+    owner
+        .publish("meter/x", v5::QoS::AtLeastOnce, false, b"mine")
+        .await;
+    assert_eq!(&owner.recv().await.payload[..], b"mine");
+    owner.disconnect().await;
+    let mut o = v5::options(&broker, "meter");
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    let back = v5::Client::connect(o).await;
+    assert!(back.connack.session_present);
+}
+
+/// How many log lines contain `needle`.
+fn count_logs(broker: &Broker, needle: &str) -> usize {
+    broker.logs().iter().filter(|l| l.contains(needle)).count()
+}
+
+/// Waits (1 s at most) until more than `before` log lines contain `needle`.
+async fn within_a_second(broker: &Broker, needle: &str, before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while count_logs(broker, needle) <= before {
+        assert!(Instant::now() < deadline, "no new {needle:?} within 1 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A plugin added to the authorize chain, or removed from it, is a policy change too:
+/// within a second a held subscription the new chain denies is removed (logged, and an
+/// `unsubscribed` event reaches observers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_subscriptions_follow_plugins_added_and_removed() {
+    const GONE: &str = "subscription no longer authorized";
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // An observer: every event is published on probe-events/<kind>.
+    std::fs::write(plugins.join("probe.toml"), "[config]\nevents = \"true\"\n").unwrap();
+    let probe = crate::plugins::hostile().with_file_name("probe.wasm");
+    std::fs::copy(probe, plugins.join("probe.wasm")).unwrap();
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+
+    // No authorize plugin: everything is allowed.
+    let mut live = v3::Client::connect(v3::options(&broker, "live")).await;
+    live.subscribe_ok("feed/#", v3::QoS::AtLeastOnce).await;
+    let mut watch = v3::Client::connect(v3::options(&broker, "watch")).await;
+    watch
+        .subscribe_ok("probe-events/unsubscribed", v3::QoS::AtLeastOnce)
+        .await;
+    let mut feeder = v3::Client::connect(v3::options(&broker, "feeder")).await;
+    feeder
+        .publish("feed/a", v3::QoS::AtLeastOnce, false, b"1")
+        .await;
+    assert_eq!(&live.recv().await.payload[..], b"1");
+
+    // Added: acl lets everyone publish on feed/# and read only the probe's events.
+    let before = count_logs(&broker, GONE);
+    install_acl(
+        &plugins,
+        "[[config.rules]]\nallow = \"write\"\ntopic = \"feed/#\"\n\
+         [[config.rules]]\nallow = \"read\"\ntopic = \"probe-events/#\"\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_logs(&broker, "plugin loaded") < 2 {
+        assert!(Instant::now() < deadline, "acl not loaded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    within_a_second(&broker, GONE, before).await;
+    assert_eq!(&watch.recv().await.payload[..], b"live:feed/#");
+    feeder
+        .publish("feed/b", v3::QoS::AtLeastOnce, false, b"2")
+        .await;
+    live.expect_silence().await;
+
+    // A gate ahead of acl (priority 10) lets everyone read feed/#: subscribed again.
+    let gate = "priority = 10\n[config]\ndefault = \"ignore\"\n\
+                [[config.rules]]\nallow = \"read\"\ntopic = \"feed/#\"\n";
+    std::fs::write(plugins.join("gate.toml"), gate).unwrap();
+    std::fs::copy(bundled("acl"), plugins.join("gate.wasm.tmp")).unwrap();
+    std::fs::rename(plugins.join("gate.wasm.tmp"), plugins.join("gate.wasm")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_logs(&broker, "plugin loaded") < 3 {
+        assert!(Instant::now() < deadline, "gate not loaded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    live.subscribe_ok("feed/#", v3::QoS::AtLeastOnce).await;
+    feeder
+        .publish("feed/c", v3::QoS::AtLeastOnce, false, b"3")
+        .await;
+    assert_eq!(&live.recv().await.payload[..], b"3");
+
+    // Removed: without the gate acl denies the read again.
+    let before = count_logs(&broker, GONE);
+    std::fs::remove_file(plugins.join("gate.wasm")).unwrap();
+    wait_for_log(&broker, "plugin removed").await;
+    within_a_second(&broker, GONE, before).await;
+    assert_eq!(&watch.recv().await.payload[..], b"live:feed/#");
+    feeder
+        .publish("feed/d", v3::QoS::AtLeastOnce, false, b"4")
+        .await;
+    live.expect_silence().await;
 }
 
 /// Who may join a shared subscription's group (`share` hook, contract 0.1.1), with the

@@ -556,9 +556,16 @@ impl Mailbox {
         }
     }
 
-    /// Resolves when something was queued since the last call.
+    /// Resolves when something was queued since the last call (or [`Mailbox::wake`]).
     pub async fn notified(&self) {
         self.notify.notified().await;
+    }
+
+    /// Wakes the connection that serves the mailbox (if any) as a delivery would, with
+    /// nothing new queued: it then checks what changed around it, such as the policy that
+    /// granted its subscriptions.
+    pub fn wake(&self) {
+        self.notify.notify_one();
     }
 }
 

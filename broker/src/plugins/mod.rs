@@ -71,6 +71,8 @@ pub struct Plugins {
     mask: AtomicU32,
     /// Bumped on every chain change.
     generation: AtomicU64,
+    /// Signalled on every chain change (see [`Plugins::changed`]).
+    changed: tokio::sync::Notify,
     chain: RwLock<Arc<Chain>>,
     host: OnceLock<Option<Arc<host::Host>>>,
     dir: Option<PathBuf>,
@@ -247,6 +249,7 @@ impl Plugins {
         Plugins {
             mask: AtomicU32::new(0),
             generation: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
             chain: RwLock::new(Arc::new(Chain::default())),
             host: OnceLock::new(),
             dir,
@@ -385,6 +388,14 @@ impl Plugins {
         // A new chain gets a fresh start: the slow plugin may be gone.
         self.slow_strikes.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    /// Resolves after the chain changed (a plugin loaded, replaced or removed) since the
+    /// last call returned. One waiter: the broker, which then wakes the connections so
+    /// that each authorizes its subscriptions again.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// Asks the chain about a CONNECT. Runs the plugins on a blocking thread (a hook may

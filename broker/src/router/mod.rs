@@ -240,6 +240,25 @@ impl Router {
         }
     }
 
+    /// Wakes the mailbox of every subscriber (each once per subscription it holds). Walks
+    /// the whole trie with a stack of its own, under the read lock; for rare events (a
+    /// change of the policy that granted the subscriptions), not for the way of a message.
+    pub fn wake_subscribers(&self) {
+        let trie = read(&self.trie);
+        let mut stack: Vec<&Node> = vec![&trie];
+        while let Some(node) = stack.pop() {
+            for e in &node.entries {
+                e.sub.mailbox.wake();
+            }
+            for g in &node.shared {
+                for e in &g.members {
+                    e.sub.mailbox.wake();
+                }
+            }
+            stack.extend(node.children.values());
+        }
+    }
+
     /// Subscriptions held and shared groups, for metrics.
     pub fn subscription_counts(&self) -> (usize, usize) {
         (

@@ -63,6 +63,46 @@ fn overlapping_subscriptions_deliver_once_at_max_qos() {
     assert_eq!(ids, vec![1, 2]);
 }
 
+/// Whether `m`'s connection would wake now (a permit is waiting).
+fn woken(m: &Mailbox) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_millis(10), m.notified())
+            .await
+            .is_ok()
+    })
+}
+
+#[test]
+fn every_subscriber_is_woken_deep_and_shared_alike() {
+    let r = Router::new();
+    let (plain, member, idle) = (sub(1), sub(2), sub(3));
+    let deep = TopicFilter::new(&"d/".repeat(500)).unwrap();
+    r.subscribe(
+        &plain,
+        &deep,
+        SubscriptionOptions::qos(QoS::AtMostOnce),
+        None,
+    );
+    let group = TopicFilter::new("$share/g/x/#").unwrap();
+    r.subscribe(
+        &member,
+        &group,
+        SubscriptionOptions::qos(QoS::AtMostOnce),
+        None,
+    );
+    for s in [&plain, &member, &idle] {
+        woken(&s.mailbox); // what going online left
+    }
+    r.wake_subscribers();
+    assert!(woken(&plain.mailbox), "a subscriber deep in the trie");
+    assert!(woken(&member.mailbox), "a shared group's member");
+    assert!(!woken(&idle.mailbox), "a session with no subscription");
+}
+
 #[test]
 fn dollar_topics_skip_leading_wildcards() {
     let r = Router::new();
