@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS};
 
-use crate::harness::{Broker, WAIT, v5};
+use crate::harness::{Broker, WAIT, raw, v5};
 
 const LIMITS: &str = "max_queued_messages = 1000000\nmax_queued_bytes = 1000000000";
 const STORM: u32 = 50_000;
@@ -798,7 +798,8 @@ impl Drop for AckedPublisher {
 
 /// The disk fills up under a persistent subscriber's QoS 1 traffic: the store's commit
 /// fails and is logged; the acknowledgement that waited for it is held (not sent as a
-/// lie), and from then on MQTT 5 publishes that need the store get PUBACK 0x97 at once.
+/// lie), and from then on MQTT 5 publishes that need the store get PUBACK 0x97 at once
+/// while an MQTT 3.1.1 one is left unacknowledged on a connection that stays open.
 /// Once space is freed the broker writes again by itself: the held acknowledgement goes
 /// out (0x00), new publishes are accepted, each publish got exactly one PUBACK, and every
 /// message acknowledged with 0x00 reaches the subscriber, also after a kill -9.
@@ -841,6 +842,25 @@ async fn a_full_disk_refuses_what_needs_it_and_recovers() {
             "PUBACK Quota exceeded while the store cannot write"
         );
     }
+    // MQTT 3.1.1 cannot refuse a QoS 1 message: it is left unacknowledged (and not
+    // routed), and the connection stays open.
+    let mut v311 = raw::connect_tcp(&broker).await;
+    raw::send(&mut v311, &raw::connect_v311("disk-pub-3", true, 30)).await;
+    assert_eq!(
+        raw::read_packet(&mut v311, WAIT).await.map(|p| p.0),
+        Some(0x20)
+    );
+    raw::send(
+        &mut v311,
+        &raw::publish("disk/v311", 1, false, 7, b"v311", false),
+    )
+    .await;
+    raw::send(&mut v311, &[0xC0, 0]).await; // PINGREQ
+    assert_eq!(
+        raw::read_packet(&mut v311, WAIT).await.map(|p| p.0),
+        Some(0xD0),
+        "no PUBACK while the store cannot write, only the PINGRESP"
+    );
 
     // Not ready while the store cannot write, and the failed commits are counted.
     let (status, _, body) = crate::observability::http(broker.http_addr(), "GET", "/readyz").await;
@@ -865,6 +885,17 @@ async fn a_full_disk_refuses_what_needs_it_and_recovers() {
         let id = second.publish().await;
         assert_eq!(second.ack_of(id, WAIT).await, 0, "accepted again");
     }
+    // Sent again (as the client does on its next connection), it is accepted.
+    raw::send(
+        &mut v311,
+        &raw::publish("disk/v311", 1, true, 7, b"v311", false),
+    )
+    .await;
+    assert_eq!(
+        raw::read_packet(&mut v311, WAIT).await,
+        Some((0x40, vec![0, 7])),
+        "PUBACK once the store writes again"
+    );
     let mut accepted = HashSet::new();
     for p in [&first, &second] {
         let acks = p.acks();
@@ -910,6 +941,10 @@ async fn a_full_disk_refuses_what_needs_it_and_recovers() {
         })
         .collect();
     assert!(lost.is_empty(), "acknowledged with 0x00 and lost: {lost:?}");
+    assert!(
+        received.contains(b"v311".as_slice()),
+        "the 3.1.1 message, acknowledged once sent again"
+    );
 }
 
 /// A QoS 1 MQTT 5 PUBLISH of 16 KiB whose payload starts with a tag of its publisher and

@@ -207,6 +207,8 @@ async fn a_deep_will_topic_never_crashes_the_broker() {
     broker.assert_running();
     let mut probe = Probe::new(&broker, "deep-probe-2").await;
     probe.round_trip().await;
+    probe.assert_fast("a retained will of 65,536 levels");
+    assert_rss_below(&broker, 150, "a retained will of 65,536 levels");
 }
 
 /// A subscription or a will stored under limits that admitted it, read back at a start
@@ -276,6 +278,10 @@ async fn stored_topics_over_todays_limits_are_skipped_at_start() {
     watcher.expect_silence().await;
     k.expect_silence().await;
     broker.assert_running();
+    let mut probe = Probe::new(&broker, "stored-probe").await;
+    probe.round_trip().await;
+    probe.assert_fast("stored topics over the limits");
+    assert_rss_below(&broker, 150, "stored topics over the limits");
 }
 
 /// One SUBSCRIBE may not exhaust memory: more filters than `max_filters_per_packet` is a
@@ -389,7 +395,8 @@ async fn user_properties_are_capped_and_counted() {
 /// an ordinary message and not kept. Replacing and clearing always work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retained_store_is_bounded() {
-    let broker = Broker::start_with("max_retained_messages = 3");
+    let mut broker = Broker::start_with("max_retained_messages = 3");
+    let mut probe = Probe::new(&broker, "retained-probe").await;
     let mut p3 = v3::Client::connect(v3::options(&broker, "r3")).await;
     for i in 0..3 {
         p3.publish(&format!("keep/{i}"), v3::QoS::AtLeastOnce, true, b"k")
@@ -439,6 +446,12 @@ async fn the_retained_store_is_bounded() {
         ]
     );
     late.expect_silence().await;
+    probe
+        .run_until(Instant::now() + Duration::from_millis(200))
+        .await;
+    probe.assert_fast("a full retained store");
+    assert_rss_below(&broker, 150, "a full retained store");
+    broker.assert_running();
 }
 
 /// Before CONNACK a client is unauthenticated: a CONNECT larger than
@@ -447,6 +460,7 @@ async fn the_retained_store_is_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_is_small_until_connack() {
     let mut broker = Broker::start();
+    let mut probe = Probe::new(&broker, "connect-probe").await;
     let mut s = raw::connect_tcp(&broker).await;
     let mut body = Vec::new();
     put_str(&mut body, b"MQTT");
@@ -463,6 +477,11 @@ async fn a_connect_is_small_until_connack() {
     let _ = s.write_all(&connect[..64]).await;
     let connack = read_until(&mut s, 2).await;
     assert_eq!(connack.get(1), Some(&0x95), "CONNACK Packet too large");
+    probe
+        .run_until(Instant::now() + Duration::from_millis(200))
+        .await;
+    probe.assert_fast("an oversized CONNECT");
+    assert_rss_below(&broker, 150, "an oversized CONNECT");
     broker.assert_running();
 }
 
@@ -513,6 +532,7 @@ async fn authentications_run_a_bounded_number_at_once() {
         "every CONNECT answered: {codes:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(8));
+    assert_rss_below(&broker, 150, "a burst of slow authentications");
     broker.assert_running();
 }
 
@@ -689,13 +709,19 @@ async fn concurrent_takeovers_keep_the_session_whole() {
             (present, got)
         }));
     }
+    let mut probe = Probe::new(&broker, "contest-probe").await;
     let mut acked = Vec::new();
     for i in 0..200u32 {
         publisher
             .publish("contested/t", v3::QoS::AtLeastOnce, false, &i.to_be_bytes())
             .await;
         acked.push(i);
+        if i % 20 == 0 {
+            probe.round_trip().await;
+        }
     }
+    probe.assert_fast("ten concurrent takeovers");
+    assert_rss_below(&broker, 150, "ten concurrent takeovers");
     // Exactly one contender wins: once all are answered, one is connected, the others
     // were taken over (or refused) and closed.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -825,6 +851,7 @@ async fn a_refused_tls_socket_is_closed_before_the_handshake() {
         certs.join("server.key").display()
     );
     let mut broker = Broker::start_config_in(dir, &config);
+    let mut probe = Probe::new(&broker, "tls-probe").await;
     let addr = broker.listener_addr("tls");
     let _held = TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -839,5 +866,10 @@ async fn a_refused_tls_socket_is_closed_before_the_handshake() {
         matches!(r, Ok(Ok(0)) | Ok(Err(_))),
         "a refused TLS socket is closed unanswered: {r:?}"
     );
+    probe
+        .run_until(Instant::now() + Duration::from_millis(200))
+        .await;
+    probe.assert_fast("a refused TLS socket");
+    assert_rss_below(&broker, 150, "a refused TLS socket");
     broker.assert_running();
 }
