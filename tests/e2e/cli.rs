@@ -100,6 +100,24 @@ fn check_config_loads_certificates_and_plugins_without_binding() {
         text(&o)
     );
 
+    // A client CA file that holds no certificate.
+    std::fs::write(dir.join("bad-ca.pem"), "not a CA\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{}client_ca = \"bad-ca.pem\"\n",
+            config(&certs.join("server.pem").display().to_string())
+        ),
+    )
+    .unwrap();
+    let o = check();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("listener secure") && text(&o).contains("bad-ca.pem"),
+        "{}",
+        text(&o)
+    );
+
     // A sidecar that does not parse, and a component that is not one.
     std::fs::write(
         &path,

@@ -379,3 +379,25 @@ async fn v5_and_v311_subscribers_both_get_v5_publish() {
         ("mixed/t", &b"both"[..])
     );
 }
+
+/// `max_session_expiry` defaults to 7 days: a client asking for a session that never
+/// expires (0xFFFFFFFF) is told 604,800 s in CONNACK; one asking for less keeps its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_session_expiry_is_capped_at_seven_days_by_default() {
+    let broker = Broker::start();
+    let mut o = v5::options(&broker, "forever");
+    o.set_session_expiry_interval(Some(u32::MAX));
+    let c = v5::Client::connect(o).await;
+    let props = c.connack.properties.clone().expect("CONNACK properties");
+    assert_eq!(props.session_expiry_interval, Some(7 * 24 * 3600));
+    c.disconnect().await;
+
+    let mut o = v5::options(&broker, "a-day");
+    o.set_session_expiry_interval(Some(86_400));
+    let c = v5::Client::connect(o).await;
+    let props = c.connack.properties.clone().expect("CONNACK properties");
+    assert_eq!(
+        props.session_expiry_interval, None,
+        "the client's own value stands"
+    );
+}
