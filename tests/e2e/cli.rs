@@ -154,7 +154,10 @@ async fn relative_paths_follow_the_configuration_file() {
         "[[config.rules]]\nallow = \"readwrite\"\ntopic = \"open/#\"\n",
     )
     .unwrap();
-    let config = "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"state\"\n\n\
+    generate_certs(&conf); // conf/certs
+    let config = "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"secure\"\n\
+                  kind = \"tls\"\nbind = \"127.0.0.1:0\"\ncert = \"certs/server.pem\"\n\
+                  key = \"certs/server.key\"\n\n[store]\ndata_dir = \"state\"\n\n\
                   [plugins]\ndir = \"my-plugins\"\n";
     std::fs::write(conf.join("sandpiper.toml"), config).unwrap();
     // Started from another folder, with a relative path to the file.
@@ -167,6 +170,8 @@ async fn relative_paths_follow_the_configuration_file() {
         ("configuration", conf.join("sandpiper.toml")),
         ("data_dir", conf.join("state")),
         ("plugins.dir", conf.join("my-plugins")),
+        ("listener secure cert", conf.join("certs/server.pem")),
+        ("listener secure key", conf.join("certs/server.key")),
     ] {
         wait_for_log(&broker, &format!("{what} path={}", path.display())).await;
     }
