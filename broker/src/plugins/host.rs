@@ -108,13 +108,7 @@ impl Host {
             );
         }
         let component = Component::new(&self.engine, bytes)?;
-        with_retries(
-            COW_IMAGE_ATTEMPTS,
-            COW_IMAGE_BACKOFF,
-            is_memfd_error,
-            || component.initialize_copy_on_write_image(),
-        )
-        .map_err(|e| e.context("preparing the plugin's memory image"))?;
+        super::cow::prepare(&component)?;
         if first {
             tracing::info!(
                 plugin = name,
@@ -142,43 +136,6 @@ impl Host {
         let mut dir = self.cache_dir.clone().into_os_string();
         dir.push(".compiled");
         PathBuf::from(dir).join(format!("{:016x}-{}", h.finish(), bytes.len()))
-    }
-}
-
-/// How often, and how patiently, the copy-on-write memory image of a plugin is prepared.
-/// On Linux wasmtime writes a module's initial memory into a memfd and seals it; the
-/// kernel refuses the seal (EBUSY) while anything else holds a reference to one of its
-/// pages, which page migration or compaction does for a moment on a busy machine. The
-/// image is prepared once per loaded version (instances made later reuse it), so a
-/// refusal is retried here, before it could refuse the plugin.
-const COW_IMAGE_ATTEMPTS: u32 = 6;
-const COW_IMAGE_BACKOFF: Duration = Duration::from_millis(25);
-
-/// Whether `e` came from creating or sealing a memfd.
-fn is_memfd_error(e: &wasmtime::Error) -> bool {
-    e.chain().any(|c| c.to_string().contains("memfd"))
-}
-
-/// Runs `f` up to `attempts` times while it fails with an error `transient` accepts,
-/// sleeping `backoff`, then twice that, between tries. Any other error returns at once.
-fn with_retries<T>(
-    attempts: u32,
-    backoff: Duration,
-    transient: impl Fn(&wasmtime::Error) -> bool,
-    mut f: impl FnMut() -> wasmtime::Result<T>,
-) -> wasmtime::Result<T> {
-    let mut wait = backoff;
-    let mut tried = 1;
-    loop {
-        match f() {
-            Err(e) if tried < attempts && transient(&e) => {
-                tracing::warn!(error = %e, attempt = tried, "retrying after a transient failure");
-                std::thread::sleep(wait);
-                wait = wait.saturating_mul(2);
-                tried += 1;
-            }
-            other => return other,
-        }
     }
 }
 
@@ -767,33 +724,6 @@ mod tests {
 
     fn allows(p: &HttpPolicy, url: &str) -> bool {
         p.allows(&url.parse::<http::Uri>().unwrap())
-    }
-
-    #[test]
-    fn transient_failures_are_retried_a_bounded_number_of_times() {
-        let memfd = || wasmtime::format_err!("cannot add seals to the memfd");
-        let mut calls = 0;
-        let r = with_retries(4, Duration::ZERO, is_memfd_error, || {
-            calls += 1;
-            if calls < 3 { Err(memfd()) } else { Ok(calls) }
-        });
-        assert_eq!(r.unwrap(), 3, "succeeds on the third try");
-
-        let mut calls = 0;
-        let r: wasmtime::Result<()> = with_retries(4, Duration::ZERO, is_memfd_error, || {
-            calls += 1;
-            Err(memfd().context("preparing"))
-        });
-        assert!(r.is_err());
-        assert_eq!(calls, 4, "gives up after the last attempt");
-
-        let mut calls = 0;
-        let r: wasmtime::Result<()> = with_retries(4, Duration::ZERO, is_memfd_error, || {
-            calls += 1;
-            Err(wasmtime::format_err!("invalid component"))
-        });
-        assert!(r.is_err());
-        assert_eq!(calls, 1, "other errors are not retried");
     }
 
     #[test]

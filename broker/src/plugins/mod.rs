@@ -10,6 +10,7 @@
 //! connections compare to drop their cached authorize decisions.
 
 mod bindings;
+mod cow;
 pub(crate) mod events;
 pub mod flow;
 pub mod gate;
