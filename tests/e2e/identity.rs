@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::harness::{Broker, v3, v5};
-use crate::plugins::{bundled, install_acl, wait_for_log};
+use crate::plugins::{bundled, count_logs, install_acl, wait_for_log, wait_for_logs};
 
 /// A `password-auth` users-table line for `user` with `password` (PBKDF2-SHA256, 10,000
 /// iterations: fast enough for tests).
@@ -288,11 +288,6 @@ async fn the_listener_is_part_of_an_anonymous_owner() {
     assert!(back.connack.session_present);
 }
 
-/// How many log lines contain `needle`.
-fn count_logs(broker: &Broker, needle: &str) -> usize {
-    broker.logs().iter().filter(|l| l.contains(needle)).count()
-}
-
 /// Waits (1 s at most) until more than `before` log lines contain `needle`.
 async fn within_a_second(broker: &Broker, needle: &str, before: usize) {
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -338,11 +333,7 @@ async fn held_subscriptions_follow_plugins_added_and_removed() {
         "[[config.rules]]\nallow = \"write\"\ntopic = \"feed/#\"\n\
          [[config.rules]]\nallow = \"read\"\ntopic = \"probe-events/#\"\n",
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count_logs(&broker, "plugin loaded") < 2 {
-        assert!(Instant::now() < deadline, "acl not loaded");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_logs(&broker, "plugin loaded", 2).await;
     within_a_second(&broker, GONE, before).await;
     assert_eq!(&watch.recv().await.payload[..], b"live:feed/#");
     feeder
@@ -356,11 +347,7 @@ async fn held_subscriptions_follow_plugins_added_and_removed() {
     std::fs::write(plugins.join("gate.toml"), gate).unwrap();
     std::fs::copy(bundled("acl"), plugins.join("gate.wasm.tmp")).unwrap();
     std::fs::rename(plugins.join("gate.wasm.tmp"), plugins.join("gate.wasm")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count_logs(&broker, "plugin loaded") < 3 {
-        assert!(Instant::now() < deadline, "gate not loaded");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_logs(&broker, "plugin loaded", 3).await;
     live.subscribe_ok("feed/#", v3::QoS::AtLeastOnce).await;
     feeder
         .publish("feed/c", v3::QoS::AtLeastOnce, false, b"3")

@@ -144,17 +144,7 @@ async fn a_will_passes_the_transforms_and_the_sinks() {
     let probe = crate::plugins::hostile().with_file_name("sink_probe.wasm");
     std::fs::copy(probe, plugins.join("sink.wasm")).unwrap();
     let broker = Broker::start_in(dir, "");
-    let deadline = std::time::Instant::now() + crate::harness::WAIT;
-    while broker
-        .logs()
-        .iter()
-        .filter(|l| l.contains("plugin loaded"))
-        .count()
-        < 3
-    {
-        assert!(std::time::Instant::now() < deadline, "plugins not loaded");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::plugins::wait_for_logs(&broker, "plugin loaded", 3).await;
     let mut sub = v5::Client::connect(v5::options(&broker, "will-sub")).await;
     for f in ["tenants/#", "devices/#", "sunk/#"] {
         sub.subscribe_ok(f, v5::QoS::AtLeastOnce).await;
@@ -200,17 +190,7 @@ async fn topics_plugins_make_keep_to_the_topic_limits() {
     .unwrap();
     std::fs::copy(crate::plugin_sink::sink_probe(), plugins.join("sink.wasm")).unwrap();
     let broker = Broker::start_in(dir, "max_topic_levels = 5");
-    let deadline = std::time::Instant::now() + crate::harness::WAIT;
-    while broker
-        .logs()
-        .iter()
-        .filter(|l| l.contains("plugin loaded"))
-        .count()
-        < 3
-    {
-        assert!(std::time::Instant::now() < deadline, "plugins not loaded");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::plugins::wait_for_logs(&broker, "plugin loaded", 3).await;
     let mut sub = v5::Client::connect(v5::options(&broker, "lim-sub")).await;
     sub.subscribe_ok("#", v5::QoS::AtLeastOnce).await;
     let mut acme = v3::Client::connect(v3_as(&broker, "lim-acme", Some("acme"))).await;

@@ -185,11 +185,21 @@ pub(crate) fn install_acl(plugins: &Path, rules: &str) {
 }
 
 pub(crate) async fn wait_for_log(broker: &Broker, needle: &str) {
+    wait_for_logs(broker, needle, 1).await;
+}
+
+/// How many log lines contain `needle`.
+pub(crate) fn count_logs(broker: &Broker, needle: &str) -> usize {
+    broker.logs().iter().filter(|l| l.contains(needle)).count()
+}
+
+/// Waits (10 s at most) until at least `n` log lines contain `needle`.
+pub(crate) async fn wait_for_logs(broker: &Broker, needle: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !broker.logs().iter().any(|l| l.contains(needle)) {
+    while count_logs(broker, needle) < n {
         assert!(
             Instant::now() < deadline,
-            "no log line with {needle:?}; log:\n{}",
+            "fewer than {n} log lines with {needle:?}; log:\n{}",
             broker.logs().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
