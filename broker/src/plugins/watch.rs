@@ -120,13 +120,19 @@ impl Watcher {
                 continue;
             }
             let old = self.known.get(&name).and_then(|k| k.serving.clone());
-            let loaded = load(plugins, &wasm, &name);
-            // The files the sidecar names now (even when the load failed), stamped as
-            // they were read.
+            // Stamp before reading: a file that changes while it is being loaded then
+            // differs at the next scan and is loaded again, never skipped.
+            let (wasm_stamp, sidecar_stamp, _) = st;
+            // The files the sidecar names now (even when the load fails).
             let files = Sidecar::for_component(&wasm)
                 .map(|s| s.config_file_paths(dir))
                 .unwrap_or(files);
-            let stamp = stamp_of(&wasm, &files);
+            let stamp = (
+                wasm_stamp,
+                sidecar_stamp,
+                files.iter().map(|f| self::stamp(f)).collect(),
+            );
+            let loaded = load(plugins, &wasm, &name);
             match loaded {
                 Ok(p) => {
                     crate::metrics::reloaded(
