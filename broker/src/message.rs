@@ -151,10 +151,10 @@ impl Draft {
     /// The message this draft becomes once routed, published by session `publisher`; its
     /// expiry counts from now.
     pub fn into_message(self, publisher: Option<ClientKey>) -> Arc<Message> {
-        let now = Instant::now();
         Arc::new(Message {
+            // The clock is read only for a message that expires.
             expires_at: (self.properties.message_expiry_interval)
-                .map(|s| now + std::time::Duration::from_secs(u64::from(s))),
+                .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s))),
             topic: self.topic,
             payload: self.payload,
             qos: self.qos,

@@ -5,7 +5,6 @@
 //! level, merges the matches of each session into one delivery and pushes it into that
 //! session's [`Mailbox`].
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -41,9 +40,13 @@ struct SharedGroup {
     next: AtomicUsize,
 }
 
+/// The children of a tree node by topic level. Every PUBLISH looks up three of them per
+/// level (the level, `+`, `#`): the hasher is foldhash's, seeded per process.
+type Children<N> = foldhash::HashMap<Box<str>, N>;
+
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: Children<Node>,
     entries: Vec<Entry>,
     shared: Vec<SharedGroup>,
 }
@@ -82,7 +85,7 @@ drop_iteratively!(RetainedNode);
 
 #[derive(Debug, Default)]
 struct RetainedNode {
-    children: HashMap<Box<str>, RetainedNode>,
+    children: Children<RetainedNode>,
     msg: Option<Arc<Message>>,
 }
 
