@@ -838,38 +838,41 @@ async fn slow_loris_connections_cost_little() {
     broker.assert_running();
 }
 
-/// A TLS socket that admission refuses (here: over the listener's `max_connections`) is
-/// closed before any handshake: the client's ClientHello gets no answer but the close.
+/// A TLS or WSS socket that admission refuses (here: over the listener's `max_connections`)
+/// is closed before any handshake: the client's ClientHello gets no answer but the close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_tls_socket_is_closed_before_the_handshake() {
-    let dir = Broker::temp_dir();
-    let certs = crate::transports::generate_certs(&dir);
-    let config = format!(
-        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"tls\"\n\
-         kind = \"tls\"\nbind = \"127.0.0.1:0\"\nmax_connections = 1\ncert = \"{}\"\nkey = \"{}\"\n",
-        certs.join("server.pem").display(),
-        certs.join("server.key").display()
-    );
-    let mut broker = Broker::start_config_in(dir, &config);
-    let mut probe = Probe::new(&broker, "tls-probe").await;
-    let addr = broker.listener_addr("tls");
-    let _held = TcpStream::connect(addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    // A ClientHello's first bytes; a server that handshakes answers with a ServerHello.
-    let _ = s
-        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0, 0, 1, 0])
-        .await;
-    let mut buf = [0u8; 64];
-    let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
-    assert!(
-        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
-        "a refused TLS socket is closed unanswered: {r:?}"
-    );
-    probe
-        .run_until(Instant::now() + Duration::from_millis(200))
-        .await;
-    probe.assert_fast("a refused TLS socket");
-    assert_rss_below(&broker, 150, "a refused TLS socket");
-    broker.assert_running();
+    for kind in ["tls", "wss"] {
+        let dir = Broker::temp_dir();
+        let certs = crate::transports::generate_certs(&dir);
+        let config = format!(
+            "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\n\n[[listener]]\n\
+             name = \"{kind}\"\nkind = \"{kind}\"\nbind = \"127.0.0.1:0\"\nmax_connections = 1\n\
+             cert = \"{}\"\nkey = \"{}\"\n",
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        );
+        let mut broker = Broker::start_config_in(dir, &config);
+        let mut probe = Probe::new(&broker, "tls-probe").await;
+        let addr = broker.listener_addr(kind);
+        let _held = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // A ClientHello's first bytes; a server that handshakes answers with a ServerHello.
+        let _ = s
+            .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0, 0, 1, 0])
+            .await;
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "a refused {kind} socket is closed unanswered: {r:?}"
+        );
+        probe
+            .run_until(Instant::now() + Duration::from_millis(200))
+            .await;
+        probe.assert_fast("a refused TLS socket");
+        assert_rss_below(&broker, 150, "a refused TLS socket");
+        broker.assert_running();
+    }
 }
