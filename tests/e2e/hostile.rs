@@ -392,7 +392,8 @@ async fn user_properties_are_capped_and_counted() {
 
 /// The retained store has bounds: beyond `max_retained_messages`, an MQTT 5 QoS 1
 /// retained publish gets PUBACK 0x97 and is not routed; an MQTT 3.1.1 one is routed as
-/// an ordinary message and not kept. Replacing and clearing always work.
+/// an ordinary message and not kept. Replacing and clearing always work. Records beyond a
+/// smaller limit at the next start are logged and skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retained_store_is_bounded() {
     let mut broker = Broker::start_with("max_retained_messages = 3");
@@ -451,6 +452,28 @@ async fn the_retained_store_is_bounded() {
         .await;
     probe.assert_fast("a full retained store");
     assert_rss_below(&broker, 150, "a full retained store");
+    broker.assert_running();
+
+    // Started again with a smaller store than the records on disk: what fits is loaded,
+    // the rest is logged and skipped, and the broker serves.
+    drop(probe);
+    let dir = broker.kill9();
+    let mut broker = Broker::start_in(dir, "max_retained_messages = 2");
+    crate::plugins::wait_for_log(
+        &broker,
+        "retained messages beyond max_retained_messages or max_retained_bytes were not loaded",
+    )
+    .await;
+    let mut after = v3::Client::connect(v3::options(&broker, "after")).await;
+    after.subscribe_ok("keep/#", v3::QoS::AtLeastOnce).await;
+    for _ in 0..2 {
+        let p = after.recv().await;
+        assert!(p.topic.starts_with("keep/"), "{}", p.topic);
+    }
+    after.expect_silence().await;
+    let mut probe = Probe::new(&broker, "retained-probe-2").await;
+    probe.round_trip().await;
+    probe.assert_fast("retained records over the store's limits at start");
     broker.assert_running();
 }
 
