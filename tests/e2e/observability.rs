@@ -597,6 +597,47 @@ async fn the_sys_tree_is_published_and_only_the_broker_writes_it() {
     broker.assert_running();
 }
 
+/// `[sys] interval = 0` turns the tree off; with it on, who may read it is the
+/// authorize hook's decision like any other topic (here the bundled `acl`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sys_tree_can_be_turned_off_and_its_readers_are_authorized() {
+    let dir = Broker::temp_dir();
+    let broker = Broker::start_config_in(
+        dir,
+        "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n[http]\nbind = \"\"\n\n\
+         [sys]\ninterval = 0\n",
+    );
+    let mut sys = v3::Client::connect(v3::options(&broker, "sys-off")).await;
+    sys.subscribe_ok("$SYS/#", v3::QoS::AtMostOnce).await;
+    assert!(
+        sys.recv_within(Duration::from_millis(2500)).await.is_none(),
+        "interval 0 publishes nothing"
+    );
+    sys.disconnect().await;
+
+    let dir = Broker::temp_dir();
+    crate::plugins::install_acl(
+        &dir.join("plugins"),
+        "[config]\ndefault = \"allow\"\n[[config.rules]]\ndeny = \"read\"\ntopic = \"$SYS/#\"\n",
+    );
+    let mut broker = Broker::start_config_in(
+        dir,
+        "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n[http]\nbind = \"\"\n\n\
+         [sys]\ninterval = 1\n",
+    );
+    crate::plugins::wait_for_log(&broker, "plugin loaded").await;
+    let mut c = v3::Client::connect(v3::options(&broker, "sys-denied")).await;
+    assert_eq!(
+        c.subscribe("$SYS/broker/version", v3::QoS::AtMostOnce)
+            .await,
+        v3::SubscribeReasonCode::Failure,
+        "the acl denies reading $SYS"
+    );
+    c.subscribe_ok("other/topic", v3::QoS::AtMostOnce).await;
+    assert!(c.recv_within(Duration::from_millis(1500)).await.is_none());
+    broker.assert_running();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_listener_can_serve_https_with_client_certificates() {
     use crate::transports::{client_config, generate_certs, tls_connect};
