@@ -491,6 +491,15 @@ async fn json_logs_carry_the_client_and_never_its_password() {
     raw::send(&mut s, &[0xE0, 0]).await;
     let gone = next("client disconnected");
     assert_eq!(gone["spans"][0]["client_id"], "json-client");
+    // The user as authenticated: none here (an anonymous listener, no auth plugin), so the
+    // claimed "bob" is not logged as if it were.
+    assert_eq!(connected["user"], "", "{connected}");
+    assert_eq!(gone["listener"], "plain", "{gone}");
+    assert!(
+        gone["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{gone}"
+    );
+    assert_eq!(gone["code"], "", "no DISCONNECT from the broker: {gone}");
     let _ = child.kill();
     let _ = child.wait();
     // Everything it wrote, the connect lines included, never holds the password.
