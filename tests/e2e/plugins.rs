@@ -613,3 +613,22 @@ async fn a_required_plugin_is_never_missing() {
     );
     c.subscribe_ok("devices/d3/cmd", v3::QoS::AtLeastOnce).await;
 }
+
+/// A plugin built against contract 0.1.0 (`tests/plugins/old-contract`, from that
+/// release's WIT) loads in today's broker, and its hook is called as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_for_contract_0_1_0_still_serves() {
+    let wasm = hostile().with_file_name("old_contract.wasm");
+    let broker = broker_with("old-contract", &wasm, "").await;
+    wait_for_log(&broker, "plugin loaded").await;
+    let mut c = v3::Client::connect(v3::options(&broker, "old")).await;
+    assert_eq!(
+        c.subscribe("old-contract/denied/x", v3::QoS::AtLeastOnce)
+            .await,
+        v3::SubscribeReasonCode::Failure,
+        "the 0.1.0 authorize hook denies"
+    );
+    c.subscribe_ok("old-contract/fine", v3::QoS::AtLeastOnce)
+        .await;
+    c.disconnect().await;
+}
