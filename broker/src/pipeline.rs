@@ -162,7 +162,7 @@ impl Pipeline {
             }
         }
         let [draft] = drafts;
-        if crate::sys::is_sys(draft.topic.as_str()) {
+        if draft.topic.is_sys() {
             tracing::info!(origin = %from, topic = %draft.topic,
                 "message dropped: only the broker publishes under $SYS");
             return None;

@@ -15,12 +15,6 @@ use crate::codec::{MessageProperties, QoS, TopicName};
 use crate::message::Draft;
 use crate::metrics::{self, C};
 
-/// Whether `topic` is in the broker's `$SYS` tree, where only the broker publishes (as
-/// Mosquitto: clients, wills and plugins are refused there).
-pub fn is_sys(topic: &str) -> bool {
-    topic == "$SYS" || topic.starts_with("$SYS/")
-}
-
 /// One exponentially weighted moving average of a per-minute rate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Load {

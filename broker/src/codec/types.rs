@@ -149,6 +149,12 @@ impl TopicName {
         Ok(TopicName(Arc::from(s)))
     }
 
+    /// Whether the topic is in the broker's `$SYS` tree, where only the broker publishes
+    /// (as Mosquitto: clients, wills and plugins are refused there).
+    pub fn is_sys(&self) -> bool {
+        &*self.0 == "$SYS" || self.0.starts_with("$SYS/")
+    }
+
     /// The topic as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -462,6 +468,20 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_sys_tree_is_its_first_level() {
+        for (t, sys) in [
+            ("$SYS", true),
+            ("$SYS/broker/version", true),
+            ("$SYS/", true),
+            ("$SYSTEM/x", false),
+            ("a/$SYS", false),
+            ("$sys/x", false),
+        ] {
+            assert_eq!(TopicName::new(t).unwrap().is_sys(), sys, "{t}");
+        }
+    }
 
     /// Topic levels from a small alphabet, so that filters and topics often match.
     fn topic() -> impl Strategy<Value = String> {

@@ -157,7 +157,7 @@ impl Conn {
         let unretained;
         let mut msg = msg;
         if let Some(m) = msg
-            && crate::sys::is_sys(m.topic.as_str())
+            && m.topic.is_sys()
         {
             // Only the broker publishes its status (MQTT 5: 0x87; 3.x: dropped).
             tracing::info!(topic = %m.topic, "PUBLISH under $SYS refused: only the broker publishes there");
