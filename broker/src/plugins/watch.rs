@@ -120,18 +120,13 @@ impl Watcher {
                 continue;
             }
             let old = self.known.get(&name).and_then(|k| k.serving.clone());
-            // Stamp before reading: a file that changes while it is being loaded then
+            // The files the sidecar names now (even when the load fails), stamped before
+            // the load reads them: a file that changes while it is being loaded then
             // differs at the next scan and is loaded again, never skipped.
-            let (wasm_stamp, sidecar_stamp, _) = st;
-            // The files the sidecar names now (even when the load fails).
             let files = Sidecar::for_component(&wasm)
                 .map(|s| s.config_file_paths(dir))
                 .unwrap_or(files);
-            let stamp = (
-                wasm_stamp,
-                sidecar_stamp,
-                files.iter().map(|f| self::stamp(f)).collect(),
-            );
+            let stamp = stamp_of(&wasm, &files);
             let loaded = load(plugins, &wasm, &name);
             match loaded {
                 Ok(p) => {
