@@ -81,6 +81,14 @@ impl Probe {
     }
 }
 
+/// How a hostile test ends: another client's round trips stayed fast, the broker's RSS
+/// stayed under 150 MiB, and it still runs.
+fn assert_unharmed(broker: &mut Broker, probe: &mut Probe, what: &str) {
+    probe.assert_fast(what);
+    assert_rss_below(broker, 150, what);
+    broker.assert_running();
+}
+
 fn assert_rss_below(broker: &Broker, mib: u64, what: &str) {
     let kib = broker.rss_kib();
     eprintln!("{what}: broker RSS {} MiB", kib / 1024);
@@ -326,9 +334,7 @@ async fn one_subscribe_cannot_exhaust_memory() {
     probe
         .run_until(Instant::now() + Duration::from_millis(500))
         .await;
-    probe.assert_fast("after 200,000 repeated filters");
-    assert_rss_below(&broker, 150, "after 200,000 repeated filters");
-    broker.assert_running();
+    assert_unharmed(&mut broker, &mut probe, "after 200,000 repeated filters");
 
     // Beyond the default cap of 256 filters per packet: DISCONNECT 0x97.
     let broker = Broker::start();
@@ -450,9 +456,7 @@ async fn the_retained_store_is_bounded() {
     probe
         .run_until(Instant::now() + Duration::from_millis(200))
         .await;
-    probe.assert_fast("a full retained store");
-    assert_rss_below(&broker, 150, "a full retained store");
-    broker.assert_running();
+    assert_unharmed(&mut broker, &mut probe, "a full retained store");
 
     // Started again with a smaller store than the records on disk: what fits is loaded,
     // the rest is logged and skipped, and the broker serves.
@@ -503,9 +507,7 @@ async fn a_connect_is_small_until_connack() {
     probe
         .run_until(Instant::now() + Duration::from_millis(200))
         .await;
-    probe.assert_fast("an oversized CONNECT");
-    assert_rss_below(&broker, 150, "an oversized CONNECT");
-    broker.assert_running();
+    assert_unharmed(&mut broker, &mut probe, "an oversized CONNECT");
 }
 
 /// Authentications run a bounded number at once: with a plugin whose every check takes
@@ -660,9 +662,11 @@ async fn the_store_cannot_be_flooded() {
     let _wr = send.await.unwrap();
     // 5,000 SUBACKs (5 bytes) and 5,000 UNSUBACKs (4 bytes).
     assert_eq!(got, 5_000 * 5 + 5_000 * 4, "every pair acknowledged");
-    probe.assert_fast("subscription churn of a persistent session");
-    assert_rss_below(&broker, 150, "subscription churn of a persistent session");
-    broker.assert_running();
+    assert_unharmed(
+        &mut broker,
+        &mut probe,
+        "subscription churn of a persistent session",
+    );
 }
 
 /// Many connections with one client id at once: exactly one wins, the session it gets is
@@ -894,8 +898,6 @@ async fn a_refused_tls_socket_is_closed_before_the_handshake() {
         probe
             .run_until(Instant::now() + Duration::from_millis(200))
             .await;
-        probe.assert_fast("a refused TLS socket");
-        assert_rss_below(&broker, 150, "a refused TLS socket");
-        broker.assert_running();
+        assert_unharmed(&mut broker, &mut probe, &format!("a refused {kind} socket"));
     }
 }
