@@ -2,13 +2,13 @@
 //! inflight tracking, resend after reconnect, and completion on PUBACK/PUBCOMP.
 
 use std::collections::VecDeque;
-use std::num::NonZeroU16;
 use std::time::Instant;
 
 use crate::codec::{self, Ack, Packet, Publish, PublishProperties, PublishQoS, QoS};
 use crate::message::{Delivery, Stage};
 use crate::metrics::{self, C};
 use crate::plugins::events::DropReason;
+use crate::session::Naming;
 
 use super::{Conn, OUT_HIGH_WATER};
 
@@ -178,22 +178,15 @@ impl Conn {
             tracing::debug!(topic = %d.msg.topic, "message larger than the client's maximum packet size: dropped");
             return None;
         }
-        if let Some(alias_out) = &mut self.alias_out
+        if let Some(aliases) = &mut self.alias_out
             && !dup
         {
-            match alias_out.by_topic.get(&d.msg.topic) {
-                Some(alias) => {
+            match aliases.name(&d.msg.topic) {
+                Naming::Topic => {}
+                Naming::Define(alias) => p.properties.topic_alias = Some(alias),
+                Naming::Alias(alias) => {
                     p.topic = None;
-                    p.properties.topic_alias = Some(*alias);
-                }
-                None => {
-                    let next = u16::try_from(alias_out.by_topic.len() + 1).unwrap_or(u16::MAX);
-                    if next <= alias_out.max
-                        && let Some(alias) = NonZeroU16::new(next)
-                    {
-                        alias_out.by_topic.insert(d.msg.topic.clone(), alias);
-                        p.properties.topic_alias = Some(alias);
-                    }
+                    p.properties.topic_alias = Some(alias);
                 }
             }
         }

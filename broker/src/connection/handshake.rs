@@ -1,7 +1,7 @@
 //! The CONNECT handshake: reading and checking CONNECT, authentication (plugins, MQTT 5
 //! enhanced authentication and re-authentication), attaching the session, CONNACK.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
@@ -19,9 +19,10 @@ use crate::codec::{
 use crate::message::ClientId;
 use crate::metrics::{self, C};
 use crate::plugins::events::Event;
+use crate::session::{InboundAliases, OutboundAliases};
 use crate::session::{NEVER_EXPIRES, PendingWill};
 
-use super::{CLOSE_FLUSH, Conn, ListenerInfo, OutAliases, Reauth};
+use super::{CLOSE_FLUSH, Conn, ListenerInfo, Reauth};
 
 /// Most AUTH round trips of one enhanced authentication.
 const MAX_AUTH_ROUNDS: usize = 16;
@@ -462,17 +463,8 @@ impl Conn {
             client_max_packet: c.properties.maximum_packet_size.map_or(usize::MAX, |m| {
                 usize::try_from(m.get()).unwrap_or(usize::MAX)
             }),
-            alias_in: Vec::new(),
-            alias_out: c
-                .properties
-                .topic_alias_maximum
-                .filter(|&max| max > 0)
-                .map(|max| {
-                    Box::new(OutAliases {
-                        by_topic: HashMap::new(),
-                        max,
-                    })
-                }),
+            alias_in: InboundAliases::default(),
+            alias_out: OutboundAliases::new(c.properties.topic_alias_maximum).map(Box::new),
             will,
             held: VecDeque::new(),
             committed: broker.store.committed(),

@@ -7,9 +7,8 @@
 //! it; `socket` is the read/write loop; `publish`, `subscribe` and `deliver` handle the
 //! packets of each flow.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +16,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::broker::Broker;
-use crate::codec::{Disconnect, Packet, ProtocolVersion, PublishQoS, ReasonCode, TopicName};
+use crate::codec::{Disconnect, Packet, ProtocolVersion, PublishQoS, ReasonCode};
 use crate::message::Delivery;
 use crate::message::Draft;
-use crate::session::{Kick, PendingWill};
+use crate::session::{InboundAliases, Kick, OutboundAliases, PendingWill};
 use handshake::ReadError;
 use handshake::read_connect;
 use handshake::refuse_connect;
@@ -243,12 +242,12 @@ struct Conn {
     window: usize,
     /// The client's Maximum Packet Size.
     client_max_packet: usize,
-    /// Topic aliases the client defined (index = alias − 1).
-    alias_in: Vec<Option<TopicName>>,
+    /// Topic aliases the client defined.
+    alias_in: InboundAliases,
     /// Topic aliases we define toward the client, if it allows any. Boxed, as are the
     /// will and the re-authentication state: most clients use none of them, and every
     /// byte here is kept by every idle connection.
-    alias_out: Option<Box<OutAliases>>,
+    alias_out: Option<Box<OutboundAliases>>,
     will: Option<Box<PendingWill>>,
     keep_alive: Option<Duration>,
     /// Packets waiting for a store ticket to be durable, in send order.
@@ -275,13 +274,6 @@ struct Conn {
     /// A subscription was revoked by a policy change: deliveries queued before (on disk
     /// too) are checked against the subscriptions left before they are sent.
     revoked: bool,
-}
-
-/// Topic aliases defined toward the client (MQTT 5 §3.3.2.3.4).
-struct OutAliases {
-    by_topic: HashMap<TopicName, NonZeroU16>,
-    /// The client's Topic Alias Maximum.
-    max: u16,
 }
 
 /// What re-authentication needs (MQTT 5 §4.12.1).

@@ -44,35 +44,8 @@ impl Conn {
         metrics::inc(metrics::received(p.qos.qos()));
         metrics::add(metrics::received_bytes(p.qos.qos()), p.payload.len() as u64);
         let cfg = &self.broker.config.mqtt;
-        let topic = match (p.topic, p.properties.topic_alias) {
-            (topic, Some(alias)) => {
-                if alias.get() > cfg.topic_alias_maximum {
-                    tracing::info!(alias = alias.get(), "topic alias above our maximum");
-                    return Err(ReasonCode::TopicAliasInvalid);
-                }
-                let slot = usize::from(alias.get() - 1);
-                match topic {
-                    Some(t) => {
-                        if self.alias_in.len() <= slot {
-                            self.alias_in.resize(slot + 1, None);
-                        }
-                        if let Some(s) = self.alias_in.get_mut(slot) {
-                            *s = Some(t.clone());
-                        }
-                        t
-                    }
-                    None => match self.alias_in.get(slot).cloned().flatten() {
-                        Some(t) => t,
-                        None => {
-                            tracing::info!(alias = alias.get(), "unknown topic alias");
-                            return Err(ReasonCode::ProtocolError);
-                        }
-                    },
-                }
-            }
-            (Some(t), None) => t,
-            (None, None) => return Err(ReasonCode::ProtocolError),
-        };
+        let topic =
+            (self.alias_in).resolve(p.topic, p.properties.topic_alias, cfg.topic_alias_maximum)?;
         if !p.properties.subscription_identifiers.is_empty() {
             // MQTT-3.3.4-6: only the server sends Subscription Identifiers.
             tracing::info!("PUBLISH from a client with a subscription identifier");

@@ -6,12 +6,14 @@
 //! delay and session expiry timers) or a new connection takes it. Only the [`Mailbox`] is
 //! shared with the router at all times, so nothing on the hot path takes the registry lock.
 
+mod aliases;
 mod flows;
 mod registry;
 mod subscriptions;
 #[cfg(test)]
 mod tests;
 
+pub use aliases::{InboundAliases, Naming, OutboundAliases};
 pub use flows::{Flows, Inflight, Received};
 pub use registry::{ExpiryListener, Sessions};
 pub use subscriptions::{Permit, SubscribeLimits};
