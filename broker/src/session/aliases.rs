@@ -120,7 +120,8 @@ mod tests {
     fn inbound_table() {
         let mut al = InboundAliases::default();
         // (topic, alias, max) → result, in order on one connection.
-        let rows: [(Option<&str>, u16, u16, Result<&str, ReasonCode>); 9] = [
+        type Row<'a> = (Option<&'a str>, u16, u16, Result<&'a str, ReasonCode>);
+        let rows: [Row; 9] = [
             (Some("a/b"), 0, 10, Ok("a/b")),
             (None, 0, 10, Err(ReasonCode::ProtocolError)),
             (None, 1, 10, Err(ReasonCode::ProtocolError)),
