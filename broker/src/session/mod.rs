@@ -7,6 +7,7 @@
 //! shared with the router at all times, so nothing on the hot path takes the registry lock.
 
 mod aliases;
+mod ending;
 mod flows;
 mod registry;
 mod subscriptions;

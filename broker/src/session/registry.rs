@@ -20,9 +20,9 @@ use crate::plugins::ClientInfo;
 use crate::store::record::{self, RecordError};
 use crate::store::{Recovered, Store};
 
+use super::ending::{self, Fate, WillAt};
 use super::{
-    AttachRefused, Flows, Inflight, Kick, NEVER_EXPIRES, PendingWill, Principal, SessionState,
-    Subscription,
+    AttachRefused, Flows, Inflight, Kick, PendingWill, Principal, SessionState, Subscription,
 };
 
 /// How long a new connection waits for the connection it takes over to hand its session
@@ -217,17 +217,17 @@ impl Sessions {
                 now_ms.saturating_sub(rec.disconnected_at)
             };
             let elapsed = Duration::from_millis(since);
-            let expiry = rec.expiry;
-            let expires_in = (expiry != NEVER_EXPIRES)
-                .then(|| Duration::from_secs(u64::from(expiry)).saturating_sub(elapsed));
-            if expires_in == Some(Duration::ZERO) {
-                tracing::info!(client_id = %client_id, "session expired while the broker was down");
-                self.end_with_will(state, will);
-                continue;
-            }
-            let will_in = will.as_ref().map(|w| {
-                Duration::from_secs(u64::from(w.delay().min(expiry))).saturating_sub(elapsed)
-            });
+            let delay = will.as_ref().map(PendingWill::delay);
+            let (will_in, expires_in) = match ending::after_disconnect(rec.expiry, delay, elapsed) {
+                Fate::EndsNow => {
+                    tracing::info!(client_id = %client_id, "session expired while the broker was down");
+                    self.end_with_will(state, will);
+                    continue;
+                }
+                // A will due now goes out from its timer, once every session is back in the
+                // router.
+                Fate::Kept { will, expires_in } => (will.in_from_now(), expires_in),
+            };
             if rec.disconnected_at == 0 {
                 state.save(now_ms, will.as_ref());
             }
@@ -365,9 +365,8 @@ impl Sessions {
             None => found,
         };
         let (mut state, present) = match found {
-            Some((state, _will)) if !clean_start => {
-                // Reconnected before the will delay passed: the will is not sent
-                // (MQTT 5 §3.1.3.2.2).
+            Some((state, _will)) if !ending::will_on_connect(clean_start) => {
+                // Reconnected before the will delay passed: the will is not sent.
                 (state, true)
             }
             Some((state, will)) => {
@@ -407,12 +406,23 @@ impl Sessions {
         state.mailbox.set_online(false);
         self.redistribute_shared(&mut state, false);
         state.mailbox.spill();
-        let will = match will {
-            Some(w) if w.delay() == 0 || state.expiry == 0 => {
+        let fate = ending::after_disconnect(
+            state.expiry,
+            will.as_ref().map(PendingWill::delay),
+            Duration::ZERO,
+        );
+        let will = match (fate, will) {
+            (
+                Fate::EndsNow
+                | Fate::Kept {
+                    will: WillAt::Now, ..
+                },
+                Some(w),
+            ) => {
                 self.publish_will(w);
                 None
             }
-            other => other,
+            (_, other) => other,
         };
         let mut slots = self.lock();
         let MapEntry::Occupied(mut slot) = slots.entry(state.client_id.clone()) else {
@@ -428,7 +438,7 @@ impl Sessions {
         if a.conn != conn {
             // Taken over: hand the session to the new connection.
             match a.handover.take() {
-                Some(tx) if state.expiry == 0 => {
+                Some(tx) if fate == Fate::EndsNow => {
                     // The session ended with its connection: nothing to resume.
                     drop(slots);
                     self.end_with_will(state, will);
@@ -447,18 +457,18 @@ impl Sessions {
             }
             return;
         }
-        if state.expiry == 0 {
+        let Fate::Kept {
+            will: will_at,
+            expires_in,
+        } = fate
+        else {
             slot.remove();
             drop(slots);
             self.end(state);
             return;
-        }
+        };
         let generation = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let expiry = state.expiry;
-        let will_in = will
-            .as_ref()
-            .map(|w| Duration::from_secs(u64::from(w.delay().min(expiry))));
-        let expires_in = (expiry != NEVER_EXPIRES).then(|| Duration::from_secs(u64::from(expiry)));
+        let will_in = will.as_ref().and_then(|_| will_at.in_from_now());
         state.save(record::unix_ms_now(), will.as_ref());
         let timer = self.spawn_timers(state.client_id.clone(), generation, will_in, expires_in);
         slot.insert(Slot::Detached(Box::new(Detached {
