@@ -8,7 +8,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use super::record::{self, QueuedRecord, RecordError, SessionRecord, StoredSubscription};
-use super::{Op, Recovered, Store, StoreError};
+use super::{Op, QueueKey, Recovered, Store, StoreError};
 use crate::codec::{PacketId, SubscriptionOptions, TopicFilter};
 use crate::message::{ClientId, ClientKey, Delivery, Message, Stage};
 
@@ -62,7 +62,7 @@ impl Store {
         inflight: Option<(PacketId, Stage)>,
     ) -> Result<Option<u64>, RecordError> {
         match record::encode_queued(d, inflight) {
-            Ok(bytes) => Ok(self.submit_one(Op::PutQueued(key, id, bytes))),
+            Ok(bytes) => Ok(self.queue_row_put(QueueKey::Session(key), id, bytes)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot store a queued message");
                 Err(e)
@@ -72,7 +72,7 @@ impl Store {
 
     /// Deletes entry `id` of session `key`'s queue (acknowledged or dropped).
     pub fn queue_delete(&self, key: ClientKey, id: u64) -> Option<u64> {
-        self.submit_one(Op::DeleteQueued(key, id))
+        self.queue_row_delete(QueueKey::Session(key), id)
     }
 
     /// Records that session `key` received the QoS 2 message `id` (until PUBREL).
@@ -112,28 +112,6 @@ impl Store {
         self.submit_one(Op::DeleteKv(plugin.clone(), Arc::from(key)))
     }
 
-    /// Appends record `seq` (from [`record::encode_sink`]) to sink `name`'s queue, first
-    /// deleting every record up to `drop_through` (the queue was full), in one commit.
-    pub(super) fn sink_append(
-        &self,
-        name: &Arc<str>,
-        seq: u64,
-        bytes: Vec<u8>,
-        drop_through: Option<u64>,
-    ) -> Option<u64> {
-        let mut ops = Vec::with_capacity(2);
-        if let Some(last) = drop_through {
-            ops.push(Op::DeleteSinkUpTo(name.clone(), last));
-        }
-        ops.push(Op::PutSink(name.clone(), seq, bytes));
-        self.submit(ops)
-    }
-
-    /// Deletes every record of sink `name`'s queue up to `seq` (delivered).
-    pub(super) fn sink_delete_through(&self, name: &Arc<str>, seq: u64) -> Option<u64> {
-        self.submit_one(Op::DeleteSinkUpTo(name.clone(), seq))
-    }
-
     /// Reads up to `limit` committed entries of session `key`'s queue with ids above
     /// `after`, decoded: (id, the entry, or why it could not be read).
     pub fn read_queued(
@@ -142,7 +120,7 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<QueueEntry>, StoreError> {
-        let rows = self.read_queue(key, after, limit)?;
+        let rows = self.queue_read(&QueueKey::Session(key), after, limit)?;
         Ok((rows.into_iter())
             .map(|(id, bytes)| (id, record::decode_queued(&bytes, id)))
             .collect())

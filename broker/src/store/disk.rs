@@ -7,7 +7,6 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{FORMAT_VERSION, Recovered, Store, StoreError, record};
-use crate::message::ClientKey;
 
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -168,77 +167,6 @@ impl Store {
         db.clone().ok_or_else(|| StoreError::Reopening {
             path: self.path.display().to_string(),
         })
-    }
-
-    /// Reads up to `limit` committed queue entries of session `key` with ids above `after`.
-    pub fn read_queue(
-        &self,
-        key: ClientKey,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let read = self
-            .database()?
-            .begin_read()
-            .map_err(|e| damaged(&self.path, e))?;
-        let t = read.open_table(QUEUE).map_err(|e| damaged(&self.path, e))?;
-        let mut out = Vec::new();
-        let start = after.saturating_add(1);
-        for row in t
-            .range((key, start)..=(key, u64::MAX))
-            .map_err(|e| damaged(&self.path, e))?
-            .take(limit)
-        {
-            let (k, v) = row.map_err(|e| damaged(&self.path, e))?;
-            out.push((k.value().1, v.value().to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// The first and last sequence numbers in sink `name`'s queue, if it holds any.
-    pub(super) fn sink_bounds(&self, name: &str) -> Result<Option<(u64, u64)>, StoreError> {
-        let read = self
-            .database()?
-            .begin_read()
-            .map_err(|e| damaged(&self.path, e))?;
-        let t = read.open_table(SINK).map_err(|e| damaged(&self.path, e))?;
-        let mut range = t
-            .range((name, 0)..=(name, u64::MAX))
-            .map_err(|e| damaged(&self.path, e))?;
-        let first = match range.next() {
-            Some(row) => row.map_err(|e| damaged(&self.path, e))?.0.value().1,
-            None => return Ok(None),
-        };
-        let last = match range.next_back() {
-            Some(row) => row.map_err(|e| damaged(&self.path, e))?.0.value().1,
-            None => first,
-        };
-        Ok(Some((first, last)))
-    }
-
-    /// Reads up to `limit` committed records of sink `name` with sequence numbers above
-    /// `after`.
-    pub(super) fn read_sink(
-        &self,
-        name: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let read = self
-            .database()?
-            .begin_read()
-            .map_err(|e| damaged(&self.path, e))?;
-        let t = read.open_table(SINK).map_err(|e| damaged(&self.path, e))?;
-        let mut out = Vec::new();
-        for row in t
-            .range((name, after.saturating_add(1))..=(name, u64::MAX))
-            .map_err(|e| damaged(&self.path, e))?
-            .take(limit)
-        {
-            let (k, v) = row.map_err(|e| damaged(&self.path, e))?;
-            out.push((k.value().1, v.value().to_vec()));
-        }
-        Ok(out)
     }
 
     /// Reads a plugin key.

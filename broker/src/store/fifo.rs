@@ -1,6 +1,6 @@
-//! A durable first-in first-out queue of records, named, in the store's `sink` table
-//! (keyed by name and sequence number): what a sink plugin's queue is, and what an
-//! outbound queue that must survive a crash can be. Appends are submitted under the
+//! A durable first-in first-out queue of records, named: a sink plugin's queue, kept in the
+//! store's durable queue ([`QueueKey::Sink`]), and what any outbound queue that must survive
+//! a crash can be. Appends are submitted under the
 //! queue's lock, so commits follow sequence order and a reader always sees a committed
 //! prefix; reads return only committed records. A full queue drops its oldest records.
 //! Without a store (tests, benchmarks) the records are kept in memory.
@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Store, StoreError};
+use super::{QueueKey, Store, StoreError};
 
 /// Where the queue stands.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ impl Fifo {
     /// The queue `name` as the store holds it (records left from before a restart stay).
     pub fn open(store: Option<Arc<Store>>, name: Arc<str>) -> Result<Fifo, StoreError> {
         let (first, next) = match &store {
-            Some(s) => match s.sink_bounds(&name)? {
+            Some(s) => match s.queue_bounds(&QueueKey::Sink(name.clone()))? {
                 Some((first, last)) => (first, last + 1),
                 None => (1, 1),
             },
@@ -62,6 +62,10 @@ impl Fifo {
     fn lock(&self) -> MutexGuard<'_, Bounds> {
         // Each critical section is a few field updates: a poisoned lock is still sound.
         self.bounds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(&self) -> QueueKey {
+        QueueKey::Sink(self.name.clone())
     }
 
     /// The queue's name.
@@ -94,7 +98,7 @@ impl Fifo {
         }
         // Submitted under the lock: commits follow submission order.
         let ticket = match &self.store {
-            Some(store) => store.sink_append(&self.name, seq, record, drop_through),
+            Some(store) => store.queue_append(self.key(), seq, record, drop_through),
             None => {
                 b.mem.push_back((seq, record));
                 None
@@ -110,7 +114,7 @@ impl Fifo {
     pub fn read(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let first = self.lock().first;
         match &self.store {
-            Some(store) => store.read_sink(&self.name, first.saturating_sub(1), limit),
+            Some(store) => store.queue_read(&self.key(), first.saturating_sub(1), limit),
             None => Ok(self.lock().mem.iter().take(limit).cloned().collect()),
         }
     }
@@ -125,7 +129,7 @@ impl Fifo {
             b.mem.pop_front();
         }
         if let Some(store) = &self.store {
-            store.sink_delete_through(&self.name, last);
+            store.queue_delete_through(self.key(), last);
         }
     }
 }

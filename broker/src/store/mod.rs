@@ -24,6 +24,7 @@
 mod api;
 mod disk;
 mod fifo;
+mod queue;
 pub mod record;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,8 @@ mod writer;
 
 pub use api::{QueueEntry, RecoveredQueue};
 pub use fifo::{Appended, Fifo};
+pub use queue::QueueKey;
+use queue::QueueOp;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -145,10 +148,8 @@ enum Op {
     PutSubscription(ClientKey, Arc<str>, Vec<u8>),
     /// Remove one subscription.
     DeleteSubscription(ClientKey, Arc<str>),
-    /// Insert or replace a queue entry.
-    PutQueued(ClientKey, u64, Vec<u8>),
-    /// Remove a queue entry.
-    DeleteQueued(ClientKey, u64),
+    /// A change to a durable queue (a session's or a sink's).
+    Queue(QueueOp),
     /// Remember an inbound QoS 2 packet id awaiting PUBREL.
     PutQos2In(ClientKey, u16),
     /// Forget an inbound QoS 2 packet id.
@@ -161,10 +162,6 @@ enum Op {
     PutKv(Arc<str>, Arc<str>, Vec<u8>),
     /// Remove a plugin key.
     DeleteKv(Arc<str>, Arc<str>),
-    /// Append a record to a sink plugin's queue (plugin name, sequence number).
-    PutSink(Arc<str>, u64, Vec<u8>),
-    /// Remove a sink plugin's records up to and including a sequence number.
-    DeleteSinkUpTo(Arc<str>, u64),
 }
 
 impl Op {
@@ -176,12 +173,12 @@ impl Op {
                 Op::DeleteSession(id, _) => id.len(),
                 Op::PutSubscription(_, f, v) => f.len() + v.len(),
                 Op::DeleteSubscription(_, f) => f.len(),
-                Op::PutQueued(_, _, v) | Op::PutSink(_, _, v) => v.len(),
+                Op::Queue(q) => q.size(),
                 Op::PutRetained(t, v) => t.len() + v.len(),
-                Op::DeleteRetained(t) | Op::DeleteSinkUpTo(t, _) => t.len(),
+                Op::DeleteRetained(t) => t.len(),
                 Op::PutKv(ns, k, v) => ns.len() + k.len() + v.len(),
                 Op::DeleteKv(ns, k) => ns.len() + k.len(),
-                Op::DeleteQueued(..) | Op::PutQos2In(..) | Op::DeleteQos2In(..) => 0,
+                Op::PutQos2In(..) | Op::DeleteQos2In(..) => 0,
             }
     }
 }

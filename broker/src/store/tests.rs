@@ -51,9 +51,9 @@ fn writes_survive_reopen_and_delete_session_purges_its_queue() {
                 Op::PutSession(ClientId::new("b"), session(2)),
                 Op::PutSubscription(1, Arc::from("x/#"), vec![1, 0, 0, 0, 0]),
                 Op::PutSubscription(2, Arc::from("y"), vec![0, 0, 0, 0, 0]),
-                Op::PutQueued(1, 1, vec![1, 1, 0, 0, 10]),
-                Op::PutQueued(1, 2, vec![1, 1, 0, 0, 11]),
-                Op::PutQueued(2, 1, vec![1, 1, 0, 0, 20]),
+                Op::Queue(QueueOp::Put(QueueKey::Session(1), 1, vec![1, 1, 0, 0, 10])),
+                Op::Queue(QueueOp::Put(QueueKey::Session(1), 2, vec![1, 1, 0, 0, 11])),
+                Op::Queue(QueueOp::Put(QueueKey::Session(2), 1, vec![1, 1, 0, 0, 20])),
                 Op::PutQos2In(1, 5),
                 Op::PutRetained(Arc::from("r"), vec![3]),
             ])
@@ -73,7 +73,7 @@ fn writes_survive_reopen_and_delete_session_purges_its_queue() {
     assert_eq!((q.queued, q.after, q.max_id), (1, 0, 1));
     assert!(q.inflight.is_empty());
     assert_eq!(
-        store.read_queue(2, 0, 10).unwrap(),
+        store.queue_read(&QueueKey::Session(2), 0, 10).unwrap(),
         vec![(1, vec![1, 1, 0, 0, 20])]
     );
     assert!(rec.qos2_in.is_empty());
@@ -129,7 +129,7 @@ fn session_rows_check_their_incarnation() {
     store.submit(vec![
         Op::PutSession(ClientId::new("c"), session(5)),
         Op::PutSession(ClientId::new("c"), session(4)),
-        Op::PutQueued(4, 1, vec![1, 1, 0, 0, 10]),
+        Op::Queue(QueueOp::Put(QueueKey::Session(4), 1, vec![1, 1, 0, 0, 10])),
         Op::DeleteSession(ClientId::new("c"), 4),
         Op::PutSession(ClientId::new("d"), session(1)),
         Op::PutSession(ClientId::new("d"), session(2)),

@@ -12,6 +12,7 @@ use redb::{Database, ReadableTable};
 use tokio::sync::watch;
 
 use super::disk::{KV, QOS2_IN, QUEUE, RETAINED, SESSIONS, SINK, SUBS, open_database};
+use super::queue::Tables;
 use super::{Durability, Op, record};
 use crate::message::ClientKey;
 
@@ -293,11 +294,13 @@ pub(super) fn apply(db: &Database, ops: &[Op], immediate: bool) -> Result<(), re
     {
         let mut sessions = txn.open_table(SESSIONS)?;
         let mut subs = txn.open_table(SUBS)?;
-        let mut queue = txn.open_table(QUEUE)?;
+        let mut queues = Tables {
+            queue: txn.open_table(QUEUE)?,
+            sink: txn.open_table(SINK)?,
+        };
         let mut q2 = txn.open_table(QOS2_IN)?;
         let mut retained = txn.open_table(RETAINED)?;
         let mut kv = txn.open_table(KV)?;
-        let mut sink = txn.open_table(SINK)?;
         for op in ops {
             match op {
                 Op::PutSession(id, v) => {
@@ -312,7 +315,7 @@ pub(super) fn apply(db: &Database, ops: &[Op], immediate: bool) -> Result<(), re
                     if current == Some(*key) {
                         sessions.remove(&**id)?;
                     }
-                    queue.retain_in((*key, 0)..=(*key, u64::MAX), |_, _| false)?;
+                    (queues.queue).retain_in((*key, 0)..=(*key, u64::MAX), |_, _| false)?;
                     q2.retain_in((*key, 0)..=(*key, u16::MAX), |_, _| false)?;
                     subs.retain_in((*key, "")..(key.saturating_add(1), ""), |_, _| false)?;
                 }
@@ -322,12 +325,7 @@ pub(super) fn apply(db: &Database, ops: &[Op], immediate: bool) -> Result<(), re
                 Op::DeleteSubscription(key, filter) => {
                     subs.remove((*key, &**filter))?;
                 }
-                Op::PutQueued(key, id, v) => {
-                    queue.insert((*key, *id), v.as_slice())?;
-                }
-                Op::DeleteQueued(key, id) => {
-                    queue.remove((*key, *id))?;
-                }
+                Op::Queue(q) => queues.apply(q)?,
                 Op::PutQos2In(key, id) => {
                     q2.insert((*key, *id), ())?;
                 }
@@ -345,12 +343,6 @@ pub(super) fn apply(db: &Database, ops: &[Op], immediate: bool) -> Result<(), re
                 }
                 Op::DeleteKv(ns, k) => {
                     kv.remove((&**ns, &**k))?;
-                }
-                Op::PutSink(name, seq, v) => {
-                    sink.insert((&**name, *seq), v.as_slice())?;
-                }
-                Op::DeleteSinkUpTo(name, seq) => {
-                    sink.retain_in((&**name, 0)..=(&**name, *seq), |_, _| false)?;
                 }
             }
         }
