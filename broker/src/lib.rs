@@ -10,6 +10,7 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod ctl;
 pub(crate) mod http;
 pub mod listener;
 pub mod mailbox;

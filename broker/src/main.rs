@@ -70,6 +70,27 @@ enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// The admin API from the command line (`--url`, `--token` or SANDPIPER_URL and
+    /// SANDPIPER_TOKEN; human tables, or `--json`).
+    Ctl(sandpiper::ctl::CtlArgs),
+    /// Admin API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Makes a token: prints it alone on the first line (it is shown only once; the broker
+    /// keeps only its hash), then the `[[http.token]]` lines for the configuration.
+    New {
+        /// The token's name, logged with every changing request made with it.
+        name: String,
+        /// `admin` (everything) or `read` (GET only).
+        #[arg(long, default_value = "admin", value_parser = ["admin", "read"])]
+        role: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +101,29 @@ enum PluginCommand {
         /// The component (`.wasm`).
         file: PathBuf,
     },
+}
+
+/// `sandpiper token new NAME`.
+fn token_new(name: &str, role: &str) -> ExitCode {
+    if name.is_empty() || name.contains(['"', '\\', '\n']) {
+        eprintln!("sandpiper: a token name is non-empty text without quotes or backslashes");
+        return ExitCode::from(2);
+    }
+    match sandpiper::passwd::new_token() {
+        Ok((token, hash)) => {
+            println!("{token}");
+            println!();
+            println!("[[http.token]]");
+            println!("name = \"{name}\"");
+            println!("hash = \"{hash}\"");
+            println!("role = \"{role}\"");
+            ExitCode::SUCCESS
+        }
+        Err(_) => {
+            eprintln!("sandpiper: no random numbers from the system");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `sandpiper plugin check FILE`: compiles and links the component as the broker would
@@ -203,7 +247,12 @@ fn check_config(config: &Config) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::Ctl(_)) = &cli.command
+        && let Some(Command::Ctl(args)) = cli.command.take()
+    {
+        return sandpiper::ctl::run(args);
+    }
     match &cli.command {
         Some(Command::Plugin {
             command: PluginCommand::Check { file },
@@ -225,7 +274,10 @@ fn main() -> ExitCode {
                 }
             };
         }
-        None => {}
+        Some(Command::Token {
+            command: TokenCommand::New { name, role },
+        }) => return token_new(name, role),
+        Some(Command::Ctl(_)) | None => {}
     }
     let mut config = match &cli.config {
         Some(path) => match Config::load(path) {

@@ -33,6 +33,74 @@ pub fn hash(password: &[u8], salt: &[u8], iterations: NonZeroU32) -> String {
     )
 }
 
+/// A parsed `$pbkdf2-sha256$i=N,l=32$SALT$HASH` string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Phc {
+    iterations: NonZeroU32,
+    salt: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl Phc {
+    /// Parses the PHC string [`hash`] writes; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Phc> {
+        let rest = s.strip_prefix("$pbkdf2-sha256$")?;
+        let mut parts = rest.split('$');
+        let params = parts.next()?;
+        let salt = STANDARD_NO_PAD.decode(parts.next()?).ok()?;
+        let hash = STANDARD_NO_PAD.decode(parts.next()?).ok()?;
+        if parts.next().is_some() || hash.is_empty() || hash.len() > 64 {
+            return None;
+        }
+        let mut iterations = None;
+        for p in params.split(',') {
+            match p.split_once('=')? {
+                ("i", n) => iterations = NonZeroU32::new(n.parse().ok()?),
+                ("l", n) if n.parse::<usize>().ok()? == hash.len() => {}
+                _ => return None,
+            }
+        }
+        Some(Phc {
+            iterations: iterations?,
+            salt,
+            hash,
+        })
+    }
+
+    /// Whether `secret` hashes to this (compared in constant time).
+    pub fn verify(&self, secret: &[u8]) -> bool {
+        ring::pbkdf2::verify(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            self.iterations,
+            &self.salt,
+            secret,
+            &self.hash,
+        )
+        .is_ok()
+    }
+}
+
+/// Iterations of an admin API token's hash: a token is 32 random bytes, which no number of
+/// iterations makes easier or harder to guess; a few keep a check cheap.
+pub const TOKEN_ITERATIONS: u32 = 1_000;
+
+/// A new admin API token (`sp_` and 32 random bytes in base64url) and its PHC string.
+pub fn new_token() -> Result<(String, String), ring::error::Unspecified> {
+    use ring::rand::SecureRandom as _;
+    let rng = ring::rand::SystemRandom::new();
+    let mut secret = [0u8; 32];
+    let mut salt = [0u8; 16];
+    rng.fill(&mut secret)?;
+    rng.fill(&mut salt)?;
+    let token = format!(
+        "sp_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let iterations = NonZeroU32::new(TOKEN_ITERATIONS).ok_or(ring::error::Unspecified)?;
+    let phc = hash(token.as_bytes(), &salt, iterations);
+    Ok((token, phc))
+}
+
 /// `text` (a password file) with `user`'s line replaced by `line`, or added, or removed
 /// (`None`); every other line kept as it was. Whether the user was there.
 pub fn edit(text: &str, user: &str, line: Option<&str>) -> (String, bool) {
@@ -169,5 +237,27 @@ mod tests {
         let h = hash(b"pw", b"0123456789abcdef", NonZeroU32::new(1000).unwrap());
         assert!(h.starts_with("$pbkdf2-sha256$i=1000,l=32$MDEyMzQ1Njc4OWFiY2RlZg$"));
         assert_eq!(h.split('$').count(), 5);
+    }
+
+    #[test]
+    fn tokens_verify_against_their_hash_only() {
+        let (token, phc) = new_token().unwrap();
+        assert!(token.starts_with("sp_") && token.len() == 46, "{token}");
+        let parsed = Phc::parse(&phc).unwrap();
+        assert!(parsed.verify(token.as_bytes()));
+        assert!(!parsed.verify(b"sp_other"));
+        let (other, _) = new_token().unwrap();
+        assert_ne!(token, other);
+        for bad in [
+            "",
+            "$pbkdf2-sha256$i=0,l=32$AA$AA",
+            "$pbkdf2-sha256$i=10,l=31$MDEy$MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY",
+            "$pbkdf2-sha512$i=10,l=32$AA$AA",
+            "$pbkdf2-sha256$i=10$AA$!!",
+            "$pbkdf2-sha256$i=10$AA$AA$AA",
+            "$7$101$a$b",
+        ] {
+            assert!(Phc::parse(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! The one way a message enters the broker: a client's PUBLISH, a will, a plugin's
-//! `publish`. Every message takes the same steps:
+//! `publish`, an operator's `POST /api/v1/publish`. Every message takes the same steps:
 //!
 //! 1. **authorize**: a client's PUBLISH by its connection's gate (decisions cached per
 //!    connection, `connection/publish.rs`), a will when its CONNECT is accepted
-//!    (`connection/handshake.rs`); a plugin's message is not authorized (plugins are the
-//!    operator's code);
+//!    (`connection/handshake.rs`); a plugin's or an operator's message is not authorized
+//!    (plugins are the operator's code; the admin API checks its token);
 //! 2. **transform**: the `transform` hooks of the chain (a plugin's own hook is skipped for
 //!    what it publishes);
 //! 3. **route**: the router queues it for every matching session and keeps it if retained;
@@ -43,6 +43,11 @@ pub enum Origin<'a> {
         /// The plugin's name.
         name: &'a str,
     },
+    /// An operator's message (the admin API's `POST /publish`).
+    Admin {
+        /// The name of the token it came with.
+        token: &'a str,
+    },
 }
 
 impl Origin<'_> {
@@ -50,7 +55,7 @@ impl Origin<'_> {
     pub fn session(&self) -> Option<ClientKey> {
         match *self {
             Origin::Client { session, .. } | Origin::Will { session, .. } => Some(session),
-            Origin::Plugin { .. } => None,
+            Origin::Plugin { .. } | Origin::Admin { .. } => None,
         }
     }
 
@@ -58,7 +63,7 @@ impl Origin<'_> {
     fn client<'c>(&'c self, nobody: &'c ClientInfo) -> &'c ClientInfo {
         match self {
             Origin::Client { client, .. } | Origin::Will { client, .. } => client,
-            Origin::Plugin { .. } => nobody,
+            Origin::Plugin { .. } | Origin::Admin { .. } => nobody,
         }
     }
 
@@ -77,6 +82,7 @@ impl std::fmt::Display for Origin<'_> {
             Origin::Client { client, .. } => write!(f, "client {}", client.client_id),
             Origin::Will { client, .. } => write!(f, "will of {}", client.client_id),
             Origin::Plugin { name } => write!(f, "plugin {name}"),
+            Origin::Admin { token } => write!(f, "admin API (token {token})"),
         }
     }
 }

@@ -12,6 +12,7 @@
 
 mod harness;
 
+mod admin;
 mod basic;
 mod cli;
 mod durability;

@@ -73,6 +73,34 @@ pub struct HttpConfig {
     pub key: Option<PathBuf>,
     /// PEM CA certificates: clients must present a certificate it signed (mutual TLS).
     pub client_ca: Option<PathBuf>,
+    /// Whether `/metrics`, `/healthz` and `/readyz` need a token too (any role).
+    pub metrics_auth: bool,
+    /// Tokens of the admin API (`[[http.token]]`); none: the API is off.
+    pub token: Vec<TokenConfig>,
+}
+
+/// One `[[http.token]]`: a bearer token of the admin API, kept as its hash.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Named in the log line of every changing request made with it.
+    pub name: String,
+    /// The token's PHC string (`sandpiper token new` prints it).
+    pub hash: String,
+    /// What the token may do.
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// What a token of the admin API may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    #[default]
+    Admin,
+    /// Reads only (`GET`, `HEAD`).
+    Read,
 }
 
 /// Where the HTTP listener binds unless `[http] bind` says otherwise.
@@ -489,6 +517,18 @@ impl Config {
                 "http.bind",
                 "not an address such as 127.0.0.1:8083 (empty turns it off)",
             );
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.http.token {
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                return invalid("http.token.name", "each token needs a name of its own");
+            }
+            if crate::passwd::Phc::parse(&t.hash).is_none() {
+                return invalid(
+                    "http.token.hash",
+                    "not a hash printed by `sandpiper token new` ($pbkdf2-sha256$i=N,l=32$SALT$HASH)",
+                );
+            }
         }
         if self.listeners.is_empty() {
             return invalid("listener", "at least one listener is required");

@@ -402,6 +402,12 @@ impl Conn {
                 expiry,
                 principal,
                 cfg.session_principal,
+                crate::session::Presence {
+                    peer,
+                    protocol: v,
+                    keep_alive,
+                    since_ms: crate::store::record::unix_ms_now(),
+                },
             )
             .await
         {

@@ -86,6 +86,8 @@ enum Close {
     KeepAlive,
     /// Another connection took the session (MQTT-3.1.4-3).
     TakenOver,
+    /// An operator disconnected the client (the admin API).
+    Admin,
     /// The broker is shutting down.
     Shutdown,
 }
@@ -96,7 +98,7 @@ impl Close {
     /// a keep-alive timeout, when the client sent nothing for a while, or at shutdown,
     /// which should not wait for clients).
     fn broker_first(self) -> bool {
-        matches!(self, Close::Error(_) | Close::TakenOver)
+        matches!(self, Close::Error(_) | Close::TakenOver | Close::Admin)
     }
 
     /// The DISCONNECT reason sent to an MQTT 5 client, if one is sent.
@@ -105,6 +107,7 @@ impl Close {
             Close::Error(r) => Some(r),
             Close::KeepAlive => Some(ReasonCode::KeepAliveTimeout),
             Close::TakenOver => Some(ReasonCode::SessionTakenOver),
+            Close::Admin => Some(ReasonCode::AdministrativeAction),
             Close::Shutdown => Some(ReasonCode::ServerShuttingDown),
             Close::Normal | Close::ClientWithWill | Close::Lost => None,
         }
@@ -285,6 +288,23 @@ struct Reauth {
 }
 
 impl Conn {
+    /// Answers what the admin API asked about this connection's session, if anything.
+    fn answer_questions(&mut self) {
+        let asks = self.state.mailbox.questions();
+        if asks.is_empty() {
+            return;
+        }
+        let view = crate::mailbox::Inspection {
+            subscriptions: (self.state.subscriptions.iter())
+                .map(|(f, s)| (f.clone(), s.options, s.id))
+                .collect(),
+            inflight: self.state.flows.in_flight(),
+        };
+        for tx in asks {
+            let _ = tx.send(view.clone());
+        }
+    }
+
     /// Acts on one packet from the client. `Some` closes the connection.
     fn handle(&mut self, p: Packet) -> Option<Close> {
         match p {

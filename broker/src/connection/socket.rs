@@ -117,6 +117,10 @@ impl Conn {
                 k = &mut self.kick, if !kick_gone => {
                     match k {
                         Ok(Kick::TakenOver) => return Close::TakenOver,
+                        Ok(Kick::Admin) => {
+                            tracing::info!("disconnected by an operator (admin API)");
+                            return Close::Admin;
+                        }
                         // The registry dropped our kick sender without using it: nothing
                         // can kick us any more; keep serving.
                         Err(_) => kick_gone = true,
@@ -154,7 +158,7 @@ impl Conn {
                         }
                     }
                 }
-                _ = mailbox.notified() => {}
+                _ = mailbox.notified() => self.answer_questions(),
                 room = wait_for_room(&paused), if paused.is_some() => {
                     if !room && let Some((mb, _)) = &paused {
                         mb.mark_stalled();

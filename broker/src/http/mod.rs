@@ -1,7 +1,9 @@
-//! The `[http]` listener: `/metrics` (Prometheus text format), `/healthz` and `/readyz`.
-//! HTTP/1.1 through hyper; one task per connection, each request answered from the
-//! broker's shared state without touching the hot path.
+//! The `[http]` listener: `/metrics` (Prometheus text format), `/healthz` and `/readyz`,
+//! and the admin API under `/api/v1` (`api.rs`). HTTP/1.1 through hyper; one task per
+//! connection, each request answered from the broker's shared state without touching the
+//! hot path.
 
+mod api;
 mod exposition;
 
 use std::convert::Infallible;
@@ -72,6 +74,7 @@ pub async fn start(broker: Arc<Broker>) -> std::io::Result<Option<SocketAddr>> {
     tracing::info!(http = %bound, tls = tls.is_some(), "metrics and health endpoints up");
     let shutdown = broker.shutdown.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let tokens = Arc::new(api::Tokens::new(&broker.config.http));
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -92,14 +95,15 @@ pub async fn start(broker: Arc<Broker>) -> std::io::Result<Option<SocketAddr>> {
             let broker = broker.clone();
             let shutdown = shutdown.clone();
             let tls = tls.clone();
+            let tokens = tokens.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let Some(tls) = tls else {
-                    return serve(broker, shutdown, peer, stream).await;
+                    return serve(broker, tokens, shutdown, peer, stream).await;
                 };
                 let handshake = tls.acceptor().accept(stream);
                 match tokio::time::timeout(HEADER_TIMEOUT, handshake).await {
-                    Ok(Ok(stream)) => serve(broker, shutdown, peer, stream).await,
+                    Ok(Ok(stream)) => serve(broker, tokens, shutdown, peer, stream).await,
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "http TLS handshake timed out"),
                 }
@@ -110,11 +114,16 @@ pub async fn start(broker: Arc<Broker>) -> std::io::Result<Option<SocketAddr>> {
 }
 
 /// Serves one HTTP/1.1 connection until it ends or the broker stops.
-async fn serve<S>(broker: Arc<Broker>, shutdown: CancellationToken, peer: SocketAddr, stream: S)
-where
+async fn serve<S>(
+    broker: Arc<Broker>,
+    tokens: Arc<api::Tokens>,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+    stream: S,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| answer(broker.clone(), req));
+    let service = service_fn(move |req| answer(broker.clone(), tokens.clone(), req));
     let mut builder = http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
@@ -133,6 +142,34 @@ where
 
 type Answer = Response<Full<Bytes>>;
 
+/// The web dashboard (served at `/`, embedded: it works offline), a client of the admin API.
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/app.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard/style.css");
+
+/// One of the dashboard's files, with headers that keep the page to its own origin.
+fn asset(content_type: &'static str, body: &'static str) -> Answer {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    r
+}
+
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Answer {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -143,9 +180,33 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Answer
     r
 }
 
-async fn answer(broker: Arc<Broker>, req: Request<Incoming>) -> Result<Answer, Infallible> {
+async fn answer(
+    broker: Arc<Broker>,
+    tokens: Arc<api::Tokens>,
+    req: Request<Incoming>,
+) -> Result<Answer, Infallible> {
+    let path = req.uri().path();
+    if path == "/api/v1" || path.starts_with("/api/v1/") {
+        return Ok(api::answer(&broker, &tokens, req).await);
+    }
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if open && broker.config.http.metrics_auth && tokens.check(req.headers()).is_none() {
+        let mut r = reply(
+            StatusCode::UNAUTHORIZED,
+            "text/plain; charset=utf-8",
+            "a valid bearer token is needed\n".into(),
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return Ok(r);
+    }
     Ok(match (get, req.uri().path()) {
+        (true, "/" | "/index.html") => asset("text/html; charset=utf-8", DASHBOARD_HTML),
+        (true, "/app.js") => asset("text/javascript; charset=utf-8", DASHBOARD_JS),
+        (true, "/style.css") => asset("text/css; charset=utf-8", DASHBOARD_CSS),
         (true, "/healthz") => reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
         (true, "/readyz") => readiness(&broker),
         (true, "/metrics") => {

@@ -6,9 +6,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use std::num::NonZeroU32;
 
-use crate::codec::QoS;
+use tokio::sync::{Notify, oneshot};
+
+use crate::codec::{QoS, SubscriptionOptions, TopicFilter};
 use crate::message::{ClientKey, Delivery};
 use crate::metrics::{self, C};
 use crate::store::{QueueEntry, Store};
@@ -49,6 +51,8 @@ struct Queue {
     next_store_id: u64,
     /// QoS 1/2 deliveries of a persistent session that are on disk only.
     disk: DiskTail,
+    /// Questions to the connection serving the session (the admin API's), rarely any.
+    asks: Vec<oneshot::Sender<Inspection>>,
 }
 
 /// The part of a persistent session's queue that lives only in the store: the entries with
@@ -70,6 +74,7 @@ impl Queue {
             next_seq: u64::MAX / 2,
             next_store_id: 1,
             disk: DiskTail::default(),
+            asks: Vec::new(),
         }
     }
 
@@ -122,6 +127,17 @@ pub struct Mailbox {
     /// The session did not make room within the back-pressure timeout: it no longer holds
     /// publishers back (its messages overflow instead) until it has caught up.
     stalled: AtomicBool,
+    /// Someone asked the connection for an [`Inspection`].
+    asked: AtomicBool,
+}
+
+/// What the connection serving a session answers the admin API: the state only it holds.
+#[derive(Debug, Clone, Default)]
+pub struct Inspection {
+    /// The session's subscriptions: filter (as sent), options, subscription identifier.
+    pub subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
+    /// Outbound QoS 1/2 messages in flight.
+    pub inflight: usize,
 }
 
 /// Where a persistent session's queue is written.
@@ -191,6 +207,7 @@ impl Mailbox {
             room: Notify::new(),
             waiting: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            asked: AtomicBool::new(false),
         }
     }
 
@@ -559,6 +576,22 @@ impl Mailbox {
     /// Resolves when something was queued since the last call (or [`Mailbox::wake`]).
     pub async fn notified(&self) {
         self.notify.notified().await;
+    }
+
+    /// Asks the connection serving the session for an [`Inspection`] (answered on `tx`
+    /// when it next wakes, which this makes happen; dropped unanswered if none serves it).
+    pub fn ask(&self, tx: oneshot::Sender<Inspection>) {
+        self.lock().asks.push(tx);
+        self.asked.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// The questions waiting for the connection, if any (cheap when there are none).
+    pub fn questions(&self) -> Vec<oneshot::Sender<Inspection>> {
+        if !self.asked.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.lock().asks)
     }
 
     /// Wakes the connection that serves the mailbox (if any) as a delivery would, with

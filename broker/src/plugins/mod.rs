@@ -25,6 +25,8 @@ pub(crate) mod stats;
 mod wasi_io;
 mod watch;
 
+pub use watch::{Control, ControlError, State as PluginState};
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -92,6 +94,9 @@ pub struct Plugins {
     /// Set by [`Plugins::start`]: what the sink threads hold and stop on.
     me: OnceLock<std::sync::Weak<Plugins>>,
     shutdown: OnceLock<tokio_util::sync::CancellationToken>,
+    /// The folder's watcher: its thread scans through this, the admin API controls
+    /// plugins through it.
+    watcher: Mutex<watch::Watcher>,
 }
 
 /// What the connection knows about a connecting client.
@@ -273,6 +278,7 @@ impl Plugins {
             epoch: Instant::now(),
             me: OnceLock::new(),
             shutdown: OnceLock::new(),
+            watcher: Mutex::new(watch::Watcher::default()),
         }
     }
 
@@ -301,10 +307,13 @@ impl Plugins {
         {
             events::spawn(Arc::downgrade(self), rx, shutdown.clone());
         }
-        let mut w = watch::Watcher::default();
-        w.scan(self);
-        let missing = w.missing_required(self);
-        watch::spawn(Arc::downgrade(self), w, shutdown);
+        let missing = {
+            let mut w = self.watcher();
+            w.load_disabled(self);
+            w.scan(self);
+            w.missing_required(self)
+        };
+        watch::spawn(Arc::downgrade(self), shutdown);
         missing
     }
 

@@ -281,6 +281,54 @@ impl PendingWill {
 pub enum Kick {
     /// Another connection with the same client identifier arrived (MQTT 5 reason 0x8E).
     TakenOver,
+    /// An operator asked (the admin API; MQTT 5 reason 0x98).
+    Admin,
+}
+
+/// Where and how a client is connected (for the admin API).
+#[derive(Debug, Clone)]
+pub struct Presence {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// The protocol version of its CONNECT.
+    pub protocol: crate::codec::ProtocolVersion,
+    /// The keep alive in force, in seconds (0: none).
+    pub keep_alive: u16,
+    /// When it connected, in Unix milliseconds.
+    pub since_ms: u64,
+}
+
+/// A connected client, as the admin API lists it.
+#[derive(Debug, Clone)]
+pub struct ClientView {
+    /// Its client identifier.
+    pub client_id: ClientId,
+    /// Who it is.
+    pub principal: Principal,
+    /// Where and how it is connected.
+    pub presence: Presence,
+    /// Its Session Expiry Interval.
+    pub expiry: u32,
+    /// Messages queued for it.
+    pub queued: usize,
+}
+
+/// A session, as the admin API lists it.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    /// Its client identifier.
+    pub client_id: ClientId,
+    /// Whether a connection holds it.
+    pub online: bool,
+    /// Its Session Expiry Interval.
+    pub expiry: u32,
+    /// Who it belongs to, when known.
+    pub principal: Option<Principal>,
+    /// Its subscriptions, for a session without a connection (a connection holds those of
+    /// its session).
+    pub subscriptions: Option<Vec<(TopicFilter, Subscription)>>,
+    /// Messages queued for it.
+    pub queued: usize,
 }
 
 impl SessionState {

@@ -22,8 +22,10 @@ use crate::store::{Recovered, Store};
 
 use super::ending::{self, Fate, WillAt};
 use super::{
-    AttachRefused, Flows, Inflight, Kick, PendingWill, Principal, SessionState, Subscription,
+    AttachRefused, ClientView, Flows, Inflight, Kick, PendingWill, Presence, Principal,
+    SessionState, SessionView, Subscription,
 };
+use crate::mailbox::Inspection;
 
 /// How long a new connection waits for the connection it takes over to hand its session
 /// back.
@@ -55,6 +57,9 @@ struct Attached {
     kick: Option<oneshot::Sender<Kick>>,
     handover: Option<oneshot::Sender<Handover>>,
     principal: Principal,
+    presence: Presence,
+    /// The session's queue and expiry, once the connection has its session.
+    session: Option<(Arc<Mailbox>, u32)>,
 }
 
 #[derive(Debug)]
@@ -300,6 +305,7 @@ impl Sessions {
         expiry: u32,
         principal: Principal,
         policy: PrincipalPolicy,
+        presence: Presence,
     ) -> Result<Attachment, AttachRefused> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (kick_tx, mut kick_rx) = oneshot::channel();
@@ -310,6 +316,8 @@ impl Sessions {
                 kick: Some(kick_tx),
                 handover,
                 principal: principal.clone(),
+                presence: presence.clone(),
+                session: None,
             })
         };
         let (found, waiting) = {
@@ -390,6 +398,11 @@ impl Sessions {
             ticket = state.save(0, None);
         }
         state.mailbox.set_online(true);
+        if let Some(Slot::Attached(a)) = self.lock().get_mut(&state.client_id)
+            && a.conn == conn
+        {
+            a.session = Some((state.mailbox.clone(), expiry));
+        }
         Ok(Attachment {
             state,
             present,
@@ -528,6 +541,121 @@ impl Sessions {
 
     /// Publishes a will (routed like any message; retained if it asks and there is room).
     /// Publishes a will through the pipeline, like any message (transforms, sinks).
+    /// The connected clients, for the admin API.
+    pub fn clients(&self) -> Vec<ClientView> {
+        let slots = self.lock();
+        let mut out = Vec::new();
+        for (id, slot) in slots.iter() {
+            if let Slot::Attached(a) = slot {
+                out.push(ClientView {
+                    client_id: id.clone(),
+                    principal: a.principal.clone(),
+                    presence: a.presence.clone(),
+                    expiry: a.session.as_ref().map_or(0, |s| s.1),
+                    queued: a.session.as_ref().map_or(0, |s| s.0.len()),
+                });
+            }
+        }
+        out
+    }
+
+    /// Every session, connected or not, for the admin API.
+    pub fn sessions(&self) -> Vec<SessionView> {
+        let slots = self.lock();
+        let mut out = Vec::with_capacity(slots.len());
+        for (id, slot) in slots.iter() {
+            out.push(match slot {
+                Slot::Attached(a) => SessionView {
+                    client_id: id.clone(),
+                    online: true,
+                    expiry: a.session.as_ref().map_or(0, |s| s.1),
+                    principal: Some(a.principal.clone()),
+                    subscriptions: None,
+                    queued: a.session.as_ref().map_or(0, |s| s.0.len()),
+                },
+                Slot::Detached(d) => SessionView {
+                    client_id: id.clone(),
+                    online: false,
+                    expiry: d.state.expiry,
+                    principal: d.state.principal.clone(),
+                    subscriptions: Some(
+                        (d.state.subscriptions.iter())
+                            .map(|(f, s)| (f.clone(), *s))
+                            .collect(),
+                    ),
+                    queued: d.state.mailbox.len(),
+                },
+            });
+        }
+        out
+    }
+
+    /// Asks the connection of `client_id` for its subscriptions and messages in flight;
+    /// `None` when no such client is connected or it does not answer within 2 s.
+    pub async fn inspect(&self, client_id: &ClientId) -> Option<Inspection> {
+        let mailbox = match self.lock().get(client_id) {
+            Some(Slot::Attached(a)) => a.session.as_ref().map(|s| s.0.clone())?,
+            _ => return None,
+        };
+        let (tx, rx) = oneshot::channel();
+        mailbox.ask(tx);
+        tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Disconnects the client `client_id` (MQTT 5: DISCONNECT 0x98 Administrative action).
+    /// False when no such client is connected.
+    pub fn kick(&self, client_id: &ClientId) -> bool {
+        let mut slots = self.lock();
+        let Some(Slot::Attached(a)) = slots.get_mut(client_id) else {
+            return false;
+        };
+        if let Some(k) = a.kick.take() {
+            let _ = k.send(Kick::Admin);
+        }
+        true
+    }
+
+    /// Discards the session of `client_id` with its subscriptions and queue, without its
+    /// will; a connected client is disconnected first (0x98). False when there is no such
+    /// session.
+    pub async fn discard(&self, client_id: &ClientId) -> bool {
+        let deadline = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
+        let mut kicked = false;
+        loop {
+            {
+                let mut slots = self.lock();
+                match slots.get_mut(client_id) {
+                    None => return kicked,
+                    Some(Slot::Detached(_)) => {
+                        if let Some(Slot::Detached(d)) = slots.remove(client_id) {
+                            drop(slots);
+                            if let Some(t) = &d.timer {
+                                t.abort();
+                            }
+                            tracing::info!(client_id = %client_id, "session discarded");
+                            self.end(d.state);
+                        }
+                        return true;
+                    }
+                    Some(Slot::Attached(a)) => {
+                        if let Some(k) = a.kick.take() {
+                            let _ = k.send(Kick::Admin);
+                        }
+                        kicked = true;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(client_id = %client_id, "session not discarded: its connection did not end");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn publish_will(&self, w: PendingWill) {
         let PendingWill {
             will,
