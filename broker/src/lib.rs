@@ -16,6 +16,7 @@ pub mod listener;
 pub mod mailbox;
 pub mod message;
 pub(crate) mod metrics;
+pub(crate) mod notify;
 pub mod passwd;
 pub(crate) mod pipeline;
 pub mod plugins;

@@ -52,7 +52,11 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         .store(true, std::sync::atomic::Ordering::Release);
     crate::sys::spawn(broker.clone());
     spawn_policy_changes(&broker);
+    // Every listener bound, every required plugin loaded: a `Type=notify` unit is started.
+    crate::notify::notify("READY=1\nSTATUS=serving MQTT");
+    crate::notify::spawn_watchdog(broker.shutdown.clone());
     broker.shutdown.cancelled().await;
+    crate::notify::notify("STOPPING=1");
     for t in accept_loops {
         let _ = t.await;
     }
