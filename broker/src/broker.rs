@@ -18,7 +18,8 @@ use crate::store::{Store, StoreError, record};
 /// What every connection of one broker shares.
 #[derive(Debug)]
 pub struct Broker {
-    /// The configuration it started with.
+    /// The configuration it started with: what listeners, the store, the runtime and the
+    /// broker-wide limits keep until a restart ([`Broker::current`] is the one in force).
     pub config: Config,
     /// Subscriptions, retained messages, fan-out.
     pub router: Arc<Router>,
@@ -38,6 +39,26 @@ pub struct Broker {
     pub pipeline: Arc<Pipeline>,
     /// Set once every listener is bound (readiness).
     pub listening: std::sync::atomic::AtomicBool,
+    /// The configuration in force: `config` until a reload (`reload.rs`) replaces it.
+    live: std::sync::RwLock<Arc<Config>>,
+    /// Bumped by every reload (what caches parsed from the configuration look at).
+    generation: std::sync::atomic::AtomicU64,
+    /// The file the configuration came from, if any (what a reload reads).
+    pub source: std::sync::OnceLock<std::path::PathBuf>,
+    /// Applies a new `[log] level` (set by the binary, which owns the log subscriber).
+    pub log_level: std::sync::OnceLock<LogLevelHook>,
+}
+
+/// Sets the log filter in force; `Err` when the filter is not valid.
+pub type SetLogLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// The binary's [`SetLogLevel`].
+pub struct LogLevelHook(pub Box<SetLogLevel>);
+
+impl std::fmt::Debug for LogLevelHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogLevelHook")
+    }
 }
 
 impl Broker {
@@ -141,6 +162,10 @@ impl Broker {
             pipeline,
             sessions,
             router,
+            live: std::sync::RwLock::new(Arc::new(config.clone())),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            source: std::sync::OnceLock::new(),
+            log_level: std::sync::OnceLock::new(),
             config,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -169,6 +194,23 @@ impl Broker {
     /// Whether every listener is bound.
     pub fn listening(&self) -> bool {
         self.listening.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The configuration in force now (what new connections use).
+    pub fn current(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Bumped by every reload.
+    pub fn config_generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Puts `config` in force (see `reload.rs` for what follows it and what does not).
+    pub(crate) fn replace_config(&self, config: Config) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Makes every TLS listener re-read its certificate, key and client CA files; a

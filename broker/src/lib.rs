@@ -20,6 +20,7 @@ pub(crate) mod notify;
 pub mod passwd;
 pub(crate) mod pipeline;
 pub mod plugins;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub(crate) mod session;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use sandpiper::broker::Broker;
+use sandpiper::broker::{Broker, LogLevelHook};
 use sandpiper::config::Config;
 use tracing_subscriber::EnvFilter;
 
@@ -309,17 +309,33 @@ fn main() -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
-    match config.log.format {
+    // A reload of the configuration sets a new `[log] level` through this.
+    let level_hook = match config.log.format {
         sandpiper::config::LogFormat::Text => {
-            logs.with_ansi(std::io::stderr().is_terminal()).init();
+            let logs = logs
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            LogLevelHook(Box::new(move |level| {
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            }))
         }
         sandpiper::config::LogFormat::Json => {
-            logs.json()
+            let logs = logs
+                .json()
                 .flatten_event(true)
                 .with_current_span(false)
-                .init();
+                .with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            LogLevelHook(Box::new(move |level| {
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            }))
         }
-    }
+    };
 
     prepare_descriptors(config.mqtt.max_connections);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -343,7 +359,7 @@ fn main() -> ExitCode {
     for (what, path) in config.paths() {
         tracing::info!(path = %path.display(), "{what}");
     }
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, cli.config, level_hook)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -352,8 +368,16 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    source: Option<PathBuf>,
+    level_hook: LogLevelHook,
+) -> anyhow::Result<()> {
     let broker = Broker::new(config)?;
+    if let Some(path) = source {
+        let _ = broker.source.set(path);
+    }
+    let _ = broker.log_level.set(level_hook);
     let shutdown = broker.shutdown.clone();
     // Signal handlers are installed before any listener is bound, so a SIGTERM sent as soon
     // as the broker reports it is listening still shuts it down in order.
@@ -363,8 +387,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let b = broker.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading TLS certificates");
+                tracing::info!("SIGHUP: reloading the configuration and TLS certificates");
                 b.reload_certificates();
+                if b.source.get().is_some()
+                    && let Err(e) = sandpiper::reload::reload(&b)
+                {
+                    tracing::warn!(error = %e, "configuration not reloaded: the one in force stays");
+                }
             }
         });
     }

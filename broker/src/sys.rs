@@ -64,23 +64,32 @@ fn sum(counters: &[C]) -> u64 {
     counters.iter().map(|c| metrics::get(*c)).sum()
 }
 
-/// Publishes the tree every `interval` until shutdown (nothing when it is zero).
+/// Publishes the tree every `[sys] interval` seconds in force until shutdown (nothing
+/// while it is zero).
 pub fn spawn(broker: Arc<Broker>) {
-    let interval = Duration::from_secs(broker.config.sys.interval);
-    if interval.is_zero() {
-        return;
-    }
     tokio::spawn(async move {
         let mut loads = [[Load::default(); WINDOWS.len()]; LOADS.len()];
         let mut last: [u64; LOADS.len()] = LOADS.map(|(_, c)| sum(c));
         let mut last_at = tokio::time::Instant::now();
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = true;
         loop {
+            // The interval in force now: a reload changes it from the next publication on;
+            // while it is 0, nothing is published and the tree is looked at every second.
+            let secs = broker.current().sys.interval;
+            let wait = match (secs, first) {
+                (0, _) => Duration::from_secs(1),
+                (_, true) => Duration::ZERO,
+                (s, false) => Duration::from_secs(s),
+            };
             tokio::select! {
                 _ = broker.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
+            if broker.current().sys.interval == 0 {
+                first = true;
+                continue;
+            }
+            first = false;
             let now = tokio::time::Instant::now();
             let dt = now.duration_since(last_at).max(Duration::from_millis(1));
             last_at = now;

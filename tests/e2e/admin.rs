@@ -207,15 +207,20 @@ async fn tokens_guard_the_api_and_changes_are_logged() {
             .0,
         404
     );
-    // Every change is logged with the token's name.
-    assert!(
-        broker.logs().iter().any(|l| l.contains("admin request")
-            && l.contains("token=ops")
-            && l.contains("/api/v1/clients/nobody")
-            && l.contains("404")),
-        "{}",
-        broker.logs().join("\n")
-    );
+    // Every change is logged with the token's name (the log line may trail the answer).
+    let logged = |b: &Broker| {
+        b.logs().iter().any(|l| {
+            l.contains("admin request")
+                && l.contains("token=ops")
+                && l.contains("/api/v1/clients/nobody")
+                && l.contains("404")
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !logged(&broker) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged(&broker), "{}", broker.logs().join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -792,5 +797,144 @@ async fn ctl_drives_the_api() {
     let (code, out, _) = ctl(http, &admin, &["overview"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("version:"), "{out}");
+    unharmed(&mut broker);
+}
+
+/// The configuration text of [`start_with_tokens_in`], for rewriting it.
+fn config_text(admin_toml: &str, mqtt: &str, sys: &str, level: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"default\"\nbind = \"127.0.0.1:0\"\n\n[log]\nlevel = \"{level}\"\n\n\
+         [mqtt]\n{mqtt}\n\n[sys]\n{sys}\n\n[http]\nbind = \"127.0.0.1:0\"\n\n{admin_toml}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_reloads_live_and_says_what_waits_for_a_restart() {
+    let dir = Broker::temp_dir();
+    let (admin, admin_toml) = token_new("ops", "admin");
+    let file = dir.join("sandpiper.toml");
+    let text = config_text(
+        &admin_toml,
+        "max_packet_size = 100000",
+        "interval = 0",
+        "info",
+    );
+    let mut broker = Broker::start_config_in(dir.clone(), &text);
+    let http = broker.http_addr();
+    let mut before = raw::connect_v5(&broker, "before").await;
+
+    // A file that does not validate changes nothing.
+    std::fs::write(&file, format!("{text}\n[mqtt]\nbogus = 1\n")).unwrap();
+    let (status, v) = api(http, Some(&admin), "POST", "/api/v1/config/reload", None).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not reloaded")),
+        "{v}"
+    );
+
+    // Limits for new connections, $SYS, tokens and the log level apply at once; the
+    // listeners wait for a restart, and say so.
+    let (viewer, viewer_toml) = token_new("viewer", "read");
+    let mut new_text = config_text(
+        &viewer_toml,
+        "max_packet_size = 1024",
+        "interval = 1",
+        "debug",
+    );
+    new_text = new_text.replacen(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"extra\"\nbind = \"127.0.0.1:0\"\n",
+        1,
+    );
+    std::fs::write(&file, &new_text).unwrap();
+    let (status, v) = api(http, Some(&admin), "POST", "/api/v1/config/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    for key in [
+        "log.level",
+        "sys.interval",
+        "http.token",
+        "mqtt.max_packet_size",
+    ] {
+        assert!(
+            v["applied"]
+                .as_array()
+                .is_some_and(|a| a.contains(&json!(key))),
+            "{key}: {v}"
+        );
+    }
+    assert_eq!(v["not_applied"], json!(["listener"]), "{v}");
+    assert!(
+        broker
+            .logs()
+            .iter()
+            .any(|l| l.contains("configuration reloaded"))
+    );
+    // The old token is gone, the new one reads (and may not change anything).
+    assert_eq!(
+        api(http, Some(&admin), "GET", "/api/v1/overview", None)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        api(http, Some(&viewer), "GET", "/api/v1/overview", None)
+            .await
+            .0,
+        200
+    );
+    // A new connection gets the new Maximum Packet Size; the one before keeps its own.
+    let mut after = raw::connect_v5(&broker, "after").await;
+    raw::send(
+        &mut after,
+        &raw::publish("big/t", 0, false, 0, &[b'x'; 4000], true),
+    )
+    .await;
+    assert_eq!(raw::disconnect_codes(&mut after).await, vec![0x95]);
+    raw::send(
+        &mut before,
+        &raw::publish("big/t", 1, false, 7, &[b'x'; 4000], true),
+    )
+    .await;
+    let (kind, _) = raw::expect_packet(&mut before).await;
+    assert_eq!(
+        kind >> 4,
+        4,
+        "PUBACK for the connection made before the reload"
+    );
+    // $SYS goes from off to every second.
+    let mut sys = v5::Client::connect(v5::options(&broker, "sys-reader")).await;
+    sys.subscribe_ok("$SYS/broker/uptime", v5::QoS::AtMostOnce)
+        .await;
+    let m = sys.recv().await;
+    assert_eq!(v5::topic(&m), "$SYS/broker/uptime");
+    // SIGHUP does the same; a later file back at `info` applies too.
+    std::fs::write(
+        &file,
+        config_text(
+            &viewer_toml,
+            "max_packet_size = 1024",
+            "interval = 1",
+            "info",
+        ),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &broker.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    crate::plugins::wait_for_logs(&broker, "configuration reloaded", 2).await;
+    assert!(
+        broker
+            .logs()
+            .iter()
+            .any(|l| l.contains("configuration reloaded")
+                && l.contains("log.level")
+                && l.contains("listener")),
+        "{}",
+        broker.logs().join("\n")
+    );
     unharmed(&mut broker);
 }

@@ -42,7 +42,8 @@ pub(super) async fn enhanced_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     wr: &mut W,
 ) -> Option<crate::plugins::AuthDecision> {
     use crate::plugins::AuthDecision;
-    let cfg = &broker.config.mqtt;
+    let config = broker.current();
+    let cfg = &config.mqtt;
     let wait = Duration::from_secs(cfg.connect_timeout);
     for _ in 0..MAX_AUTH_ROUNDS {
         let AuthDecision::Continue {
@@ -206,7 +207,8 @@ impl Conn {
         (rd, inbuf): (&mut R, &mut BytesMut),
         wr: &mut W,
     ) -> Option<Conn> {
-        let cfg = &broker.config.mqtt;
+        let config = broker.current();
+        let cfg = &config.mqtt;
         let v = c.protocol;
         let refuse = |reason: ReasonCode, why: &'static str| {
             metrics::inc(metrics::refusal(reason));
@@ -459,6 +461,7 @@ impl Conn {
         };
         let mut conn = Conn {
             broker: broker.clone(),
+            config: config.clone(),
             version: v,
             state: att.state,
             conn_id: att.conn,

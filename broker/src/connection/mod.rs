@@ -132,16 +132,20 @@ pub async fn run<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let cfg = &broker.config.mqtt;
+    // The configuration in force when the client came (a reload applies to later ones).
+    let (connect_timeout, limits) = {
+        let config = broker.current();
+        (config.mqtt.connect_timeout, config.mqtt.connect_limits())
+    };
     let mut inbuf = BytesMut::with_capacity(MIN_READ);
-    let deadline = Duration::from_secs(cfg.connect_timeout);
+    let deadline = Duration::from_secs(connect_timeout);
     let first = tokio::select! {
         _ = broker.shutdown.cancelled() => return,
-        r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, cfg.connect_limits())) => r,
+        r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, limits)) => r,
     };
     let connect = match first {
         Err(_) => {
-            tracing::info!("no CONNECT within {}s: closing", cfg.connect_timeout);
+            tracing::info!("no CONNECT within {}s: closing", connect_timeout);
             return;
         }
         Ok(Ok(Some(c))) => c,
@@ -235,6 +239,9 @@ pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
 /// A connected client.
 struct Conn {
     broker: Arc<Broker>,
+    /// The configuration in force when the client connected: its limits hold for the
+    /// connection's life (its CONNACK announced some of them).
+    config: Arc<crate::config::Config>,
     version: ProtocolVersion,
     state: crate::session::SessionState,
     conn_id: u64,
@@ -353,7 +360,7 @@ impl Conn {
                 // made persistent at DISCONNECT.
                 return Close::Error(ReasonCode::ProtocolError);
             }
-            self.state.expiry = e.min(self.broker.config.mqtt.max_session_expiry);
+            self.state.expiry = e.min(self.config.mqtt.max_session_expiry);
         }
         if d.reason == ReasonCode::Success {
             Close::Normal

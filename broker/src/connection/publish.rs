@@ -43,7 +43,7 @@ impl Conn {
     pub(super) fn on_publish(&mut self, p: Publish) -> Result<(), ReasonCode> {
         metrics::inc(metrics::received(p.qos.qos()));
         metrics::add(metrics::received_bytes(p.qos.qos()), p.payload.len() as u64);
-        let cfg = &self.broker.config.mqtt;
+        let cfg = &self.config.mqtt;
         let topic =
             (self.alias_in).resolve(p.topic, p.properties.topic_alias, cfg.topic_alias_maximum)?;
         if !p.properties.subscription_identifiers.is_empty() {
@@ -183,7 +183,7 @@ impl Conn {
             }
             PublishQoS::ExactlyOnce(id) => {
                 // Routed once, however often the client sends it before PUBREL.
-                let max = self.broker.config.mqtt.receive_maximum;
+                let max = self.config.mqtt.receive_maximum;
                 let pipeline = &self.broker.pipeline;
                 let origin = Origin::Client {
                     session: self.state.key,

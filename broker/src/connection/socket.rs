@@ -52,7 +52,7 @@ impl Conn {
         let mut read_hint = MIN_READ;
         // A packet started but not finished must be within `packet_timeout` (a client that
         // sends half a packet and stalls is dropped, not kept by its keep alive).
-        let packet_timeout = Duration::from_secs(self.broker.config.mqtt.packet_timeout);
+        let packet_timeout = Duration::from_secs(self.config.mqtt.packet_timeout);
         let mut partial_since: Option<tokio::time::Instant> = None;
         // One timer serves both deadlines (keep alive and partial packet): it fires at the
         // earlier one or before, and its branch works out which has passed. Each timer is
@@ -223,7 +223,7 @@ impl Conn {
     }
 
     pub(super) fn decode_input(&mut self, inbuf: &mut BytesMut) -> Option<Close> {
-        let limits = self.broker.config.mqtt.decode_limits();
+        let limits = self.config.mqtt.decode_limits();
         loop {
             self.input_stopped = self.paused.is_some() || self.held.len() >= MAX_HELD;
             if self.input_stopped {
@@ -391,7 +391,7 @@ impl Conn {
             && self.paused.is_none()
         {
             crate::metrics::inc(crate::metrics::C::BackpressureWaits);
-            let timeout = Duration::from_millis(self.broker.config.mqtt.backpressure_timeout_ms);
+            let timeout = Duration::from_millis(self.config.mqtt.backpressure_timeout_ms);
             self.paused = Some((mb, tokio::time::Instant::now() + timeout));
         }
     }

@@ -73,7 +73,7 @@ impl Conn {
         } else {
             Vec::new()
         };
-        let cfg = &self.broker.config.mqtt;
+        let cfg = &self.config.mqtt;
         let limits = SubscribeLimits {
             max_subscriptions: cfg.max_subscriptions,
             max_topic_length: cfg.max_topic_length,

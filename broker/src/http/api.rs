@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -37,42 +37,66 @@ const MAX_LIMIT: usize = 1000;
 /// Verified tokens remembered at most (by SHA-256); beyond, the memory starts over.
 const KNOWN_TOKENS: usize = 256;
 
-/// The configured tokens.
+/// One configured token: its name, role and hash.
+type Token = (String, Role, Phc);
+
+/// The configured tokens, parsed again when a reload changed the configuration.
 pub(super) struct Tokens {
-    tokens: Vec<(String, Role, Phc)>,
-    /// SHA-256 of a token verified before → its index.
+    /// (configuration generation, its tokens).
+    parsed: RwLock<(u64, Arc<Vec<Token>>)>,
+    /// SHA-256 of a token verified before → its index (cleared with every new list).
     known: Mutex<HashMap<[u8; 32], usize>>,
 }
 
+fn parse_tokens(cfg: &HttpConfig) -> Vec<Token> {
+    (cfg.token.iter())
+        .filter_map(|t| Some((t.name.clone(), t.role, Phc::parse(&t.hash)?)))
+        .collect()
+}
+
 impl Tokens {
-    pub(super) fn new(cfg: &HttpConfig) -> Tokens {
+    pub(super) fn new(broker: &Broker) -> Tokens {
         Tokens {
-            tokens: (cfg.token.iter())
-                .filter_map(|t| Some((t.name.clone(), t.role, Phc::parse(&t.hash)?)))
-                .collect(),
+            parsed: RwLock::new((
+                broker.config_generation(),
+                Arc::new(parse_tokens(&broker.current().http)),
+            )),
             known: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The tokens of the configuration in force.
+    fn list(&self, broker: &Broker) -> Arc<Vec<Token>> {
+        let generation = broker.config_generation();
+        {
+            let p = self.parsed.read().unwrap_or_else(|e| e.into_inner());
+            if p.0 == generation {
+                return p.1.clone();
+            }
+        }
+        let list = Arc::new(parse_tokens(&broker.current().http));
+        *self.parsed.write().unwrap_or_else(|e| e.into_inner()) = (generation, list.clone());
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        list
+    }
+
     /// The name and role of the token `headers` carry, if it is one of ours.
-    pub(super) fn check(&self, headers: &HeaderMap) -> Option<(&str, Role)> {
+    pub(super) fn check(&self, broker: &Broker, headers: &HeaderMap) -> Option<(String, Role)> {
         let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
         let (scheme, token) = value.split_once(' ')?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return None;
         }
         let token = token.trim().as_bytes();
+        let list = self.list(broker);
         let digest: [u8; 32] = Sha256::digest(token).into();
-        let known = |m: &Mutex<HashMap<[u8; 32], usize>>| {
-            m.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&digest)
-                .copied()
-        };
-        let i = match known(&self.known) {
+        let known = (self.known.lock().unwrap_or_else(|p| p.into_inner()))
+            .get(&digest)
+            .copied();
+        let i = match known {
             Some(i) => i,
             None => {
-                let i = (self.tokens.iter()).position(|(_, _, phc)| phc.verify(token))?;
+                let i = (list.iter()).position(|(_, _, phc)| phc.verify(token))?;
                 let mut m = self.known.lock().unwrap_or_else(|p| p.into_inner());
                 if m.len() >= KNOWN_TOKENS {
                     m.clear();
@@ -81,7 +105,7 @@ impl Tokens {
                 i
             }
         };
-        self.tokens.get(i).map(|(n, r, _)| (n.as_str(), *r))
+        list.get(i).map(|(n, r, _)| (n.clone(), *r))
     }
 }
 
@@ -105,7 +129,7 @@ pub(super) async fn answer(
     tokens: &Tokens,
     req: Request<Incoming>,
 ) -> Answer {
-    let Some((name, role)) = tokens.check(req.headers()) else {
+    let Some((name, role)) = tokens.check(broker, req.headers()) else {
         let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is needed");
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -113,7 +137,6 @@ pub(super) async fn answer(
         );
         return r;
     };
-    let name = name.to_owned();
     let method = req.method().clone();
     let changing = method != Method::GET && method != Method::HEAD;
     if changing && role == Role::Read {
@@ -181,6 +204,7 @@ async fn route(broker: &Arc<Broker>, token: &str, req: Request<Incoming>) -> Ans
             Err(r) => r,
         },
         (["plugins"], true, _) => plugins(broker).await,
+        (["config", "reload"], _, &Method::POST) => config_reload(broker),
         (["plugins", name, what], _, &Method::POST) => plugin_control(broker, name, what).await,
         (
             [
@@ -675,6 +699,22 @@ fn publish(broker: &Broker, token: &str, body: &[u8]) -> Answer {
             StatusCode::OK,
             &json!({ "published": topic, "delivered": 0, "dropped_by_plugin": true }),
         ),
+    }
+}
+
+fn config_reload(broker: &Broker) -> Answer {
+    match crate::reload::reload(broker) {
+        Ok(r) => json_reply(
+            StatusCode::OK,
+            &json!({ "applied": r.applied, "not_applied": r.not_applied }),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "configuration not reloaded");
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("configuration not reloaded: {e}"),
+            )
+        }
     }
 }
 

@@ -74,7 +74,7 @@ pub async fn start(broker: Arc<Broker>) -> std::io::Result<Option<SocketAddr>> {
     tracing::info!(http = %bound, tls = tls.is_some(), "metrics and health endpoints up");
     let shutdown = broker.shutdown.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let tokens = Arc::new(api::Tokens::new(&broker.config.http));
+    let tokens = Arc::new(api::Tokens::new(&broker));
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -191,7 +191,8 @@ async fn answer(
     }
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
-    if open && broker.config.http.metrics_auth && tokens.check(req.headers()).is_none() {
+    if open && broker.current().http.metrics_auth && tokens.check(&broker, req.headers()).is_none()
+    {
         let mut r = reply(
             StatusCode::UNAUTHORIZED,
             "text/plain; charset=utf-8",

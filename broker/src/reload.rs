@@ -1,0 +1,190 @@
+//! Live configuration: `SIGHUP` and `POST /api/v1/config/reload` read the configuration
+//! file again. A file that does not load or validate changes nothing. Otherwise the new
+//! configuration is put in force ([`Broker::current`]) and every key that changed is named,
+//! in the log and in the answer, as applied or as waiting for a restart:
+//!
+//! - applied at once: `[log] level` (unless `RUST_LOG` overrides it), `[sys] interval`,
+//!   `[http]` tokens and `metrics_auth`, and the `[mqtt]` keys a connection reads, which
+//!   apply to every connection made from now on (a connection keeps what its CONNACK
+//!   announced: Maximum Packet Size, Receive Maximum, Topic Alias Maximum and Server Keep
+//!   Alive cannot change under a client);
+//! - at the next restart: listeners, `[store]`, `[runtime]`, `[plugins]` (each plugin's
+//!   own settings, its sidecar, reload live anyway), `[http]` address and TLS files (the
+//!   files' contents are read again on `SIGHUP`), `[log] format`, and the broker-wide
+//!   `[mqtt]` limits (`max_connections`, `max_queued_*`, `max_retained_*`).
+
+use std::fmt::Debug;
+
+use crate::broker::Broker;
+use crate::config::Config;
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Keys that changed and are in force now.
+    pub applied: Vec<String>,
+    /// Keys that changed and wait for a restart.
+    pub not_applied: Vec<String>,
+}
+
+/// `[mqtt]` keys the broker reads once, at start.
+const MQTT_AT_START: &[&str] = &[
+    "max_connections",
+    "max_queued_messages",
+    "max_queued_bytes",
+    "max_retained_messages",
+    "max_retained_bytes",
+];
+
+/// Reads the configuration file again and puts it in force; `Err` (nothing changed) when
+/// there is no file or it does not load, validate or set the log level.
+pub fn reload(broker: &Broker) -> Result<Reloaded, String> {
+    let Some(path) = broker.source.get() else {
+        return Err("the broker was started without a configuration file".into());
+    };
+    let mut new = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // `--data-dir` on the command line wins, as at start.
+    new.store.data_dir = broker.config.store.data_dir.clone();
+    let old = broker.current();
+    let r = changes(&old, &new);
+    if r.applied.iter().any(|k| k == "log.level")
+        && let Some(hook) = broker.log_level.get()
+    {
+        (hook.0)(&new.log.level).map_err(|e| format!("log.level: {e}"))?;
+    }
+    broker.replace_config(new);
+    if r.applied.is_empty() && r.not_applied.is_empty() {
+        tracing::info!(path = %path.display(), "configuration reloaded: nothing changed");
+    } else {
+        tracing::info!(path = %path.display(), applied = ?r.applied, needs_restart = ?r.not_applied,
+            "configuration reloaded");
+    }
+    Ok(r)
+}
+
+fn differs<T: Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") != format!("{b:?}")
+}
+
+/// The keys that differ between `old` and `new`, sorted into applied and not.
+pub fn changes(old: &Config, new: &Config) -> Reloaded {
+    let mut r = Reloaded::default();
+    let mut note = |key: &str, changed: bool, live: bool| {
+        if changed {
+            let list = if live {
+                &mut r.applied
+            } else {
+                &mut r.not_applied
+            };
+            list.push(key.to_owned());
+        }
+    };
+    let env_level = std::env::var_os("RUST_LOG").is_some();
+    note("log.level", old.log.level != new.log.level, !env_level);
+    note(
+        "log.format",
+        differs(&old.log.format, &new.log.format),
+        false,
+    );
+    note("sys.interval", old.sys.interval != new.sys.interval, true);
+    note(
+        "http.token",
+        differs(&old.http.token, &new.http.token),
+        true,
+    );
+    note(
+        "http.metrics_auth",
+        old.http.metrics_auth != new.http.metrics_auth,
+        true,
+    );
+    note("http.bind", old.http.bind != new.http.bind, false);
+    let tls = |c: &Config| {
+        (
+            c.http.cert.clone(),
+            c.http.key.clone(),
+            c.http.client_ca.clone(),
+        )
+    };
+    note("http.cert/key/client_ca", tls(old) != tls(new), false);
+    note("listener", differs(&old.listeners, &new.listeners), false);
+    note("store", differs(&old.store, &new.store), false);
+    note("runtime", differs(&old.runtime, &new.runtime), false);
+    note("plugins", differs(&old.plugins, &new.plugins), false);
+    for (key, a, b) in mqtt_fields(old, new) {
+        note(
+            &format!("mqtt.{key}"),
+            a != b,
+            !MQTT_AT_START.contains(&key),
+        );
+    }
+    r
+}
+
+/// Every `[mqtt]` key with its value in each configuration (as text).
+fn mqtt_fields(old: &Config, new: &Config) -> Vec<(&'static str, String, String)> {
+    macro_rules! fields {
+        ($($f:ident),* $(,)?) => {
+            vec![$((stringify!($f), format!("{:?}", old.mqtt.$f), format!("{:?}", new.mqtt.$f))),*]
+        };
+    }
+    fields!(
+        max_packet_size,
+        connect_timeout,
+        max_keep_alive,
+        receive_maximum,
+        max_inflight,
+        max_queued_messages,
+        max_queued_bytes,
+        backpressure_timeout_ms,
+        topic_alias_maximum,
+        max_session_expiry,
+        retain_available,
+        allow_empty_client_id,
+        max_connections,
+        packet_timeout,
+        max_subscriptions,
+        max_topic_length,
+        max_topic_levels,
+        max_filters_per_packet,
+        max_user_properties,
+        max_user_property_bytes,
+        max_connect_packet_size,
+        max_retained_messages,
+        max_retained_bytes,
+        session_principal,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+
+    use super::*;
+
+    /// `text` loaded as the file `c.toml` of one folder (relative paths resolve alike).
+    fn parse(text: &str) -> Config {
+        let dir = std::env::temp_dir().join(format!("sandpiper-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).unwrap()
+    }
+
+    const BASE: &str = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1883\"\n";
+
+    #[test]
+    fn each_key_is_sorted_into_live_or_restart() {
+        let old = parse(BASE);
+        assert_eq!(changes(&old, &old), Reloaded::default());
+        let new = parse(&format!(
+            "{BASE}[mqtt]\nmax_inflight = 7\nmax_connections = 9\n[sys]\ninterval = 3\n\
+             [log]\nformat = \"json\"\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:1884\"\n"
+        ));
+        let r = changes(&old, &new);
+        assert_eq!(r.applied, ["sys.interval", "mqtt.max_inflight"]);
+        assert_eq!(
+            r.not_applied,
+            ["log.format", "listener", "mqtt.max_connections"]
+        );
+    }
+}
