@@ -599,12 +599,10 @@ async fn plugins_are_listed_reloaded_disabled_and_enabled() {
     .await;
     let acl = &v["plugins"][0];
     assert_eq!(acl["state"], "loaded");
+    assert_eq!(acl["contract"], "0.1.1");
     let hooks = acl["hooks"].as_array().cloned().unwrap_or_default();
     assert!(hooks.contains(&json!("authorize")), "{acl}");
-    assert!(
-        acl["version"].as_str().is_some_and(|h| h.len() == 12),
-        "{acl}"
-    );
+    assert!(acl["hash"].as_str().is_some_and(|h| h.len() == 12), "{acl}");
     let broken = &v["plugins"][1];
     assert_eq!(broken["state"], "failed");
     assert!(

@@ -631,4 +631,22 @@ async fn a_plugin_built_for_contract_0_1_0_still_serves() {
     c.subscribe_ok("old-contract/fine", v3::QoS::AtLeastOnce)
         .await;
     c.disconnect().await;
+
+    // The admin API names the contract it was built against.
+    let dir = Broker::temp_dir();
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    std::fs::copy(&wasm, dir.join("plugins/old-contract.wasm")).unwrap();
+    let (broker, admin, _) = crate::admin::start_with_tokens_in(dir, "", "");
+    wait_for_log(&broker, "plugin loaded").await;
+    let (status, v) = crate::admin::api(
+        broker.http_addr(),
+        Some(&admin),
+        "GET",
+        "/api/v1/plugins",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["plugins"][0]["name"], "old-contract", "{v}");
+    assert_eq!(v["plugins"][0]["contract"], "0.1.0", "{v}");
 }

@@ -757,7 +757,8 @@ async fn plugin_list(broker: &Arc<Broker>) -> Vec<Value> {
         list.push(json!({
             "name": &*p.name,
             "state": "loaded",
-            "version": p.version,
+            "contract": p.contract,
+            "hash": p.version,
             "hooks": p.hooks.names(),
             "priority": p.sidecar.priority,
             "calls": calls,
@@ -776,7 +777,7 @@ async fn plugin_list(broker: &Arc<Broker>) -> Vec<Value> {
             continue;
         }
         list.push(json!({
-            "name": name, "state": state, "version": null, "hooks": [], "priority": null,
+            "name": name, "state": state, "contract": null, "hash": null, "hooks": [], "priority": null,
             "calls": {}, "failures": 0, "last_error": error, "sink": null,
         }));
     }

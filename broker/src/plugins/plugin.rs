@@ -182,6 +182,16 @@ pub enum CallError {
     },
 }
 
+/// The contract version `component` was built against, from its exports' names.
+fn contract_of(component: &Component, engine: &wasmtime::Engine) -> String {
+    (component.component_type().exports(engine))
+        .find_map(|(name, _)| {
+            let (_, version) = name.strip_prefix("sandpiper:plugin/")?.split_once('@')?;
+            Some(version.to_owned())
+        })
+        .unwrap_or_default()
+}
+
 /// A loaded plugin version.
 pub struct Plugin {
     /// Name: the file name without `.wasm`.
@@ -199,6 +209,9 @@ pub struct Plugin {
     pub stats: super::stats::PluginStats,
     /// The first 12 hex digits of the SHA-256 of the component's bytes.
     pub version: String,
+    /// The contract version the component was built against (the `@X.Y.Z` of its
+    /// `sandpiper:plugin/...` exports; empty if it names none).
+    pub contract: String,
 }
 
 impl Plugin {
@@ -248,6 +261,7 @@ impl Plugin {
             pool: Mutex::new(Vec::new()),
             stats: Default::default(),
             version: String::new(),
+            contract: contract_of(component, &host.engine),
         };
         let first = plugin.instantiate()?;
         plugin.put(first);
