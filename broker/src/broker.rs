@@ -47,6 +47,28 @@ pub struct Broker {
     pub source: std::sync::OnceLock<std::path::PathBuf>,
     /// Applies a new `[log] level` (set by the binary, which owns the log subscriber).
     pub log_level: std::sync::OnceLock<LogLevelHook>,
+    /// Where a reload sends the listeners it wants (the server owns the running ones).
+    pub listener_updates: std::sync::OnceLock<tokio::sync::mpsc::Sender<ListenerUpdate>>,
+}
+
+/// A reload's request to serve exactly `listeners`.
+#[derive(Debug)]
+pub struct ListenerUpdate {
+    /// The listeners of the new configuration.
+    pub listeners: Vec<crate::config::ListenerConfig>,
+    /// What was done.
+    pub done: tokio::sync::oneshot::Sender<ListenerChanges>,
+}
+
+/// What a [`ListenerUpdate`] did, by listener name (or address, for an unnamed one).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ListenerChanges {
+    /// Bound and accepting (new, or changed and bound again).
+    pub opened: Vec<String>,
+    /// Closed with their connections (removed, or changed).
+    pub closed: Vec<String>,
+    /// Could not be bound: name and reason.
+    pub failed: Vec<String>,
 }
 
 /// Sets the log filter in force; `Err` when the filter is not valid.
@@ -166,6 +188,7 @@ impl Broker {
             generation: std::sync::atomic::AtomicU64::new(0),
             source: std::sync::OnceLock::new(),
             log_level: std::sync::OnceLock::new(),
+            listener_updates: std::sync::OnceLock::new(),
             config,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

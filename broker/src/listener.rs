@@ -60,14 +60,15 @@ struct Listener {
     rate: RateLimiter,
 }
 
-/// Binds the listener and spawns its accept loop, which stops when the broker shuts down.
+/// Binds the listener and spawns its accept loop, which stops when the broker shuts down
+/// or the returned [`Running::stop`] is cancelled.
 /// `global` counts the open connections of all listeners. A TLS listener whose
 /// certificates cannot be loaded fails here, so the broker does not start.
 pub async fn start(
     broker: Arc<Broker>,
     config: ListenerConfig,
     global: Arc<AtomicUsize>,
-) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+) -> std::io::Result<Running> {
     let name = config.name.clone().unwrap_or_default();
     let tls = match tls_files(&config) {
         Some(files) => {
@@ -80,6 +81,7 @@ pub async fn start(
     };
     let socket = TcpListener::bind(config.bind).await?;
     let addr = socket.local_addr()?;
+    let stop = broker.shutdown.child_token();
     let listener = Arc::new(Listener {
         info: Arc::new(ListenerInfo {
             name: name.as_str().into(),
@@ -87,6 +89,7 @@ pub async fn start(
             protocols: config.versions(),
             username_from_cert: config.username_from_cert,
             client_cert: None,
+            stop: stop.clone(),
         }),
         kind: config.kind,
         tls: tls.clone(),
@@ -110,17 +113,13 @@ pub async fn start(
         %addr,
         "listening"
     );
-    let watcher = tls.map(|t| {
-        t.spawn_watcher(
-            name.clone(),
-            broker.shutdown.clone(),
-            broker.reload.subscribe(),
-        )
-    });
+    let watcher =
+        tls.map(|t| t.spawn_watcher(name.clone(), stop.clone(), broker.reload.subscribe()));
+    let closing = stop.clone();
     let task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                _ = broker.shutdown.cancelled() => break,
+                _ = closing.cancelled() => break,
                 r = socket.accept() => r,
             };
             let (stream, peer) = match accepted {
@@ -180,7 +179,19 @@ pub async fn start(
         }
         tracing::debug!(name = %listener.info.name, "listener closed");
     });
-    Ok((addr, task))
+    Ok(Running { addr, task, stop })
+}
+
+/// A listener serving: where it is bound, its accept loop, and what closes it with its
+/// connections.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The accept loop (ends once `stop` is cancelled).
+    pub task: JoinHandle<()>,
+    /// Cancelled to close the listener and its connections.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Sets up the transport, then serves the client (or answers its refusal).
@@ -191,10 +202,17 @@ async fn serve_socket(
     peer: SocketAddr,
     refusal: Option<ReasonCode>,
 ) {
-    let deadline = Duration::from_secs(broker.config.mqtt.connect_timeout);
-    let max_message = usize::try_from(broker.config.mqtt.max_packet_size)
-        .unwrap_or(usize::MAX)
-        .saturating_add(4096);
+    // What the configuration in force says now (not kept: every idle connection's future
+    // would carry it).
+    let (deadline, max_message) = {
+        let config = broker.current();
+        (
+            Duration::from_secs(config.mqtt.connect_timeout),
+            usize::try_from(config.mqtt.max_packet_size)
+                .unwrap_or(usize::MAX)
+                .saturating_add(4096),
+        )
+    };
     let mut info = l.info.clone();
     let (rd, wr) = match (l.kind, &l.tls) {
         (ListenerKind::Tcp, _) => {

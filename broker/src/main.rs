@@ -390,7 +390,7 @@ async fn run(
                 tracing::info!("SIGHUP: reloading the configuration and TLS certificates");
                 b.reload_certificates();
                 if b.source.get().is_some()
-                    && let Err(e) = sandpiper::reload::reload(&b)
+                    && let Err(e) = sandpiper::reload::reload(&b).await
                 {
                     tracing::warn!(error = %e, "configuration not reloaded: the one in force stays");
                 }

@@ -4,14 +4,19 @@
 //! in the log and in the answer, as applied or as waiting for a restart:
 //!
 //! - applied at once: `[log] level` (unless `RUST_LOG` overrides it), `[sys] interval`,
-//!   `[http]` tokens and `metrics_auth`, and the `[mqtt]` keys a connection reads, which
+//!   `[http]` tokens and `metrics_auth`, the queue and retained-store limits (for every
+//!   session and the whole store at once), and the `[mqtt]` keys a connection reads, which
 //!   apply to every connection made from now on (a connection keeps what its CONNACK
 //!   announced: Maximum Packet Size, Receive Maximum, Topic Alias Maximum and Server Keep
 //!   Alive cannot change under a client);
-//! - at the next restart: listeners, `[store]`, `[runtime]`, `[plugins]` (each plugin's
+//! - listeners: one that is new is bound, one that went is closed with its connections
+//!   (MQTT 5 clients get DISCONNECT 0x8B), one that changed is closed and bound again;
+//!   each is named (`listener.NAME opened` / `closed`), and one that cannot be bound is
+//!   named with the reason among what was not applied;
+//! - at the next restart: `[store]`, `[runtime]`, `[plugins]` (each plugin's
 //!   own settings, its sidecar, reload live anyway), `[http]` address and TLS files (the
-//!   files' contents are read again on `SIGHUP`), `[log] format`, and the broker-wide
-//!   `[mqtt]` limits (`max_connections`, `max_queued_*`, `max_retained_*`).
+//!   files' contents are read again on `SIGHUP`), `[log] format`, and `max_connections`
+//!   (the open-files limit is sized for it at start).
 
 use std::fmt::Debug;
 
@@ -27,18 +32,13 @@ pub struct Reloaded {
     pub not_applied: Vec<String>,
 }
 
-/// `[mqtt]` keys the broker reads once, at start.
-const MQTT_AT_START: &[&str] = &[
-    "max_connections",
-    "max_queued_messages",
-    "max_queued_bytes",
-    "max_retained_messages",
-    "max_retained_bytes",
-];
+/// `[mqtt]` keys the broker reads once, at start: the open-files limit and the
+/// descriptor table are sized for `max_connections` before the runtime starts.
+const MQTT_AT_START: &[&str] = &["max_connections"];
 
 /// Reads the configuration file again and puts it in force; `Err` (nothing changed) when
 /// there is no file or it does not load, validate or set the log level.
-pub fn reload(broker: &Broker) -> Result<Reloaded, String> {
+pub async fn reload(broker: &Broker) -> Result<Reloaded, String> {
     let Some(path) = broker.source.get() else {
         return Err("the broker was started without a configuration file".into());
     };
@@ -46,11 +46,45 @@ pub fn reload(broker: &Broker) -> Result<Reloaded, String> {
     // `--data-dir` on the command line wins, as at start.
     new.store.data_dir = broker.config.store.data_dir.clone();
     let old = broker.current();
-    let r = changes(&old, &new);
+    let mut r = changes(&old, &new);
     if r.applied.iter().any(|k| k == "log.level")
         && let Some(hook) = broker.log_level.get()
     {
         (hook.0)(&new.log.level).map_err(|e| format!("log.level: {e}"))?;
+    }
+    let m = &new.mqtt;
+    broker
+        .sessions
+        .set_queue_limits(crate::mailbox::QueueLimits {
+            max_messages: m.max_queued_messages,
+            max_bytes: m.max_queued_bytes,
+            backpressure: m.backpressure_timeout_ms > 0,
+        });
+    broker
+        .router
+        .set_retain_limits(crate::router::RetainLimits {
+            max_messages: m.max_retained_messages,
+            max_bytes: m.max_retained_bytes,
+        });
+    if r.applied.iter().any(|k| k == "listener")
+        && let Some(tx) = broker.listener_updates.get()
+    {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let update = crate::broker::ListenerUpdate {
+            listeners: new.listeners.clone(),
+            done,
+        };
+        if tx.send(update).await.is_ok()
+            && let Ok(c) = answer.await
+        {
+            r.applied.retain(|k| k != "listener");
+            r.applied
+                .extend(c.opened.iter().map(|n| format!("listener.{n} opened")));
+            r.applied
+                .extend(c.closed.iter().map(|n| format!("listener.{n} closed")));
+            r.not_applied
+                .extend(c.failed.iter().map(|f| format!("listener.{f}")));
+        }
     }
     broker.replace_config(new);
     if r.applied.is_empty() && r.not_applied.is_empty() {
@@ -106,7 +140,7 @@ pub fn changes(old: &Config, new: &Config) -> Reloaded {
         )
     };
     note("http.cert/key/client_ca", tls(old) != tls(new), false);
-    note("listener", differs(&old.listeners, &new.listeners), false);
+    note("listener", differs(&old.listeners, &new.listeners), true);
     note("store", differs(&old.store, &new.store), false);
     note("runtime", differs(&old.runtime, &new.runtime), false);
     note("plugins", differs(&old.plugins, &new.plugins), false);
@@ -181,10 +215,7 @@ mod tests {
              [log]\nformat = \"json\"\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:1884\"\n"
         ));
         let r = changes(&old, &new);
-        assert_eq!(r.applied, ["sys.interval", "mqtt.max_inflight"]);
-        assert_eq!(
-            r.not_applied,
-            ["log.format", "listener", "mqtt.max_connections"]
-        );
+        assert_eq!(r.applied, ["sys.interval", "listener", "mqtt.max_inflight"]);
+        assert_eq!(r.not_applied, ["log.format", "mqtt.max_connections"]);
     }
 }

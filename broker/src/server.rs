@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, ListenerChanges, ListenerUpdate};
+use crate::config::ListenerConfig;
 use crate::listener;
 use crate::pipeline::Origin;
 
@@ -43,10 +44,12 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         }
     }
     for l in &broker.config.listeners {
-        let (addr, task) = listener::start(broker.clone(), l.clone(), open.clone()).await?;
-        bound.push(addr);
-        accept_loops.push(task);
+        let running = listener::start(broker.clone(), l.clone(), open.clone()).await?;
+        bound.push(running.addr);
+        accept_loops.push((listener_key(l), l.clone(), running));
     }
+    let accept_loops = Arc::new(tokio::sync::Mutex::new(accept_loops));
+    spawn_listener_updates(&broker, accept_loops.clone(), open.clone());
     broker
         .listening
         .store(true, std::sync::atomic::Ordering::Release);
@@ -57,8 +60,8 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
     crate::notify::spawn_watchdog(broker.shutdown.clone());
     broker.shutdown.cancelled().await;
     crate::notify::notify("STOPPING=1");
-    for t in accept_loops {
-        let _ = t.await;
+    for (_, _, running) in accept_loops.lock().await.drain(..) {
+        let _ = running.task.await;
     }
     broker.tasks.close();
     if tokio::time::timeout(grace, broker.tasks.wait())
@@ -73,6 +76,70 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
     broker.store.close();
     tracing::info!("broker stopped");
     Ok(bound)
+}
+
+/// The listeners serving: (name or address, configuration, the running listener).
+type Serving = Vec<(String, ListenerConfig, listener::Running)>;
+
+/// A listener's key across reloads: its name, or its address when it has none.
+fn listener_key(l: &ListenerConfig) -> String {
+    l.name.clone().unwrap_or_else(|| l.bind.to_string())
+}
+
+/// Serves the reloads' [`ListenerUpdate`]s: closes the listeners that went or changed
+/// (their connections get DISCONNECT 0x8B), then binds the new and changed ones.
+fn spawn_listener_updates(
+    broker: &Arc<Broker>,
+    serving: Arc<tokio::sync::Mutex<Serving>>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ListenerUpdate>(4);
+    let _ = broker.listener_updates.set(tx);
+    let me = Arc::downgrade(broker);
+    let stop = broker.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let update = tokio::select! {
+                _ = stop.cancelled() => return,
+                u = rx.recv() => match u { Some(u) => u, None => return },
+            };
+            let Some(broker) = me.upgrade() else { return };
+            let mut changes = ListenerChanges::default();
+            let mut serving = serving.lock().await;
+            let same =
+                |a: &ListenerConfig, b: &ListenerConfig| format!("{a:?}") == format!("{b:?}");
+            let mut kept: Serving = Vec::new();
+            for (key, cfg, running) in serving.drain(..) {
+                let wanted = update.listeners.iter().find(|l| listener_key(l) == key);
+                if wanted.is_some_and(|w| same(w, &cfg)) {
+                    kept.push((key, cfg, running));
+                    continue;
+                }
+                running.stop.cancel();
+                let _ = running.task.await;
+                tracing::info!(listener = %key, "listener closed by a configuration reload");
+                changes.closed.push(key);
+            }
+            for l in &update.listeners {
+                let key = listener_key(l);
+                if kept.iter().any(|(k, _, _)| *k == key) {
+                    continue;
+                }
+                match listener::start(broker.clone(), l.clone(), open.clone()).await {
+                    Ok(running) => {
+                        changes.opened.push(key.clone());
+                        kept.push((key, l.clone(), running));
+                    }
+                    Err(e) => {
+                        tracing::error!(listener = %key, error = %e, "listener not opened");
+                        changes.failed.push(format!("{key}: {e}"));
+                    }
+                }
+            }
+            *serving = kept;
+            let _ = update.done.send(changes);
+        }
+    });
 }
 
 /// Wakes every subscriber's connection when the plugin chain changes, so that each

@@ -862,7 +862,25 @@ async fn configuration_reloads_live_and_says_what_waits_for_a_restart() {
             "{key}: {v}"
         );
     }
-    assert_eq!(v["not_applied"], json!(["listener"]), "{v}");
+    assert!(
+        v["applied"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("listener.extra opened"))),
+        "{v}"
+    );
+    assert_eq!(v["not_applied"], json!([]), "{v}");
+    // The new listener serves.
+    let extra = broker.listener_addr("extra");
+    let mut on_extra = TcpStream::connect(extra)
+        .await
+        .expect("connect to the new listener");
+    raw::send(
+        &mut on_extra,
+        &raw::connect("MQTT", 5, "on-extra", true, 30, None),
+    )
+    .await;
+    let (kind, _) = raw::expect_packet(&mut on_extra).await;
+    assert_eq!(kind, 0x20, "CONNACK on the listener a reload opened");
     assert!(
         broker
             .logs()

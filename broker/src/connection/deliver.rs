@@ -77,7 +77,7 @@ impl Conn {
         if self.out.len() >= OUT_HIGH_WATER {
             return;
         }
-        let credits = self.window.saturating_sub(self.state.flows.in_flight());
+        let credits = usize::from(self.window).saturating_sub(self.state.flows.in_flight());
         let mut batch = std::mem::take(&mut self.batch);
         self.waiting_for_store = !self.state.mailbox.drain(&mut batch, DRAIN_BATCH, credits);
         if self.broker.plugins.hooks() & crate::plugins::Hooks::DELIVER != 0 {

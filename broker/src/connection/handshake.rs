@@ -352,9 +352,7 @@ impl Conn {
         let window = c
             .properties
             .receive_maximum
-            .map_or(usize::from(cfg.max_inflight), |r| {
-                usize::from(r.get().min(cfg.max_inflight))
-            });
+            .map_or(cfg.max_inflight, |r| r.get().min(cfg.max_inflight));
 
         let (username, attributes, auth_data) = match plugin_auth {
             crate::plugins::AuthDecision::Allow {
@@ -480,8 +478,7 @@ impl Conn {
             waiting_for_store: false,
             input_stopped: false,
             paused: None,
-            keep_alive: (keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            keep_alive_ms: u32::from(keep_alive) * 1500,
             connect_expiry: requested_expiry,
             gate,
             pending: Vec::new(),

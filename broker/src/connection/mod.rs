@@ -48,6 +48,9 @@ pub struct ListenerInfo {
     /// The client certificate this connection presented, verified against the listener's
     /// client CA (TLS listeners only; set per connection).
     pub client_cert: Option<crate::transport::tls::ClientCert>,
+    /// Cancelled when the listener closes (a reload removed or changed it) or the broker
+    /// stops: its connections then close (MQTT 5: DISCONNECT 0x8B).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl ListenerInfo {
@@ -140,7 +143,7 @@ pub async fn run<R, W>(
     let mut inbuf = BytesMut::with_capacity(MIN_READ);
     let deadline = Duration::from_secs(connect_timeout);
     let first = tokio::select! {
-        _ = broker.shutdown.cancelled() => return,
+        _ = listener.stop.cancelled() => return,
         r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, limits)) => r,
     };
     let connect = match first {
@@ -189,7 +192,9 @@ pub async fn run<R, W>(
         return;
     };
     let open = crate::metrics::open(&listener.name, conn.version);
-    let close = conn.serve(&mut rd, &mut wr, inbuf).await;
+    let close = conn
+        .serve(&mut rd, &mut wr, inbuf, listener.stop.clone())
+        .await;
     if close == Close::KeepAlive {
         crate::metrics::inc(crate::metrics::C::KeepAliveTimeouts);
     }
@@ -249,7 +254,7 @@ struct Conn {
     out: BytesMut,
     batch: VecDeque<Delivery>,
     /// Outbound inflight window: min(client Receive Maximum, max_inflight).
-    window: usize,
+    window: u16,
     /// The client's Maximum Packet Size.
     client_max_packet: usize,
     /// Topic aliases the client defined.
@@ -259,7 +264,8 @@ struct Conn {
     /// byte here is kept by every idle connection.
     alias_out: Option<Box<OutboundAliases>>,
     will: Option<Box<PendingWill>>,
-    keep_alive: Option<Duration>,
+    /// 1.5 × the keep alive in force, in milliseconds (MQTT-3.1.2-24); 0: none.
+    keep_alive_ms: u32,
     /// Packets waiting for a store ticket to be durable, in send order.
     held: VecDeque<(u64, BytesMut)>,
     /// The highest durable store ticket.

@@ -39,15 +39,23 @@ const MAX_HELD: usize = 1024;
 
 impl Conn {
     /// The main loop.
-    pub(super) async fn serve<R, W>(&mut self, rd: &mut R, wr: &mut W, mut inbuf: BytesMut) -> Close
+    /// The main loop, until the client goes, breaks the protocol, is taken over or kicked,
+    /// or `shutdown` (the listener's stop) is cancelled.
+    pub(super) async fn serve<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        mut inbuf: BytesMut,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Close
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mailbox = self.state.mailbox.clone();
-        let shutdown = self.broker.shutdown.clone();
         let mut last_rx = tokio::time::Instant::now();
-        let ka = self.keep_alive;
+        let ka =
+            (self.keep_alive_ms > 0).then(|| Duration::from_millis(u64::from(self.keep_alive_ms)));
         let mut kick_gone = false;
         let mut read_hint = MIN_READ;
         // A packet started but not finished must be within `packet_timeout` (a client that

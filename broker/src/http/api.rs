@@ -204,7 +204,7 @@ async fn route(broker: &Arc<Broker>, token: &str, req: Request<Incoming>) -> Ans
             Err(r) => r,
         },
         (["plugins"], true, _) => plugins(broker).await,
-        (["config", "reload"], _, &Method::POST) => config_reload(broker),
+        (["config", "reload"], _, &Method::POST) => config_reload(broker).await,
         (["plugins", name, what], _, &Method::POST) => plugin_control(broker, name, what).await,
         (
             [
@@ -702,8 +702,8 @@ fn publish(broker: &Broker, token: &str, body: &[u8]) -> Answer {
     }
 }
 
-fn config_reload(broker: &Broker) -> Answer {
-    match crate::reload::reload(broker) {
+async fn config_reload(broker: &Broker) -> Answer {
+    match crate::reload::reload(broker).await {
         Ok(r) => json_reply(
             StatusCode::OK,
             &json!({ "applied": r.applied, "not_applied": r.not_applied }),

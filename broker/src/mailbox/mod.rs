@@ -3,7 +3,7 @@
 //! through a `Notify`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::num::NonZeroU32;
@@ -25,6 +25,48 @@ pub struct QueueLimits {
     /// Whether a connected session whose queue is half full asks publishers to wait
     /// (back-pressure) instead of letting the queue overflow.
     pub backpressure: bool,
+}
+
+/// The queue limits every mailbox of a broker shares, so that a configuration reload
+/// changes them for every session at once (and a mailbox keeps a pointer, not a copy).
+#[derive(Debug)]
+pub struct SharedLimits {
+    max_messages: AtomicUsize,
+    max_bytes: AtomicUsize,
+    backpressure: AtomicBool,
+}
+
+impl SharedLimits {
+    /// Limits to share.
+    pub fn new(l: QueueLimits) -> Arc<SharedLimits> {
+        Arc::new(SharedLimits {
+            max_messages: AtomicUsize::new(l.max_messages),
+            max_bytes: AtomicUsize::new(l.max_bytes),
+            backpressure: AtomicBool::new(l.backpressure),
+        })
+    }
+
+    /// Puts `l` in force for every mailbox sharing these (a queue already over a lower
+    /// limit keeps what it holds and takes nothing more until it is under).
+    pub fn set(&self, l: QueueLimits) {
+        self.max_messages.store(l.max_messages, Ordering::Relaxed);
+        self.max_bytes.store(l.max_bytes, Ordering::Relaxed);
+        self.backpressure.store(l.backpressure, Ordering::Relaxed);
+    }
+
+    fn max_messages(&self) -> usize {
+        self.max_messages.load(Ordering::Relaxed)
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl From<QueueLimits> for Arc<SharedLimits> {
+    fn from(l: QueueLimits) -> Arc<SharedLimits> {
+        SharedLimits::new(l)
+    }
 }
 
 /// A delivery that was queued.
@@ -118,7 +160,7 @@ pub struct Mailbox {
     notify: Notify,
     online: AtomicBool,
     dropped: AtomicU64,
-    limits: QueueLimits,
+    limits: Arc<SharedLimits>,
     durable: Option<Durable>,
     /// Publishers waiting for room are woken through this.
     room: Notify,
@@ -196,7 +238,8 @@ impl Drop for Mailbox {
 
 impl Mailbox {
     /// An empty, offline mailbox.
-    pub fn new(limits: QueueLimits) -> Mailbox {
+    pub fn new(limits: impl Into<Arc<SharedLimits>>) -> Mailbox {
+        let limits = limits.into();
         Mailbox {
             queue: Mutex::new(Queue::new()),
             notify: Notify::new(),
@@ -213,7 +256,11 @@ impl Mailbox {
 
     /// An empty, offline mailbox whose QoS 1/2 deliveries are written to `store` under the
     /// session `key` while [`Mailbox::set_persistent`] is on.
-    pub fn with_store(limits: QueueLimits, store: Arc<Store>, key: ClientKey) -> Mailbox {
+    pub fn with_store(
+        limits: impl Into<Arc<SharedLimits>>,
+        store: Arc<Store>,
+        key: ClientKey,
+    ) -> Mailbox {
         let mut m = Mailbox::new(limits);
         m.durable = Some(Durable {
             store,
@@ -282,8 +329,8 @@ impl Mailbox {
         let congested;
         {
             let mut q = self.lock();
-            if q.len() >= self.limits.max_messages
-                || q.bytes.saturating_add(size) > self.limits.max_bytes
+            if q.len() >= self.limits.max_messages()
+                || q.bytes.saturating_add(size) > self.limits.max_bytes()
             {
                 drop(q);
                 self.count_drop(d.qos);
@@ -481,8 +528,8 @@ impl Mailbox {
     pub fn room(&self) -> (usize, usize) {
         let q = self.lock();
         (
-            self.limits.max_messages.saturating_sub(q.len()),
-            self.limits.max_bytes.saturating_sub(q.bytes),
+            self.limits.max_messages().saturating_sub(q.len()),
+            self.limits.max_bytes().saturating_sub(q.bytes),
         )
     }
 
@@ -513,11 +560,11 @@ impl Mailbox {
 
     /// The queue length from which publishers are asked to wait.
     fn pressure_at(&self) -> usize {
-        (self.limits.max_messages / 2).max(1)
+        (self.limits.max_messages() / 2).max(1)
     }
 
     fn congested(&self, len: usize) -> bool {
-        self.limits.backpressure
+        self.limits.backpressure.load(Ordering::Relaxed)
             && len >= self.pressure_at()
             && self.is_online()
             && !self.stalled.load(Ordering::Acquire)

@@ -25,6 +25,36 @@ mod queue {
     }
 
     #[test]
+    fn shared_limits_change_every_mailbox_at_once() {
+        let limits = SharedLimits::new(QueueLimits {
+            max_messages: 4,
+            max_bytes: 1 << 20,
+            backpressure: false,
+        });
+        let (a, b) = (Mailbox::new(limits.clone()), Mailbox::new(limits.clone()));
+        for m in [&a, &b] {
+            m.set_online(true);
+            m.push(d(1, QoS::AtLeastOnce)).unwrap();
+            m.push(d(2, QoS::AtLeastOnce)).unwrap();
+        }
+        limits.set(QueueLimits {
+            max_messages: 2,
+            max_bytes: 1 << 20,
+            backpressure: false,
+        });
+        for m in [&a, &b] {
+            assert_eq!(m.push(d(3, QoS::AtLeastOnce)), Err(Refused::Full));
+            assert_eq!(m.len(), 2, "what was queued stays");
+        }
+        limits.set(QueueLimits {
+            max_messages: 3,
+            max_bytes: 1 << 20,
+            backpressure: false,
+        });
+        assert!(a.push(d(4, QoS::AtLeastOnce)).is_ok());
+    }
+
+    #[test]
     fn drains_in_arrival_order_across_qos() {
         let m = online(10);
         for (n, q) in [

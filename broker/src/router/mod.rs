@@ -121,6 +121,28 @@ impl Default for RetainLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetainedFull;
 
+/// The retained store's limits in force (a configuration reload changes them).
+#[derive(Debug)]
+struct LiveRetainLimits {
+    max_messages: AtomicUsize,
+    max_bytes: AtomicUsize,
+}
+
+impl LiveRetainLimits {
+    fn new(l: RetainLimits) -> LiveRetainLimits {
+        LiveRetainLimits {
+            max_messages: AtomicUsize::new(l.max_messages),
+            max_bytes: AtomicUsize::new(l.max_bytes),
+        }
+    }
+}
+
+impl Default for LiveRetainLimits {
+    fn default() -> Self {
+        LiveRetainLimits::new(RetainLimits::default())
+    }
+}
+
 /// The topic's levels, on the stack for the usual depths.
 type Levels<'a> = SmallVec<[&'a str; 16]>;
 
@@ -155,7 +177,7 @@ impl Routed {
 pub struct Router {
     trie: RwLock<Node>,
     retained: RwLock<Retained>,
-    retain_limits: RetainLimits,
+    retain_limits: LiveRetainLimits,
     store: Option<Arc<Store>>,
     /// Subscriptions held (shared ones count once per member).
     subscriptions: AtomicUsize,
@@ -184,7 +206,7 @@ impl Router {
     pub fn with_store(store: Arc<Store>, limits: RetainLimits) -> Router {
         Router {
             store: Some(store),
-            retain_limits: limits,
+            retain_limits: LiveRetainLimits::new(limits),
             ..Router::default()
         }
     }
@@ -456,6 +478,17 @@ impl Router {
         Ok(store.save_retained(msg))
     }
 
+    /// Puts new retained-store limits in force: messages kept beyond lower ones stay, and
+    /// no new topic is kept until the store is under them.
+    pub fn set_retain_limits(&self, limits: RetainLimits) {
+        self.retain_limits
+            .max_messages
+            .store(limits.max_messages, Ordering::Relaxed);
+        self.retain_limits
+            .max_bytes
+            .store(limits.max_bytes, Ordering::Relaxed);
+    }
+
     /// Whether the retained store has room for `msg` (a replacement counts only what it
     /// adds; clearing a topic always fits). A publisher is refused on this answer; the
     /// store itself checks again when the message is kept.
@@ -471,7 +504,8 @@ impl Router {
     fn fits(&self, r: &Retained, msg: &Message, old: usize) -> bool {
         let count = r.count + usize::from(old == 0);
         let bytes = (r.bytes - old.min(r.bytes)).saturating_add(msg.size());
-        count <= self.retain_limits.max_messages && bytes <= self.retain_limits.max_bytes
+        count <= self.retain_limits.max_messages.load(Ordering::Relaxed)
+            && bytes <= self.retain_limits.max_bytes.load(Ordering::Relaxed)
     }
 
     /// Keeps the broker's own `$SYS` message in memory, outside the retained store's

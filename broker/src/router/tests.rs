@@ -189,13 +189,11 @@ fn deep_topics_do_not_recurse() {
 
 #[test]
 fn retained_store_keeps_to_its_limits() {
-    let r = Router {
-        retain_limits: RetainLimits {
-            max_messages: 2,
-            max_bytes: 100,
-        },
-        ..Router::default()
-    };
+    let r = Router::default();
+    r.set_retain_limits(RetainLimits {
+        max_messages: 2,
+        max_bytes: 100,
+    });
     let retained = |topic: &str, payload: &'static [u8]| {
         let mut m = clone_msg(&msg(topic, QoS::AtMostOnce));
         m.retain = true;

@@ -13,7 +13,7 @@ use tokio::task::AbortHandle;
 
 use crate::codec::PacketId;
 use crate::config::{PrincipalPolicy, TopicLimits};
-use crate::mailbox::{Mailbox, QueueLimits};
+use crate::mailbox::{Mailbox, QueueLimits, SharedLimits};
 use crate::message::{ClientId, ClientKey, Draft, Stage};
 use crate::pipeline::{Origin, Pipeline};
 use crate::plugins::ClientInfo;
@@ -81,7 +81,7 @@ enum Slot {
 pub struct Sessions {
     /// Wills enter the broker here; subscriptions go to its router.
     pipeline: Arc<Pipeline>,
-    limits: QueueLimits,
+    limits: Arc<SharedLimits>,
     store: Option<Arc<Store>>,
     /// Subscriptions read back from the store beyond these are skipped.
     topics: TopicLimits,
@@ -112,7 +112,7 @@ impl Sessions {
     ) -> Sessions {
         Sessions {
             pipeline,
-            limits,
+            limits: SharedLimits::new(limits),
             store,
             topics,
             slots: Mutex::new(HashMap::new()),
@@ -143,8 +143,8 @@ impl Sessions {
 
     fn mailbox(&self, key: ClientKey) -> Mailbox {
         match &self.store {
-            Some(store) => Mailbox::with_store(self.limits, store.clone(), key),
-            None => Mailbox::new(self.limits),
+            Some(store) => Mailbox::with_store(self.limits.clone(), store.clone(), key),
+            None => Mailbox::new(self.limits.clone()),
         }
     }
 
@@ -541,6 +541,11 @@ impl Sessions {
 
     /// Publishes a will (routed like any message; retained if it asks and there is room).
     /// Publishes a will through the pipeline, like any message (transforms, sinks).
+    /// Puts new queue limits in force for every session (a configuration reload).
+    pub fn set_queue_limits(&self, limits: QueueLimits) {
+        self.limits.set(limits);
+    }
+
     /// The connected clients, for the admin API.
     pub fn clients(&self) -> Vec<ClientView> {
         let slots = self.lock();
