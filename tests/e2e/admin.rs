@@ -954,3 +954,85 @@ async fn configuration_reloads_live_and_says_what_waits_for_a_restart() {
     );
     unharmed(&mut broker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_lists_sessions_subscriptions_retained_and_controls_plugins() {
+    let dir = Broker::temp_dir();
+    let rules = "[config]\ndefault = \"allow\"\n";
+    crate::plugins::install_acl(&dir.join("plugins"), rules);
+    let (mut broker, admin, _) = start_with_tokens_in(dir, "", "");
+    let http = broker.http_addr();
+    crate::plugins::wait_for_log(&broker, "plugin loaded").await;
+    let mut o = v3::options(&broker, "ctl-keeper");
+    o.set_clean_session(false);
+    let mut keeper = v3::Client::connect(o).await;
+    keeper.subscribe_ok("keep/#", v3::QoS::AtLeastOnce).await;
+    keeper
+        .publish("keep/r", v3::QoS::AtLeastOnce, true, b"kept")
+        .await;
+    keeper.disconnect().await;
+    eventually(http, &admin, "/api/v1/sessions", "offline session", |v| {
+        (v["sessions"].as_array().into_iter().flatten())
+            .any(|s| s["client_id"] == "ctl-keeper" && s["online"] == false)
+    })
+    .await;
+
+    let (code, out, err) = ctl(http, &admin, &["sessions", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|h| h.starts_with("CLIENT ID")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ctl-keeper") && l.contains("no")),
+        "{out}"
+    );
+    let (code, out, _) = ctl(http, &admin, &["subs", "list", "--client", "ctl-keeper"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ctl-keeper") && l.contains("keep/#")),
+        "{out}"
+    );
+    let (code, out, _) = ctl(http, &admin, &["retained", "list", "--filter", "keep/#"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("keep/r") && l.contains("kept")),
+        "{out}"
+    );
+    let (code, out, _) = ctl(http, &admin, &["sessions", "rm", "ctl-keeper"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("removed ctl-keeper"), "{out}");
+    let (_, out, _) = ctl(http, &admin, &["--json", "sessions", "list"]).await;
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert!(
+        !ids(&v["sessions"], "client_id").contains(&"ctl-keeper".to_owned()),
+        "{v}"
+    );
+
+    let (code, out, _) = ctl(http, &admin, &["plugins", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("acl") && l.contains("loaded")),
+        "{out}"
+    );
+    for (verb, state) in [
+        ("reload", "loaded"),
+        ("disable", "disabled"),
+        ("enable", "loaded"),
+    ] {
+        let (code, out, err) = ctl(http, &admin, &["--json", "plugins", verb, "acl"]).await;
+        assert_eq!(code, 0, "{verb}: {err}");
+        let v: Value = serde_json::from_str(&out).expect("JSON");
+        assert_eq!(v["state"], state, "{verb}: {v}");
+    }
+    let (code, _, err) = ctl(http, &admin, &["plugins", "reload", "nothing"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+    unharmed(&mut broker);
+}

@@ -748,6 +748,7 @@ async fn plugin_list(broker: &Arc<Broker>) -> Vec<Value> {
                 "delivered": s.delivered.load(Ordering::Relaxed),
                 "dropped": s.dropped.load(Ordering::Relaxed),
                 "retries": s.retried.load(Ordering::Relaxed),
+                "oldest_age_seconds": q.oldest_age().as_secs(),
             })
         });
         // The last refusal of newer files, while this version goes on serving.

@@ -624,6 +624,7 @@
           ? h('span', {title: `retries: ${fmtNum(p.sink.retries)}`},
             `${fmtNum(p.sink.queued)} / ${fmtNum(p.sink.delivered)} / ${fmtNum(p.sink.dropped)}`)
           : '—')},
+        {title: 'Sink lag', cls: 'num', cell: p => (p.sink ? `${fmtNum(p.sink.oldest_age_seconds ?? 0)} s` : '—')},
         {title: '', cls: 'actions', cell: p => [
           button('reload', p.name, 'Reload', b => post(p.name, 'reload', b)),
           p.state === 'disabled'
