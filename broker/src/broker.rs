@@ -45,8 +45,9 @@ pub struct Broker {
     generation: std::sync::atomic::AtomicU64,
     /// The file the configuration came from, if any (what a reload reads).
     pub source: std::sync::OnceLock<std::path::PathBuf>,
-    /// Applies a new `[log] level` (set by the binary, which owns the log subscriber).
-    pub log_level: std::sync::OnceLock<LogLevelHook>,
+    /// Applies a new `[log]` level and format (set by the binary, which owns the log
+    /// subscriber).
+    pub log_hook: std::sync::OnceLock<LogHook>,
     /// Where a reload sends the listeners it wants (the server owns the running ones).
     pub listener_updates: std::sync::OnceLock<tokio::sync::mpsc::Sender<ListenerUpdate>>,
 }
@@ -71,15 +72,15 @@ pub struct ListenerChanges {
     pub failed: Vec<String>,
 }
 
-/// Sets the log filter in force; `Err` when the filter is not valid.
-pub type SetLogLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+/// Puts a `[log]` section in force; `Err` when its level is not a valid filter.
+pub type SetLog = dyn Fn(&crate::config::LogConfig) -> Result<(), String> + Send + Sync;
 
-/// The binary's [`SetLogLevel`].
-pub struct LogLevelHook(pub Box<SetLogLevel>);
+/// The binary's [`SetLog`].
+pub struct LogHook(pub Box<SetLog>);
 
-impl std::fmt::Debug for LogLevelHook {
+impl std::fmt::Debug for LogHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LogLevelHook")
+        f.write_str("LogHook")
     }
 }
 
@@ -187,7 +188,7 @@ impl Broker {
             live: std::sync::RwLock::new(Arc::new(config.clone())),
             generation: std::sync::atomic::AtomicU64::new(0),
             source: std::sync::OnceLock::new(),
-            log_level: std::sync::OnceLock::new(),
+            log_hook: std::sync::OnceLock::new(),
             listener_updates: std::sync::OnceLock::new(),
             config,
             shutdown: CancellationToken::new(),

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use sandpiper::broker::{Broker, LogLevelHook};
+use sandpiper::broker::{Broker, LogHook};
 use sandpiper::config::Config;
 use tracing_subscriber::EnvFilter;
 
@@ -101,6 +101,52 @@ enum PluginCommand {
         /// The component (`.wasm`).
         file: PathBuf,
     },
+}
+
+/// Installs the log subscriber: the filter (`[log] level`, or `RUST_LOG`) and both line
+/// formats, one of them on at a time. Returns what a configuration reload calls to change
+/// the level and the format.
+fn init_logs(
+    filter: EnvFilter,
+    writer: tracing_appender::non_blocking::NonBlocking,
+    format: sandpiper::config::LogFormat,
+) -> LogHook {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::prelude::*;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let json = Arc::new(AtomicBool::new(
+        format == sandpiper::config::LogFormat::Json,
+    ));
+    let (as_json, as_text) = (json.clone(), json.clone());
+    let text = tracing_subscriber::fmt::layer()
+        .with_writer(writer.clone())
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_filter(filter_fn(move |_| !as_text.load(Ordering::Relaxed)));
+    let lines = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_writer(writer)
+        .with_filter(filter_fn(move |_| as_json.load(Ordering::Relaxed)));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(lines)
+        .init();
+    let level_from_env = std::env::var_os("RUST_LOG").is_some();
+    LogHook(Box::new(move |log| {
+        if !level_from_env {
+            let filter = EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+        }
+        json.store(
+            log.format == sandpiper::config::LogFormat::Json,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }))
 }
 
 /// `sandpiper token new NAME`.
@@ -306,36 +352,7 @@ fn main() -> ExitCode {
         .thread_name("log-writer")
         .finish(std::io::stderr());
     sandpiper::count_dropped_log_lines(writer.error_counter());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    // A reload of the configuration sets a new `[log] level` through this.
-    let level_hook = match config.log.format {
-        sandpiper::config::LogFormat::Text => {
-            let logs = logs
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter_reloading();
-            let handle = logs.reload_handle();
-            logs.init();
-            LogLevelHook(Box::new(move |level| {
-                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-                handle.reload(filter).map_err(|e| e.to_string())
-            }))
-        }
-        sandpiper::config::LogFormat::Json => {
-            let logs = logs
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_filter_reloading();
-            let handle = logs.reload_handle();
-            logs.init();
-            LogLevelHook(Box::new(move |level| {
-                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-                handle.reload(filter).map_err(|e| e.to_string())
-            }))
-        }
-    };
+    let log_hook = init_logs(filter, writer, config.log.format);
 
     prepare_descriptors(config.mqtt.max_connections);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -359,7 +376,7 @@ fn main() -> ExitCode {
     for (what, path) in config.paths() {
         tracing::info!(path = %path.display(), "{what}");
     }
-    match runtime.block_on(run(config, cli.config, level_hook)) {
+    match runtime.block_on(run(config, cli.config, log_hook)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -368,16 +385,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(
-    config: Config,
-    source: Option<PathBuf>,
-    level_hook: LogLevelHook,
-) -> anyhow::Result<()> {
+async fn run(config: Config, source: Option<PathBuf>, log_hook: LogHook) -> anyhow::Result<()> {
     let broker = Broker::new(config)?;
     if let Some(path) = source {
         let _ = broker.source.set(path);
     }
-    let _ = broker.log_level.set(level_hook);
+    let _ = broker.log_hook.set(log_hook);
     let shutdown = broker.shutdown.clone();
     // Signal handlers are installed before any listener is bound, so a SIGTERM sent as soon
     // as the broker reports it is listening still shuts it down in order.

@@ -3,7 +3,8 @@
 //! configuration is put in force ([`Broker::current`]) and every key that changed is named,
 //! in the log and in the answer, as applied or as waiting for a restart:
 //!
-//! - applied at once: `[log] level` (unless `RUST_LOG` overrides it), `[sys] interval`,
+//! - applied at once: `[log] level` (unless `RUST_LOG` overrides it) and `format`,
+//!   `[sys] interval`,
 //!   `[http]` tokens and `metrics_auth`, the queue and retained-store limits (for every
 //!   session and the whole store at once), and the `[mqtt]` keys a connection reads, which
 //!   apply to every connection made from now on (a connection keeps what its CONNACK
@@ -15,7 +16,7 @@
 //!   named with the reason among what was not applied;
 //! - at the next restart: `[store]`, `[runtime]`, `[plugins]` (each plugin's
 //!   own settings, its sidecar, reload live anyway), `[http]` address and TLS files (the
-//!   files' contents are read again on `SIGHUP`), `[log] format`, and `max_connections`
+//!   files' contents are read again on `SIGHUP`), and `max_connections`
 //!   (the open-files limit is sized for it at start).
 
 use std::fmt::Debug;
@@ -47,10 +48,10 @@ pub async fn reload(broker: &Broker) -> Result<Reloaded, String> {
     new.store.data_dir = broker.config.store.data_dir.clone();
     let old = broker.current();
     let mut r = changes(&old, &new);
-    if r.applied.iter().any(|k| k == "log.level")
-        && let Some(hook) = broker.log_level.get()
+    if r.applied.iter().any(|k| k.starts_with("log."))
+        && let Some(hook) = broker.log_hook.get()
     {
-        (hook.0)(&new.log.level).map_err(|e| format!("log.level: {e}"))?;
+        (hook.0)(&new.log).map_err(|e| format!("log.level: {e}"))?;
     }
     let m = &new.mqtt;
     broker
@@ -115,11 +116,7 @@ pub fn changes(old: &Config, new: &Config) -> Reloaded {
     };
     let env_level = std::env::var_os("RUST_LOG").is_some();
     note("log.level", old.log.level != new.log.level, !env_level);
-    note(
-        "log.format",
-        differs(&old.log.format, &new.log.format),
-        false,
-    );
+    note("log.format", old.log.format != new.log.format, true);
     note("sys.interval", old.sys.interval != new.sys.interval, true);
     note(
         "http.token",
@@ -215,7 +212,15 @@ mod tests {
              [log]\nformat = \"json\"\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:1884\"\n"
         ));
         let r = changes(&old, &new);
-        assert_eq!(r.applied, ["sys.interval", "listener", "mqtt.max_inflight"]);
-        assert_eq!(r.not_applied, ["log.format", "mqtt.max_connections"]);
+        assert_eq!(
+            r.applied,
+            [
+                "log.format",
+                "sys.interval",
+                "listener",
+                "mqtt.max_inflight"
+            ]
+        );
+        assert_eq!(r.not_applied, ["mqtt.max_connections"]);
     }
 }

@@ -881,12 +881,7 @@ async fn configuration_reloads_live_and_says_what_waits_for_a_restart() {
     .await;
     let (kind, _) = raw::expect_packet(&mut on_extra).await;
     assert_eq!(kind, 0x20, "CONNACK on the listener a reload opened");
-    assert!(
-        broker
-            .logs()
-            .iter()
-            .any(|l| l.contains("configuration reloaded"))
-    );
+    crate::plugins::wait_for_log(&broker, "configuration reloaded").await;
     // The old token is gone, the new one reads (and may not change anything).
     assert_eq!(
         api(http, Some(&admin), "GET", "/api/v1/overview", None)
@@ -925,17 +920,15 @@ async fn configuration_reloads_live_and_says_what_waits_for_a_restart() {
         .await;
     let m = sys.recv().await;
     assert_eq!(v5::topic(&m), "$SYS/broker/uptime");
-    // SIGHUP does the same; a later file back at `info` applies too.
-    std::fs::write(
-        &file,
-        config_text(
-            &viewer_toml,
-            "max_packet_size = 1024",
-            "interval = 1",
-            "info",
-        ),
-    )
-    .unwrap();
+    // SIGHUP does the same; a later file back at `info`, with JSON lines, applies too.
+    let last = config_text(
+        &viewer_toml,
+        "max_packet_size = 1024",
+        "interval = 1",
+        "info",
+    );
+    let last = last.replacen("level = \"info\"", "level = \"info\"\nformat = \"json\"", 1);
+    std::fs::write(&file, last).unwrap();
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &broker.pid().to_string()])
         .status()
