@@ -513,4 +513,19 @@ mod tests {
         };
         assert_eq!(error_message(&r), "Bad Gateway");
     }
+
+    proptest::proptest! {
+        /// What the server sends is not trusted: any bytes parse or are refused.
+        #[test]
+        fn any_answer_parses_or_is_refused(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            eof in proptest::prelude::any::<bool>(),
+        ) {
+            let _ = parse_response(&raw, eof);
+            let _ = decode_chunked(&raw);
+            let mut framed = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            framed.extend_from_slice(&raw);
+            let _ = parse_response(&framed, eof);
+        }
+    }
 }

@@ -5,27 +5,23 @@
 //! is logged with its token's name. Bad input is a 4xx with `{"error": ...}`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
-use http::{HeaderMap, Method, Request, StatusCode, header};
+use http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Bytes, Incoming};
 use serde_json::{Map, Value, json};
-use sha2::{Digest as _, Sha256};
 
+use super::messages::{draft_of, message_json};
+use super::tokens::Tokens;
 use super::{Answer, reply};
 use crate::broker::Broker;
-use crate::codec::{
-    MessageProperties, QoS, SubscriptionOptions, TopicFilter, TopicName, UserProperties,
-};
-use crate::config::{HttpConfig, Role};
-use crate::message::{ClientId, Draft, Message};
+use crate::codec::{MessageProperties, QoS, SubscriptionOptions, TopicFilter, TopicName};
+use crate::config::Role;
+use crate::message::{ClientId, Draft};
 use crate::metrics::{self, C};
-use crate::passwd::Phc;
 use crate::pipeline::Origin;
 use crate::plugins::{Control, ControlError, PluginState};
 
@@ -34,81 +30,6 @@ const MAX_BODY: usize = 1 << 20;
 /// Page size unless `limit` says otherwise, and its maximum.
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
-/// Verified tokens remembered at most (by SHA-256); beyond, the memory starts over.
-const KNOWN_TOKENS: usize = 256;
-
-/// One configured token: its name, role and hash.
-type Token = (String, Role, Phc);
-
-/// The configured tokens, parsed again when a reload changed the configuration.
-pub(super) struct Tokens {
-    /// (configuration generation, its tokens).
-    parsed: RwLock<(u64, Arc<Vec<Token>>)>,
-    /// SHA-256 of a token verified before → its index (cleared with every new list).
-    known: Mutex<HashMap<[u8; 32], usize>>,
-}
-
-fn parse_tokens(cfg: &HttpConfig) -> Vec<Token> {
-    (cfg.token.iter())
-        .filter_map(|t| Some((t.name.clone(), t.role, Phc::parse(&t.hash)?)))
-        .collect()
-}
-
-impl Tokens {
-    pub(super) fn new(broker: &Broker) -> Tokens {
-        Tokens {
-            parsed: RwLock::new((
-                broker.config_generation(),
-                Arc::new(parse_tokens(&broker.current().http)),
-            )),
-            known: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The tokens of the configuration in force.
-    fn list(&self, broker: &Broker) -> Arc<Vec<Token>> {
-        let generation = broker.config_generation();
-        {
-            let p = self.parsed.read().unwrap_or_else(|e| e.into_inner());
-            if p.0 == generation {
-                return p.1.clone();
-            }
-        }
-        let list = Arc::new(parse_tokens(&broker.current().http));
-        *self.parsed.write().unwrap_or_else(|e| e.into_inner()) = (generation, list.clone());
-        self.known.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        list
-    }
-
-    /// The name and role of the token `headers` carry, if it is one of ours.
-    pub(super) fn check(&self, broker: &Broker, headers: &HeaderMap) -> Option<(String, Role)> {
-        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let (scheme, token) = value.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
-        let token = token.trim().as_bytes();
-        let list = self.list(broker);
-        let digest: [u8; 32] = Sha256::digest(token).into();
-        let known = (self.known.lock().unwrap_or_else(|p| p.into_inner()))
-            .get(&digest)
-            .copied();
-        let i = match known {
-            Some(i) => i,
-            None => {
-                let i = (list.iter()).position(|(_, _, phc)| phc.verify(token))?;
-                let mut m = self.known.lock().unwrap_or_else(|p| p.into_inner());
-                if m.len() >= KNOWN_TOKENS {
-                    m.clear();
-                }
-                m.insert(digest, i);
-                i
-            }
-        };
-        list.get(i).map(|(n, r, _)| (n.clone(), *r))
-    }
-}
-
 fn json_reply(status: StatusCode, v: &Value) -> Answer {
     let mut body = v.to_string();
     body.push('\n');
@@ -479,44 +400,6 @@ async fn subscriptions(broker: &Broker, q: &Query) -> Answer {
     )
 }
 
-fn properties_json(p: &MessageProperties, m: &Message, now: Instant) -> Value {
-    let mut o = Map::new();
-    if let Some(v) = p.payload_format_indicator {
-        o.insert("payload_format_indicator".into(), u8::from(v).into());
-    }
-    if let Some(v) = m.remaining_expiry(now) {
-        o.insert("message_expiry_interval".into(), v.into());
-    }
-    if let Some(v) = &p.content_type {
-        o.insert("content_type".into(), (**v).into());
-    }
-    if let Some(v) = &p.response_topic {
-        o.insert("response_topic".into(), v.as_str().into());
-    }
-    if let Some(v) = &p.correlation_data {
-        o.insert("correlation_data_base64".into(), B64.encode(v).into());
-    }
-    if !p.user_properties.is_empty() {
-        let pairs: Vec<Value> = (p.user_properties.as_slice().iter())
-            .map(|(k, v)| json!([&**k, &**v]))
-            .collect();
-        o.insert("user_properties".into(), Value::Array(pairs));
-    }
-    Value::Object(o)
-}
-
-fn message_json(m: &Message, now: Instant) -> Value {
-    let text = std::str::from_utf8(&m.payload).ok();
-    json!({
-        "topic": m.topic.as_str(),
-        "qos": m.qos as u8,
-        "payload": text,
-        "payload_base64": if text.is_none() { Some(B64.encode(&m.payload)) } else { None },
-        "size": m.payload.len(),
-        "properties": properties_json(&m.properties, m, now),
-    })
-}
-
 fn retained(broker: &Broker, q: &Query) -> Answer {
     let filter = q.get("filter").unwrap_or("#");
     if TopicFilter::new(filter).is_err() {
@@ -571,95 +454,6 @@ fn retained_clear(broker: &Broker, topic: &str) -> Answer {
             "the retained store refused",
         ),
     }
-}
-
-/// The draft a `POST /publish` body describes, or why it does not.
-fn draft_of(body: &[u8]) -> Result<Draft, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let o = v.as_object().ok_or("the body is a JSON object")?;
-    let topic = o
-        .get("topic")
-        .and_then(Value::as_str)
-        .ok_or("`topic` (text) is needed")?;
-    let topic = TopicName::new(topic).map_err(|e| format!("`topic`: {e}"))?;
-    let payload = match (o.get("payload"), o.get("payload_base64")) {
-        (Some(Value::String(s)), None) => Bytes::from(s.clone().into_bytes()),
-        (None, Some(Value::String(s))) => Bytes::from(
-            B64.decode(s)
-                .map_err(|e| format!("`payload_base64`: {e}"))?,
-        ),
-        (None, None) => Bytes::new(),
-        _ => return Err("one of `payload` (text) or `payload_base64`".into()),
-    };
-    let qos = match o.get("qos").map(Value::as_u64) {
-        None | Some(Some(0)) => QoS::AtMostOnce,
-        Some(Some(1)) => QoS::AtLeastOnce,
-        Some(Some(2)) => QoS::ExactlyOnce,
-        _ => return Err("`qos` is 0, 1 or 2".into()),
-    };
-    let retain = match o.get("retain") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        _ => return Err("`retain` is true or false".into()),
-    };
-    let mut properties = MessageProperties::default();
-    if let Some(p) = o.get("properties") {
-        let p = p.as_object().ok_or("`properties` is an object")?;
-        for (k, v) in p {
-            let text = || v.as_str().ok_or(format!("`{k}` is text"));
-            match k.as_str() {
-                "payload_format_indicator" => {
-                    properties.payload_format_indicator = Some(match v.as_u64() {
-                        Some(0) => false,
-                        Some(1) => true,
-                        _ => return Err("`payload_format_indicator` is 0 or 1".into()),
-                    })
-                }
-                "message_expiry_interval" => {
-                    let s = (v.as_u64().and_then(|s| u32::try_from(s).ok()))
-                        .filter(|s| *s > 0)
-                        .ok_or("`message_expiry_interval` is seconds (1 to 4294967295)")?;
-                    properties.message_expiry_interval = Some(s);
-                }
-                "content_type" => properties.content_type = Some(text()?.into()),
-                "response_topic" => {
-                    let t =
-                        TopicName::new(text()?).map_err(|e| format!("`response_topic`: {e}"))?;
-                    properties.response_topic = Some(t);
-                }
-                "correlation_data_base64" => {
-                    let d = B64.decode(text()?).map_err(|e| format!("`{k}`: {e}"))?;
-                    properties.correlation_data = Some(Bytes::from(d));
-                }
-                "user_properties" => {
-                    let list = v
-                        .as_array()
-                        .ok_or("`user_properties` is a list of [name, value]")?;
-                    let mut pairs = Vec::with_capacity(list.len());
-                    for pair in list {
-                        match pair.as_array().map(Vec::as_slice) {
-                            Some([Value::String(n), Value::String(v)]) => {
-                                pairs.push((n.as_str().into(), v.as_str().into()));
-                            }
-                            _ => return Err("`user_properties` is a list of [name, value]".into()),
-                        }
-                    }
-                    properties.user_properties = UserProperties::new(pairs);
-                }
-                other => return Err(format!("unknown property `{other}`")),
-            }
-        }
-    }
-    if properties.payload_format_indicator == Some(true) && std::str::from_utf8(&payload).is_err() {
-        return Err("the payload is not UTF-8 but `payload_format_indicator` is 1".into());
-    }
-    Ok(Draft {
-        topic,
-        payload,
-        qos,
-        retain,
-        properties,
-    })
 }
 
 fn publish(broker: &Broker, token: &str, body: &[u8]) -> Answer {
@@ -859,36 +653,16 @@ mod tests {
         assert_eq!(page(items(3), &q).0, vec![0]);
     }
 
-    #[test]
-    fn publish_bodies() {
-        let d = draft_of(
-            br#"{"topic":"a/b","payload":"hi","qos":1,"retain":true,
-            "properties":{"content_type":"text/plain","user_properties":[["k","v"]],
-            "message_expiry_interval":60,"correlation_data_base64":"AAE="}}"#,
-        )
-        .unwrap();
-        assert_eq!(d.topic.as_str(), "a/b");
-        assert_eq!(&d.payload[..], b"hi");
-        assert_eq!((d.qos, d.retain), (QoS::AtLeastOnce, true));
-        assert_eq!(d.properties.message_expiry_interval, Some(60));
-        assert_eq!(
-            d.properties.correlation_data.as_deref(),
-            Some(&[0u8, 1][..])
-        );
-        assert_eq!(d.properties.user_properties.as_slice().len(), 1);
-        for bad in [
-            &b"nope"[..],
-            br#"[]"#,
-            br#"{"payload":"x"}"#,
-            br#"{"topic":"a/+"}"#,
-            br#"{"topic":"a","qos":3}"#,
-            br#"{"topic":"a","payload":"x","payload_base64":"eA=="}"#,
-            br#"{"topic":"a","payload_base64":"!"}"#,
-            br#"{"topic":"a","properties":{"bogus":1}}"#,
-            br#"{"topic":"a","properties":{"user_properties":[["k"]]}}"#,
-            br#"{"topic":"a","payload_base64":"/w==","properties":{"payload_format_indicator":1}}"#,
-        ] {
-            assert!(draft_of(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+    proptest::proptest! {
+        /// Paths and query strings are the client's: any text decodes or is refused,
+        /// never a panic, and what decodes is what was encoded.
+        #[test]
+        fn any_path_or_query_is_safe(raw in ".{0,64}", text in "\\PC{0,32}") {
+            let _ = percent_decode(&raw);
+            let q = Query::parse(Some(&raw));
+            let _ = q.limit();
+            let encoded: String = text.bytes().map(|b| format!("%{b:02X}")).collect();
+            proptest::prop_assert_eq!(percent_decode(&encoded), Some(text));
         }
     }
 }

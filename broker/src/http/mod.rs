@@ -5,6 +5,8 @@
 
 mod api;
 mod exposition;
+mod messages;
+mod tokens;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -74,7 +76,7 @@ pub async fn start(broker: Arc<Broker>) -> std::io::Result<Option<SocketAddr>> {
     tracing::info!(http = %bound, tls = tls.is_some(), "metrics and health endpoints up");
     let shutdown = broker.shutdown.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let tokens = Arc::new(api::Tokens::new(&broker));
+    let tokens = Arc::new(tokens::Tokens::new(&broker));
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -116,7 +118,7 @@ pub async fn start(broker: Arc<Broker>) -> std::io::Result<Option<SocketAddr>> {
 /// Serves one HTTP/1.1 connection until it ends or the broker stops.
 async fn serve<S>(
     broker: Arc<Broker>,
-    tokens: Arc<api::Tokens>,
+    tokens: Arc<tokens::Tokens>,
     shutdown: CancellationToken,
     peer: SocketAddr,
     stream: S,
@@ -182,7 +184,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Answer
 
 async fn answer(
     broker: Arc<Broker>,
-    tokens: Arc<api::Tokens>,
+    tokens: Arc<tokens::Tokens>,
     req: Request<Incoming>,
 ) -> Result<Answer, Infallible> {
     let path = req.uri().path();
