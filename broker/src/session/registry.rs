@@ -72,7 +72,9 @@ struct Detached {
 
 #[derive(Debug)]
 enum Slot {
-    Attached(Attached),
+    /// Boxed, as `Detached` is: the map keeps one entry per client, and a table is rarely
+    /// more than 7/8 full, so every inline byte costs a connection more than a byte.
+    Attached(Box<Attached>),
     Detached(Box<Detached>),
 }
 
@@ -311,14 +313,14 @@ impl Sessions {
         let (kick_tx, mut kick_rx) = oneshot::channel();
         let mut clean_start = clean_start;
         let attached = |handover| {
-            Slot::Attached(Attached {
+            Slot::Attached(Box::new(Attached {
                 conn,
                 kick: Some(kick_tx),
                 handover,
                 principal: principal.clone(),
                 presence: presence.clone(),
                 session: None,
-            })
+            }))
         };
         let (found, waiting) = {
             let mut slots = self.lock();
