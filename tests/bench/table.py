@@ -19,6 +19,7 @@ TITLES = {
     "p2p-q1": "point-to-point QoS 1, 16 pairs, window 64",
     "p2p-q1-16k": "point-to-point QoS 1, 16 pairs, window 16, 16 KiB payloads",
     "fan-in-q1-1m": "fan-in QoS 1, P=4, window 4, 1 MiB payloads",
+    "fan-in-q1-persistent": "fan-in QoS 1, P=4, window 64, to a persistent session",
     "latency-q0": "latency QoS 0 at 1,000 msg/s",
     "latency-q1": "latency QoS 1 at 1,000 msg/s",
     "connections": "idle connections opened at 2,000/s",
