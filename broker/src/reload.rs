@@ -192,11 +192,19 @@ mod tests {
 
     use super::*;
 
-    /// `text` loaded as the file `c.toml` of one folder (relative paths resolve alike).
-    fn parse(text: &str) -> Config {
-        let dir = std::env::temp_dir().join(format!("sandpiper-reload-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
+    /// A scratch folder, removed when dropped (a failing test included).
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `text` loaded as the file `c.toml` of `dir` (relative paths resolve alike).
+    fn parse(dir: &Scratch, text: &str) -> Config {
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("c.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(&path).unwrap()
     }
@@ -205,12 +213,17 @@ mod tests {
 
     #[test]
     fn each_key_is_sorted_into_live_or_restart() {
-        let old = parse(BASE);
+        let dir =
+            Scratch(std::env::temp_dir().join(format!("sandpiper-reload-{}", std::process::id())));
+        let old = parse(&dir, BASE);
         assert_eq!(changes(&old, &old), Reloaded::default());
-        let new = parse(&format!(
-            "{BASE}[mqtt]\nmax_inflight = 7\nmax_connections = 9\n[sys]\ninterval = 3\n\
+        let new = parse(
+            &dir,
+            &format!(
+                "{BASE}[mqtt]\nmax_inflight = 7\nmax_connections = 9\n[sys]\ninterval = 3\n\
              [log]\nformat = \"json\"\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:1884\"\n"
-        ));
+            ),
+        );
         let r = changes(&old, &new);
         assert_eq!(
             r.applied,
