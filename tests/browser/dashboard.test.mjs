@@ -7,17 +7,17 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, mkdirSync, writeFileSync, copyFileSync, existsSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import mqtt from 'mqtt';
+import { BIN, listening, startBroker as startWith } from './broker.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, '..', '..');
-const BIN = process.env.SANDPIPER_BIN ?? join(root, 'target', 'debug', 'sandpiper');
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const SHOTS = process.env.SCREENSHOTS ?? join(root, 'target', 'dashboard-screenshots');
 const ACL = join(root, 'plugins', 'dist', 'acl.wasm');
@@ -28,32 +28,15 @@ function startBroker(dir, tokenLines) {
   mkdirSync(join(dir, 'plugins'), { recursive: true });
   writeFileSync(join(dir, 'plugins', 'acl.toml'), '[config]\ndefault = "allow"\n');
   copyFileSync(ACL, join(dir, 'plugins', 'acl.wasm'));
-  const config = join(dir, 'sandpiper.toml');
-  writeFileSync(config, [
+  return startWith(dir, [
     '[[listener]]', 'name = "tcp"', 'bind = "127.0.0.1:0"', '',
     '[log]', 'level = "info"', '',
     '[http]', 'bind = "127.0.0.1:0"', '', tokenLines, '',
-  ].join('\n'));
-  const { RUST_LOG: _ignored, ...env } = process.env;
-  const proc = spawn(BIN, ['--config', config, '--data-dir', join(dir, 'data')], {
-    env: { ...env, NO_COLOR: '1' },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let log = '';
-  const ports = new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`broker did not start:\n${log}`)), 30000);
-    proc.stderr.on('data', (chunk) => {
-      log += chunk;
-      const tcp = log.match(/listening name=tcp.*addr=\S+:(\d+)/);
-      const http = log.match(/endpoints up.*http=\S+:(\d+)/);
-      if (tcp && http && /plugin loaded/.test(log)) {
-        clearTimeout(timer);
-        resolve({ tcp: Number(tcp[1]), http: Number(http[1]) });
-      }
-    });
-    proc.on('exit', (code) => reject(new Error(`broker exited (${code}):\n${log}`)));
-  });
-  return { proc, ports, log: () => log };
+  ], (log) => {
+    const tcp = listening(log).tcp;
+    const http = log.match(/endpoints up.*http=\S+:(\d+)/);
+    return tcp && http && /plugin loaded/.test(log) ? { tcp, http: Number(http[1]) } : null;
+  }, 30000);
 }
 
 test('the dashboard: log in, every page, a client appears and is kicked, the plugins',

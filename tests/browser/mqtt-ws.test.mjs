@@ -6,19 +6,17 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFile } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createServer } from 'node:http';
-import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
 import { chromium } from 'playwright-core';
+import { listening, startBroker as startWith } from './broker.mjs';
 
-const here = dirname(fileURLToPath(import.meta.url));
 const require = createRequire(import.meta.url);
-const BIN = process.env.SANDPIPER_BIN ?? join(here, '..', '..', 'target', 'debug', 'sandpiper');
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const MQTT_JS = join(dirname(require.resolve('mqtt/package.json')), 'dist', 'mqtt.min.js');
 
@@ -35,31 +33,14 @@ async function pageServer() {
 /** Starts the broker with a TCP and a WebSocket listener (plus `wsLines` on the latter);
  *  resolves with their ports. */
 function startBroker(dir, wsLines = []) {
-  mkdirSync(dir, { recursive: true });
-  const config = join(dir, 'sandpiper.toml');
-  writeFileSync(config, [
+  return startWith(dir, [
     '[[listener]]', 'name = "tcp"', 'bind = "127.0.0.1:0"', '',
     '[[listener]]', 'name = "ws"', 'kind = "ws"', 'bind = "127.0.0.1:0"', 'path = "/mqtt"', ...wsLines, '',
     '[log]', 'level = "info"', '',
-  ].join('\n'));
-  // RUST_LOG would override the config's level and could hide the `listening` lines.
-  const { RUST_LOG: _ignored, ...env } = process.env;
-  const proc = spawn(BIN, ['--config', config, '--data-dir', join(dir, 'data')], {
-    env: { ...env, NO_COLOR: '1' },
-    stdio: ['ignore', 'ignore', 'pipe'],
+  ], (log) => {
+    const found = listening(log);
+    return found.tcp && found.ws ? found : null;
   });
-  let log = '';
-  const ports = new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`broker did not start:\n${log}`)), 20000);
-    proc.stderr.on('data', (chunk) => {
-      log += chunk;
-      const found = {};
-      for (const m of log.matchAll(/listening name=(\w+).*addr=\S+:(\d+)/g)) found[m[1]] = Number(m[2]);
-      if (found.tcp && found.ws) { clearTimeout(timer); resolve(found); }
-    });
-    proc.on('exit', (code) => reject(new Error(`broker exited (${code}):\n${log}`)));
-  });
-  return { proc, ports, log: () => log };
 }
 
 const launch = (dir) => chromium.launchPersistentContext(join(dir, 'profile'), {

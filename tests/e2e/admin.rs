@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::{Broker, WAIT, raw, v3, v5};
@@ -65,34 +64,11 @@ async fn request(
     path: &str,
     body: Option<&[u8]>,
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr)
+    let s = TcpStream::connect(addr)
         .await
         .expect("connect to the HTTP listener");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    let body = body.unwrap_or_default();
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.expect("send request");
-    s.write_all(body).await.expect("send body");
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .expect("answered within 10 s")
-        .expect("read answer");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
-    let status = (head.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("a status code");
-    (status, head.to_owned(), body.to_owned())
+    let host = addr.to_string();
+    crate::observability::exchange(s, &host, token, method, path, body.unwrap_or_default()).await
 }
 
 /// Waits until `pred` holds for the answer to `GET path`, or fails naming `what`.

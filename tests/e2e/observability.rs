@@ -14,16 +14,36 @@ pub(crate) async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, St
     let s = TcpStream::connect(addr)
         .await
         .expect("connect to the HTTP listener");
-    request(s, &addr.to_string(), method, path).await
+    let (status, head, body) = exchange(s, &addr.to_string(), None, method, path, b"").await;
+    (status, content_type(&head), body)
 }
 
-/// One HTTP/1.1 request over `s`: (status, content type, body).
-async fn request<S>(mut s: S, host: &str, method: &str, path: &str) -> (u16, String, String)
+/// One HTTP/1.1 request over `s`, with a bearer `token` and a JSON `body` if given:
+/// (status, head, body).
+pub(crate) async fn exchange<S>(
+    mut s: S,
+    host: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, String, String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.expect("send request");
+    s.write_all(body).await.expect("send body");
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
         .await
@@ -36,15 +56,18 @@ where
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("a status code");
-    let content_type = head
-        .lines()
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The Content-Type of a response head.
+fn content_type(head: &str) -> String {
+    head.lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
             k.eq_ignore_ascii_case("content-type")
                 .then(|| v.trim().to_owned())
         })
-        .unwrap_or_default();
-    (status, content_type, body.to_owned())
+        .unwrap_or_default()
 }
 
 /// The samples of an exposition: series (name and labels as written) → value. Every
@@ -668,7 +691,7 @@ async fn the_http_listener_can_serve_https_with_client_certificates() {
     let ok = tls_connect(at, client_config(&ca, Some(&certs.join("client"))))
         .await
         .expect("handshake with a client certificate");
-    let (status, _, body) = request(ok, "localhost", "GET", "/metrics").await;
+    let (status, _, body) = exchange(ok, "localhost", None, "GET", "/metrics", b"").await;
     assert_eq!(status, 200);
     // (Ready or not yet: the listeners may still be binding.)
     assert!(body.contains("\nsandpiper_ready "), "{body}");

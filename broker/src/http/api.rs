@@ -320,7 +320,7 @@ fn subscription_json(
 
 async fn client(broker: &Broker, id: &str) -> Answer {
     let id = ClientId::new(id);
-    let Some(view) = (broker.sessions.clients().into_iter()).find(|c| c.client_id == id) else {
+    let Some(view) = broker.sessions.client(&id) else {
         return not_found("client");
     };
     let mut m = client_json(&view);

@@ -236,30 +236,23 @@ async fn answer(
 /// 200 when the store writes, every listener is bound and every required plugin is
 /// loaded; else 503 naming what is missing.
 fn readiness(broker: &Broker) -> Answer {
+    #[derive(serde::Serialize)]
+    struct Readiness<'a> {
+        ready: bool,
+        missing: &'a [String],
+    }
     let missing = broker.ready();
     let ready = missing.is_empty();
-    let list: Vec<String> = missing.iter().map(|m| json_string(m)).collect();
-    let body = format!("{{\"ready\":{ready},\"missing\":[{}]}}\n", list.join(","));
+    let mut body = serde_json::to_string(&Readiness {
+        ready,
+        missing: &missing,
+    })
+    .unwrap_or_default();
+    body.push('\n');
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     reply(status, "application/json", body)
-}
-
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }

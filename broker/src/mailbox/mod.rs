@@ -635,7 +635,8 @@ impl Mailbox {
 
     /// The questions waiting for the connection, if any (cheap when there are none).
     pub fn questions(&self) -> Vec<oneshot::Sender<Inspection>> {
-        if !self.asked.swap(false, Ordering::AcqRel) {
+        // A plain load on every wake; the locked swap only when something was asked.
+        if !self.asked.load(Ordering::Relaxed) || !self.asked.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
         std::mem::take(&mut self.lock().asks)

@@ -90,9 +90,10 @@ impl OutboundAliases {
         if let Some(&a) = self.by_topic.get(topic) {
             return Naming::Alias(a);
         }
-        let next = u16::try_from(self.by_topic.len() + 1).unwrap_or(u16::MAX);
-        match NonZeroU16::new(next) {
-            Some(a) if next <= self.max && self.by_topic.len() < usize::from(u16::MAX) => {
+        // Beyond 65,535 topics there is no next alias (the conversion fails).
+        let next = u16::try_from(self.by_topic.len() + 1).ok();
+        match next.and_then(NonZeroU16::new) {
+            Some(a) if a.get() <= self.max => {
                 self.by_topic.insert(topic.clone(), a);
                 Naming::Define(a)
             }

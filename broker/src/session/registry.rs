@@ -94,6 +94,18 @@ pub struct Sessions {
     pub on_expired: std::sync::OnceLock<ExpiryListener>,
 }
 
+/// What the admin API shows of a slot with a connection.
+fn client_view(id: &ClientId, slot: &Slot) -> Option<ClientView> {
+    let Slot::Attached(a) = slot else { return None };
+    Some(ClientView {
+        client_id: id.clone(),
+        principal: a.principal.clone(),
+        presence: a.presence.clone(),
+        expiry: a.session.as_ref().map_or(0, |s| s.1),
+        queued: a.session.as_ref().map_or(0, |s| s.0.len()),
+    })
+}
+
 /// Called with the client id of a session that expired.
 pub struct ExpiryListener(pub Box<dyn Fn(&str) + Send + Sync>);
 
@@ -551,19 +563,17 @@ impl Sessions {
     /// The connected clients, for the admin API.
     pub fn clients(&self) -> Vec<ClientView> {
         let slots = self.lock();
-        let mut out = Vec::new();
-        for (id, slot) in slots.iter() {
-            if let Slot::Attached(a) = slot {
-                out.push(ClientView {
-                    client_id: id.clone(),
-                    principal: a.principal.clone(),
-                    presence: a.presence.clone(),
-                    expiry: a.session.as_ref().map_or(0, |s| s.1),
-                    queued: a.session.as_ref().map_or(0, |s| s.0.len()),
-                });
-            }
-        }
-        out
+        (slots.iter())
+            .filter_map(|(id, slot)| client_view(id, slot))
+            .collect()
+    }
+
+    /// The connected client `client_id`, if there is one.
+    pub fn client(&self, client_id: &ClientId) -> Option<ClientView> {
+        let slots = self.lock();
+        slots
+            .get(client_id)
+            .and_then(|slot| client_view(client_id, slot))
     }
 
     /// Every session, connected or not, for the admin API.
