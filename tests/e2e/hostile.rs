@@ -384,11 +384,14 @@ async fn user_properties_are_capped_and_counted() {
     let mut probe = Probe::new(&broker, "props-probe").await;
     let mut s = raw::connect_v5(&broker, "props").await;
     let packet = publish_with_properties(100_000);
+    // Each probe round trip follows one publish, so the queue grows one message at a time.
+    // Its time is not asserted: it waits behind the decoding of the 500 KB packet before
+    // it (about 50 ms in a debug build, more with the other tests running), which says
+    // nothing of fairness; the other hostile tests measure that.
     for _ in 0..40 {
         raw::send(&mut s, &packet).await;
         probe.round_trip().await;
     }
-    probe.assert_fast("40 publishes of 100,000 user properties");
     // Without counting properties the subscriber's queue would hold all 40 (each about
     // 10 MB of heap): about 400 MB.
     assert_rss_below(&broker, 150, "40 publishes of 100,000 user properties");
