@@ -37,6 +37,8 @@ pub struct Broker {
     pub plugins: Arc<Plugins>,
     /// The way every message enters: transforms, routing, sinks.
     pub pipeline: Arc<Pipeline>,
+    /// Bridges to other brokers (`[[bridge]]`).
+    pub bridges: Arc<crate::bridge::Bridges>,
     /// Set once every listener is bound (readiness).
     pub listening: std::sync::atomic::AtomicBool,
     /// The configuration in force: `config` until a reload (`reload.rs`) replaces it.
@@ -153,6 +155,13 @@ impl Broker {
             plugins.clone(),
             config.mqtt.retain_available,
         ));
+        let bridges = Arc::new(crate::bridge::Bridges::new(
+            &config.bridges,
+            Some(store.clone()),
+        )?);
+        if !bridges.is_empty() {
+            pipeline.set_outlet(bridges.clone());
+        }
         let limits = QueueLimits {
             max_messages: config.mqtt.max_queued_messages,
             max_bytes: config.mqtt.max_queued_bytes,
@@ -183,6 +192,7 @@ impl Broker {
         Ok(Arc::new(Broker {
             plugins,
             pipeline,
+            bridges,
             sessions,
             router,
             live: std::sync::RwLock::new(Arc::new(config.clone())),

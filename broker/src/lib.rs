@@ -6,6 +6,7 @@
 //! which decodes packets with `codec`, keeps the client's `session` state and publishes
 //! through the `router`, which queues deliveries in each subscriber's `mailbox`.
 
+pub mod bridge;
 pub mod broker;
 pub mod codec;
 pub mod config;

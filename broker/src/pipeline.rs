@@ -1,14 +1,18 @@
 //! The one way a message enters the broker: a client's PUBLISH, a will, a plugin's
-//! `publish`, an operator's `POST /api/v1/publish`. Every message takes the same steps:
+//! `publish`, an operator's `POST /api/v1/publish`, a message a bridge receives from its
+//! remote. Every message takes the same steps:
 //!
 //! 1. **authorize**: a client's PUBLISH by its connection's gate (decisions cached per
 //!    connection, `connection/publish.rs`), a will when its CONNECT is accepted
 //!    (`connection/handshake.rs`); a plugin's or an operator's message is not authorized
-//!    (plugins are the operator's code; the admin API checks its token);
+//!    (plugins are the operator's code; the admin API checks its token; a bridge's
+//!    topics are the operator's configuration);
 //! 2. **transform**: the `transform` hooks of the chain (a plugin's own hook is skipped for
 //!    what it publishes);
 //! 3. **route**: the router queues it for every matching session and keeps it if retained;
-//! 4. **sinks**: every sink plugin whose topics select it queues it durably.
+//! 4. **sinks and outlets**: every sink plugin whose topics select it queues it durably,
+//!    and so does every bridge whose outbound topics select it ([`Outlet`]; a bridge
+//!    never takes back what it brought in).
 //!
 //! A client's messages are transformed in batches (what one read decoded) and acknowledged
 //! by the connection once the store tickets of steps 3 and 4 are durable; wills and plugin
@@ -48,6 +52,11 @@ pub enum Origin<'a> {
         /// The name of the token it came with.
         token: &'a str,
     },
+    /// A message a bridge received from its remote broker.
+    Bridge {
+        /// The bridge's name.
+        name: &'a str,
+    },
 }
 
 impl Origin<'_> {
@@ -55,7 +64,7 @@ impl Origin<'_> {
     pub fn session(&self) -> Option<ClientKey> {
         match *self {
             Origin::Client { session, .. } | Origin::Will { session, .. } => Some(session),
-            Origin::Plugin { .. } | Origin::Admin { .. } => None,
+            Origin::Plugin { .. } | Origin::Admin { .. } | Origin::Bridge { .. } => None,
         }
     }
 
@@ -63,7 +72,7 @@ impl Origin<'_> {
     fn client<'c>(&'c self, nobody: &'c ClientInfo) -> &'c ClientInfo {
         match self {
             Origin::Client { client, .. } | Origin::Will { client, .. } => client,
-            Origin::Plugin { .. } | Origin::Admin { .. } => nobody,
+            Origin::Plugin { .. } | Origin::Admin { .. } | Origin::Bridge { .. } => nobody,
         }
     }
 
@@ -83,8 +92,20 @@ impl std::fmt::Display for Origin<'_> {
             Origin::Will { client, .. } => write!(f, "will of {}", client.client_id),
             Origin::Plugin { name } => write!(f, "plugin {name}"),
             Origin::Admin { token } => write!(f, "admin API (token {token})"),
+            Origin::Bridge { name } => write!(f, "bridge {name}"),
         }
     }
+}
+
+/// Where routed messages leave the broker besides its sessions and sink plugins: the
+/// bridges (and, later, other nodes). Defined here so that the pipeline needs to know
+/// nothing of what is behind it.
+pub trait Outlet: Send + Sync + std::fmt::Debug {
+    /// Queues `msg` where it selects it; the store ticket that makes it durable there
+    /// (the publisher's acknowledgement waits for it).
+    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Option<u64>;
+    /// Whether `topic` would be taken.
+    fn selects(&self, topic: &str) -> bool;
 }
 
 /// Transform, route and sinks, shared by every connection, the session registry (wills)
@@ -93,6 +114,8 @@ impl std::fmt::Display for Origin<'_> {
 pub struct Pipeline {
     router: Arc<Router>,
     plugins: Arc<Plugins>,
+    /// The bridges, once the broker has built them.
+    outlet: std::sync::OnceLock<Arc<dyn Outlet>>,
     retain_available: bool,
     /// What the hooks see as the client of a plugin's message: the contract's records
     /// have no "no client", so every field is empty.
@@ -105,6 +128,7 @@ impl Pipeline {
         Pipeline {
             router,
             plugins,
+            outlet: std::sync::OnceLock::new(),
             retain_available,
             nobody: ClientInfo {
                 client_id: "".into(),
@@ -113,6 +137,11 @@ impl Pipeline {
                 attributes: Vec::new(),
             },
         }
+    }
+
+    /// Sets where routed messages also go (once).
+    pub fn set_outlet(&self, outlet: Arc<dyn Outlet>) {
+        let _ = self.outlet.set(outlet);
     }
 
     /// The router behind the pipeline.
@@ -145,11 +174,19 @@ impl Pipeline {
     /// the publisher is acknowledged once it is durable.
     pub fn route(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Routed {
         let mut routed = self.router.route(msg);
-        if routed.delivered == 0 && !msg.retain && !self.plugins.sink_selects(msg.topic.as_str()) {
+        let outlet = self.outlet.get();
+        if routed.delivered == 0
+            && !msg.retain
+            && !self.plugins.sink_selects(msg.topic.as_str())
+            && !outlet.is_some_and(|o| o.selects(msg.topic.as_str()))
+        {
             crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
         }
         let publisher = &from.client(&self.nobody).client_id;
         routed.ticket = routed.ticket.max(self.plugins.sink_offer(publisher, msg));
+        if let Some(o) = outlet {
+            routed.ticket = routed.ticket.max(o.offer(from, msg));
+        }
         routed
     }
 

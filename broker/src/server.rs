@@ -43,6 +43,14 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
             tracing::error!(error = %e, "plugin publish thread failed to start");
         }
     }
+    // Bridged messages pass the plugins loaded above, like any message.
+    broker.bridges.start(
+        &broker.pipeline,
+        &broker.store,
+        broker.config.mqtt.max_packet_size,
+        &broker.shutdown,
+        &broker.tasks,
+    );
     for l in &broker.config.listeners {
         let running = listener::start(broker.clone(), l.clone(), open.clone()).await?;
         bound.push(running.addr);

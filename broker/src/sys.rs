@@ -6,6 +6,7 @@
 //! 4.7.2).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -159,6 +160,24 @@ fn figures(broker: &Broker, out: &mut Vec<(String, String)>) {
         "store/messages/count".to_owned(),
         (retained as i64 + queued).to_string(),
     ));
+    for b in broker.bridges.list() {
+        let connected = b.stats.connected.load(Ordering::Relaxed);
+        // Mosquitto's name for a bridge's state.
+        out.push((
+            format!("connection/{}/state", b.name()),
+            u8::from(connected).to_string(),
+        ));
+        let figures = [
+            ("queued", b.queued()),
+            ("sent", b.stats.sent.load(Ordering::Relaxed)),
+            ("received", b.stats.received.load(Ordering::Relaxed)),
+            ("dropped", b.stats.dropped.load(Ordering::Relaxed)),
+            ("reconnects", b.stats.reconnects.load(Ordering::Relaxed)),
+        ];
+        for (what, n) in figures {
+            out.push((format!("bridge/{}/{what}", b.name()), n.to_string()));
+        }
+    }
     out.push(("bytes/received".to_owned(), sum(RECEIVED_BYTES).to_string()));
     out.push(("bytes/sent".to_owned(), sum(SENT_BYTES).to_string()));
 }

@@ -228,9 +228,10 @@ fn peek_version(body: &[u8]) -> Option<ProtocolVersion> {
 /// The version for a protocol name and level (MQTT 3.1.1 §3.1.2.1–2, MQTT 5 §3.1.2.1–2).
 fn protocol(name: &[u8], level: u8) -> Result<ProtocolVersion, DecodeError> {
     match (name, level) {
-        (b"MQTT", 4) => Ok(ProtocolVersion::V3_1_1),
+        // 0x80: a bridge (Mosquitto's `try_private`), 3.x only.
+        (b"MQTT", 4 | 0x84) => Ok(ProtocolVersion::V3_1_1),
         (b"MQTT", 5) => Ok(ProtocolVersion::V5),
-        (b"MQIsdp", 3) => Ok(ProtocolVersion::V3_1),
+        (b"MQIsdp", 3 | 0x83) => Ok(ProtocolVersion::V3_1),
         (b"MQTT" | b"MQIsdp", level) => Err(DecodeError::UnsupportedProtocolVersion { level }),
         _ => Err(DecodeError::Malformed("unknown protocol name")),
     }
@@ -299,10 +300,12 @@ fn connect(r: &mut Reader<'_>) -> Result<Connect, ConnectError> {
     let name = r.prefixed().map_err(unknown)?;
     let level = r.u8().map_err(unknown)?;
     let version = protocol(name, level).map_err(unknown)?;
-    connect_after_level(r, version).map_err(|error| ConnectError {
+    let mut c = connect_after_level(r, version).map_err(|error| ConnectError {
         version: Some(version),
         error,
-    })
+    })?;
+    c.bridge = level & 0x80 != 0;
+    Ok(c)
 }
 
 fn connect_after_level(
@@ -378,6 +381,7 @@ fn connect_after_level(
         username,
         password,
         properties,
+        bridge: false,
     })
 }
 

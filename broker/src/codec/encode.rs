@@ -149,7 +149,7 @@ fn connect(c: &Connect, out: &mut BytesMut) -> Result<(), EncodeError> {
 
     header(out, 0x10, remaining)?;
     put_prefixed(out, name.as_bytes());
-    out.put_u8(c.protocol.level());
+    out.put_u8(c.protocol.level() | if c.bridge && !v5 { 0x80 } else { 0 });
     out.put_u8(flags);
     out.put_u16(c.keep_alive);
     if v5 {

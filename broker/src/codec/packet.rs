@@ -118,6 +118,10 @@ pub struct Connect {
     pub password: Option<Bytes>,
     /// MQTT 5 properties (empty for 3.x).
     pub properties: ConnectProperties,
+    /// MQTT 3.x: the protocol level's top bit (0x84 for 3.1.1), which Mosquitto's bridges
+    /// set (`try_private`): the client is another broker's bridge and gets none of its
+    /// own messages back. Never set for MQTT 5 (No Local does that there).
+    pub bridge: bool,
 }
 
 /// CONNECT properties (MQTT 5 §3.1.2.11).

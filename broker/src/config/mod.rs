@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod bridge;
 mod listener;
 
+pub use bridge::{BridgeConfig, BridgeProtocol, BridgeTopic, Direction, Remote};
 pub use listener::DEFAULT_CONNECTION_RATE;
 use listener::default_listeners;
 pub use listener::{ListenerConfig, ListenerKind, Protocol};
@@ -42,6 +44,9 @@ pub struct Config {
     /// The `$SYS` tree.
     #[serde(default)]
     pub sys: SysConfig,
+    /// Bridges to other MQTT brokers (`[[bridge]]`).
+    #[serde(default, rename = "bridge")]
+    pub bridges: Vec<BridgeConfig>,
 }
 
 /// `[sys]`: the `$SYS/broker/...` tree.
@@ -383,6 +388,7 @@ impl Default for Config {
             plugins: PluginsConfig::default(),
             http: HttpConfig::default(),
             sys: SysConfig::default(),
+            bridges: Vec::new(),
         }
     }
 }
@@ -406,6 +412,14 @@ pub enum ConfigError {
     Listener {
         /// The listener's name.
         listener: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A bridge's settings do not fit together.
+    #[error("bridge {bridge}: {reason}")]
+    Bridge {
+        /// The bridge's name.
+        bridge: String,
         /// What is wrong.
         reason: String,
     },
@@ -442,6 +456,14 @@ impl Config {
         rebase(&mut config.plugins.dir);
         for l in &mut config.listeners {
             for p in [&mut l.cert, &mut l.key, &mut l.client_ca]
+                .into_iter()
+                .flatten()
+            {
+                rebase(p);
+            }
+        }
+        for b in &mut config.bridges {
+            for p in [&mut b.ca, &mut b.cert, &mut b.key, &mut b.password_file]
                 .into_iter()
                 .flatten()
             {
@@ -575,6 +597,7 @@ impl Config {
         if self.runtime.workers > 1024 {
             return invalid("runtime.workers", "must be at most 1024 (0: the default)");
         }
+        bridge::validate_all(&self.bridges)?;
         if m.max_queued_messages == 0 || m.max_queued_bytes == 0 {
             return invalid(
                 "mqtt.max_queued_messages",

@@ -484,6 +484,7 @@ impl Conn {
             pending: Vec::new(),
             reauth,
             revoked: false,
+            bridge: c.bridge,
         };
         conn.send_after(att.ticket, &Packet::ConnAck(ack));
         if att.present {

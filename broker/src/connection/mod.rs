@@ -290,6 +290,10 @@ struct Conn {
     /// A subscription was revoked by a policy change: deliveries queued before (on disk
     /// too) are checked against the subscriptions left before they are sent.
     revoked: bool,
+    /// The client is another broker's bridge (MQTT 3.x, the protocol level's 0x80 bit):
+    /// its subscriptions take No Local and Retain As Published, so nothing it publishes
+    /// comes back to it and retained flags pass as they are.
+    bridge: bool,
 }
 
 /// What re-authentication needs (MQTT 5 §4.12.1).

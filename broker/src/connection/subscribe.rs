@@ -61,7 +61,13 @@ impl Conn {
         }
     }
 
-    pub(super) fn on_subscribe(&mut self, s: Subscribe) {
+    pub(super) fn on_subscribe(&mut self, mut s: Subscribe) {
+        if self.bridge {
+            for (_, o) in &mut s.filters {
+                o.no_local = true;
+                o.retain_as_published = true;
+            }
+        }
         let permits: Vec<Permit> = if self.gate.checks_subscriptions() {
             let asked: Vec<_> = (s.filters.iter()).map(|(f, o)| (f, o.qos)).collect();
             (self.gate.check_subscriptions(&asked).into_iter())

@@ -474,6 +474,7 @@ fn plugins(o: &mut String, broker: &Broker) {
         "Records dropped because a sink's queue was full.",
         &|q| q.stats.dropped.load(Ordering::Relaxed).to_string(),
     );
+    bridges(o, broker);
     // What plugins count themselves (the `metrics` host import). A name that would repeat
     // a family already written (the broker's own, or another plugin's after `-` became
     // `_`) is left out: a repeated family fails the whole scrape.
@@ -564,4 +565,57 @@ fn boot_time() -> Option<f64> {
     stat.lines()
         .find_map(|l| l.strip_prefix("btime "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Every bridge's state and counters, labelled by bridge name.
+fn bridges(o: &mut String, broker: &Broker) {
+    let list = broker.bridges.list();
+    if list.is_empty() {
+        return;
+    }
+    type Figure = fn(&crate::bridge::Bridge) -> u64;
+    let rows: [(&str, &str, &str, Figure); 6] = [
+        (
+            "sandpiper_bridge_connected",
+            "gauge",
+            "1 while a bridge is connected to its remote, else 0.",
+            |b| u64::from(b.stats.connected.load(Ordering::Relaxed)),
+        ),
+        (
+            "sandpiper_bridge_queued_messages",
+            "gauge",
+            "QoS 1/2 messages in a bridge's durable outbound queue (in flight included).",
+            |b| b.queued(),
+        ),
+        (
+            "sandpiper_bridge_sent_total",
+            "counter",
+            "Messages a bridge sent to its remote (acknowledged, for QoS 1/2).",
+            |b| b.stats.sent.load(Ordering::Relaxed),
+        ),
+        (
+            "sandpiper_bridge_received_total",
+            "counter",
+            "Messages a bridge received from its remote.",
+            |b| b.stats.received.load(Ordering::Relaxed),
+        ),
+        (
+            "sandpiper_bridge_dropped_total",
+            "counter",
+            "Outbound messages a bridge dropped (queue full, QoS 0 while away, expired, too large).",
+            |b| b.stats.dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "sandpiper_bridge_reconnects_total",
+            "counter",
+            "Connections of a bridge lost or refused.",
+            |b| b.stats.reconnects.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, f) in rows {
+        family(o, name, kind, help);
+        for b in list {
+            let _ = writeln!(o, "{name}{{bridge=\"{}\"}} {}", label(b.name()), f(b));
+        }
+    }
 }

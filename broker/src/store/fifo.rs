@@ -119,6 +119,47 @@ impl Fifo {
         }
     }
 
+    /// Up to `limit` committed records with sequence numbers above `after` (and not yet
+    /// consumed), in order: what a reader that keeps several records in flight reads next.
+    pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let after = after.max(self.lock().first.saturating_sub(1));
+        match &self.store {
+            Some(store) => store.queue_read(&self.key(), after, limit),
+            None => Ok((self.lock().mem.iter())
+                .filter(|(s, _)| *s > after)
+                .take(limit)
+                .cloned()
+                .collect()),
+        }
+    }
+
+    /// The sequence number of the newest record appended (0 before the first).
+    pub fn last(&self) -> u64 {
+        self.lock().next - 1
+    }
+
+    /// The oldest sequence number not consumed (`last() + 1` when empty).
+    pub fn first(&self) -> u64 {
+        self.lock().first
+    }
+
+    /// Replaces record `seq` (still waiting) with `record`; returns the store ticket.
+    pub fn replace(&self, seq: u64, record: Vec<u8>) -> Option<u64> {
+        let mut b = self.lock();
+        if seq < b.first || seq >= b.next {
+            return None;
+        }
+        match &self.store {
+            Some(store) => store.queue_row_put(self.key(), seq, record),
+            None => {
+                if let Some(r) = b.mem.iter_mut().find(|(s, _)| *s == seq) {
+                    r.1 = record;
+                }
+                None
+            }
+        }
+    }
+
     /// Consumes every record up to and including `last`.
     pub fn consume_through(&self, last: u64) {
         let mut b = self.lock();
@@ -180,6 +221,23 @@ mod tests {
         assert_eq!(records(&f), [3, 4, 5]);
         assert_eq!(f.len(), 3);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn read_after_and_replace() {
+        let f = Fifo::open(None, "r".into()).unwrap();
+        for n in 1..=4u8 {
+            f.push(vec![n], 10);
+        }
+        assert_eq!(f.last(), 4);
+        let after: Vec<u64> = f.read_after(2, 10).unwrap().iter().map(|r| r.0).collect();
+        assert_eq!(after, [3, 4]);
+        f.replace(3, vec![9]);
+        assert_eq!(f.read_after(2, 1).unwrap(), [(3, vec![9])]);
+        f.consume_through(3);
+        assert_eq!(f.first(), 4);
+        assert_eq!(f.read_after(0, 10).unwrap(), [(4, vec![4])]);
+        assert_eq!(f.replace(2, vec![0]), None);
     }
 
     #[test]

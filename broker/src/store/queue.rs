@@ -22,7 +22,9 @@ use crate::message::ClientKey;
 pub enum QueueKey {
     /// A persistent session's deliveries, by the session incarnation's key.
     Session(ClientKey),
-    /// A sink plugin's records, by the plugin's name.
+    /// A named [`super::Fifo`]'s records: a sink plugin's, by the plugin's name, or a
+    /// bridge's outbound queue, named `bridge/NAME` (a plugin's name is a file name, which
+    /// has no `/`).
     Sink(Arc<str>),
 }
 

@@ -100,6 +100,36 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(builder.with_single_cert(chain, key)?)
 }
 
+/// The system's CA bundle on Debian and its derivatives: what a bridge trusts when its
+/// configuration names no `ca`.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Builds a rustls client configuration (a bridge's connection to its remote): servers
+/// whose certificate `ca` signs (PEM), TLS 1.3 and 1.2, and a client certificate when
+/// `identity` (chain, key) is given.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certificates(ca)?);
+    if added == 0 {
+        return Err(pem_error(ca, "no usable CA certificate"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots);
+    Ok(match identity {
+        Some((cert, key)) => {
+            let chain = certificates(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
 /// What a verified client certificate says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {

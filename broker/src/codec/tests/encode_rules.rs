@@ -47,6 +47,7 @@ fn connect(version: ProtocolVersion) -> Connect {
         username: None,
         password: None,
         properties: ConnectProperties::default(),
+        bridge: false,
     }
 }
 

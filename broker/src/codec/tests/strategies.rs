@@ -197,10 +197,18 @@ fn connect(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
         of(will(v5)),
         of(text()),
         of(bytes(16)),
-        connect_properties(),
+        (connect_properties(), any::<bool>()),
     )
         .prop_map(
-            move |(clean_start, keep_alive, client_id, will, username, password, props)| {
+            move |(
+                clean_start,
+                keep_alive,
+                client_id,
+                will,
+                username,
+                password,
+                (props, bridge),
+            )| {
                 // MQTT 3.x: no password without a user name (MQTT-3.1.2-22).
                 let password = if v5 || username.is_some() {
                     password
@@ -220,6 +228,7 @@ fn connect(version: ProtocolVersion) -> impl Strategy<Value = Packet> {
                     } else {
                         ConnectProperties::default()
                     },
+                    bridge: bridge && !v5,
                 }))
             },
         )

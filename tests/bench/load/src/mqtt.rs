@@ -88,6 +88,7 @@ impl Client {
                 session_expiry_interval: (persistent && version.is_v5()).then_some(3600),
                 ..ConnectProperties::default()
             },
+            bridge: false,
         };
         let mut out = BytesMut::new();
         encode(&Packet::Connect(Box::new(connect)), version, &mut out)?;
