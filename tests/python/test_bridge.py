@@ -258,7 +258,8 @@ class Mosquitto:
                  "log_type notice", "log_type information", "connection_messages true"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.dir}/"]
-        self.conf.write_text("\n".join(lines) + "\n")
+        self.config_text = "\n".join(lines) + "\n"
+        self.conf.write_text(self.config_text)
         self.proc: subprocess.Popen | None = None
         self._log = ""
 
@@ -296,9 +297,6 @@ class Mosquitto:
         self._log = self.log()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
 
 @pytest.fixture
 def net(request):
@@ -328,7 +326,7 @@ def net(request):
         x.stop()
         if failed or x in crashed:
             kind = "sandpiper" if isinstance(x, Node) else "mosquitto"
-            config = x.config_text if isinstance(x, Node) else x.conf.name
+            config = x.config_text
             print(f"\n===== {kind} log (port {x.port}) =====\n{config}\n-----\n{x.log()}\n"
                   f"===== end of {kind} log =====", file=sys.stderr)
     if crashed:
@@ -432,7 +430,7 @@ def test_forwarding_with_prefixes_both_ways_to_mosquitto(net, protocol):
     the QoS the message had (subscriptions at QoS 2, ceiling 2): nothing else arrives."""
     m = net.mosquitto()
     a = net.sandpiper(node_config(bridges=[bridge(
-        "cloud", m.url(),
+        "cloud", url(m),
         topic("out", "sensors/#", remote_prefix="site17/"),
         topic("in", "cmd/#", remote_prefix="site17/"),
         topic("out", "up/#", local_prefix="edge/"),
@@ -476,7 +474,7 @@ def test_topic_qos_is_a_ceiling(net):
     at QoS 0. A subscription's lower QoS still lowers it further (remote QoS 0 subscriber)."""
     m = net.mosquitto()
     a = net.sandpiper(node_config(bridges=[bridge(
-        "cloud", m.url(), topic("out", "ceil/#", qos=1), topic("in", "down/#", qos=0))]))
+        "cloud", url(m), topic("out", "ceil/#", qos=1), topic("in", "down/#", qos=0))]))
     a.wait_bridge("cloud")
     remote_sub = Client(m, version=5)
     remote_sub.subscribe("ceil/data", qos=2)
@@ -505,8 +503,8 @@ def test_retain_passes_only_with_retain_true(net):
     false`` the same message goes unretained, so the late subscriber gets nothing for it."""
     m = net.mosquitto()
     a = net.sandpiper(node_config(bridges=[
-        bridge("keep", m.url(), topic("out", "ret/keep/#"), retain=True),
-        bridge("flat", m.url(), topic("out", "ret/flat/#"), retain=False),
+        bridge("keep", url(m), topic("out", "ret/keep/#"), retain=True),
+        bridge("flat", url(m), topic("out", "ret/flat/#"), retain=False),
     ]))
     a.wait_bridge("keep")
     a.wait_bridge("flat")
@@ -825,7 +823,7 @@ def test_bad_remotes_cost_only_their_own_bridge(net, bad_remotes):
              "refused": closed}
     bridges = [bridge(name, f"mqtt://127.0.0.1:{p}", topic("out", f"{name}/#"),
                       connect_timeout=1) for name, p in ports.items()]
-    bridges.append(bridge("good", m.url(), topic("out", "good/#"), connect_timeout=1))
+    bridges.append(bridge("good", url(m), topic("out", "good/#"), connect_timeout=1))
     a = net.sandpiper(node_config(bridges=bridges))
 
     # A client round trip, promptly, while the bad bridges struggle.
@@ -865,11 +863,12 @@ def test_metrics_and_sys_topics(net):
     """After 5 messages out and 3 in, ``/metrics`` shows ``sandpiper_bridge_connected`` 1,
     ``sent_total`` >= 5, ``received_total`` >= 3, ``queued_messages`` back to 0, and
     ``$SYS/broker/connection/cloud/state`` is "1" (``$SYS/broker/bridge/cloud/sent`` >= 5).
-    Once the remote is stopped the state reads "0" and ``sandpiper_bridge_connected`` 0, and
-    ``reconnects_total`` counts the loss."""
+    Once the remote is stopped the state reads "0" and ``sandpiper_bridge_connected`` 0,
+    ``reconnects_total`` counts the loss, a QoS 0 message is dropped (``dropped_total`` 1) and a
+    QoS 1 message waits (``queued_messages`` 1)."""
     m = net.mosquitto()
     a = net.sandpiper(node_config(sys_interval=1, bridges=[bridge(
-        "cloud", m.url(), topic("out", "up/#"), topic("in", "down/#"))]))
+        "cloud", url(m), topic("out", "up/#"), topic("in", "down/#"))]))
     a.wait_bridge("cloud")
     state = Client(a, version=5)
     state.subscribe([("$SYS/broker/connection/cloud/state", 0),
@@ -908,6 +907,11 @@ def test_metrics_and_sys_topics(net):
     assert a.bridge_metric("sandpiper_bridge_connected", "cloud") == 0
     assert a.wait_metric("sandpiper_bridge_reconnects_total", "cloud",
                          lambda v: v > reconnects) > reconnects
+    # While away: QoS 0 is dropped (counted), QoS 1 waits in the queue.
+    pub.publish("up/data", "q0 while away", qos=0)
+    pub.publish("up/data", "q1 while away", qos=1)
+    assert a.wait_metric("sandpiper_bridge_dropped_total", "cloud", lambda v: v >= 1) == 1
+    assert a.wait_metric("sandpiper_bridge_queued_messages", "cloud", lambda v: v >= 1) == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,7 +77,12 @@ pub(super) async fn run(
             () = shutdown.cancelled() => return,
         };
         match attempt {
-            Ok((io, connack, version)) => {
+            Ok(Connected {
+                io,
+                connack,
+                version,
+                rest,
+            }) => {
                 delay = min;
                 b.stats.connected.store(true, Ordering::Relaxed);
                 tracing::info!(bridge = %c.name, address = %c.address, session_present = connack.session_present,
@@ -91,7 +96,9 @@ pub(super) async fn run(
                     &connack,
                     max_packet_size,
                 );
-                let ended = link.serve(io, &mut outbox, &mut received, &shutdown).await;
+                let ended = link
+                    .serve(io, rest, &mut outbox, &mut received, &shutdown)
+                    .await;
                 b.stats.connected.store(false, Ordering::Relaxed);
                 b.lock_qos0().clear();
                 match ended {
@@ -125,10 +132,7 @@ fn jitter(d: Duration) -> Duration {
 
 /// Opens the connection: TCP, TLS for `mqtts`, CONNECT and the remote's CONNACK, each
 /// within `connect_timeout`.
-async fn connect(
-    b: &Bridge,
-    max_packet_size: u32,
-) -> Result<(Box<dyn Io>, ConnAck, ProtocolVersion), String> {
+async fn connect(b: &Bridge, max_packet_size: u32) -> Result<Connected, String> {
     let c = &b.config;
     let remote = c.remote().ok_or("invalid address")?;
     let deadline = Duration::from_secs(c.connect_timeout);
@@ -203,7 +207,9 @@ async fn connect(
         let mut buf = BytesMut::with_capacity(256);
         loop {
             match decode_packet(&mut buf, version, max_packet_size) {
-                Ok(Some(Packet::ConnAck(a))) => return Ok(a),
+                // What follows CONNACK in the same read (a resumed session's queue) is
+                // the loop's to decode.
+                Ok(Some(Packet::ConnAck(a))) => return Ok((a, buf)),
                 Ok(Some(p)) => return Err(format!("expected CONNACK, got {}", p.name())),
                 Ok(None) => {}
                 Err(e) => return Err(format!("CONNACK: {e}")),
@@ -215,7 +221,7 @@ async fn connect(
             }
         }
     };
-    let connack = tokio::time::timeout(deadline, handshake)
+    let (connack, rest) = tokio::time::timeout(deadline, handshake)
         .await
         .map_err(within("CONNACK"))??;
     if connack.reason != ReasonCode::Success {
@@ -224,7 +230,21 @@ async fn connect(
             connack.reason, connack.reason as u8
         ));
     }
-    Ok((io, connack, version))
+    Ok(Connected {
+        io,
+        connack,
+        version,
+        rest,
+    })
+}
+
+/// An open connection to the remote, CONNACK read.
+struct Connected {
+    io: Box<dyn Io>,
+    connack: ConnAck,
+    version: ProtocolVersion,
+    /// Bytes read after CONNACK.
+    rest: BytesMut,
 }
 
 /// One connection's state.
@@ -298,6 +318,7 @@ impl<'a> Link<'a> {
     async fn serve(
         &mut self,
         io: Box<dyn Io>,
+        mut rbuf: BytesMut,
         outbox: &mut Outbox,
         received: &mut HashSet<u16>,
         shutdown: &CancellationToken,
@@ -309,9 +330,9 @@ impl<'a> Link<'a> {
         committed.borrow_and_update();
         let ka = u64::from(self.b.config.keep_alive);
         let mut tick = tokio::time::interval(Duration::from_secs((ka / 2).max(1)));
-        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        rbuf.reserve(16 * 1024);
         let write_deadline = Duration::from_secs(self.b.config.connect_timeout.max(ka));
-        if let Err(e) = self.fill(outbox) {
+        if let Err(e) = (self.read(&mut rbuf, outbox, received)).and_then(|()| self.fill(outbox)) {
             return Ended::Lost(e);
         }
         loop {
@@ -324,8 +345,7 @@ impl<'a> Link<'a> {
                 self.out.clear();
                 self.last_out = Instant::now();
             }
-            let waiting = !self.held.is_empty()
-                || (outbox.in_flight() < self.window && self.b.fifo.last() > outbox.sent_through);
+            let waiting = !self.held.is_empty() || self.wants_rows(outbox);
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -566,7 +586,12 @@ impl<'a> Link<'a> {
                     // A resend: routed the first time.
                     None
                 } else {
-                    if received.len() >= usize::from(self.b.config.max_inflight) {
+                    // MQTT 5: our Receive Maximum; 3.1.1 has none (the identifiers bound it).
+                    let max = match self.version.is_v5() {
+                        true => usize::from(self.b.config.max_inflight),
+                        false => usize::from(u16::MAX),
+                    };
+                    if received.len() >= max {
                         return Err(
                             "the remote sent more QoS 2 messages than our Receive Maximum"
                                 .to_owned(),
@@ -585,14 +610,24 @@ impl<'a> Link<'a> {
         Ok(())
     }
 
+    /// Whether to read the queue now: records are unread (the queue's last one is not sent
+    /// yet) and half the window is free (refilled in one read of the store rather than one
+    /// per acknowledgement), or nothing is in flight.
+    fn wants_rows(&self, outbox: &Outbox) -> bool {
+        let room = self.window.saturating_sub(outbox.in_flight());
+        room > 0
+            && self.b.fifo.last() > outbox.sent_through
+            && (room >= self.window.div_ceil(2) || outbox.in_flight() == 0)
+    }
+
     /// Sends queued records while the window has room.
     fn fill(&mut self, outbox: &mut Outbox) -> Result<(), String> {
         self.qos0();
         loop {
-            let room = self.window.saturating_sub(outbox.in_flight());
-            if room == 0 {
+            if !self.wants_rows(outbox) {
                 return Ok(());
             }
+            let room = self.window.saturating_sub(outbox.in_flight());
             let rows = match self.b.fifo.read_after(outbox.sent_through, room) {
                 Ok(r) => r,
                 Err(e) => {

@@ -74,7 +74,7 @@ pub struct BridgeConfig {
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: u64,
     /// The topics it forwards (`[[bridge.topic]]`), at least one.
-    #[serde(rename = "topic")]
+    #[serde(default, rename = "topic")]
     pub topics: Vec<BridgeTopic>,
 }
 

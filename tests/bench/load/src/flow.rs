@@ -492,7 +492,7 @@ pub async fn run(plan: &Plan, s: &Settings) -> anyhow::Result<Record> {
     for (i, (filter, _)) in plan.subscribers.iter().enumerate() {
         let id = format!("spb-{tag}-s{i}");
         let mut c = Client::connect(
-            s.addr,
+            s.sub_addr,
             s.version,
             &id,
             s.persistent_subscribers,

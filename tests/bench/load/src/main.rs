@@ -57,6 +57,10 @@ struct Common {
     /// Broker port.
     #[arg(long, global = true, default_value_t = 1883)]
     port: u16,
+    /// Port the subscribers connect to, when not `--port`: another broker that receives
+    /// the publishers' messages through a bridge (same host).
+    #[arg(long, global = true)]
+    sub_port: Option<u16>,
     /// MQTT version to speak.
     #[arg(long, global = true, value_enum, default_value = "311")]
     protocol: Protocol,
@@ -165,6 +169,8 @@ struct FlowArgs {
 pub struct Settings {
     /// Broker address (loopback).
     pub addr: SocketAddr,
+    /// Where the subscribers connect (`addr` unless `--sub-port`).
+    pub sub_addr: SocketAddr,
     /// Version spoken.
     pub version: ProtocolVersion,
     /// Payload bytes.
@@ -240,8 +246,13 @@ async fn settings(c: &Common) -> anyhow::Result<Settings> {
     if c.batch == 0 || c.batch > 65_535 {
         bail!("--batch must be within 1..=65535");
     }
+    let mut sub_addr = addr;
+    if let Some(p) = c.sub_port {
+        sub_addr.set_port(p);
+    }
     Ok(Settings {
         addr,
+        sub_addr,
         version: match c.protocol {
             Protocol::V311 => ProtocolVersion::V3_1_1,
             Protocol::V5 => ProtocolVersion::V5,
