@@ -101,6 +101,7 @@ pub(super) async fn run(
                     .await;
                 b.stats.connected.store(false, Ordering::Relaxed);
                 b.lock_qos0().clear();
+                consume(&b, &outbox);
                 match ended {
                     Ended::Shutdown => return,
                     Ended::Lost(why) => {
@@ -245,6 +246,17 @@ struct Connected {
     version: ProtocolVersion,
     /// Bytes read after CONNACK.
     rest: BytesMut,
+}
+
+/// Acknowledged records consumed from the queue in one store write.
+const CONSUME_BATCH: u64 = 32;
+
+/// Consumes `b`'s queue through what `outbox` has done.
+fn consume(b: &Bridge, outbox: &Outbox) {
+    let through = outbox.consumed();
+    if through >= b.fifo.first() {
+        b.fifo.consume_through(through);
+    }
 }
 
 /// One connection's state.
@@ -471,7 +483,7 @@ impl<'a> Link<'a> {
             Packet::Publish(p) => self.inbound(p, received),
             Packet::PubAck(a) => {
                 if let Acked::Done(_) = outbox.puback(a.packet_id) {
-                    self.done(outbox);
+                    self.done(outbox, false);
                 }
                 self.fill(outbox)
             }
@@ -494,7 +506,9 @@ impl<'a> Link<'a> {
             }
             Packet::PubComp(a) => {
                 if let Acked::Done(_) = outbox.pubcomp(a.packet_id) {
-                    self.done(outbox);
+                    // At once: until the commit, a crash would send it again, and the
+                    // remote has forgotten its identifier.
+                    self.done(outbox, true);
                 }
                 self.fill(outbox)
             }
@@ -531,10 +545,14 @@ impl<'a> Link<'a> {
     }
 
     /// A message the remote acknowledged: counted, and the queue consumed through what
-    /// is done.
-    fn done(&mut self, outbox: &Outbox) {
+    /// is done (`now`, or in batches).
+    fn done(&mut self, outbox: &Outbox, now: bool) {
         self.b.stats.sent.fetch_add(1, Ordering::Relaxed);
-        self.consume(outbox);
+        if now {
+            consume(self.b, outbox);
+        } else {
+            self.consume(outbox);
+        }
     }
 
     fn save_received(&self, received: &HashSet<u16>) -> Option<u64> {
@@ -691,10 +709,13 @@ impl<'a> Link<'a> {
         }
     }
 
+    /// Consumes the queue through what is done, once `CONSUME_BATCH` records are (one
+    /// store write for many acknowledgements; a crash sends the few done since again, as
+    /// QoS 1 allows) or nothing is in flight.
     fn consume(&mut self, outbox: &Outbox) {
-        let through = outbox.consumed();
-        if through >= self.b.fifo.first() {
-            self.b.fifo.consume_through(through);
+        let done = (outbox.consumed() + 1).saturating_sub(self.b.fifo.first());
+        if done >= CONSUME_BATCH || (done > 0 && outbox.in_flight() == 0) {
+            consume(self.b, outbox);
         }
     }
 
