@@ -158,6 +158,7 @@ impl Broker {
         let bridges = Arc::new(crate::bridge::Bridges::new(
             &config.bridges,
             Some(store.clone()),
+            config.mqtt.backpressure_timeout_ms > 0,
         )?);
         if !bridges.is_empty() {
             pipeline.set_outlet(bridges.clone());

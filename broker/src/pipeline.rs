@@ -101,11 +101,20 @@ impl std::fmt::Display for Origin<'_> {
 /// bridges (and, later, other nodes). Defined here so that the pipeline needs to know
 /// nothing of what is behind it.
 pub trait Outlet: Send + Sync + std::fmt::Debug {
-    /// Queues `msg` where it selects it; the store ticket that makes it durable there
-    /// (the publisher's acknowledgement waits for it).
-    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Option<u64>;
+    /// Queues `msg` where it selects it.
+    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered;
     /// Whether `topic` would be taken.
     fn selects(&self, topic: &str) -> bool;
+}
+
+/// What an [`Outlet`] did with a message.
+#[derive(Debug, Default)]
+pub struct Offered {
+    /// The store ticket that makes it durable there (the publisher's acknowledgement
+    /// waits for it).
+    pub ticket: Option<u64>,
+    /// A queue of the outlet that is behind: the publisher should wait for room.
+    pub congested: Option<Arc<dyn crate::mailbox::Room>>,
 }
 
 /// Transform, route and sinks, shared by every connection, the session registry (wills)
@@ -185,7 +194,11 @@ impl Pipeline {
         let publisher = &from.client(&self.nobody).client_id;
         routed.ticket = routed.ticket.max(self.plugins.sink_offer(publisher, msg));
         if let Some(o) = outlet {
-            routed.ticket = routed.ticket.max(o.offer(from, msg));
+            let offered = o.offer(from, msg);
+            routed.ticket = routed.ticket.max(offered.ticket);
+            if routed.congested.is_none() {
+                routed.congested = offered.congested;
+            }
         }
         routed
     }

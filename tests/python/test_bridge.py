@@ -939,3 +939,87 @@ def test_bad_bridge_configuration_is_refused_naming_the_bridge(tmp_path, name, s
     said = r.stdout + r.stderr
     assert r.returncode != 0, f"accepted:\n{section}\n{said}"
     assert f"bridge {name}: " in said, said
+
+
+# --------------------------------------------------------------------------------------------
+# 12. Back-pressure: a connected bridge slower than its publisher slows it, drops nothing
+# --------------------------------------------------------------------------------------------
+
+
+class SlowLink:
+    """A TCP proxy in front of a real broker that carries at most ``rate`` bytes per second
+    towards it (a slow WAN link); answers pass unhindered."""
+
+    def __init__(self, target_port: int, rate: int):
+        self.rate = rate
+        self.target = target_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                down, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [down, up]
+            threading.Thread(target=self._pipe, args=(down, up, self.rate), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, down, None), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, rate: int | None) -> None:
+        chunk = 512 if rate else 65536
+        try:
+            while not self.stopped.is_set():
+                data = src.recv(chunk)
+                if not data:
+                    break
+                dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+        for s in self.conns:
+            s.close()
+
+
+def test_a_bridge_slower_than_its_publisher_slows_it_and_drops_nothing(net):
+    """The bridge reaches Mosquitto through a link that carries 20 KB/s; its queue holds at
+    most 200 messages (``max_queue``), so publishers are held back from 100. A publisher
+    sends 600 QoS 1 messages as fast as it may: all 600 reach the remote subscriber in order
+    and none is dropped (``dropped_total`` 0): it was held back, not overflowed."""
+    m = net.mosquitto()
+    link = SlowLink(m.port, rate=20_000)
+    try:
+        a = net.sandpiper(node_config(bridges=[bridge(
+            "slow", f"mqtt://127.0.0.1:{link.port}", topic("out", "up/#"),
+            max_queue=200, protocol="3.1.1")]))
+        a.wait_bridge("slow")
+        sub = Client(m, version=4)
+        sub.subscribe("up/#", qos=1)
+        wait_flow(a, "up/probe", m, "up/probe")
+        sub.messages.clear()
+        pub = Client(a, version=4)
+        n = 600
+        publish_batch(pub, "up/n", n, within=60)
+        assert_in_order(wait_numbers(sub, n, timeout=60), n)
+        # Without being held back the publisher would have overflowed the queue of 200.
+        assert a.bridge_metric("sandpiper_bridge_dropped_total", "slow") == 0
+    finally:
+        link.close()

@@ -84,6 +84,7 @@ pub(super) async fn run(
                 rest,
             }) => {
                 delay = min;
+                b.stalled.store(false, Ordering::Release);
                 b.stats.connected.store(true, Ordering::Relaxed);
                 tracing::info!(bridge = %c.name, address = %c.address, session_present = connack.session_present,
                     "bridge connected");
@@ -102,6 +103,8 @@ pub(super) async fn run(
                 b.stats.connected.store(false, Ordering::Relaxed);
                 b.lock_qos0().clear();
                 consume(&b, &outbox);
+                // Disconnected, it holds nobody back.
+                b.made_room();
                 match ended {
                     Ended::Shutdown => return,
                     Ended::Lost(why) => {
@@ -251,11 +254,13 @@ struct Connected {
 /// Acknowledged records consumed from the queue in one store write.
 const CONSUME_BATCH: u64 = 32;
 
-/// Consumes `b`'s queue through what `outbox` has done.
+/// Consumes `b`'s queue through what `outbox` has done (and wakes publishers waiting for
+/// room).
 fn consume(b: &Bridge, outbox: &Outbox) {
     let through = outbox.consumed();
     if through >= b.fifo.first() {
         b.fifo.consume_through(through);
+        b.made_room();
     }
 }
 

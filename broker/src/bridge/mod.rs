@@ -9,6 +9,14 @@
 //! the remote's window allows and consumes it as the remote acknowledges. QoS 0 messages
 //! are kept in memory only while the bridge is connected.
 //!
+//! **Back-pressure**: while a bridge is connected and its queue holds `pressure_at`
+//! messages or more (half of `max_queue`, at most 10,000), the publishers whose messages it
+//! takes are asked to wait for room ([`Room`]), as for a subscriber whose queue is half
+//! full: their connections stop reading (their acknowledgements still never wait for the
+//! remote), at most `[mqtt] backpressure_timeout_ms`; a bridge that makes no room in that
+//! time is marked stalled and holds nobody back until it has caught up. A disconnected
+//! bridge holds nobody back: its queue fills and drops its oldest.
+//!
 //! **In** (remote → local): the bridge subscribes at the remote to its inbound topics and
 //! publishes what arrives through the pipeline ([`Origin::Bridge`]): transforms, routing,
 //! sinks, like any message. A QoS 1/2 message is acknowledged to the remote once routed
@@ -29,8 +37,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::codec::QoS;
 use crate::config::BridgeConfig;
+use crate::mailbox::Room;
 use crate::message::Message;
-use crate::pipeline::{Origin, Outlet, Pipeline};
+use crate::pipeline::{Offered, Origin, Outlet, Pipeline};
 use crate::store::{Fifo, Store, StoreError};
 use topics::TopicMap;
 
@@ -75,6 +84,17 @@ pub struct Bridge {
     /// The highest queue record sent so far in this process or before it (what is sent
     /// again carries DUP).
     sent_high: AtomicU64,
+    /// Whether publishers are held back at all (`[mqtt] backpressure_timeout_ms` > 0).
+    backpressure: bool,
+    /// Queue length from which publishers are asked to wait while connected.
+    pressure_at: u64,
+    /// Publishers waiting for room are woken through this.
+    room: tokio::sync::Notify,
+    /// Someone waits on `room`.
+    waiting: AtomicBool,
+    /// It made no room within a publisher's back-pressure timeout: it holds nobody back
+    /// until its queue is under half of `pressure_at`.
+    stalled: AtomicBool,
 }
 
 impl Bridge {
@@ -92,6 +112,26 @@ impl Bridge {
         self.qos0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether publishers should wait for this bridge now.
+    fn congested(&self) -> bool {
+        self.backpressure
+            && self.stats.connected.load(Ordering::Relaxed)
+            && !self.stalled.load(Ordering::Acquire)
+            && self.fifo.len() >= self.pressure_at
+    }
+
+    /// Called as the queue shrinks, and when the connection comes or goes: wakes waiting
+    /// publishers once there is room, and ends a stall once half the way back.
+    fn made_room(&self) {
+        if self.stalled.load(Ordering::Relaxed) && self.fifo.len() < self.pressure_at / 2 {
+            self.stalled.store(false, Ordering::Release);
+        }
+        if self.waiting.load(Ordering::Acquire) && !self.congested() {
+            self.waiting.store(false, Ordering::Release);
+            self.room.notify_waiters();
+        }
+    }
+
     fn dropped(&self, what: &str) {
         let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
@@ -99,9 +139,12 @@ impl Bridge {
         }
     }
 
-    /// Takes `msg` if its outbound topics select it; the store ticket of its queue record.
-    fn offer(&self, msg: &Arc<Message>) -> Option<u64> {
-        let ceiling = self.map.out_qos(msg.topic.as_str())?;
+    /// Takes `msg` if its outbound topics select it: the store ticket of its queue record,
+    /// and whether the publisher should wait for room.
+    fn offer(&self, msg: &Arc<Message>) -> (Option<u64>, bool) {
+        let Some(ceiling) = self.map.out_qos(msg.topic.as_str()) else {
+            return (None, false);
+        };
         if msg.qos.min(ceiling) == QoS::AtMostOnce {
             if self.stats.connected.load(Ordering::Relaxed) {
                 let mut q = self.lock_qos0();
@@ -109,20 +152,24 @@ impl Bridge {
                     q.push_back(msg.clone());
                     drop(q);
                     self.wake.notify_one();
-                    return None;
+                    return (None, false);
                 }
             }
             self.dropped("QoS 0 while the remote is unreachable or slow");
-            return None;
+            return (None, false);
         }
-        let mut row = vec![ROW_MESSAGE];
-        row.extend_from_slice(&Store::sink_record("", msg)?);
+        let Some(record) = Store::sink_record("", msg) else {
+            return (None, false);
+        };
+        let mut row = Vec::with_capacity(1 + record.len());
+        row.push(ROW_MESSAGE);
+        row.extend_from_slice(&record);
         let a = self.fifo.push(row, self.config.max_queue);
         if a.dropped_oldest {
             self.dropped("queue full (max_queue), oldest dropped");
         }
         self.wake.notify_one();
-        a.ticket
+        (a.ticket, self.congested())
     }
 }
 
@@ -135,7 +182,11 @@ pub struct Bridges {
 impl Bridges {
     /// The bridges of `configs`, their queues opened from `store` (what waited before a
     /// restart is still there).
-    pub fn new(configs: &[BridgeConfig], store: Option<Arc<Store>>) -> Result<Bridges, StoreError> {
+    pub fn new(
+        configs: &[BridgeConfig],
+        store: Option<Arc<Store>>,
+        backpressure: bool,
+    ) -> Result<Bridges, StoreError> {
         let mut list = Vec::with_capacity(configs.len());
         for c in configs {
             let fifo = Fifo::open(store.clone(), format!("bridge/{}", c.name).into())?;
@@ -150,6 +201,11 @@ impl Bridges {
                 stats: BridgeStats::default(),
                 qos0: Mutex::new(VecDeque::new()),
                 wake: tokio::sync::Notify::new(),
+                backpressure,
+                pressure_at: (c.max_queue / 2).clamp(1, 10_000),
+                room: tokio::sync::Notify::new(),
+                waiting: AtomicBool::new(false),
+                stalled: AtomicBool::new(false),
             }));
         }
         Ok(Bridges { list })
@@ -187,19 +243,53 @@ impl Bridges {
 }
 
 impl Outlet for Bridges {
-    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Option<u64> {
-        let mut ticket = None;
+    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered {
+        let mut offered = Offered::default();
         for b in &self.list {
             // A bridge never sends back what it brought in.
             if matches!(from, Origin::Bridge { name } if *name == b.config.name) {
                 continue;
             }
-            ticket = ticket.max(b.offer(msg));
+            let (ticket, congested) = b.offer(msg);
+            offered.ticket = offered.ticket.max(ticket);
+            if congested && offered.congested.is_none() {
+                let room: Arc<dyn Room> = b.clone();
+                offered.congested = Some(room);
+            }
         }
-        ticket
+        offered
     }
 
     fn selects(&self, topic: &str) -> bool {
         self.list.iter().any(|b| b.map.out_qos(topic).is_some())
+    }
+}
+
+impl Room for Bridge {
+    fn wait_for_room(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                let notified = self.room.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                self.waiting.store(true, Ordering::Release);
+                if !self.congested() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+    }
+
+    fn mark_stalled(&self) {
+        if !self.stalled.swap(true, Ordering::AcqRel) {
+            tracing::warn!(bridge = %self.config.name, queued = self.fifo.len(),
+                "bridge is not keeping up: publishers are no longer held back for it (its queue drops its oldest when full)");
+        }
+        if self.waiting.swap(false, Ordering::AcqRel) {
+            self.room.notify_waiters();
+        }
     }
 }

@@ -277,7 +277,7 @@ struct Conn {
     input_stopped: bool,
     /// A subscriber of ours is congested: reading stops until it has room, or until the
     /// deadline, after which it is marked slow.
-    paused: Option<(Arc<crate::mailbox::Mailbox>, tokio::time::Instant)>,
+    paused: Option<(Arc<dyn crate::mailbox::Room>, tokio::time::Instant)>,
     /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
     connect_expiry: u32,
     /// Authorization by plugins, with this connection's cached decisions.

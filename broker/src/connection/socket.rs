@@ -17,9 +17,9 @@ use crate::session::Kick;
 
 use super::{CLOSE_FLUSH, Close, Conn, MAX_READ, MIN_READ, OUT_HIGH_WATER, arm};
 
-/// Waits until the congested subscriber has room (true) or the deadline passes (false).
+/// Waits until the congested queue has room (true) or the deadline passes (false).
 pub(super) async fn wait_for_room(
-    paused: &Option<(Arc<crate::mailbox::Mailbox>, tokio::time::Instant)>,
+    paused: &Option<(Arc<dyn crate::mailbox::Room>, tokio::time::Instant)>,
 ) -> bool {
     match paused {
         Some((mb, deadline)) => tokio::time::timeout_at(*deadline, mb.wait_for_room())
@@ -393,8 +393,9 @@ impl Conn {
         }
     }
 
-    /// Stops reading from this publisher until `congested` (a subscriber's queue) has room.
-    pub(super) fn pause_for(&mut self, congested: Option<Arc<crate::mailbox::Mailbox>>) {
+    /// Stops reading from this publisher until `congested` (a subscriber's queue, a
+    /// bridge's) has room.
+    pub(super) fn pause_for(&mut self, congested: Option<Arc<dyn crate::mailbox::Room>>) {
         if let Some(mb) = congested
             && self.paused.is_none()
         {

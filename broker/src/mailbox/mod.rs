@@ -144,6 +144,31 @@ const RAM_QUEUE: usize = 1024;
 /// Most entries read from disk at once.
 const LOAD_BATCH: usize = 256;
 
+/// A queue behind which a publisher waits before it reads more: a subscriber's mailbox
+/// half full, or a bridge's outbound queue behind (`bridge::Bridge`). The publisher's
+/// connection stops reading until [`Room::wait_for_room`] resolves, at most
+/// `backpressure_timeout_ms`; then it calls [`Room::mark_stalled`], and that queue holds
+/// no publisher back until it has caught up (its messages overflow instead).
+pub trait Room: Send + Sync + std::fmt::Debug {
+    /// Resolves once the queue has room again, or no longer holds publishers back.
+    fn wait_for_room(&self)
+    -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+    /// The queue did not make room in time: stop holding publishers back for it.
+    fn mark_stalled(&self);
+}
+
+impl Room for Mailbox {
+    fn wait_for_room(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(Mailbox::wait_for_room(self))
+    }
+
+    fn mark_stalled(&self) {
+        Mailbox::mark_stalled(self);
+    }
+}
+
 /// Why a delivery was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {

@@ -156,8 +156,9 @@ pub struct Routed {
     /// The store ticket to wait for before acknowledging (persistent recipients or a
     /// retained message were written).
     pub ticket: Option<u64>,
-    /// A recipient whose queue is half full: the publisher should wait for room.
-    pub congested: Option<Arc<Mailbox>>,
+    /// A recipient whose queue is half full (or, added by the pipeline, a bridge behind):
+    /// the publisher should wait for room.
+    pub congested: Option<Arc<dyn crate::mailbox::Room>>,
 }
 
 impl Routed {
@@ -166,7 +167,8 @@ impl Routed {
             self.delivered += 1;
             self.ticket = self.ticket.max(p.ticket);
             if p.congested && self.congested.is_none() {
-                self.congested = Some(mailbox.clone());
+                let room: Arc<dyn crate::mailbox::Room> = mailbox.clone();
+                self.congested = Some(room);
             }
         }
     }
