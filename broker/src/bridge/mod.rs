@@ -12,8 +12,9 @@
 //! **Back-pressure**: while a bridge is connected and its queue holds `pressure_at`
 //! messages or more (half of `max_queue`, at most 10,000), the publishers whose messages it
 //! takes are asked to wait for room ([`Room`]), as for a subscriber whose queue is half
-//! full: their connections stop reading (their acknowledgements still never wait for the
-//! remote), at most `[mqtt] backpressure_timeout_ms`; a bridge that makes no room in that
+//! full: their connections stop reading until the queue is back to half that (their
+//! acknowledgements still never wait for the remote), at most
+//! `[mqtt] backpressure_timeout_ms`; a bridge that makes no room in that
 //! time is marked stalled and holds nobody back until it has caught up. A disconnected
 //! bridge holds nobody back: its queue fills and drops its oldest.
 //!
@@ -114,10 +115,21 @@ impl Bridge {
 
     /// Whether publishers should wait for this bridge now.
     fn congested(&self) -> bool {
+        self.over(self.pressure_at)
+    }
+
+    /// Whether a waiting publisher must go on waiting: the queue has not yet come down to
+    /// half of `pressure_at` (publishers then go on in runs of thousands, not one message
+    /// per wake-up).
+    fn still_congested(&self) -> bool {
+        self.over(self.pressure_at / 2)
+    }
+
+    fn over(&self, mark: u64) -> bool {
         self.backpressure
             && self.stats.connected.load(Ordering::Relaxed)
             && !self.stalled.load(Ordering::Acquire)
-            && self.fifo.len() >= self.pressure_at
+            && self.fifo.len() >= mark.max(1)
     }
 
     /// Called as the queue shrinks, and when the connection comes or goes: wakes waiting
@@ -126,7 +138,7 @@ impl Bridge {
         if self.stalled.load(Ordering::Relaxed) && self.fifo.len() < self.pressure_at / 2 {
             self.stalled.store(false, Ordering::Release);
         }
-        if self.waiting.load(Ordering::Acquire) && !self.congested() {
+        if self.waiting.load(Ordering::Acquire) && !self.still_congested() {
             self.waiting.store(false, Ordering::Release);
             self.room.notify_waiters();
         }
@@ -275,7 +287,7 @@ impl Room for Bridge {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 self.waiting.store(true, Ordering::Release);
-                if !self.congested() {
+                if !self.still_congested() {
                     return;
                 }
                 notified.await;
