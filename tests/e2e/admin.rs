@@ -1005,3 +1005,73 @@ async fn ctl_lists_sessions_subscriptions_retained_and_controls_plugins() {
     assert!(err.contains("404"), "{err}");
     unharmed(&mut broker);
 }
+
+/// `GET /api/v1/bridges` and `sandpiper ctl bridges`: a bridge to a second broker shows
+/// connected with what it sent; one to a closed port shows not connected, counting its
+/// attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridges_are_listed_with_their_state() {
+    let remote = Broker::start();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let bridges = format!(
+        "[[bridge]]\nname = \"up\"\naddress = \"mqtt://{}\"\nreconnect_min_ms = 100\n\
+         reconnect_max_ms = 200\n[[bridge.topic]]\ndirection = \"out\"\nfilter = \"up/#\"\n\
+         remote_prefix = \"site/\"\nqos = 1\n\n\
+         [[bridge]]\nname = \"nowhere\"\naddress = \"mqtt://127.0.0.1:{closed}\"\n\
+         reconnect_min_ms = 100\nreconnect_max_ms = 200\n[[bridge.topic]]\n\
+         direction = \"in\"\nfilter = \"cmd/#\"\n",
+        remote.addr()
+    );
+    let (mut broker, _admin, read) = start_with_tokens("", &bridges);
+    let http = broker.http_addr();
+    let mut sub = v3::Client::connect(v3::options(&remote, "bridged-sub")).await;
+    sub.subscribe_ok("site/#", v3::QoS::AtLeastOnce).await;
+    eventually(http, &read, "/api/v1/bridges", "bridge up connected", |v| {
+        v["bridges"][0]["connected"] == json!(true)
+    })
+    .await;
+    let mut publisher = v3::Client::connect(v3::options(&broker, "bridged-pub")).await;
+    publisher
+        .publish("up/1", v3::QoS::AtLeastOnce, false, b"one")
+        .await;
+    assert_eq!(sub.recv().await.topic, "site/up/1");
+    let v = eventually(
+        http,
+        &read,
+        "/api/v1/bridges",
+        "sent 1, nowhere retried",
+        |v| v["bridges"][0]["sent"] == json!(1) && v["bridges"][1]["reconnects"].as_u64() > Some(0),
+    )
+    .await;
+    let up = &v["bridges"][0];
+    assert_eq!(up["name"], "up");
+    assert_eq!(up["protocol"], "5");
+    assert_eq!(up["client_id"], "sandpiper-bridge-up");
+    assert_eq!(up["queued"], 0);
+    assert_eq!(
+        up["topics"],
+        json!([{"direction": "out", "local": "up/#", "remote": "site/up/#", "qos": 1}])
+    );
+    assert_eq!(v["bridges"][1]["connected"], json!(false));
+
+    let (code, out, err) = ctl(http, &read, &["bridges"]).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("CONNECTED"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("up ") && lines[1].contains(" yes "),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with("nowhere ") && lines[2].contains(" no "),
+        "{out}"
+    );
+    unharmed(&mut broker);
+}

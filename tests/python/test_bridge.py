@@ -1023,3 +1023,38 @@ def test_a_bridge_slower_than_its_publisher_slows_it_and_drops_nothing(net):
         assert a.bridge_metric("sandpiper_bridge_dropped_total", "slow") == 0
     finally:
         link.close()
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_full_queue_while_connected_drops_its_oldest_and_goes_on(net, qos):
+    """Back-pressure off (``backpressure_timeout_ms = 0``), the bridge behind a 20 KB/s link,
+    ``max_queue = 100``: 600 messages overflow the queue while the bridge is connected and
+    sending, so records in flight are dropped under it. The bridge goes on: the queue empties
+    (``queued_messages`` 0), the drops are counted, the remote gets the newest message, and
+    what it gets is in order."""
+    m = net.mosquitto()
+    link = SlowLink(m.port, rate=20_000)
+    try:
+        a = net.sandpiper(node_config(
+            extra="[mqtt]\nbackpressure_timeout_ms = 0\n\n",
+            bridges=[bridge("full", f"mqtt://127.0.0.1:{link.port}", topic("out", "up/#"),
+                            max_queue=100, max_inflight=20)]))
+        a.wait_bridge("full")
+        sub = Client(m, version=5)
+        sub.subscribe("up/#", qos=2)
+        wait_flow(a, "up/probe", m, "up/probe")
+        sub.messages.clear()
+        pub = Client(a, version=5, max_inflight=100)  # within our Receive Maximum
+        n = 600
+        publish_batch(pub, "up/n", n, qos=qos, within=30)
+        a.wait_metric("sandpiper_bridge_queued_messages", "full", lambda v: v == 0, timeout=30)
+        dropped = a.bridge_metric("sandpiper_bridge_dropped_total", "full")
+        assert dropped and dropped > 0, "the queue of 100 never overflowed"
+        wait_until("the newest message at the remote",
+                   lambda: n - 1 in numbers(sub.messages.all()), timeout=30)
+        got = numbers(sub.messages.all())
+        assert got == sorted(got), f"out of order: {got[:40]}"
+        assert len(got) == len(set(got)), "a message arrived twice"
+        assert len(got) + dropped >= n, f"{len(got)} received + {dropped} dropped < {n}"
+    finally:
+        link.close()

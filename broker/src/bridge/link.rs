@@ -7,7 +7,7 @@
 //! costs only this task: every wait has a deadline, every packet is decoded within the
 //! broker's limits.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
@@ -39,6 +39,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// The store key of a bridge's inbound QoS 2 identifiers.
 const QOS2_KEY: &str = "qos2-received";
 
+/// Inbound QoS 2 identifiers awaiting PUBREL, each with the store ticket of its routing
+/// (known for those routed in this process): a resend's PUBREC waits for it too.
+type Received = HashMap<u16, Option<u64>>;
+
 /// Why a connection ended.
 enum Ended {
     /// The broker is shutting down.
@@ -60,14 +64,14 @@ pub(super) async fn run(
     let max = Duration::from_millis(c.reconnect_max_ms);
     let mut delay = min;
     let ns: Arc<str> = format!("bridge/{}", c.name).into();
-    let mut received: HashSet<u16> = match store.kv_get(&ns, QOS2_KEY) {
+    let mut received: Received = match store.kv_get(&ns, QOS2_KEY) {
         Ok(Some(v)) => (v.chunks_exact(2))
-            .map(|p| u16::from_be_bytes([p[0], p[1]]))
+            .map(|p| (u16::from_be_bytes([p[0], p[1]]), None))
             .collect(),
-        Ok(None) => HashSet::new(),
+        Ok(None) => HashMap::new(),
         Err(e) => {
             tracing::error!(bridge = %c.name, error = %e, "bridge state unreadable");
-            HashSet::new()
+            HashMap::new()
         }
     };
     let mut outbox = Outbox::new(b.fifo.first());
@@ -88,6 +92,12 @@ pub(super) async fn run(
                 b.stats.connected.store(true, Ordering::Relaxed);
                 tracing::info!(bridge = %c.name, address = %c.address, session_present = connack.session_present,
                     "bridge connected");
+                if !connack.session_present && !received.is_empty() {
+                    // A new session at the remote: the identifiers it held are gone
+                    // (MQTT-4.1.0-1), and its new messages may use them again.
+                    received.clear();
+                    store.kv_set(&ns, QOS2_KEY, Vec::new());
+                }
                 let mut link = Link::new(
                     &b,
                     &pipeline,
@@ -260,8 +270,8 @@ fn consume(b: &Bridge, outbox: &Outbox) {
     let through = outbox.consumed();
     if through >= b.fifo.first() {
         b.fifo.consume_through(through);
-        b.made_room();
     }
+    b.made_room();
 }
 
 /// One connection's state.
@@ -337,11 +347,14 @@ impl<'a> Link<'a> {
         io: Box<dyn Io>,
         mut rbuf: BytesMut,
         outbox: &mut Outbox,
-        received: &mut HashSet<u16>,
+        received: &mut Received,
         shutdown: &CancellationToken,
     ) -> Ended {
         let (mut rd, mut wr) = tokio::io::split(io);
-        outbox.resume(self.b.fifo.first());
+        for seq in outbox.resume(self.b.fifo.first()) {
+            // A QoS 2 flow whose record the queue dropped: completed, not abandoned.
+            self.send(&Packet::PubRel(Ack::success(packet_id(seq))));
+        }
         self.subscribe(outbox);
         let mut committed = self.store.committed();
         committed.borrow_and_update();
@@ -363,8 +376,9 @@ impl<'a> Link<'a> {
                 self.last_out = Instant::now();
             }
             let waiting = !self.held.is_empty() || self.wants_rows(outbox);
+            // Not biased: a remote that never stops sending must not starve the keep
+            // alive, the outbound queue or the held acknowledgements.
             let step = tokio::select! {
-                biased;
                 () = shutdown.cancelled() => {
                     self.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
                     let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&self.out)).await;
@@ -466,7 +480,7 @@ impl<'a> Link<'a> {
         &mut self,
         buf: &mut BytesMut,
         outbox: &mut Outbox,
-        received: &mut HashSet<u16>,
+        received: &mut Received,
     ) -> Result<(), String> {
         loop {
             let p = match decode_packet(buf, self.version, self.max_packet_size) {
@@ -482,13 +496,13 @@ impl<'a> Link<'a> {
         &mut self,
         p: Packet,
         outbox: &mut Outbox,
-        received: &mut HashSet<u16>,
+        received: &mut Received,
     ) -> Result<(), String> {
         match p {
             Packet::Publish(p) => self.inbound(p, received),
             Packet::PubAck(a) => {
                 if let Acked::Done(_) = outbox.puback(a.packet_id) {
-                    self.done(outbox, false);
+                    self.done(outbox, false, a.reason.is_error());
                 }
                 self.fill(outbox)
             }
@@ -513,14 +527,14 @@ impl<'a> Link<'a> {
                 if let Acked::Done(_) = outbox.pubcomp(a.packet_id) {
                     // At once: until the commit, a crash would send it again, and the
                     // remote has forgotten its identifier.
-                    self.done(outbox, true);
+                    self.done(outbox, true, a.reason.is_error());
                 }
                 self.fill(outbox)
             }
             Packet::PubRel(a) => {
                 let ticket = match received.remove(&a.packet_id.get()) {
-                    true => self.save_received(received),
-                    false => None,
+                    Some(_) => self.save_received(received),
+                    None => None,
                 };
                 self.after(ticket, Packet::PubComp(Ack::success(a.packet_id)));
                 Ok(())
@@ -538,7 +552,8 @@ impl<'a> Link<'a> {
                             "the remote refused a bridge subscription");
                     }
                 }
-                Ok(())
+                // Its identifier is free again: records that would have had it can go.
+                self.fill(outbox)
             }
             Packet::PingResp | Packet::UnsubAck(_) => Ok(()),
             Packet::Disconnect(d) => Err(format!(
@@ -549,10 +564,15 @@ impl<'a> Link<'a> {
         }
     }
 
-    /// A message the remote acknowledged: counted, and the queue consumed through what
-    /// is done (`now`, or in batches).
-    fn done(&mut self, outbox: &Outbox, now: bool) {
-        self.b.stats.sent.fetch_add(1, Ordering::Relaxed);
+    /// A message the remote acknowledged (`refused`: with an error code): counted, and
+    /// the queue consumed through what is done (`now`, or in batches).
+    fn done(&mut self, outbox: &Outbox, now: bool, refused: bool) {
+        if refused {
+            self.b
+                .dropped("the remote refused it (an error reason code)");
+        } else {
+            self.b.stats.sent.fetch_add(1, Ordering::Relaxed);
+        }
         if now {
             consume(self.b, outbox);
         } else {
@@ -560,13 +580,13 @@ impl<'a> Link<'a> {
         }
     }
 
-    fn save_received(&self, received: &HashSet<u16>) -> Option<u64> {
-        let bytes: Vec<u8> = received.iter().flat_map(|id| id.to_be_bytes()).collect();
+    fn save_received(&self, received: &Received) -> Option<u64> {
+        let bytes: Vec<u8> = received.keys().flat_map(|id| id.to_be_bytes()).collect();
         self.store.kv_set(self.ns, QOS2_KEY, bytes)
     }
 
     /// A PUBLISH from the remote: into the pipeline, acknowledged once durable.
-    fn inbound(&mut self, p: Publish, received: &mut HashSet<u16>) -> Result<(), String> {
+    fn inbound(&mut self, p: Publish, received: &mut Received) -> Result<(), String> {
         let Some(topic) = p.topic else {
             return Err("protocol error: a topic alias the bridge never allowed".to_owned());
         };
@@ -605,9 +625,9 @@ impl<'a> Link<'a> {
                 self.after(ticket, Packet::PubAck(Ack::success(id)));
             }
             PublishQoS::ExactlyOnce(id) => {
-                let ticket = if received.contains(&id.get()) {
-                    // A resend: routed the first time.
-                    None
+                let ticket = if let Some(first) = received.get(&id.get()) {
+                    // A resend: routed the first time; its PUBREC waits for that routing.
+                    *first
                 } else {
                     // MQTT 5: our Receive Maximum; 3.1.1 has none (the identifiers bound it).
                     let max = match self.version.is_v5() {
@@ -620,11 +640,12 @@ impl<'a> Link<'a> {
                                 .to_owned(),
                         );
                     }
-                    received.insert(id.get());
+                    received.insert(id.get(), None);
                     // The routing and the identifier commit together.
                     let group = self.store.group();
                     let t = route(draft).max(self.save_received(received));
                     drop(group);
+                    received.insert(id.get(), t);
                     t
                 };
                 self.after(ticket, Packet::PubRec(Ack::success(id)));
@@ -641,11 +662,16 @@ impl<'a> Link<'a> {
         room > 0
             && self.b.fifo.last() > outbox.sent_through
             && (room >= self.window.div_ceil(2) || outbox.in_flight() == 0)
+            && outbox.can_send(outbox.sent_through + 1)
     }
 
     /// Sends queued records while the window has room.
     fn fill(&mut self, outbox: &mut Outbox) -> Result<(), String> {
         self.qos0();
+        // Records a full queue dropped (drop-oldest) are behind us: consumption goes on
+        // from the queue's oldest.
+        outbox.skip_to(self.b.fifo.first());
+        self.b.made_room();
         loop {
             if !self.wants_rows(outbox) {
                 return Ok(());
@@ -685,8 +711,16 @@ impl<'a> Link<'a> {
             Some((&ROW_MESSAGE, record)) => match Store::open_sink_record(record) {
                 Ok((_, _, msg)) => {
                     let Some(p) = self.publish_of(&msg, packet_id(seq), dup) else {
-                        outbox.skipped(seq);
-                        self.consume(outbox);
+                        if dup && msg.qos == QoS::ExactlyOnce {
+                            // Sent before and no longer sendable (too large for the
+                            // remote now, or no longer selected): the remote may hold its
+                            // identifier, so the flow is closed with PUBREL.
+                            outbox.sent(seq, Step::AwaitComp);
+                            self.send(&Packet::PubRel(Ack::success(packet_id(seq))));
+                        } else {
+                            outbox.skipped(seq);
+                            self.consume(outbox);
+                        }
                         return;
                     };
                     match p.qos {
@@ -733,7 +767,9 @@ impl<'a> Link<'a> {
         dup: bool,
     ) -> Option<Publish> {
         let now = Instant::now();
-        if msg.is_expired(now) {
+        // A message sent before is sent again even if it expired since (the remote may
+        // hold its QoS 2 identifier).
+        if !dup && msg.is_expired(now) {
             self.b.dropped("expired before the remote took it");
             return None;
         }

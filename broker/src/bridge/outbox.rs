@@ -76,27 +76,51 @@ impl Outbox {
 
     /// After a reconnect: everything in flight is sent again, from the oldest record not
     /// done. `first` is the queue's oldest record now (a full queue drops its oldest).
-    pub fn resume(&mut self, first: u64) {
+    /// Answers the QoS 2 records the queue dropped while they were in flight: the remote
+    /// may hold their identifiers, so each is owed a PUBREL (sent again now, awaiting
+    /// PUBCOMP) rather than abandoned.
+    pub fn resume(&mut self, first: u64) -> Vec<u64> {
+        self.skip_to(first);
+        let owed: Vec<u64> = (self.inflight.iter())
+            .filter(|(seq, step)| **seq < first && **step != Step::AwaitAck)
+            .map(|(seq, _)| *seq)
+            .collect();
         self.inflight.clear();
         self.ids.clear();
         self.reserved = None;
-        self.skip_to(first);
         self.sent_through = self.consumed;
+        for &seq in &owed {
+            self.inflight.insert(seq, Step::AwaitComp);
+            self.ids.insert(packet_id(seq).get(), seq);
+        }
+        owed
     }
 
-    /// Forgets records before `first` (dropped from the queue).
-    fn skip_to(&mut self, first: u64) {
+    /// Forgets records before `first` (dropped from the queue by drop-oldest). What is in
+    /// flight stays in flight: its acknowledgement still comes, and a QoS 2 flow is still
+    /// to be completed.
+    pub fn skip_to(&mut self, first: u64) {
         if first.saturating_sub(1) > self.consumed {
             self.consumed = first - 1;
             self.done = self.done.split_off(&first);
             self.advance();
+            self.sent_through = self.sent_through.max(self.consumed);
         }
     }
 
     /// A packet identifier for something other than a record (SUBSCRIBE), one that no
-    /// record of the window can have: the last consumed record's.
+    /// record of the window can have: the last consumed record's, or below it the first
+    /// not in use.
     pub fn reserve(&mut self) -> PacketId {
-        let id = packet_id(self.consumed);
+        let mut seq = self.consumed;
+        let mut id = packet_id(seq);
+        for _ in 0..u16::MAX {
+            if !self.ids.contains_key(&id.get()) {
+                break;
+            }
+            seq = seq.wrapping_sub(1);
+            id = packet_id(seq);
+        }
         self.reserved = Some(id.get());
         id
     }
@@ -249,15 +273,40 @@ mod tests {
             o.sent(s, Step::AwaitAck);
         }
         o.puback(id(2));
-        o.resume(1);
+        assert!(o.resume(1).is_empty());
         assert_eq!(o.in_flight(), 0);
         assert_eq!(o.sent_through, 0);
         assert!(!o.is_done(1) && o.is_done(2) && !o.is_done(3));
         // The queue dropped its two oldest while disconnected.
-        o.resume(3);
+        assert!(o.resume(3).is_empty());
         assert_eq!(o.consumed(), 2);
         assert_eq!(o.sent_through, 2);
         assert!(!o.is_done(3));
+    }
+
+    #[test]
+    fn qos2_flows_the_queue_dropped_are_owed_a_pubrel() {
+        let mut o = Outbox::new(1);
+        o.sent(1, Step::AwaitRec);
+        o.sent(2, Step::AwaitRec);
+        o.sent(3, Step::AwaitAck);
+        o.sent(4, Step::AwaitRec);
+        assert_eq!(o.pubrec(id(2), false), Acked::Received(2));
+        // While connected, records 1..=3 are dropped from the queue: they stay in flight.
+        o.skip_to(4);
+        assert_eq!(o.consumed(), 3);
+        assert_eq!(o.in_flight(), 4);
+        assert_eq!(o.puback(id(3)), Acked::Done(3));
+        // Disconnected: 1 and 2 (QoS 2, dropped) are owed a PUBREL; 4 is sent again.
+        assert_eq!(o.resume(4), [1, 2]);
+        assert_eq!(o.in_flight(), 2);
+        assert!(!o.can_send(65_536), "record 1's identifier is in use");
+        assert_ne!(o.reserve(), id(1));
+        assert_ne!(o.reserve(), id(2));
+        assert_eq!(o.pubcomp(id(1)), Acked::Done(1));
+        assert_eq!(o.pubcomp(id(2)), Acked::Done(2));
+        assert_eq!(o.consumed(), 3);
+        assert_eq!(o.sent_through, 3);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub enum CtlCommand {
     /// Plugins: state and calls; reload, disable, enable.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Bridges to other brokers: state and counters.
+    Bridges,
     /// Version, uptime, connections and message totals.
     Overview,
 }
@@ -254,6 +256,7 @@ const SESSION_COLUMNS: &str = "client_id online expiry subscriptions queued";
 const SUB_COLUMNS: &str = "client_id filter qos no_local retain_as_published retain_handling id";
 const RETAINED_COLUMNS: &str = "topic qos size payload";
 const PLUGIN_COLUMNS: &str = "name state hooks priority calls failures last_error";
+const BRIDGE_COLUMNS: &str = "name address connected queued sent received dropped reconnects";
 const CLIENT_ORDER: &[&str] = &["client_id", "user", "listener", "peer", "protocol"];
 const RETAINED_ORDER: &[&str] = &["topic", "qos", "size", "payload"];
 const OVERVIEW_ORDER: &[&str] = &["version", "contract", "uptime_seconds", "connections"];
@@ -342,6 +345,10 @@ fn execute(api: &Api, command: CtlCommand, json: bool) -> Result<String, Failure
         CtlCommand::Plugins(PluginsCommand::Enable { name }) => {
             plugin(api, "enable", "enabled", &name)?
         }
+        CtlCommand::Bridges => (
+            api.call("GET", "/bridges", None)?,
+            Table("bridges", BRIDGE_COLUMNS),
+        ),
         CtlCommand::Overview => (api.call("GET", "/overview", None)?, Fields(OVERVIEW_ORDER)),
     };
     Ok(match human {

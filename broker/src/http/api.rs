@@ -125,6 +125,7 @@ async fn route(broker: &Arc<Broker>, token: &str, req: Request<Incoming>) -> Ans
             Err(r) => r,
         },
         (["plugins"], true, _) => plugins(broker).await,
+        (["bridges"], true, _) => bridges(broker),
         (["config", "reload"], _, &Method::POST) => config_reload(broker).await,
         (["plugins", name, what], _, &Method::POST) => plugin_control(broker, name, what).await,
         (
@@ -622,6 +623,43 @@ async fn plugin_control(broker: &Arc<Broker>, name: &str, what: &str) -> Answer 
         Some(p) => json_reply(StatusCode::OK, &p),
         None => not_found("plugin"),
     }
+}
+
+/// `GET /bridges`: every bridge's remote, state, counters and topics.
+fn bridges(broker: &Arc<Broker>) -> Answer {
+    let list: Vec<Value> = (broker.bridges.list().iter())
+        .map(|b| {
+            let c = &b.config;
+            let s = &b.stats;
+            let topics: Vec<Value> = (c.topics.iter())
+                .map(|t| {
+                    let direction = match t.direction {
+                        crate::config::Direction::Out => "out",
+                        crate::config::Direction::In => "in",
+                        crate::config::Direction::Both => "both",
+                    };
+                    json!({ "direction": direction, "local": t.local(), "remote": t.remote(), "qos": t.qos })
+                })
+                .collect();
+            json!({
+                "name": c.name,
+                "address": c.address,
+                "protocol": match c.protocol {
+                    crate::config::BridgeProtocol::V5 => "5",
+                    crate::config::BridgeProtocol::V3_1_1 => "3.1.1",
+                },
+                "client_id": c.client_id(),
+                "connected": s.connected.load(Ordering::Relaxed),
+                "queued": b.queued(),
+                "sent": s.sent.load(Ordering::Relaxed),
+                "received": s.received.load(Ordering::Relaxed),
+                "dropped": s.dropped.load(Ordering::Relaxed),
+                "reconnects": s.reconnects.load(Ordering::Relaxed),
+                "topics": topics,
+            })
+        })
+        .collect();
+    json_reply(StatusCode::OK, &json!({ "bridges": list }))
 }
 
 #[cfg(test)]
