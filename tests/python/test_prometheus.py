@@ -2,8 +2,10 @@
 
 A broker with its ``[http]`` listener on 127.0.0.1:0 and two bundled plugins from
 ``plugins/dist`` (``acl`` allowing everything, and the ``webhook`` sink posting to an HTTP
-server of this module), so that the plugin and sink series exist, is put under a little
-load with paho-mqtt (QoS 0 and QoS 1 messages to a connected subscriber and the sink).
+server of this module), so that the plugin and sink series exist, and a bridge to its own
+listener (3.1.1 without the bridge bit, so that what it sends comes back in and both its
+directions count), is put under a little load with paho-mqtt (QoS 0 and QoS 1 messages to
+a connected subscriber, the sink and the bridge).
 A ``prometheus`` on a free 127.0.0.1 port scrapes its ``/metrics`` every second, with
 ``examples/prometheus/alerts.yml`` as its rule file. Then:
 
@@ -308,11 +310,19 @@ class Stack:
         for name in ("acl", "webhook"):
             shutil.copy(PLUGINS / f"{name}.wasm", plugins / f"{name}.wasm")
 
+        port = free_port()
         self.broker = Broker(
-            '[[listener]]\nname = "default"\nbind = "127.0.0.1:0"\n\n'
+            f'[[listener]]\nname = "default"\nbind = "127.0.0.1:{port}"\n\n'
             '[http]\nbind = "127.0.0.1:0"\n\n'
             f"[plugins]\ndir = {json.dumps(str(plugins))}\n\n"
-            '[log]\nlevel = "info"\n')
+            '[log]\nlevel = "info"\n\n'
+            # Out: load/# as bridged/load/#; in: bridged/# as echo/bridged/#.
+            f'[[bridge]]\nname = "self"\naddress = "mqtt://127.0.0.1:{port}"\n'
+            'protocol = "3.1.1"\ntry_private = false\nreconnect_min_ms = 100\n\n'
+            f'[[bridge.topic]]\ndirection = "out"\nfilter = "{LOAD_TOPIC}/#"\n'
+            'remote_prefix = "bridged/"\n\n'
+            '[[bridge.topic]]\ndirection = "in"\nfilter = "bridged/#"\n'
+            'local_prefix = "echo/"\n')
         self.broker.start(timeout=30)
         line = self.broker.wait_log(r"metrics and health endpoints up", timeout=5)
         assert line, f"no `metrics and health endpoints up` line{self.detail()}"
@@ -321,6 +331,8 @@ class Stack:
         for name in ("acl", "webhook"):
             assert self.broker.wait_log(rf"plugin loaded plugin=\"?{name}\b", timeout=20), (
                 f"plugin {name} not loaded{self.detail()}")
+        assert self.broker.wait_log(r"bridge connected", timeout=10), (
+            f"the bridge did not connect{self.detail()}")
 
         self.prometheus = Prometheus(self.dir, http_addr)
         self.prometheus.wait_ready(15)
@@ -502,6 +514,12 @@ ALERT_SCENARIOS = {
     "SandpiperSinkFallingBehind": (
         [(f'sandpiper_sink_oldest_record_age_seconds{{{B},plugin="webhook"}}', "600x20")],
         {"instance": "b:8083", "job": JOB, "plugin": "webhook", "severity": "warning"}),
+    "SandpiperBridgeDown": (
+        [(f'sandpiper_bridge_connected{{{B},bridge="cloud"}}', "1x4 0x16")],
+        {"instance": "b:8083", "job": JOB, "bridge": "cloud", "severity": "warning"}),
+    "SandpiperBridgeDropping": (
+        [(f'sandpiper_bridge_dropped_total{{{B},bridge="cloud"}}', "0x6 10x14")],
+        {"instance": "b:8083", "job": JOB, "bridge": "cloud", "severity": "warning"}),
     "SandpiperSinkDropping": (
         [(f'sandpiper_sink_dropped_total{{{B},plugin="webhook"}}', "0x6 10x14")],
         {"instance": "b:8083", "job": JOB, "plugin": "webhook", "severity": "critical"}),
@@ -524,6 +542,8 @@ HEALTHY_SERIES = [
     (f'sandpiper_plugin_reloads_total{{{B},plugin="acl",result="refused"}}', "0x20"),
     (f'sandpiper_sink_oldest_record_age_seconds{{{B},plugin="webhook"}}', "0.2x20"),
     (f'sandpiper_sink_dropped_total{{{B},plugin="webhook"}}', "0x20"),
+    (f'sandpiper_bridge_connected{{{B},bridge="cloud"}}', "1x20"),
+    (f'sandpiper_bridge_dropped_total{{{B},bridge="cloud"}}', "0x20"),
 ]
 
 
