@@ -32,6 +32,9 @@ function startBroker(dir, tokenLines) {
     '[[listener]]', 'name = "tcp"', 'bind = "127.0.0.1:0"', '',
     '[log]', 'level = "info"', '',
     '[http]', 'bind = "127.0.0.1:0"', '', tokenLines, '',
+    // A bridge to a closed port, for the bridges page.
+    '[[bridge]]', 'name = "nowhere"', 'address = "mqtt://127.0.0.1:9"', '',
+    '[[bridge.topic]]', 'direction = "out"', 'filter = "dash/#"', '',
   ], (log) => {
     const tcp = listening(log).tcp;
     const http = log.match(/endpoints up.*http=\S+:(\d+)/);
@@ -112,6 +115,11 @@ test('the dashboard: log in, every page, a client appears and is kicked, the plu
       assert.match(text, /loaded/);
       assert.match(text, /authorize/);
       await shot('plugins');
+      // Bridges: the one to a closed port, not connected.
+      await page.goto(`${base}#/bridges`);
+      await page.waitForSelector('#bridges-table tr[data-id="nowhere"]');
+      assert.match(await page.textContent('#bridges-table tr[data-id="nowhere"]'), /disconnected/);
+      await shot('bridges');
       assert.deepEqual(errors, [], 'no script errors on any page');
     } catch (e) {
       throw new Error(`${e.stack ?? e}\nbroker log:\n${broker.log()}`);

@@ -636,8 +636,33 @@
     listPage(ctx, 'plugins', 'Plugins', [], list);
   }
 
+  // ---- bridges ----------------------------------------------------------------------
+
+  function pageBridges(ctx) {
+    const topics = b => (b.topics || [])
+      .map(t => `${t.direction}: ${t.local} ⇄ ${t.remote} (QoS ≤ ${t.qos})`).join('\n');
+    const list = listTable(ctx, {
+      name: 'bridges', path: 'bridges', key: 'bridges',
+      rowId: b => b.name,
+      columns: [
+        {title: 'Name', cls: 'mono', cell: b => h('span', {title: topics(b)}, b.name)},
+        {title: 'Remote', cls: 'mono', cell: b => b.address},
+        {title: 'Protocol', cell: b => b.protocol},
+        {title: 'State', cell: b => h('span', {class: b.connected ? 'badge good' : 'badge bad'},
+          b.connected ? 'connected' : 'disconnected')},
+        {title: 'Queued', cls: 'num', cell: b => fmtNum(b.queued)},
+        {title: 'Sent', cls: 'num', cell: b => fmtNum(b.sent)},
+        {title: 'Received', cls: 'num', cell: b => fmtNum(b.received)},
+        {title: 'Dropped', cls: 'num', cell: b => fmtNum(b.dropped)},
+        {title: 'Reconnects', cls: 'num', cell: b => fmtNum(b.reconnects)},
+      ],
+    });
+    listPage(ctx, 'bridges', 'Bridges', [], list);
+  }
+
   const PAGES = {overview: pageOverview, clients: pageClients, sessions: pageSessions,
-    subscriptions: pageSubscriptions, retained: pageRetained, plugins: pagePlugins};
+    subscriptions: pageSubscriptions, retained: pageRetained, plugins: pagePlugins,
+    bridges: pageBridges};
 
   // ---- start ------------------------------------------------------------------------
 
