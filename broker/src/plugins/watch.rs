@@ -104,6 +104,10 @@ fn stamp_of(wasm: &Path, files: &[std::path::PathBuf]) -> Stamp {
     )
 }
 
+/// A change of the chain the watcher logs once it is in force: the plugin's name, its hooks
+/// and priority (when loaded), and what happened.
+type Said = (String, Option<(Vec<&'static str>, i32)>, &'static str);
+
 impl Watcher {
     /// Looks at the folder once and installs a new chain if anything changed.
     pub fn scan(&mut self, plugins: &Plugins) {
@@ -125,6 +129,9 @@ impl Watcher {
             }
         }
         let mut changed = false;
+        // Said once the new chain is in force (after `install`), so that a line read in
+        // the log means the change applies to the next message.
+        let mut said: Vec<Said> = Vec::new();
         let gone: Vec<String> = self
             .known
             .keys()
@@ -151,8 +158,8 @@ impl Watcher {
                 serving: Some(_), ..
             }) = self.known.remove(&name)
             {
-                tracing::info!(plugin = %name, "plugin removed");
                 crate::metrics::reloaded(&name, "removed");
+                said.push((name, None, "plugin removed"));
                 changed = true;
             }
         }
@@ -185,8 +192,15 @@ impl Watcher {
                         &name,
                         if old.is_some() { "replaced" } else { "loaded" },
                     );
-                    tracing::info!(plugin = %name, hooks = ?p.hooks.names(), priority = p.sidecar.priority,
-                        "plugin {}", if old.is_some() { "replaced" } else { "loaded" });
+                    said.push((
+                        name.clone(),
+                        Some((p.hooks.names(), p.sidecar.priority)),
+                        if old.is_some() {
+                            "plugin replaced"
+                        } else {
+                            "plugin loaded"
+                        },
+                    ));
                     self.known.insert(
                         name,
                         Known {
@@ -220,6 +234,14 @@ impl Watcher {
                     .filter_map(|k| k.serving.clone())
                     .collect(),
             );
+        }
+        for (name, loaded, what) in said {
+            match loaded {
+                Some((hooks, priority)) => {
+                    tracing::info!(plugin = %name, hooks = ?hooks, priority, "{what}");
+                }
+                None => tracing::info!(plugin = %name, "{what}"),
+            }
         }
     }
 
