@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::outbox::{Acked, Outbox, Step, packet_id};
-use super::{Bridge, ROW_MESSAGE, ROW_RELEASED};
+use super::{Bridge, RELEASED};
 use crate::codec::{
     Ack, ConnAck, Connect, ConnectProperties, Disconnect, Packet, PacketId, ProtocolVersion,
     Publish, PublishProperties, PublishQoS, QoS, ReasonCode, RetainHandling, Subscribe,
@@ -396,12 +396,15 @@ impl<'a> Link<'a> {
                 r = committed.changed(), if waiting => match r {
                     Ok(()) => {
                         let upto = *committed.borrow_and_update();
-                        self.release(Some(upto));
+                        self.release(upto);
                         self.fill(outbox)
                     }
                     Err(_) => Err("the store closed".to_owned()),
                 },
-                () = self.b.wake.notified() => self.fill(outbox),
+                () = self.b.wake.notified() => {
+                    self.qos0();
+                    self.fill(outbox)
+                }
                 _ = tick.tick() => self.keep_alive(ka),
             };
             if let Err(why) = step {
@@ -455,9 +458,9 @@ impl<'a> Link<'a> {
     }
 
     /// Sends what their tickets now allow of the held packets.
-    fn release(&mut self, committed: Option<u64>) {
+    fn release(&mut self, committed: u64) {
         while let Some((t, _)) = self.held.front() {
-            if t.is_some_and(|t| committed.is_none_or(|c| c < t)) {
+            if t.is_some_and(|t| committed < t) {
                 break;
             }
             if let Some((_, p)) = self.held.pop_front() {
@@ -472,7 +475,7 @@ impl<'a> Link<'a> {
             self.send(&p);
         } else {
             self.held.push_back((ticket, p));
-            self.release(Some(*self.store.committed().borrow()));
+            self.release(*self.store.committed().borrow());
         }
     }
 
@@ -511,7 +514,7 @@ impl<'a> Link<'a> {
                     Acked::Received(seq) => {
                         // Marked before PUBREL goes: after a crash, PUBREL is what is sent
                         // again, never the message.
-                        let ticket = self.b.fifo.replace(seq, vec![ROW_RELEASED]);
+                        let ticket = self.b.fifo.replace(seq, RELEASED);
                         self.after(ticket, Packet::PubRel(Ack::success(a.packet_id)));
                     }
                     Acked::Done(_) => {
@@ -667,7 +670,6 @@ impl<'a> Link<'a> {
 
     /// Sends queued records while the window has room.
     fn fill(&mut self, outbox: &mut Outbox) -> Result<(), String> {
-        self.qos0();
         // Records a full queue dropped (drop-oldest) are behind us: consumption goes on
         // from the queue's oldest.
         outbox.skip_to(self.b.fifo.first());
@@ -703,45 +705,40 @@ impl<'a> Link<'a> {
 
     fn send_row(&mut self, seq: u64, row: &[u8], outbox: &mut Outbox) {
         let dup = seq <= self.b.sent_high.fetch_max(seq, Ordering::Relaxed);
-        match row.split_first() {
-            Some((&ROW_RELEASED, _)) => {
-                outbox.sent(seq, Step::AwaitComp);
-                self.send(&Packet::PubRel(Ack::success(packet_id(seq))));
-            }
-            Some((&ROW_MESSAGE, record)) => match Store::open_sink_record(record) {
-                Ok((_, _, msg)) => {
-                    let Some(p) = self.publish_of(&msg, packet_id(seq), dup) else {
-                        if dup && msg.qos == QoS::ExactlyOnce {
-                            // Sent before and no longer sendable (too large for the
-                            // remote now, or no longer selected): the remote may hold its
-                            // identifier, so the flow is closed with PUBREL.
-                            outbox.sent(seq, Step::AwaitComp);
-                            self.send(&Packet::PubRel(Ack::success(packet_id(seq))));
-                        } else {
-                            outbox.skipped(seq);
-                            self.consume(outbox);
-                        }
-                        return;
-                    };
-                    match p.qos {
-                        PublishQoS::AtMostOnce => {
-                            outbox.skipped(seq);
-                            self.b.stats.sent.fetch_add(1, Ordering::Relaxed);
-                            self.consume(outbox);
-                        }
-                        PublishQoS::AtLeastOnce(_) => outbox.sent(seq, Step::AwaitAck),
-                        PublishQoS::ExactlyOnce(_) => outbox.sent(seq, Step::AwaitRec),
+        if row.is_empty() {
+            // `RELEASED`: the remote has it; PUBREL goes again.
+            outbox.sent(seq, Step::AwaitComp);
+            self.send(&Packet::PubRel(Ack::success(packet_id(seq))));
+            return;
+        }
+        match Store::open_sink_record(row) {
+            Ok((_, _, msg)) => {
+                let Some(p) = self.publish_of(&msg, packet_id(seq), dup) else {
+                    if dup && msg.qos == QoS::ExactlyOnce {
+                        // Sent before and no longer sendable (too large for the
+                        // remote now, or no longer selected): the remote may hold its
+                        // identifier, so the flow is closed with PUBREL.
+                        outbox.sent(seq, Step::AwaitComp);
+                        self.send(&Packet::PubRel(Ack::success(packet_id(seq))));
+                    } else {
+                        outbox.skipped(seq);
+                        self.consume(outbox);
                     }
-                    self.send(&Packet::Publish(p));
+                    return;
+                };
+                match p.qos {
+                    PublishQoS::AtMostOnce => {
+                        outbox.skipped(seq);
+                        self.b.stats.sent.fetch_add(1, Ordering::Relaxed);
+                        self.consume(outbox);
+                    }
+                    PublishQoS::AtLeastOnce(_) => outbox.sent(seq, Step::AwaitAck),
+                    PublishQoS::ExactlyOnce(_) => outbox.sent(seq, Step::AwaitRec),
                 }
-                Err(e) => {
-                    tracing::error!(bridge = %self.name(), error = %e, seq, "bridge queue record unreadable: skipped");
-                    outbox.skipped(seq);
-                    self.consume(outbox);
-                }
-            },
-            _ => {
-                tracing::error!(bridge = %self.name(), seq, "bridge queue record of unknown kind: skipped");
+                self.send(&Packet::Publish(p));
+            }
+            Err(e) => {
+                tracing::error!(bridge = %self.name(), error = %e, seq, "bridge queue record unreadable: skipped");
                 outbox.skipped(seq);
                 self.consume(outbox);
             }
@@ -799,7 +796,7 @@ impl<'a> Link<'a> {
 
     /// Sends the QoS 0 messages waiting in memory.
     fn qos0(&mut self) {
-        let waiting: Vec<_> = self.b.lock_qos0().drain(..).collect();
+        let waiting = std::mem::take(&mut *self.b.lock_qos0());
         for msg in waiting {
             if let Some(p) = self.publish_of(&msg, PacketId::FIRST, false) {
                 let p = Publish {

@@ -48,10 +48,10 @@ use topics::TopicMap;
 /// dropped.
 const MAX_QOS0: usize = 10_000;
 
-/// A bridge's queue records: a message to send, or a QoS 2 message the remote has
-/// received (PUBREC) whose PUBREL is what goes out again.
-const ROW_MESSAGE: u8 = 0;
-const ROW_RELEASED: u8 = 1;
+/// A bridge's queue record for a QoS 2 message the remote has received (PUBREC): its
+/// PUBREL is what goes out again. Any other record is the message's sink record (never
+/// empty).
+const RELEASED: Vec<u8> = Vec::new();
 
 /// What a bridge counts (`/metrics`, `$SYS`).
 #[derive(Debug, Default)]
@@ -113,23 +113,23 @@ impl Bridge {
         self.qos0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether publishers should wait for this bridge now.
-    fn congested(&self) -> bool {
-        self.over(self.pressure_at)
+    /// Whether publishers should wait for this bridge, its queue holding `waiting`.
+    fn congested(&self, waiting: u64) -> bool {
+        self.over(waiting, self.pressure_at)
     }
 
     /// Whether a waiting publisher must go on waiting: the queue has not yet come down to
     /// half of `pressure_at` (publishers then go on in runs of thousands, not one message
     /// per wake-up).
     fn still_congested(&self) -> bool {
-        self.over(self.pressure_at / 2)
+        self.over(self.fifo.len(), self.pressure_at / 2)
     }
 
-    fn over(&self, mark: u64) -> bool {
+    fn over(&self, waiting: u64, mark: u64) -> bool {
         self.backpressure
             && self.stats.connected.load(Ordering::Relaxed)
             && !self.stalled.load(Ordering::Acquire)
-            && self.fifo.len() >= mark.max(1)
+            && waiting >= mark.max(1)
     }
 
     /// Called as the queue shrinks, and when the connection comes or goes: wakes waiting
@@ -173,15 +173,12 @@ impl Bridge {
         let Some(record) = Store::sink_record("", msg) else {
             return (None, false);
         };
-        let mut row = Vec::with_capacity(1 + record.len());
-        row.push(ROW_MESSAGE);
-        row.extend_from_slice(&record);
-        let a = self.fifo.push(row, self.config.max_queue);
+        let a = self.fifo.push(record, self.config.max_queue);
         if a.dropped_oldest {
             self.dropped("queue full (max_queue), oldest dropped");
         }
         self.wake.notify_one();
-        (a.ticket, self.congested())
+        (a.ticket, self.congested(a.waiting))
     }
 }
 

@@ -51,51 +51,44 @@ impl TopicMap {
         }
     }
 
+    /// The first entry of direction `out` (or inbound) whose pattern on that side selects
+    /// `topic`, with the part of `topic` after that side's prefix; `None` too where that
+    /// part is empty and the other side has no prefix (no topic there).
+    fn select<'t>(&self, topic: &'t str, out: bool) -> Option<(&Entry, &'t str)> {
+        self.entries.iter().find_map(|e| {
+            let (on, pattern, prefix, other) = match out {
+                true => (e.out, &e.local, &e.local_prefix, &e.remote_prefix),
+                false => (e.inbound, &e.remote, &e.remote_prefix, &e.local_prefix),
+            };
+            if !on || !filter_matches(pattern, topic) {
+                return None;
+            }
+            let rest = topic.strip_prefix(prefix.as_str())?;
+            (!rest.is_empty() || !other.is_empty()).then_some((e, rest))
+        })
+    }
+
     /// Where local topic `topic` goes at the remote, by the first outbound entry that
     /// selects it.
     pub fn outbound(&self, topic: &str) -> Option<Mapped> {
-        (self.entries.iter())
-            .filter(|e| e.out && filter_matches(&e.local, topic))
-            .find_map(|e| {
-                let rest = topic.strip_prefix(e.local_prefix.as_str())?;
-                // The prefix alone, with no prefix on the other side: no topic there.
-                if rest.is_empty() && e.remote_prefix.is_empty() {
-                    return None;
-                }
-                Some(Mapped {
-                    topic: format!("{}{rest}", e.remote_prefix),
-                    qos: e.qos,
-                })
-            })
+        self.select(topic, true).map(|(e, rest)| Mapped {
+            topic: format!("{}{rest}", e.remote_prefix),
+            qos: e.qos,
+        })
     }
 
     /// The QoS ceiling of the outbound entry that selects local topic `topic` (what
-    /// [`TopicMap::outbound`] would pick, without building the remote name).
+    /// [`TopicMap::outbound`] picks, without building the remote name).
     pub fn out_qos(&self, topic: &str) -> Option<QoS> {
-        (self.entries.iter())
-            .find(|e| {
-                e.out
-                    && filter_matches(&e.local, topic)
-                    && topic.starts_with(e.local_prefix.as_str())
-                    && (topic.len() > e.local_prefix.len() || !e.remote_prefix.is_empty())
-            })
-            .map(|e| e.qos)
+        self.select(topic, true).map(|(e, _)| e.qos)
     }
 
     /// Where remote topic `topic` goes locally, by the first inbound entry that selects it.
     pub fn inbound(&self, topic: &str) -> Option<Mapped> {
-        (self.entries.iter())
-            .filter(|e| e.inbound && filter_matches(&e.remote, topic))
-            .find_map(|e| {
-                let rest = topic.strip_prefix(e.remote_prefix.as_str())?;
-                if rest.is_empty() && e.local_prefix.is_empty() {
-                    return None;
-                }
-                Some(Mapped {
-                    topic: format!("{}{rest}", e.local_prefix),
-                    qos: e.qos,
-                })
-            })
+        self.select(topic, false).map(|(e, rest)| Mapped {
+            topic: format!("{}{rest}", e.local_prefix),
+            qos: e.qos,
+        })
     }
 
     /// What the bridge subscribes to at the remote: (remote pattern, QoS), one per inbound

@@ -120,6 +120,15 @@ impl Direction {
     pub fn inbound(self) -> bool {
         matches!(self, Direction::In | Direction::Both)
     }
+
+    /// As the configuration writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+            Direction::Both => "both",
+        }
+    }
 }
 
 /// MQTT version a bridge speaks.
@@ -132,6 +141,16 @@ pub enum BridgeProtocol {
     #[default]
     #[serde(rename = "5")]
     V5,
+}
+
+impl BridgeProtocol {
+    /// As the configuration writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeProtocol::V3_1_1 => "3.1.1",
+            BridgeProtocol::V5 => "5",
+        }
+    }
 }
 
 fn default_session_expiry() -> u32 {

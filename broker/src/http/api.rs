@@ -632,22 +632,12 @@ fn bridges(broker: &Arc<Broker>) -> Answer {
             let c = &b.config;
             let s = &b.stats;
             let topics: Vec<Value> = (c.topics.iter())
-                .map(|t| {
-                    let direction = match t.direction {
-                        crate::config::Direction::Out => "out",
-                        crate::config::Direction::In => "in",
-                        crate::config::Direction::Both => "both",
-                    };
-                    json!({ "direction": direction, "local": t.local(), "remote": t.remote(), "qos": t.qos })
-                })
+                .map(|t| json!({ "direction": t.direction.as_str(), "local": t.local(), "remote": t.remote(), "qos": t.qos }))
                 .collect();
             json!({
                 "name": c.name,
                 "address": c.address,
-                "protocol": match c.protocol {
-                    crate::config::BridgeProtocol::V5 => "5",
-                    crate::config::BridgeProtocol::V3_1_1 => "3.1.1",
-                },
+                "protocol": c.protocol.as_str(),
                 "client_id": c.client_id(),
                 "connected": s.connected.load(Ordering::Relaxed),
                 "queued": b.queued(),

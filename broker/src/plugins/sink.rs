@@ -72,7 +72,7 @@ impl SinkQueue {
             }
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.stats.depth.store(self.fifo.len(), Ordering::Relaxed);
+        self.stats.depth.store(a.waiting, Ordering::Relaxed);
         let _idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         self.cv.notify_one();
         a.ticket

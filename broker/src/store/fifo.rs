@@ -36,6 +36,8 @@ pub struct Appended {
     pub ticket: Option<u64>,
     /// The queue was full: its oldest record was dropped.
     pub dropped_oldest: bool,
+    /// Records waiting, this one included.
+    pub waiting: u64,
 }
 
 impl Fifo {
@@ -107,6 +109,7 @@ impl Fifo {
         Appended {
             ticket,
             dropped_oldest: drop_through.is_some(),
+            waiting: b.next - b.first,
         }
     }
 
