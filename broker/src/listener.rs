@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -135,12 +136,12 @@ pub async fn start(
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
-            let permit = Permit::take(&global, &listener.active);
+            let (permit, in_all, on_listener) = Permit::take(&global, &listener.active);
             let max_global = broker.config.mqtt.max_connections;
             let refusal = if !listener.rate.allow(peer.ip()) {
                 Some(ReasonCode::ConnectionRateExceeded)
-            } else if permit.global > max_global
-                || (listener.max_connections > 0 && permit.local > listener.max_connections)
+            } else if in_all > max_global
+                || (listener.max_connections > 0 && on_listener > listener.max_connections)
             {
                 Some(ReasonCode::QuotaExceeded)
             } else {
@@ -163,6 +164,18 @@ pub async fn start(
                 }
             };
             let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
+            if refusal.is_none() && listener.kind == ListenerKind::Tcp {
+                // A plain TCP client is served by `connection::run` as it is: each async fn
+                // wrapped around it would keep a copy of its arguments for the connection's
+                // life (memory per idle connection is what bounds how many a broker holds).
+                let (rd, wr) = stream.into_split();
+                let info = listener.info.clone();
+                let run = connection::run(broker.clone(), info, peer, rd, wr);
+                broker
+                    .tasks
+                    .spawn(run.map(move |()| drop(permit)).instrument(span));
+                continue;
+            }
             let b = broker.clone();
             let l = listener.clone();
             broker.tasks.spawn(
@@ -281,7 +294,8 @@ async fn serve<R, W>(
 {
     match refusal {
         None => connection::run(broker, info, peer, rd, wr).await,
-        Some(reason) => refuse(rd, wr, reason).await,
+        // Boxed: a refusal's state would otherwise be part of every connection's task.
+        Some(reason) => Box::pin(refuse(rd, wr, reason)).await,
     }
 }
 
@@ -313,23 +327,25 @@ where
     connection::linger(&mut rd).await;
 }
 
-/// One connection counted in the global and the listener's gauges while it lives.
+/// One connection counted in the global and the listener's gauges while it lives (kept by
+/// every connection's task: two pointers, no more).
 struct Permit {
     global_gauge: Arc<AtomicUsize>,
     local_gauge: Arc<AtomicUsize>,
-    /// The counts including this connection.
-    global: usize,
-    local: usize,
 }
 
 impl Permit {
-    fn take(global: &Arc<AtomicUsize>, local: &Arc<AtomicUsize>) -> Permit {
-        Permit {
-            global: global.fetch_add(1, Ordering::Relaxed) + 1,
-            local: local.fetch_add(1, Ordering::Relaxed) + 1,
+    /// Counts a connection in; also answers the counts including it (global, listener).
+    fn take(global: &Arc<AtomicUsize>, local: &Arc<AtomicUsize>) -> (Permit, usize, usize) {
+        let counts = (
+            global.fetch_add(1, Ordering::Relaxed) + 1,
+            local.fetch_add(1, Ordering::Relaxed) + 1,
+        );
+        let permit = Permit {
             global_gauge: global.clone(),
             local_gauge: local.clone(),
-        }
+        };
+        (permit, counts.0, counts.1)
     }
 }
 

@@ -464,6 +464,7 @@ impl Conn {
             state: att.state,
             conn_id: att.conn,
             kick: att.kick,
+            kick_gone: false,
             out: BytesMut::new(),
             batch: VecDeque::new(),
             window,

@@ -23,6 +23,7 @@ use crate::session::{InboundAliases, Kick, OutboundAliases, PendingWill};
 use handshake::ReadError;
 use handshake::read_connect;
 use handshake::refuse_connect;
+use socket::Served;
 
 mod deliver;
 mod handshake;
@@ -135,66 +136,37 @@ pub async fn run<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // The configuration in force when the client came (a reload applies to later ones).
-    let (connect_timeout, limits) = {
-        let config = broker.current();
-        (config.mqtt.connect_timeout, config.mqtt.connect_limits())
-    };
-    let mut inbuf = BytesMut::with_capacity(MIN_READ);
-    let deadline = Duration::from_secs(connect_timeout);
-    let first = tokio::select! {
-        _ = listener.stop.cancelled() => return,
-        r = tokio::time::timeout(deadline, read_connect(&mut rd, &mut inbuf, limits)) => r,
-    };
-    let connect = match first {
-        Err(_) => {
-            tracing::info!("no CONNECT within {}s: closing", connect_timeout);
-            return;
-        }
-        Ok(Ok(Some(c))) => c,
-        Ok(Ok(None)) => return,
-        Ok(Err(ReadError::Io(e))) => {
-            tracing::debug!(error = %e, "read failed before CONNECT");
-            return;
-        }
-        Ok(Err(ReadError::Decode(e))) => {
-            tracing::info!(error = %e.error, "bad CONNECT: closing");
-            Box::pin(async move {
-                refuse_connect(&mut wr, &e).await;
-                linger(&mut rd).await;
-            })
-            .await;
-            return;
-        }
-    };
-    tracing::trace!(%peer, "CONNECT received");
-    // Accepting (authentication plugins, session takeover, and the linger after a refusal)
-    // and finishing are boxed so that their state does not enlarge the future every idle
-    // connection keeps while serving. (Awaiting the linger here, with the `Option<Conn>`
-    // of the refusal still in scope, cost every connection the size of a `Conn`.)
-    let accept = Box::pin(async {
-        let conn = Conn::accept(
-            &broker,
-            &listener,
-            peer,
-            *connect,
-            (&mut rd, &mut inbuf),
-            &mut wr,
-        )
-        .await;
-        if conn.is_none() {
-            // Refused (CONNACK with a reason code sent) or failed.
-            linger(&mut rd).await;
-        }
-        conn
-    });
-    let Some(mut conn) = accept.await else {
+    // Connecting (CONNECT, authentication plugins, session takeover, a refusal and its
+    // linger) and finishing are boxed, as the main loop is: the task keeps the largest
+    // state of its awaits for as long as the client stays, and an idle client should keep
+    // only the idle wait's.
+    let Some((mut conn, mut inbuf)) =
+        Box::pin(connect(&broker, &listener, peer, &mut rd, &mut wr)).await
+    else {
         return;
     };
     let open = crate::metrics::open(&listener.name, conn.version);
-    let close = conn
-        .serve(&mut rd, &mut wr, inbuf, listener.stop.clone())
-        .await;
+    // The main loop's state (its select, timer and buffers) is boxed and dropped while the
+    // connection is idle; what the task keeps for an idle client is the idle wait's.
+    let mut last_rx = tokio::time::Instant::now();
+    let close = loop {
+        let served = Box::pin(conn.serve(&mut rd, &mut wr, &mut inbuf, &listener.stop, last_rx));
+        match served.await {
+            Served::Closed(close) => break close,
+            Served::Idle { last_rx: at } => {
+                last_rx = at;
+                // Both buffers are empty: an idle connection keeps no allocation for them.
+                inbuf = BytesMut::new();
+                conn.out = BytesMut::new();
+                if let Some(close) = conn
+                    .idle(&mut rd, &mut inbuf, &listener.stop, &mut last_rx)
+                    .await
+                {
+                    break close;
+                }
+            }
+        }
+    };
     if close == Close::KeepAlive {
         crate::metrics::inc(crate::metrics::C::KeepAliveTimeouts);
     }
@@ -209,12 +181,68 @@ pub async fn run<R, W>(
     );
     drop(open);
     Box::pin(async move {
-        conn.finish(close, &mut wr).await;
+        (*conn).finish(close, &mut wr).await;
         if close.broker_first() {
             linger(&mut rd).await;
         }
     })
     .await;
+}
+
+/// Reads CONNECT and answers it: the client's connection, with what was read behind
+/// CONNECT, or `None` when it is refused, fails or the listener stops.
+async fn connect<R, W>(
+    broker: &Arc<Broker>,
+    listener: &Arc<ListenerInfo>,
+    peer: SocketAddr,
+    rd: &mut R,
+    wr: &mut W,
+) -> Option<(Box<Conn>, BytesMut)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The configuration in force when the client came (a reload applies to later ones).
+    let (connect_timeout, limits) = {
+        let config = broker.current();
+        (config.mqtt.connect_timeout, config.mqtt.connect_limits())
+    };
+    let mut inbuf = BytesMut::with_capacity(MIN_READ);
+    let deadline = Duration::from_secs(connect_timeout);
+    let first = tokio::select! {
+        _ = listener.stop.cancelled() => return None,
+        r = tokio::time::timeout(deadline, read_connect(rd, &mut inbuf, limits)) => r,
+    };
+    let connect = match first {
+        Err(_) => {
+            tracing::info!("no CONNECT within {}s: closing", connect_timeout);
+            return None;
+        }
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => return None,
+        Ok(Err(ReadError::Io(e))) => {
+            tracing::debug!(error = %e, "read failed before CONNECT");
+            return None;
+        }
+        Ok(Err(ReadError::Decode(e))) => {
+            tracing::info!(error = %e.error, "bad CONNECT: closing");
+            refuse_connect(wr, &e).await;
+            linger(rd).await;
+            return None;
+        }
+    };
+    tracing::trace!(%peer, "CONNECT received");
+    // Accepting (authentication plugins, session takeover, and the linger after a refusal)
+    // and finishing are boxed so that their state does not enlarge the future every idle
+    // connection keeps while serving. (Awaiting the linger here, with the `Option<Conn>`
+    // of the refusal still in scope, cost every connection the size of a `Conn`.)
+    let conn = Conn::accept(broker, listener, peer, *connect, (&mut *rd, &mut inbuf), wr).await;
+    let Some(conn) = conn else {
+        // Refused (CONNACK with a reason code sent) or failed.
+        linger(rd).await;
+        return None;
+    };
+    Some((Box::new(conn), inbuf))
 }
 
 /// How long, and for how many bytes, a connection the broker closed first keeps reading.
@@ -251,6 +279,8 @@ struct Conn {
     state: crate::session::SessionState,
     conn_id: u64,
     kick: tokio::sync::oneshot::Receiver<Kick>,
+    /// The registry dropped the kick's sender without using it: nothing can kick us.
+    kick_gone: bool,
     out: BytesMut,
     batch: VecDeque<Delivery>,
     /// Outbound inflight window: min(client Receive Maximum, max_inflight).
@@ -387,15 +417,15 @@ mod task_size {
         std::mem::size_of::<F>()
     }
 
-    /// Every connection's task holds `run`'s future for as long as the client stays, so
+    /// A plain TCP connection's task is `run`'s future for as long as the client stays, so
     /// its size is a floor of the memory per idle connection. It is the largest state
-    /// across its awaits: what only CONNECT handling, a refusal or the close need is
-    /// boxed. A change that grows it past this bound grows every connection: box the part
-    /// that does, or raise the bound knowingly.
+    /// across its awaits: connecting, the main loop and the close are boxed, so what is
+    /// left is the idle wait and `run`'s own locals. A change that grows it past this
+    /// bound grows every connection: box the part that does, or raise the bound knowingly.
     #[test]
     fn an_idle_connection_task_stays_small() {
         use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
         let size = future_size(super::run::<OwnedReadHalf, OwnedWriteHalf>);
-        assert!(size <= 1856, "connection::run's future is {size} bytes");
+        assert!(size <= 640, "connection::run's future is {size} bytes");
     }
 }

@@ -29,6 +29,22 @@ pub(super) async fn wait_for_room(
     }
 }
 
+/// How long a connection with nothing to do keeps the main loop's state before it drops
+/// it and waits in [`Conn::idle`], which holds a few hundred bytes less: most of a fleet's
+/// connections are idle most of the time, and their memory is what bounds how many a
+/// broker holds. A busy connection's timer fires this often to look.
+const IDLE_AFTER: Duration = Duration::from_millis(500);
+
+/// How the main loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Served {
+    /// The connection ends.
+    Closed(Close),
+    /// Nothing to do: no input, output, held acknowledgement or pause pending. `last_rx`
+    /// is when the client last sent something (its keep alive counts from there).
+    Idle { last_rx: tokio::time::Instant },
+}
+
 /// Stop reading from the client while this much is waiting to be written to it.
 const OUT_READ_LIMIT: usize = 1024 * 1024;
 
@@ -38,44 +54,47 @@ const OUT_READ_LIMIT: usize = 1024 * 1024;
 const MAX_HELD: usize = 1024;
 
 impl Conn {
-    /// The main loop.
     /// The main loop, until the client goes, breaks the protocol, is taken over or kicked,
-    /// or `shutdown` (the listener's stop) is cancelled.
+    /// `shutdown` (the listener's stop) is cancelled, or the connection has nothing to do
+    /// when its timer fires ([`Served::Idle`]: the caller drops this loop's state and
+    /// waits in [`Conn::idle`]). `last_rx` is when the client last sent something.
     pub(super) async fn serve<R, W>(
         &mut self,
         rd: &mut R,
         wr: &mut W,
-        mut inbuf: BytesMut,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) -> Close
+        inbuf: &mut BytesMut,
+        shutdown: &tokio_util::sync::CancellationToken,
+        mut last_rx: tokio::time::Instant,
+    ) -> Served
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mailbox = self.state.mailbox.clone();
-        let mut last_rx = tokio::time::Instant::now();
         let ka =
             (self.keep_alive_ms > 0).then(|| Duration::from_millis(u64::from(self.keep_alive_ms)));
-        let mut kick_gone = false;
         let mut read_hint = MIN_READ;
         // A packet started but not finished must be within `packet_timeout` (a client that
         // sends half a packet and stalls is dropped, not kept by its keep alive).
         let packet_timeout = Duration::from_secs(self.config.mqtt.packet_timeout);
         let mut partial_since: Option<tokio::time::Instant> = None;
-        // One timer serves both deadlines (keep alive and partial packet): it fires at the
-        // earlier one or before, and its branch works out which has passed. Each timer is
-        // state every idle connection keeps.
-        let timer = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
+        // One timer serves every deadline (keep alive, partial packet, the idle check): it
+        // fires at the earliest one or before, and its branch works out which has passed.
+        // Each timer is state every connection keeps.
+        let start = tokio::time::Instant::now();
+        let first = ka.map_or(IDLE_AFTER, |k| k.min(IDLE_AFTER));
+        let timer = tokio::time::sleep_until(start + first);
         tokio::pin!(timer);
+        // Something the admin API asked while the connection was idle.
+        self.answer_questions();
 
-        // Packets that arrived together with CONNECT.
-        if let Some(close) = self.handle_input(&mut inbuf) {
-            return close;
+        // Packets already read: with CONNECT, or by the idle wait.
+        if let Some(close) = self.handle_input(inbuf) {
+            return Served::Closed(close);
         }
         if !inbuf.is_empty() {
-            let now = tokio::time::Instant::now();
-            partial_since = Some(now);
-            arm(timer.as_mut(), now + packet_timeout);
+            partial_since = Some(start);
+            arm(timer.as_mut(), start + packet_timeout);
         }
         loop {
             self.fill();
@@ -87,8 +106,8 @@ impl Conn {
             // be sending nothing more until they are answered).
             if self.input_stopped && self.held.len() < MAX_HELD && self.paused.is_none() {
                 let before = inbuf.len();
-                if let Some(close) = self.handle_input(&mut inbuf) {
-                    return close;
+                if let Some(close) = self.handle_input(inbuf) {
+                    return Served::Closed(close);
                 }
                 if inbuf.is_empty() {
                     partial_since = None;
@@ -109,7 +128,7 @@ impl Conn {
             if want_read && inbuf.capacity() - inbuf.len() < read_hint {
                 if inbuf.is_empty() && inbuf.capacity() > 4 * read_hint {
                     // Give back what a burst grew.
-                    inbuf = BytesMut::with_capacity(read_hint);
+                    *inbuf = BytesMut::with_capacity(read_hint);
                 } else {
                     inbuf.reserve(read_hint);
                 }
@@ -121,28 +140,21 @@ impl Conn {
             let paused = self.paused.clone();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Close::Shutdown,
-                k = &mut self.kick, if !kick_gone => {
-                    match k {
-                        Ok(Kick::TakenOver) => return Close::TakenOver,
-                        Ok(Kick::Admin) => {
-                            tracing::info!("disconnected by an operator (admin API)");
-                            return Close::Admin;
-                        }
-                        // The registry dropped our kick sender without using it: nothing
-                        // can kick us any more; keep serving.
-                        Err(_) => kick_gone = true,
+                _ = shutdown.cancelled() => return Served::Closed(Close::Shutdown),
+                k = &mut self.kick, if !self.kick_gone => {
+                    if let Some(close) = self.kicked(k) {
+                        return Served::Closed(close);
                     }
                 }
                 r = wr.write_buf(&mut self.out), if !self.out.is_empty() => {
                     match r {
-                        Ok(0) | Err(_) => return Close::Lost,
+                        Ok(0) | Err(_) => return Served::Closed(Close::Lost),
                         Ok(_) => {}
                     }
                 }
-                r = rd.read_buf(&mut inbuf), if want_read => {
+                r = rd.read_buf(inbuf), if want_read => {
                     match r {
-                        Ok(0) | Err(_) => return Close::Lost,
+                        Ok(0) | Err(_) => return Served::Closed(Close::Lost),
                         Ok(n) => {
                             read_hint = if n >= spare {
                                 (read_hint * 2).min(MAX_READ)
@@ -153,8 +165,8 @@ impl Conn {
                             };
                             last_rx = tokio::time::Instant::now();
                             let before = inbuf.len();
-                            if let Some(close) = self.handle_input(&mut inbuf) {
-                                return close;
+                            if let Some(close) = self.handle_input(inbuf) {
+                                return Served::Closed(close);
                             }
                             if inbuf.is_empty() {
                                 partial_since = None;
@@ -173,8 +185,8 @@ impl Conn {
                     }
                     self.paused = None;
                     // Packets read before the pause, not handled yet.
-                    if let Some(close) = self.handle_input(&mut inbuf) {
-                        return close;
+                    if let Some(close) = self.handle_input(inbuf) {
+                        return Served::Closed(close);
                     }
                     if inbuf.is_empty() {
                         partial_since = None;
@@ -183,17 +195,17 @@ impl Conn {
                 r = self.committed.changed(), if !self.held.is_empty() || self.waiting_for_store => {
                     if r.is_err() {
                         // The store is gone (shutting down): nothing more becomes durable.
-                        return Close::Shutdown;
+                        return Served::Closed(Close::Shutdown);
                     }
                     self.release_held();
                 }
-                _ = &mut timer, if ka.is_some() || partial_since.is_some() => {
+                _ = &mut timer => {
                     let now = tokio::time::Instant::now();
                     // A paused connection is not reading: its partial packet cannot progress.
                     let partial_due = partial_since.filter(|_| want_read).map(|t| t + packet_timeout);
                     if partial_due.is_some_and(|due| due <= now) {
                         tracing::info!("partial packet not completed within {}s: closing", packet_timeout.as_secs());
-                        return Close::Lost;
+                        return Served::Closed(Close::Lost);
                     }
                     if self.paused.is_some() || self.held.len() >= MAX_HELD {
                         // Not reading because of the broker (acknowledgements held for a
@@ -206,17 +218,86 @@ impl Conn {
                     let ka_due = ka.map(|limit| last_rx + limit);
                     if ka_due.is_some_and(|due| due <= now) {
                         tracing::info!("keep alive timeout");
-                        return Close::KeepAlive;
+                        return Served::Closed(Close::KeepAlive);
                     }
-                    let next = match (partial_due, ka_due) {
-                        (Some(p), Some(k)) => p.min(k),
-                        (Some(p), None) => p,
-                        (None, Some(k)) => k,
-                        // Paused with a partial packet and no keep alive: look again later.
-                        (None, None) => now + packet_timeout,
-                    };
+                    if self.quiet(inbuf) {
+                        return Served::Idle { last_rx };
+                    }
+                    // Busy: look again later (a partial packet or a keep alive may be due
+                    // before).
+                    let mut next = now + IDLE_AFTER;
+                    for due in [partial_due, ka_due].into_iter().flatten() {
+                        next = next.min(due);
+                    }
                     timer.as_mut().reset(next);
                 }
+            }
+        }
+    }
+
+    /// Waits for something to do, holding as little state as a connection can: the next
+    /// bytes from the client (read into `inbuf`, empty on entry), a delivery or question in
+    /// the mailbox, a kick, the keep alive's deadline or the listener's stop. `None`:
+    /// serve again.
+    pub(super) async fn idle<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        inbuf: &mut BytesMut,
+        shutdown: &tokio_util::sync::CancellationToken,
+        last_rx: &mut tokio::time::Instant,
+    ) -> Option<Close> {
+        // A few bytes are enough to learn that the client speaks; the main loop reads the
+        // rest with its own buffer.
+        let mut first = [0u8; 8];
+        let ka = self.keep_alive_ms;
+        let due = *last_rx + Duration::from_millis(u64::from(ka));
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Some(Close::Shutdown),
+            k = &mut self.kick, if !self.kick_gone => self.kicked(k),
+            r = rd.read(&mut first) => match r {
+                Ok(0) | Err(_) => Some(Close::Lost),
+                Ok(n) => {
+                    *last_rx = tokio::time::Instant::now();
+                    inbuf.extend_from_slice(&first[..n]);
+                    None
+                }
+            },
+            _ = self.state.mailbox.notified() => None,
+            _ = tokio::time::sleep_until(due), if ka > 0 => {
+                tracing::info!("keep alive timeout");
+                Some(Close::KeepAlive)
+            }
+        }
+    }
+
+    /// Whether the connection has nothing to do until something happens: nothing read
+    /// and not handled, to write, held for the store or taken from the mailbox, and no
+    /// pause.
+    fn quiet(&self, inbuf: &BytesMut) -> bool {
+        inbuf.is_empty()
+            && self.out.is_empty()
+            && self.held.is_empty()
+            && self.batch.is_empty()
+            && self.pending.is_empty()
+            && self.paused.is_none()
+            && !self.waiting_for_store
+            && !self.input_stopped
+    }
+
+    /// What a kick means: `Some` closes the connection.
+    fn kicked(&mut self, k: Result<Kick, tokio::sync::oneshot::error::RecvError>) -> Option<Close> {
+        match k {
+            Ok(Kick::TakenOver) => Some(Close::TakenOver),
+            Ok(Kick::Admin) => {
+                tracing::info!("disconnected by an operator (admin API)");
+                Some(Close::Admin)
+            }
+            // The registry dropped our kick sender without using it: nothing can kick us
+            // any more; keep serving.
+            Err(_) => {
+                self.kick_gone = true;
+                None
             }
         }
     }
