@@ -23,6 +23,8 @@ TITLES = {
     "latency-q0": "latency QoS 0 at 1,000 msg/s",
     "latency-q1": "latency QoS 1 at 1,000 msg/s",
     "connections": "idle connections opened at 2,000/s",
+    "subscriptions-1m": "1,000,000 subscriptions (topic names), 1,000 clients; QoS 0 to random topics",
+    "subscriptions-1m-wild": "1,000,000 wildcard subscriptions (a/+/b/#), 1,000 clients; QoS 0 to random topics",
 }
 
 FLOW = [
@@ -54,6 +56,17 @@ CONNECTIONS = [
     ("rss_before_kib", "broker RSS before, KiB"),
     ("rss_after_kib", "broker RSS with connections, KiB"),
     ("rss_per_conn_bytes", "broker RSS per connection, bytes"),
+]
+
+SUBSCRIPTIONS = [
+    ("subscriptions", "subscriptions"),
+    ("refused", "refused"),
+    ("subscribes_per_s", "subscriptions made per second"),
+    ("rss_before_kib", "broker RSS before, KiB"),
+    ("rss_after_kib", "broker RSS with the subscriptions, KiB"),
+    ("rss_per_sub_bytes", "broker RSS per subscription, bytes (connections included)"),
+    ("sent_per_s", "published msg/s"),
+    ("msgs_per_s", "routed (delivered) msg/s"),
 ]
 
 # Issue 6, point 4: (figure, sandpiper/mosquitto at least, sandpiper/nats at least, zero
@@ -124,6 +137,8 @@ def main(path):
             key, label = "lat_p99_us", "p99 µs"
         elif name == "connections":
             key, label = "rss_per_conn_bytes", "RSS bytes/conn"
+        elif name.startswith("subscriptions"):
+            key, label = "msgs_per_s", "routed msg/s"
         else:
             key, label = "msgs_per_s", "delivered msg/s"
         sv, mv, nv = ((r or {}).get(key) for r in (s, m, n))
@@ -140,7 +155,12 @@ def main(path):
     errors = []
     for name in order:
         print(f"| **{TITLES.get(name, name)}** | | | | | |")
-        figures = CONNECTIONS if name == "connections" else FLOW
+        if name == "connections":
+            figures = CONNECTIONS
+        elif name.startswith("subscriptions"):
+            figures = SUBSCRIPTIONS
+        else:
+            figures = FLOW
         for key, label in figures:
             rs = [get(name, b) for b in BROKERS]
             if all(r is None or key not in r for r in rs):

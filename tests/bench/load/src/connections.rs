@@ -28,7 +28,7 @@ pub struct ConnPlan {
 }
 
 /// Resident set size of `pid` in KiB, from `/proc/<pid>/status`.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let line = status

@@ -2,18 +2,21 @@
 //!
 //! It speaks MQTT 3.1.1 or 5.0 itself through `sandpiper::codec`, pre-encodes its PUBLISHes
 //! and writes them in batches over `TCP_NODELAY` sockets, so it costs the machine little
-//! next to the broker it measures. Scenarios: `fan-in`, `fan-out`, `p2p`, `latency` and
-//! `connections` (see `--help`). Each run is bounded in time and in messages and stops by
-//! itself; results are a table, or one JSON object per line with `--json`.
+//! next to the broker it measures. Scenarios: `fan-in`, `fan-out`, `p2p`, `latency`,
+//! `connections` and `subscriptions` (see `--help`). Each run is bounded in time and in
+//! messages and stops by itself; results are a table, or one JSON object per line with
+//! `--json`.
 //!
-//! `flow` runs publishers and subscribers, `connections` idle connections, `mqtt` the
-//! client side of the protocol, `track` and `hist` what is counted, `report` the output.
+//! `flow` runs publishers and subscribers, `connections` idle connections, `subscriptions`
+//! a large subscription table, `mqtt` the client side of the protocol, `track` and `hist`
+//! what is counted, `report` the output.
 
 mod connections;
 mod flow;
 mod hist;
 mod mqtt;
 mod report;
+mod subscriptions;
 mod track;
 
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ use sandpiper::codec::{ProtocolVersion, QoS};
 use crate::connections::ConnPlan;
 use crate::flow::Plan;
 use crate::report::Record;
+use crate::subscriptions::SubsPlan;
 
 /// Load generator for MQTT brokers: throughput, latency and connection scenarios, on
 /// loopback only.
@@ -149,6 +153,26 @@ enum Scenario {
         #[arg(long, default_value_t = 2.0)]
         hold: f64,
     },
+    /// C clients hold N subscriptions in all, then one QoS 0 publisher sends to topics at
+    /// random, each matching one subscription: subscribe rate, broker RSS per
+    /// subscription, routing rate.
+    Subscriptions {
+        /// Subscriptions in all.
+        #[arg(short = 'n', long, default_value_t = 1_000_000)]
+        subscriptions: usize,
+        /// Subscribing clients.
+        #[arg(short = 'c', long, default_value_t = 1000)]
+        clients: usize,
+        /// Wildcard filters (`bench/w/A/+/B/#`) instead of topic names.
+        #[arg(long)]
+        wildcard: bool,
+        /// Filters per SUBSCRIBE packet.
+        #[arg(long, default_value_t = 100)]
+        per_packet: usize,
+        /// The broker's pid, to read its VmRSS from /proc.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +221,7 @@ pub struct Settings {
 const MAX_SECONDS: f64 = 3600.0;
 const MAX_CLIENTS: usize = 1000;
 const MAX_CONNECTIONS: usize = 100_000;
+const MAX_SUBSCRIPTIONS: usize = 2_000_000;
 const MAX_PAYLOAD: usize = 1 << 20;
 const MAX_COUNT: u64 = 1_000_000_000;
 
@@ -352,6 +377,22 @@ async fn run(cli: &Cli) -> anyhow::Result<Record> {
             };
             connections::run(&plan, &s).await
         }
+        Scenario::Subscriptions {
+            subscriptions: n,
+            clients: c,
+            wildcard,
+            per_packet,
+            broker_pid,
+        } => {
+            let plan = SubsPlan {
+                subscriptions: clients("subscriptions", *n, MAX_SUBSCRIPTIONS)?,
+                clients: clients("clients", *c, MAX_CLIENTS)?,
+                wildcard: *wildcard,
+                per_packet: clients("per-packet", *per_packet, 10_000)?,
+                broker_pid: *broker_pid,
+            };
+            subscriptions::run(&plan, &s).await
+        }
     }
 }
 
@@ -362,6 +403,7 @@ fn scenario_name(s: &Scenario) -> &'static str {
         Scenario::P2p { .. } => "p2p",
         Scenario::Latency { .. } => "latency",
         Scenario::Connections { .. } => "connections",
+        Scenario::Subscriptions { .. } => "subscriptions",
     }
 }
 
