@@ -260,6 +260,11 @@ impl Router {
                 false
             }
             None => {
+                if list.is_empty() {
+                    // Most filters have one subscriber: room for exactly one (a first push
+                    // would make room for four, three of them never used, on every node).
+                    list.reserve_exact(1);
+                }
                 list.push(entry);
                 self.subscriptions.fetch_add(1, Ordering::Relaxed);
                 true
