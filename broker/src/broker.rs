@@ -39,6 +39,8 @@ pub struct Broker {
     pub pipeline: Arc<Pipeline>,
     /// Bridges to other brokers (`[[bridge]]`).
     pub bridges: Arc<crate::bridge::Bridges>,
+    /// The keep-alive deadlines of idle connections, one watch for all of them.
+    pub keep_alives: Arc<crate::connection::keepalive::KeepAlives>,
     /// Set once every listener is bound (readiness).
     pub listening: std::sync::atomic::AtomicBool,
     /// The configuration in force: `config` until a reload (`reload.rs`) replaces it.
@@ -204,6 +206,7 @@ impl Broker {
             config,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            keep_alives: Arc::default(),
             store,
             reload: tokio::sync::watch::Sender::new(0),
             listening: std::sync::atomic::AtomicBool::new(false),

@@ -62,6 +62,7 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         .listening
         .store(true, std::sync::atomic::Ordering::Release);
     crate::sys::spawn(broker.clone());
+    broker.keep_alives.spawn(broker.shutdown.clone());
     spawn_policy_changes(&broker);
     // Every listener bound, every required plugin loaded: a `Type=notify` unit is started.
     crate::notify::notify("READY=1\nSTATUS=serving MQTT");

@@ -319,3 +319,45 @@ async fn runtime_workers_sets_the_threads_serving_connections() {
     let line = started(&default).unwrap_or_default();
     assert!(line.contains(&format!("workers={want}")), "log: {line:?}");
 }
+
+/// An idle connection drops its main loop's state and keeps no timer of its own (the
+/// broker's keep-alive watch wakes it): pings further apart than the idle delay (0.5 s)
+/// keep it open over several keep-alive periods, a delivery reaches it while it is idle,
+/// and silence closes it after 1.5 × the keep alive, counted from its last packet
+/// [MQTT-3.1.2-24].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_keeps_its_keep_alive_and_wakes_for_a_delivery() {
+    let broker = Broker::start();
+    let mut s = raw::connect_tcp(&broker).await;
+    raw::send(&mut s, &raw::connect_v311("idle-ka", true, 2)).await;
+    assert_eq!(raw::expect_packet(&mut s).await, (0x20, vec![0x00, 0x00]));
+    let mut sub = vec![0x82, 11, 0x00, 0x01, 0x00, 0x06];
+    sub.extend_from_slice(b"idle/t");
+    sub.push(0x00);
+    raw::send(&mut s, &sub).await;
+    assert_eq!(
+        raw::expect_packet(&mut s).await,
+        (0x90, vec![0x00, 0x01, 0x00])
+    );
+    // 5 pings 1.2 s apart: 6 s, twice the 3 s the keep alive allows a silence.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        raw::send(&mut s, &[0xC0, 0x00]).await;
+        assert_eq!(raw::expect_packet(&mut s).await, (0xD0, vec![]));
+    }
+    let last_ping = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut p = v3::Client::connect(v3::options(&broker, "idle-pub")).await;
+    p.publish("idle/t", v3::QoS::AtMostOnce, false, b"while idle")
+        .await;
+    let (first, body) = raw::expect_packet(&mut s).await;
+    assert_eq!(first & 0xF0, 0x30, "PUBLISH");
+    assert!(body.ends_with(b"while idle"), "{body:?}");
+    // Receiving is not sending: the keep alive still counts from the last ping.
+    raw::expect_close(&mut s, Duration::from_secs(10), |_| false).await;
+    let silent = last_ping.elapsed();
+    assert!(
+        silent >= Duration::from_secs(3),
+        "closed {silent:?} after the last ping, before 1.5 × the keep alive of 2 s"
+    );
+}

@@ -27,6 +27,7 @@ use socket::Served;
 
 mod deliver;
 mod handshake;
+pub mod keepalive;
 mod publish;
 mod socket;
 mod subscribe;
@@ -140,28 +141,21 @@ pub async fn run<R, W>(
     // linger) and finishing are boxed, as the main loop is: the task keeps the largest
     // state of its awaits for as long as the client stays, and an idle client should keep
     // only the idle wait's.
-    let Some((mut conn, mut inbuf)) =
+    let Some((mut conn, inbuf)) =
         Box::pin(connect(&broker, &listener, peer, &mut rd, &mut wr)).await
     else {
         return;
     };
     let open = crate::metrics::open(&listener.name, conn.version);
+    conn.inbuf = inbuf;
     // The main loop's state (its select, timer and buffers) is boxed and dropped while the
-    // connection is idle; what the task keeps for an idle client is the idle wait's.
-    let mut last_rx = tokio::time::Instant::now();
+    // connection is idle; what the task keeps for an idle client is the idle wait's. (The
+    // read buffer and the time of the last read live in `Conn` for the same reason.)
     let close = loop {
-        let served = Box::pin(conn.serve(&mut rd, &mut wr, &mut inbuf, &listener.stop, last_rx));
-        match served.await {
+        match Box::pin(conn.serve_boxed(&mut rd, &mut wr, &listener.stop)).await {
             Served::Closed(close) => break close,
-            Served::Idle { last_rx: at } => {
-                last_rx = at;
-                // Both buffers are empty: an idle connection keeps no allocation for them.
-                inbuf = BytesMut::new();
-                conn.out = BytesMut::new();
-                if let Some(close) = conn
-                    .idle(&mut rd, &mut inbuf, &listener.stop, &mut last_rx)
-                    .await
-                {
+            Served::Idle { .. } => {
+                if let Some(close) = conn.idle(&mut rd, &listener.stop).await {
                     break close;
                 }
             }
@@ -281,6 +275,13 @@ struct Conn {
     kick: tokio::sync::oneshot::Receiver<Kick>,
     /// The registry dropped the kick's sender without using it: nothing can kick us.
     kick_gone: bool,
+    /// Read from the client, not handled yet (empty, without an allocation, while idle).
+    inbuf: BytesMut,
+    /// When the client last sent something (its keep alive counts from there).
+    last_rx: tokio::time::Instant,
+    /// The keep-alive tick the broker's watch wakes this connection in (0: none asked);
+    /// the deadline only moves later, so one pending wake-up is enough.
+    ka_watch: u64,
     out: BytesMut,
     batch: VecDeque<Delivery>,
     /// Outbound inflight window: min(client Receive Maximum, max_inflight).
@@ -307,7 +308,8 @@ struct Conn {
     input_stopped: bool,
     /// A subscriber of ours is congested: reading stops until it has room, or until the
     /// deadline, after which it is marked slow.
-    paused: Option<(Arc<dyn crate::mailbox::Room>, tokio::time::Instant)>,
+    /// Boxed: rare, and every byte here is kept by every idle connection.
+    paused: Option<Box<Pause>>,
     /// Session expiry asked for in CONNECT, to check DISCONNECT against (MQTT-3.14.2-2).
     connect_expiry: u32,
     /// Authorization by plugins, with this connection's cached decisions.
@@ -325,6 +327,9 @@ struct Conn {
     /// comes back to it and retained flags pass as they are.
     bridge: bool,
 }
+
+/// A congested queue a connection waits for, and until when.
+type Pause = (Arc<dyn crate::mailbox::Room>, tokio::time::Instant);
 
 /// What re-authentication needs (MQTT 5 §4.12.1).
 struct Reauth {
@@ -426,6 +431,6 @@ mod task_size {
     fn an_idle_connection_task_stays_small() {
         use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
         let size = future_size(super::run::<OwnedReadHalf, OwnedWriteHalf>);
-        assert!(size <= 640, "connection::run's future is {size} bytes");
+        assert!(size <= 416, "connection::run's future is {size} bytes");
     }
 }

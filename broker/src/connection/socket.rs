@@ -18,11 +18,9 @@ use crate::session::Kick;
 use super::{CLOSE_FLUSH, Close, Conn, MAX_READ, MIN_READ, OUT_HIGH_WATER, arm};
 
 /// Waits until the congested queue has room (true) or the deadline passes (false).
-pub(super) async fn wait_for_room(
-    paused: &Option<(Arc<dyn crate::mailbox::Room>, tokio::time::Instant)>,
-) -> bool {
+pub(super) async fn wait_for_room(paused: &Option<super::Pause>) -> bool {
     match paused {
-        Some((mb, deadline)) => tokio::time::timeout_at(*deadline, mb.wait_for_room())
+        Some(p) => tokio::time::timeout_at(p.1, p.0.wait_for_room())
             .await
             .is_ok(),
         None => std::future::pending().await,
@@ -82,8 +80,10 @@ impl Conn {
         // fires at the earliest one or before, and its branch works out which has passed.
         // Each timer is state every connection keeps.
         let start = tokio::time::Instant::now();
-        let first = ka.map_or(IDLE_AFTER, |k| k.min(IDLE_AFTER));
-        let timer = tokio::time::sleep_until(start + first);
+        let first = ka.map_or(start + IDLE_AFTER, |k| {
+            (last_rx + k).min(start + IDLE_AFTER)
+        });
+        let timer = tokio::time::sleep_until(first);
         tokio::pin!(timer);
         // Something the admin API asked while the connection was idle.
         self.answer_questions();
@@ -137,7 +137,7 @@ impl Conn {
                 self.out = BytesMut::new();
             }
             let spare = inbuf.capacity() - inbuf.len();
-            let paused = self.paused.clone();
+            let paused = self.paused.as_deref().cloned();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Served::Closed(Close::Shutdown),
@@ -180,7 +180,8 @@ impl Conn {
                 }
                 _ = mailbox.notified() => self.answer_questions(),
                 room = wait_for_room(&paused), if paused.is_some() => {
-                    if !room && let Some((mb, _)) = &paused {
+                    if !room && let Some(p) = &paused {
+                        let mb = &p.0;
                         mb.mark_stalled();
                     }
                     self.paused = None;
@@ -237,38 +238,89 @@ impl Conn {
 
     /// Waits for something to do, holding as little state as a connection can: the next
     /// bytes from the client (read into `inbuf`, empty on entry), a delivery or question in
-    /// the mailbox, a kick, the keep alive's deadline or the listener's stop. `None`:
+    /// the mailbox, a kick or the listener's stop. The keep alive has no timer here: the
+    /// broker's watch ([`super::keepalive`]) wakes the mailbox at its deadline. `None`:
     /// serve again.
     pub(super) async fn idle<R: AsyncRead + Unpin>(
         &mut self,
         rd: &mut R,
-        inbuf: &mut BytesMut,
         shutdown: &tokio_util::sync::CancellationToken,
-        last_rx: &mut tokio::time::Instant,
     ) -> Option<Close> {
+        if let Some(close) = self.watch_keep_alive() {
+            return Some(close);
+        }
         // A few bytes are enough to learn that the client speaks; the main loop reads the
         // rest with its own buffer.
         let mut first = [0u8; 8];
-        let ka = self.keep_alive_ms;
-        let due = *last_rx + Duration::from_millis(u64::from(ka));
-        tokio::select! {
+        let woken = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => Some(Close::Shutdown),
-            k = &mut self.kick, if !self.kick_gone => self.kicked(k),
+            _ = shutdown.cancelled() => return Some(Close::Shutdown),
+            k = &mut self.kick, if !self.kick_gone => return self.kicked(k),
             r = rd.read(&mut first) => match r {
-                Ok(0) | Err(_) => Some(Close::Lost),
+                Ok(0) | Err(_) => return Some(Close::Lost),
                 Ok(n) => {
-                    *last_rx = tokio::time::Instant::now();
-                    inbuf.extend_from_slice(&first[..n]);
-                    None
+                    self.last_rx = tokio::time::Instant::now();
+                    self.inbuf.extend_from_slice(&first[..n]);
+                    return None;
                 }
             },
-            _ = self.state.mailbox.notified() => None,
-            _ = tokio::time::sleep_until(due), if ka > 0 => {
-                tracing::info!("keep alive timeout");
-                Some(Close::KeepAlive)
-            }
+            _ = self.state.mailbox.notified() => true,
+        };
+        // A delivery, a question, or the keep alive's watch.
+        if woken && let Some(close) = self.watch_keep_alive() {
+            return Some(close);
         }
+        None
+    }
+
+    /// Runs the main loop over the connection's read buffer; when it finds nothing to do,
+    /// drops the buffers' allocations (both are empty) before the idle wait.
+    pub(super) async fn serve_boxed<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Served
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        let served = self.serve(rd, wr, &mut inbuf, shutdown, self.last_rx).await;
+        if let Served::Idle { last_rx } = served {
+            self.last_rx = last_rx;
+            self.out = BytesMut::new();
+        } else {
+            self.inbuf = inbuf;
+        }
+        served
+    }
+
+    /// Closes the connection if the client has been silent for 1.5 × its keep alive;
+    /// otherwise makes sure the broker's watch wakes it at that deadline.
+    fn watch_keep_alive(&mut self) -> Option<Close> {
+        if self.keep_alive_ms == 0 {
+            return None;
+        }
+        let now = tokio::time::Instant::now();
+        let due = self.last_rx + Duration::from_millis(u64::from(self.keep_alive_ms));
+        if due <= now {
+            tracing::info!("keep alive timeout");
+            return Some(Close::KeepAlive);
+        }
+        let watch = &self.broker.keep_alives;
+        if self.ka_watch != 0 && watch.tick_of(now, false) >= self.ka_watch {
+            // That wake-up has come (or is coming now).
+            self.ka_watch = 0;
+        }
+        if self.ka_watch == 0 {
+            // A pending earlier wake-up is enough: the deadline only moves later, and it
+            // brings the connection back here to ask for the next one.
+            let at = due.min(now + super::keepalive::HORIZON);
+            self.ka_watch = watch.tick_of(at, true);
+            watch.watch(self.ka_watch, &self.state.mailbox);
+        }
+        None
     }
 
     /// Whether the connection has nothing to do until something happens: nothing read
@@ -482,7 +534,7 @@ impl Conn {
         {
             crate::metrics::inc(crate::metrics::C::BackpressureWaits);
             let timeout = Duration::from_millis(self.config.mqtt.backpressure_timeout_ms);
-            self.paused = Some((mb, tokio::time::Instant::now() + timeout));
+            self.paused = Some(Box::new((mb, tokio::time::Instant::now() + timeout)));
         }
     }
 }
