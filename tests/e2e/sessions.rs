@@ -429,3 +429,48 @@ async fn v311_resume_for_every_clean_session_pair() {
         sub.expect_silence().await;
     }
 }
+
+/// More expired messages wait in a connected subscriber's queue than its connection takes
+/// from it at once (256): every one it takes is dropped and nothing is written, and the
+/// message behind them must still come without anything else waking the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_starts_with_many_expired_messages_still_delivers_the_rest() {
+    let broker = Broker::start();
+    let mut o = v5::options(&broker, "mx-many");
+    o.set_receive_maximum(Some(1));
+    o.set_manual_acks(true);
+    let mut sub = v5::Client::connect(o).await;
+    sub.subscribe_ok("mx-many/#", v5::QoS::AtLeastOnce).await;
+    let mut pubr = v5::Client::connect(v5::options(&broker, "mx-many-pub")).await;
+    pubr.publish("mx-many/t", v5::QoS::AtLeastOnce, false, b"first")
+        .await;
+    // Held in flight, unacknowledged: the window of one is full, the rest waits.
+    let first = sub.recv().await;
+    assert_eq!(&first.payload[..], b"first");
+    let expiring = v5::PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    for _ in 0..300 {
+        pubr.publish_with(
+            "mx-many/t",
+            v5::QoS::AtLeastOnce,
+            false,
+            b"short",
+            Some(expiring.clone()),
+        )
+        .await;
+    }
+    pubr.publish("mx-many/t", v5::QoS::AtLeastOnce, false, b"kept")
+        .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // The acknowledgement frees the window: the connection takes 256 expired messages,
+    // drops them all, and must come back for the rest.
+    sub.ack(&first).await;
+    let p = sub.recv().await;
+    assert_eq!(
+        &p.payload[..],
+        b"kept",
+        "the message behind 300 expired ones"
+    );
+}

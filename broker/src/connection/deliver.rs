@@ -95,12 +95,23 @@ impl Conn {
         if self.revoked {
             self.drop_revoked(&mut batch);
         }
+        let (drained, written) = (batch.len(), self.out.len());
         let now = Instant::now();
         while let Some(d) = batch.pop_front() {
             self.deliver(d, now);
             if self.out.len() >= OUT_HIGH_WATER * 4 {
                 break;
             }
+        }
+        if drained > 0
+            && self.out.len() == written
+            && batch.is_empty()
+            && !self.waiting_for_store
+            && !self.state.mailbox.is_empty()
+        {
+            // Every delivery taken was dropped (expired, refused by a plugin, revoked):
+            // nothing was written to bring us back, so look at the rest on the next turn.
+            self.state.mailbox.wake();
         }
         self.batch = batch;
         if !self.batch.is_empty() {
