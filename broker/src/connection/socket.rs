@@ -137,6 +137,11 @@ impl Conn {
                 self.out = BytesMut::new();
             }
             let spare = inbuf.capacity() - inbuf.len();
+            // The timer is polled only when one of its deadlines can matter: a keep alive,
+            // a partial packet, or the idle check of a connection with nothing pending (a
+            // busy connection without a keep alive does not spend the task's budget on it
+            // at every turn; once quiet it finds an elapsed timer and goes idle at once).
+            let timer_matters = ka.is_some() || partial_since.is_some() || self.quiet(inbuf);
             let paused = self.paused.as_deref().cloned();
             tokio::select! {
                 biased;
@@ -200,7 +205,7 @@ impl Conn {
                     }
                     self.release_held();
                 }
-                _ = &mut timer => {
+                _ = &mut timer, if timer_matters => {
                     let now = tokio::time::Instant::now();
                     // A paused connection is not reading: its partial packet cannot progress.
                     let partial_due = partial_since.filter(|_| want_read).map(|t| t + packet_timeout);
