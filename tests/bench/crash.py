@@ -40,28 +40,10 @@ SANDPIPER = os.environ.get("SANDPIPER_BIN", os.path.join(ROOT, "target", "releas
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mstr(s):
-    b = s.encode()
-    return struct.pack(">H", len(b)) + b
-
-
-def packet(first, body):
-    return bytes([first]) + varint(len(body)) + body
-
-
-def connect_packet(client_id, clean):
-    flags = 0x02 if clean else 0x00
-    return packet(0x10, mstr("MQTT") + bytes([4, flags]) + struct.pack(">H", 60) + mstr(client_id))
+# The raw MQTT 3.1.1 encoding the store benchmark already writes (same folder).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from store import connect as connect_packet  # noqa: E402
+from store import mstr, packet  # noqa: E402
 
 
 class Reader:
