@@ -331,10 +331,7 @@ async fn an_idle_connection_keeps_its_keep_alive_and_wakes_for_a_delivery() {
     let mut s = raw::connect_tcp(&broker).await;
     raw::send(&mut s, &raw::connect_v311("idle-ka", true, 2)).await;
     assert_eq!(raw::expect_packet(&mut s).await, (0x20, vec![0x00, 0x00]));
-    let mut sub = vec![0x82, 11, 0x00, 0x01, 0x00, 0x06];
-    sub.extend_from_slice(b"idle/t");
-    sub.push(0x00);
-    raw::send(&mut s, &sub).await;
+    raw::send(&mut s, &raw::subscribe(1, ["idle/t"], false)).await;
     assert_eq!(
         raw::expect_packet(&mut s).await,
         (0x90, vec![0x00, 0x01, 0x00])

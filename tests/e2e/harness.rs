@@ -835,6 +835,19 @@ pub mod raw {
         buf.extend_from_slice(s);
     }
 
+    /// SUBSCRIBE `id` of `filters`, QoS 0 each; MQTT 5 adds an empty property block.
+    pub fn subscribe<'a>(id: u16, filters: impl IntoIterator<Item = &'a str>, v5: bool) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        if v5 {
+            body.push(0);
+        }
+        for f in filters {
+            put_str(&mut body, f.as_bytes());
+            body.push(0);
+        }
+        packet(0x82, &body)
+    }
+
     /// Fixed header + remaining length (variable byte integer).
     pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![first];

@@ -116,17 +116,6 @@ fn connect_with_retained_will(id: &str, topic: &str) -> Vec<u8> {
     raw::packet(0x10, &body)
 }
 
-/// MQTT 5 SUBSCRIBE of `filters` at QoS 0, no properties.
-fn subscribe_v5<'a>(id: u16, filters: impl Iterator<Item = &'a str>) -> Vec<u8> {
-    let mut body = id.to_be_bytes().to_vec();
-    body.push(0);
-    for f in filters {
-        put_str(&mut body, f.as_bytes());
-        body.push(0);
-    }
-    raw::packet(0x82, &body)
-}
-
 /// The next packet, or `None` when none comes within `within` or the connection closes.
 async fn next_within(s: &mut TcpStream, within: Duration) -> Option<(u8, Vec<u8>)> {
     tokio::time::timeout(within, raw::read_packet(s, Duration::from_secs(3600)))
@@ -308,7 +297,11 @@ async fn one_subscribe_cannot_exhaust_memory() {
     let mut s = raw::connect_v5(&broker, "repeater").await;
     // 200,000 times "#" in one 800 KB packet.
     let n = 200_000;
-    raw::send(&mut s, &subscribe_v5(1, std::iter::repeat_n("#", n))).await;
+    raw::send(
+        &mut s,
+        &raw::subscribe(1, std::iter::repeat_n("#", n), true),
+    )
+    .await;
     let t = Instant::now();
     let suback = read_until(&mut s, 9).await;
     // Packet id, property length, then one code per filter: all granted QoS 0.
@@ -339,7 +332,11 @@ async fn one_subscribe_cannot_exhaust_memory() {
     // Beyond the default cap of 256 filters per packet: DISCONNECT 0x97.
     let broker = Broker::start();
     let mut s = raw::connect_v5(&broker, "too-many").await;
-    raw::send(&mut s, &subscribe_v5(1, std::iter::repeat_n("a/b", 257))).await;
+    raw::send(
+        &mut s,
+        &raw::subscribe(1, std::iter::repeat_n("a/b", 257), true),
+    )
+    .await;
     assert_eq!(raw::disconnect_codes(&mut s).await, vec![0x97]);
 }
 
@@ -380,7 +377,7 @@ async fn user_properties_are_capped_and_counted() {
     // With the cap lifted, the queue's byte limit (16 MiB, properties counted) holds.
     let mut broker = Broker::start_with("max_user_properties = 1000000");
     let mut stuck = raw::connect_v5(&broker, "never-reads").await;
-    raw::send(&mut stuck, &subscribe_v5(1, std::iter::once("props/#"))).await;
+    raw::send(&mut stuck, &raw::subscribe(1, ["props/#"], true)).await;
     let mut probe = Probe::new(&broker, "props-probe").await;
     let mut s = raw::connect_v5(&broker, "props").await;
     let packet = publish_with_properties(100_000);

@@ -107,20 +107,6 @@ async fn connection_rate_per_source_address() {
     assert_eq!(connack(&mut s, 5, "later").await, 0x00);
 }
 
-/// SUBSCRIBE with `filters` (QoS 0 each); MQTT 5 adds an empty property block.
-fn subscribe(id: u16, filters: &[&str], v5: bool) -> Vec<u8> {
-    let mut body = id.to_be_bytes().to_vec();
-    if v5 {
-        body.push(0);
-    }
-    for f in filters {
-        body.extend_from_slice(&u16::try_from(f.len()).unwrap().to_be_bytes());
-        body.extend_from_slice(f.as_bytes());
-        body.push(0);
-    }
-    raw::packet(0x82, &body)
-}
-
 /// The reason codes of the next SUBACK.
 async fn suback(s: &mut TcpStream, v5: bool) -> Vec<u8> {
     let (first, body) = raw::expect_packet(s).await;
@@ -137,15 +123,15 @@ async fn suback(s: &mut TcpStream, v5: bool) -> Vec<u8> {
 async fn max_subscriptions_per_client() {
     let broker = Broker::start_with("max_subscriptions = 2");
     let mut v5 = raw::connect_v5(&broker, "subs-v5").await;
-    raw::send(&mut v5, &subscribe(1, &["a", "b", "c"], true)).await;
+    raw::send(&mut v5, &raw::subscribe(1, ["a", "b", "c"], true)).await;
     assert_eq!(suback(&mut v5, true).await, vec![0x00, 0x00, 0x97]);
     // Replacing a subscription the client holds is no new one.
-    raw::send(&mut v5, &subscribe(2, &["a", "d"], true)).await;
+    raw::send(&mut v5, &raw::subscribe(2, ["a", "d"], true)).await;
     assert_eq!(suback(&mut v5, true).await, vec![0x00, 0x97]);
 
     let mut v4 = raw::connect_tcp(&broker).await;
     assert_eq!(connack(&mut v4, 4, "subs-v4").await, 0);
-    raw::send(&mut v4, &subscribe(1, &["a", "b", "c"], false)).await;
+    raw::send(&mut v4, &raw::subscribe(1, ["a", "b", "c"], false)).await;
     assert_eq!(suback(&mut v4, false).await, vec![0x00, 0x00, 0x80]);
 }
 
@@ -168,7 +154,7 @@ async fn topic_length_and_levels() {
     assert_eq!(raw::expect_packet(&mut p).await.0, 0x40);
     assert_eq!(sub.recv().await.payload.as_ref(), b"fine");
     // Filters over the limits: 0x8F (3.x: 0x80).
-    raw::send(&mut p, &subscribe(4, &["a/b/c/#", "x"], true)).await;
+    raw::send(&mut p, &raw::subscribe(4, ["a/b/c/#", "x"], true)).await;
     assert_eq!(suback(&mut p, true).await, vec![0x8F, 0x00]);
     // QoS 0 has no acknowledgement to refuse it with: DISCONNECT 0x90.
     raw::send(&mut p, &raw::publish(deep, 0, false, 0, b"x", true)).await;
@@ -176,7 +162,7 @@ async fn topic_length_and_levels() {
 
     let mut v4 = raw::connect_tcp(&broker).await;
     assert_eq!(connack(&mut v4, 4, "topic-v4").await, 0);
-    raw::send(&mut v4, &subscribe(1, &[long], false)).await;
+    raw::send(&mut v4, &raw::subscribe(1, [long], false)).await;
     assert_eq!(suback(&mut v4, false).await, vec![0x80]);
     raw::send(&mut v4, &raw::publish(long, 1, false, 2, b"x", false)).await;
     raw::expect_close(&mut v4, WAIT, |_| false).await;

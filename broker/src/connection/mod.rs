@@ -154,7 +154,7 @@ pub async fn run<R, W>(
     let close = loop {
         match Box::pin(conn.serve_boxed(&mut rd, &mut wr, &listener.stop)).await {
             Served::Closed(close) => break close,
-            Served::Idle { .. } => {
+            Served::Idle => {
                 if let Some(close) = conn.idle(&mut rd, &listener.stop).await {
                     break close;
                 }
@@ -226,10 +226,6 @@ where
         }
     };
     tracing::trace!(%peer, "CONNECT received");
-    // Accepting (authentication plugins, session takeover, and the linger after a refusal)
-    // and finishing are boxed so that their state does not enlarge the future every idle
-    // connection keeps while serving. (Awaiting the linger here, with the `Option<Conn>`
-    // of the refusal still in scope, cost every connection the size of a `Conn`.)
     let conn = Conn::accept(broker, listener, peer, *connect, (&mut *rd, &mut inbuf), wr).await;
     let Some(conn) = conn else {
         // Refused (CONNACK with a reason code sent) or failed.

@@ -30,7 +30,7 @@ pub(super) async fn wait_for_room(paused: &Option<super::Pause>) -> bool {
 /// How long a connection with nothing to do keeps the main loop's state before it drops
 /// it and waits in [`Conn::idle`], which holds a few hundred bytes less: most of a fleet's
 /// connections are idle most of the time, and their memory is what bounds how many a
-/// broker holds. A busy connection's timer fires this often to look.
+/// broker holds.
 const IDLE_AFTER: Duration = Duration::from_millis(500);
 
 /// How the main loop ended.
@@ -38,9 +38,8 @@ const IDLE_AFTER: Duration = Duration::from_millis(500);
 pub(super) enum Served {
     /// The connection ends.
     Closed(Close),
-    /// Nothing to do: no input, output, held acknowledgement or pause pending. `last_rx`
-    /// is when the client last sent something (its keep alive counts from there).
-    Idle { last_rx: tokio::time::Instant },
+    /// Nothing to do: no input, output, held acknowledgement or pause pending.
+    Idle,
 }
 
 /// Stop reading from the client while this much is waiting to be written to it.
@@ -55,14 +54,13 @@ impl Conn {
     /// The main loop, until the client goes, breaks the protocol, is taken over or kicked,
     /// `shutdown` (the listener's stop) is cancelled, or the connection has nothing to do
     /// when its timer fires ([`Served::Idle`]: the caller drops this loop's state and
-    /// waits in [`Conn::idle`]). `last_rx` is when the client last sent something.
+    /// waits in [`Conn::idle`]).
     pub(super) async fn serve<R, W>(
         &mut self,
         rd: &mut R,
         wr: &mut W,
         inbuf: &mut BytesMut,
         shutdown: &tokio_util::sync::CancellationToken,
-        mut last_rx: tokio::time::Instant,
     ) -> Served
     where
         R: AsyncRead + Unpin,
@@ -78,10 +76,9 @@ impl Conn {
         let mut partial_since: Option<tokio::time::Instant> = None;
         // One timer serves every deadline (keep alive, partial packet, the idle check): it
         // fires at the earliest one or before, and its branch works out which has passed.
-        // Each timer is state every connection keeps.
         let start = tokio::time::Instant::now();
         let first = ka.map_or(start + IDLE_AFTER, |k| {
-            (last_rx + k).min(start + IDLE_AFTER)
+            (self.last_rx + k).min(start + IDLE_AFTER)
         });
         let timer = tokio::time::sleep_until(first);
         tokio::pin!(timer);
@@ -168,7 +165,7 @@ impl Conn {
                             } else {
                                 read_hint
                             };
-                            last_rx = tokio::time::Instant::now();
+                            self.last_rx = tokio::time::Instant::now();
                             let before = inbuf.len();
                             if let Some(close) = self.handle_input(inbuf) {
                                 return Served::Closed(close);
@@ -177,16 +174,15 @@ impl Conn {
                                 partial_since = None;
                             } else if partial_since.is_none() || inbuf.len() < before {
                                 // A new packet started (or one completed and the next began).
-                                partial_since = Some(last_rx);
-                                arm(timer.as_mut(), last_rx + packet_timeout);
+                                partial_since = Some(self.last_rx);
+                                arm(timer.as_mut(), self.last_rx + packet_timeout);
                             }
                         }
                     }
                 }
                 _ = mailbox.notified() => self.answer_questions(),
                 room = wait_for_room(&paused), if paused.is_some() => {
-                    if !room && let Some(p) = &paused {
-                        let mb = &p.0;
+                    if !room && let Some((mb, _)) = &paused {
                         mb.mark_stalled();
                     }
                     self.paused = None;
@@ -219,15 +215,15 @@ impl Conn {
                         // unread, so its silence is ours. The keep alive counts again from
                         // when reading resumes. (A client that does not read what we send
                         // gets no such grace.)
-                        last_rx = last_rx.max(now);
+                        self.last_rx = self.last_rx.max(now);
                     }
-                    let ka_due = ka.map(|limit| last_rx + limit);
+                    let ka_due = ka.map(|limit| self.last_rx + limit);
                     if ka_due.is_some_and(|due| due <= now) {
                         tracing::info!("keep alive timeout");
                         return Served::Closed(Close::KeepAlive);
                     }
                     if self.quiet(inbuf) {
-                        return Served::Idle { last_rx };
+                        return Served::Idle;
                     }
                     // Busy: look again later (a partial packet or a keep alive may be due
                     // before).
@@ -242,7 +238,7 @@ impl Conn {
     }
 
     /// Waits for something to do, holding as little state as a connection can: the next
-    /// bytes from the client (read into `inbuf`, empty on entry), a delivery or question in
+    /// bytes from the client (into the read buffer, empty on entry), a delivery or question in
     /// the mailbox, a kick or the listener's stop. The keep alive has no timer here: the
     /// broker's watch ([`super::keepalive`]) wakes the mailbox at its deadline. `None`:
     /// serve again.
@@ -291,9 +287,8 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         let mut inbuf = std::mem::take(&mut self.inbuf);
-        let served = self.serve(rd, wr, &mut inbuf, shutdown, self.last_rx).await;
-        if let Served::Idle { last_rx } = served {
-            self.last_rx = last_rx;
+        let served = self.serve(rd, wr, &mut inbuf, shutdown).await;
+        if served == Served::Idle {
             self.out = BytesMut::new();
         } else {
             self.inbuf = inbuf;
