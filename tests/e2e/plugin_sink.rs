@@ -1,13 +1,15 @@
 //! The sink hook's host side through the binary, with the test plugin `sink-probe` (built
 //! from `tests/plugins/sink-probe`), which republishes what it receives on `sunk/...`:
-//! batches arrive in order and a failing sink gets them again; the queue survives kill -9;
-//! and the sidecar's `network` list decides which addresses a plugin may connect to.
+//! batches arrive in order and a failing sink gets them again; the queue survives kill -9,
+//! also a backlog larger than what the queue keeps in memory, and what was delivered is not
+//! delivered again after one; and the sidecar's `network` list decides which addresses a
+//! plugin may connect to.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::harness::{Broker, v3};
-use crate::plugins::{hostile, wait_for_log};
+use crate::plugins::{count_logs, hostile, wait_for_log};
 
 pub(crate) fn sink_probe() -> PathBuf {
     hostile().with_file_name("sink_probe.wasm")
@@ -47,10 +49,17 @@ async fn collect(sub: &mut v3::Client, n: usize, within: Duration) -> Vec<String
 }
 
 async fn publish_all(broker: &Broker, n: usize) -> Vec<String> {
+    publish_padded(broker, n, 0).await
+}
+
+/// Publishes `n` messages `m0`, `m1`, ... padded with dots to `pad` bytes.
+async fn publish_padded(broker: &Broker, n: usize, pad: usize) -> Vec<String> {
     let mut publ = v3::Client::connect(v3::options(broker, "sink-pub")).await;
     let mut sent = Vec::new();
     for i in 0..n {
-        let body = format!("m{i}");
+        let mut body = format!("m{i}");
+        let len = body.len();
+        body.extend(std::iter::repeat_n('.', pad.saturating_sub(len)));
         publ.publish("s/x", v3::QoS::AtLeastOnce, false, body.as_bytes())
             .await;
         sent.push(body);
@@ -101,6 +110,42 @@ async fn the_sink_queue_survives_kill_9() {
         got, sent,
         "every acknowledged record, in order, after kill -9"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_beyond_memory_is_read_back_in_order_and_not_again_after_kill_9() {
+    let dir = Broker::temp_dir();
+    let plugins = dir.join("plugins");
+    install(&plugins, &sidecar("fail = \"true\""));
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+    let mut sub = v3::Client::connect(v3::options(&broker, "sunk-sub")).await;
+    sub.subscribe_ok("sunk/#", v3::QoS::AtLeastOnce).await;
+    // 12 MiB of records: more than a sink queue keeps in memory (8 MiB), so the oldest
+    // are read back from the store.
+    let sent = publish_padded(&broker, 3_000, 4_096).await;
+    wait_for_log(&broker, "sink batch not delivered: told to fail").await;
+    write_sidecar(&plugins, &sidecar(""));
+    let got = collect(&mut sub, sent.len(), Duration::from_secs(30)).await;
+    assert!(got == sent, "every record, once, in order");
+    sub.expect_silence().await;
+
+    // What was delivered is consumed in the store too: a kill -9 does not bring it back.
+    let dir = broker.kill9();
+    let broker = Broker::start_in(dir, "");
+    wait_for_log(&broker, "plugin loaded").await;
+    assert_eq!(
+        count_logs(&broker, "sink queue recovered"),
+        0,
+        "{:?}",
+        broker.logs()
+    );
+    let mut sub = v3::Client::connect(v3::options(&broker, "sunk-sub")).await;
+    sub.subscribe_ok("sunk/#", v3::QoS::AtLeastOnce).await;
+    let more = publish_padded(&broker, 3, 0).await;
+    let got = collect(&mut sub, 3, Duration::from_secs(10)).await;
+    assert_eq!(got, more, "the new records alone");
+    sub.expect_silence().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

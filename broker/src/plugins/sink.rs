@@ -1,7 +1,8 @@
-//! The `sink` hook: every sink plugin has its own queue in the durable store (table
-//! `sink`, keyed by plugin name and sequence number), fed with the messages its `topics`
-//! select as they are routed, and drained by a thread of its own in batches (`[sink]
-//! batch`, `linger_ms`). A batch is deleted only once the plugin answers `ok`; on `retry`,
+//! The `sink` hook: every sink plugin has its own durable queue (a [`Log`]: rows of the
+//! store's table `sink`, keyed by plugin name and sequence number, written in batches and
+//! served from memory while the sink keeps up), fed with the messages its `topics` select
+//! as they are routed, and drained by a thread of its own in batches (`[sink] batch`,
+//! `linger_ms`). A batch is deleted only once the plugin answers `ok`; on `retry`,
 //! a trap or a timeout the same batch is offered again after an exponential back-off
 //! (`retry_min_ms` .. `retry_max_ms`), so delivery is at least once and in order. A full
 //! queue (`max_queue`) drops its oldest records, counted and logged. The queue belongs to
@@ -16,7 +17,12 @@ use super::bindings::hooks::sink as wit;
 use super::flow::message_to_wit;
 use super::{Hooks, Plugin, Plugins};
 use crate::message::Message;
-use crate::store::{Fifo, Store};
+use crate::store::{Log, Store};
+
+thread_local! {
+    /// Where a message's sink record is encoded before its queues copy it.
+    static RECORD: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
+}
 
 /// Counters of one sink queue.
 #[derive(Debug, Default)]
@@ -35,9 +41,9 @@ pub struct SinkStats {
     pub depth: AtomicU64,
 }
 
-/// One sink plugin's queue: a durable FIFO, its counters, and the wake-up of its thread.
+/// One sink plugin's queue: a durable log, its counters, and the wake-up of its thread.
 pub struct SinkQueue {
-    fifo: Fifo,
+    fifo: Log,
     name: Arc<str>,
     /// Guards nothing but the wait for a record ([`SinkQueue::wait`]).
     idle: Mutex<()>,
@@ -51,7 +57,7 @@ pub struct SinkQueue {
 
 impl SinkQueue {
     /// Appends a record; returns the store ticket that makes it durable.
-    fn push(&self, bytes: Vec<u8>, max_queue: u64) -> Option<u64> {
+    fn push(&self, bytes: &[u8], max_queue: u64) -> Option<u64> {
         let a = self.fifo.push(bytes, max_queue);
         {
             let mut ages = self.ages.lock().unwrap_or_else(|p| p.into_inner());
@@ -73,13 +79,17 @@ impl SinkQueue {
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         self.stats.depth.store(a.waiting, Ordering::Relaxed);
-        let _idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        self.cv.notify_one();
+        // The thread waits only on an empty queue ([`SinkQueue::wait`]): the record that
+        // ends the emptiness wakes it (under the lock it checks emptiness with).
+        if a.waiting == 1 {
+            let _idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_one();
+        }
         a.ticket
     }
 
-    /// Up to `limit` records from the oldest undelivered one (only committed ones).
-    fn read(&self, limit: usize) -> Vec<(u64, Vec<u8>)> {
+    /// Up to `limit` records from the oldest undelivered one.
+    fn read(&self, limit: usize) -> Vec<(u64, bytes::Bytes)> {
         match self.fifo.read(limit) {
             Ok(v) => v,
             Err(e) => {
@@ -169,22 +179,30 @@ impl Plugins {
             return None;
         }
         let chain = self.chain();
-        let mut bytes = None;
-        let mut ticket = None;
-        for p in &chain.plugins {
-            if !p.hooks.has(Hooks::SINK) || !p.sidecar.selects(msg.topic.as_str()) {
-                continue;
+        RECORD.with_borrow_mut(|record| {
+            let mut encoded = false;
+            let mut ticket = None;
+            for p in &chain.plugins {
+                if !p.hooks.has(Hooks::SINK) || !p.sidecar.selects(msg.topic.as_str()) {
+                    continue;
+                }
+                let Some(q) = self.sink_queue(&p.name) else {
+                    continue;
+                };
+                if !encoded {
+                    if !Store::sink_record_into(record, publisher, msg) {
+                        return None;
+                    }
+                    encoded = true;
+                }
+                ticket = ticket.max(q.push(record, p.sidecar.sink.max_queue));
             }
-            let Some(q) = self.sink_queue(&p.name) else {
-                continue;
-            };
-            let b = match &bytes {
-                Some(b) => b,
-                None => bytes.insert(Store::sink_record(publisher, msg)?),
-            };
-            ticket = ticket.max(q.push(b.clone(), p.sidecar.sink.max_queue));
-        }
-        ticket
+            // A large message's room is not kept for the next ones.
+            if record.capacity() > 1024 * 1024 {
+                *record = bytes::BytesMut::new();
+            }
+            ticket
+        })
     }
 
     /// Whether a sink plugin selects `topic` (its message would be queued in the store).
@@ -218,7 +236,7 @@ impl Plugins {
         if let Some(q) = queues.get(name) {
             return Some(q.clone());
         }
-        let fifo = match Fifo::open(self.store.clone(), name.clone()) {
+        let fifo = match Log::open(self.store.clone(), name.clone()) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(plugin = %name, error = %e, "sink queue unreadable");
@@ -294,8 +312,8 @@ fn run(plugins: &Weak<Plugins>, q: &SinkQueue, shutdown: &tokio_util::sync::Canc
             continue;
         }
         let rows = q.read(settings.batch as usize);
-        // A full batch is queued but part of it is not committed yet: within the linger
-        // time, wait for the commit rather than send a short batch.
+        // A full batch is queued but part of it (read back from the store) is not committed
+        // yet: within the linger time, wait for the commit rather than send a short batch.
         let queued = usize::try_from(waiting.min(u64::from(settings.batch))).unwrap_or(usize::MAX);
         if rows.len() < queued && since.elapsed() < linger {
             std::thread::sleep(Duration::from_millis(2));

@@ -139,6 +139,20 @@ impl Store {
         }
     }
 
+    /// [`Store::sink_record`] written into `out` (cleared first); false (logged) when the
+    /// message cannot be encoded.
+    pub fn sink_record_into(out: &mut bytes::BytesMut, publisher: &str, msg: &Message) -> bool {
+        out.clear();
+        match record::encode_sink_into(out, publisher, record::unix_ms_now(), msg) {
+            Ok(()) => true,
+            Err(e) => {
+                out.clear();
+                tracing::warn!(error = %e, "message cannot be queued for sinks");
+                false
+            }
+        }
+    }
+
     /// What a sink record holds: (publisher, received at in Unix ms, the message).
     pub fn open_sink_record(bytes: &[u8]) -> Result<(String, u64, Message), RecordError> {
         record::decode_sink(bytes)

@@ -24,6 +24,7 @@
 mod api;
 mod disk;
 mod fifo;
+mod log;
 mod queue;
 pub mod record;
 #[cfg(test)]
@@ -32,6 +33,7 @@ mod writer;
 
 pub use api::{QueueEntry, RecoveredQueue};
 pub use fifo::{Appended, Fifo};
+pub use log::Log;
 pub use queue::QueueKey;
 use queue::QueueOp;
 
@@ -162,6 +164,9 @@ enum Op {
     PutKv(Arc<str>, Arc<str>, Vec<u8>),
     /// Remove a plugin key.
     DeleteKv(Arc<str>, Arc<str>),
+    /// What a [`Log`] has for the store when the writer takes this: replaced by the writer
+    /// with that log's rows and deletions ([`log::Shared::take`]) before it applies them.
+    Log(Arc<log::Shared>),
 }
 
 impl Op {
@@ -178,6 +183,8 @@ impl Op {
                 Op::DeleteRetained(t) => t.len(),
                 Op::PutKv(ns, k, v) => ns.len() + k.len() + v.len(),
                 Op::DeleteKv(ns, k) => ns.len() + k.len(),
+                // Bounded by the log itself (it waits for the writer beyond a limit).
+                Op::Log(_) => 0,
                 Op::PutQos2In(..) | Op::DeleteQos2In(..) => 0,
             }
     }
@@ -253,6 +260,7 @@ impl Store {
                 next: 1,
                 closed: false,
                 groups: Vec::new(),
+                flushes: 0,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -317,6 +325,29 @@ impl Store {
         (self.durability == Durability::Sync).then_some(ticket)
     }
 
+    /// Queues `op` without waiting for room: for an [`Op::Log`], whose records are bounded
+    /// by the log, and which its submitter queues while holding the log's lock (the writer
+    /// needs that lock to make room).
+    fn submit_now(&self, op: Op) -> Option<u64> {
+        let mut p = self.queue.lock();
+        if p.closed {
+            return None;
+        }
+        let ticket = p.next;
+        p.next += 1;
+        p.jobs.push_back(Job::Ops(ticket, vec![op]));
+        drop(p);
+        self.queue.work.notify_one();
+        (self.durability == Durability::Sync).then_some(ticket)
+    }
+
+    /// Whether a submitter may wait for the writer now: not while a group is open (the
+    /// writer takes nothing past its start until it ends) nor once the store is closing.
+    fn may_wait(&self) -> bool {
+        let p = self.queue.lock();
+        !p.closed && p.groups.is_empty()
+    }
+
     /// Opens a group: everything submitted (from any thread) until the returned guard is
     /// dropped is committed in one transaction, so a crash keeps all of it or none. For
     /// changes that must not be torn apart, such as a QoS 2 message's queue entries and
@@ -363,6 +394,7 @@ impl Store {
             }
             let t = p.next;
             p.jobs.push_back(Job::Flush(tx, t));
+            p.flushes += 1;
         }
         self.queue.work.notify_one();
         let _ = rx.recv_timeout(Duration::from_secs(30));

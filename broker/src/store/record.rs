@@ -158,11 +158,21 @@ pub fn decode_retained(bytes: &[u8]) -> Result<Message, RecordError> {
 /// (Unix ms) and the message.
 pub fn encode_sink(publisher: &str, received_at: u64, m: &Message) -> Result<Vec<u8>, RecordError> {
     let mut out = BytesMut::new();
-    out.put_u8(FORMAT);
-    put_u64(&mut out, received_at);
-    put_str(&mut out, publisher)?;
-    put_message(&mut out, m, true)?;
+    encode_sink_into(&mut out, publisher, received_at, m)?;
     Ok(out.to_vec())
+}
+
+/// [`encode_sink`] appended to `out` (which holds part of it on an error).
+pub fn encode_sink_into(
+    out: &mut BytesMut,
+    publisher: &str,
+    received_at: u64,
+    m: &Message,
+) -> Result<(), RecordError> {
+    out.put_u8(FORMAT);
+    put_u64(out, received_at);
+    put_str(out, publisher)?;
+    put_message(out, m, true)
 }
 
 /// Decodes a sink record: (publisher, received at, message).

@@ -40,6 +40,8 @@ pub(super) struct Pending {
     /// The first tickets of the open [`Group`]s: no job from there on is taken until the
     /// group ends.
     pub(super) groups: Vec<u64>,
+    /// Flushes among the jobs (someone waits for them).
+    pub(super) flushes: usize,
 }
 
 impl Pending {
@@ -84,6 +86,13 @@ pub(super) type Handle = Arc<RwLock<Option<Arc<Database>>>>;
 /// Most operations applied in one transaction.
 const MAX_BATCH: usize = 16 * 1024;
 
+/// With `periodic` durability nobody's acknowledgement waits for a commit, so the writer
+/// commits at most this often (a commit costs the same for ten changes as for ten thousand),
+/// sooner when a flush is asked for or [`HURRY_BYTES`] wait.
+const PERIODIC_GAP: Duration = Duration::from_millis(2);
+/// See [`PERIODIC_GAP`].
+const HURRY_BYTES: usize = 8 * 1024 * 1024;
+
 /// The writer thread: takes what was submitted, applies it in one transaction, commits.
 pub(super) struct Writer {
     pub(super) db: Handle,
@@ -98,9 +107,10 @@ pub(super) struct Writer {
 impl Writer {
     pub(super) fn run(self) {
         let mut last_sync = Instant::now();
+        let mut last_commit = Instant::now();
         let mut dirty = false;
         loop {
-            let Some(jobs) = self.next_jobs(last_sync, &mut dirty) else {
+            let Some(jobs) = self.next_jobs(last_sync, last_commit, &mut dirty) else {
                 break;
             };
             if jobs.is_empty() {
@@ -115,7 +125,12 @@ impl Writer {
                 match j {
                     Job::Ops(t, ops) => {
                         top = top.max(t);
-                        batch.extend(ops);
+                        for op in ops {
+                            match op {
+                                Op::Log(log) => batch.extend(log.take()),
+                                op => batch.push(op),
+                            }
+                        }
                     }
                     Job::Flush(tx, _) => flushes.push(tx),
                 }
@@ -123,7 +138,9 @@ impl Writer {
             let immediate = self.durability == Durability::Sync
                 || !flushes.is_empty()
                 || last_sync.elapsed() >= self.interval;
-            if self.commit(&batch, immediate) {
+            let committed = self.commit(&batch, immediate);
+            last_commit = Instant::now();
+            if committed {
                 if immediate {
                     last_sync = Instant::now();
                     dirty = false;
@@ -145,9 +162,26 @@ impl Writer {
 
     /// The next jobs (up to [`MAX_BATCH`] operations); empty when a periodic fsync is due
     /// (done here), `None` once the store is closed and everything was taken.
-    fn next_jobs(&self, last_sync: Instant, dirty: &mut bool) -> Option<Vec<Job>> {
+    fn next_jobs(
+        &self,
+        last_sync: Instant,
+        last_commit: Instant,
+        dirty: &mut bool,
+    ) -> Option<Vec<Job>> {
         let mut p = self.queue.lock();
-        while !p.takeable() {
+        loop {
+            if p.takeable() {
+                let gap = PERIODIC_GAP.saturating_sub(last_commit.elapsed());
+                let hurry = p.flushes > 0 || p.bytes >= HURRY_BYTES || p.closed;
+                if self.durability == Durability::Sync || hurry || gap.is_zero() {
+                    break;
+                }
+                p = (self.queue.work)
+                    .wait_timeout(p, gap)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+                continue;
+            }
             if p.closed && p.jobs.is_empty() {
                 return None;
             }
@@ -177,9 +211,12 @@ impl Writer {
         let mut count = 0;
         while count < MAX_BATCH && p.takeable() {
             let Some(j) = p.jobs.pop_front() else { break };
-            if let Job::Ops(_, ops) = &j {
-                count += ops.len();
-                p.bytes = p.bytes.saturating_sub(ops.iter().map(Op::size).sum());
+            match &j {
+                Job::Ops(_, ops) => {
+                    count += ops.len();
+                    p.bytes = p.bytes.saturating_sub(ops.iter().map(Op::size).sum());
+                }
+                Job::Flush(..) => p.flushes = p.flushes.saturating_sub(1),
             }
             jobs.push(j);
         }
@@ -344,6 +381,8 @@ pub(super) fn apply(db: &Database, ops: &[Op], immediate: bool) -> Result<(), re
                 Op::DeleteKv(ns, k) => {
                     kv.remove((&**ns, &**k))?;
                 }
+                // Replaced by its rows when the writer took it (`Writer::run`).
+                Op::Log(_) => {}
             }
         }
     }
