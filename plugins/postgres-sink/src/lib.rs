@@ -10,8 +10,11 @@
 //! | `received_at` | timestamptz | when the broker received it |
 //! | `user_properties` | jsonb | MQTT 5 user properties, `{"name": "value"}`; a repeated name maps to an array of its values |
 //!
-//! Each batch the broker hands over is inserted by one multi-row INSERT (binary
-//! parameters, extended query protocol) in one transaction: all rows or none. Any
+//! Each batch the broker hands over goes in as one binary `COPY ... FROM STDIN` when the
+//! table's six columns have exactly the types above (as `create_table` makes them; looked
+//! up once per connection and again after a COPY fails), else as one multi-row INSERT
+//! (binary parameters, extended query protocol), whose parameters the server casts to
+//! columns of other types; either way in one transaction: all rows or none. Any
 //! failure answers `retry`, and the broker calls again later with the same batch, so
 //! delivery is at least once: a batch whose commit succeeded but whose answer was lost
 //! is inserted twice. A batch the table refuses for good (a CHECK constraint, a unique

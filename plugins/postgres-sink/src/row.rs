@@ -140,6 +140,30 @@ pub fn create_table_sql(table: &str) -> String {
     )
 }
 
+/// `COPY table (columns) FROM STDIN (FORMAT binary)`: how a batch goes in when the table's
+/// six columns have exactly the parameters' types ([`copy_check_sql`]).
+pub fn copy_sql(quoted_table: &str) -> String {
+    format!("COPY {quoted_table} ({COLUMNS}) FROM STDIN (FORMAT binary)")
+}
+
+/// A query answering how many of the table's columns have the name and exact type of one
+/// of the six (`6`: a binary COPY of the rows works; anything else needs the INSERT's
+/// casts). Fails with `undefined_table` when there is no such table.
+pub fn copy_check_sql(quoted_table: &str) -> String {
+    format!(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = '{}'::regclass \
+         AND attnum > 0 AND NOT attisdropped AND (attname::text, atttypid::regtype::text) IN \
+         (('topic', 'text'), ('payload', 'bytea'), ('qos', 'smallint'), ('client_id', 'text'), \
+         ('received_at', 'timestamp with time zone'), ('user_properties', 'jsonb'))",
+        quoted_table.replace('\'', "''")
+    )
+}
+
+/// `rows` as the data of a [`copy_sql`] (`crate::wire::copy_binary`).
+pub fn copy_data(rows: &[Encoded<'_>]) -> bytes::BytesMut {
+    crate::wire::copy_binary(rows.iter().map(Encoded::params))
+}
+
 /// `INSERT INTO table (columns) VALUES ($1, ...), ...` for `rows` rows.
 pub fn insert_sql(quoted_table: &str, rows: usize) -> String {
     let mut sql = format!("INSERT INTO {quoted_table} ({COLUMNS}) VALUES ");

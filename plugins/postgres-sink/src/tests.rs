@@ -86,6 +86,8 @@ fn a_batch_arrives_exactly_as_written() {
     let written = w.write(&rows).unwrap();
     assert_eq!(written.rows, 300);
     assert!(written.connected);
+    // The table it made has the six exact types: batches go in by binary COPY.
+    assert_eq!(w.uses_copy(), Some(true));
     // The next batch reuses the connection.
     assert!(!w.write(&[row(300)]).unwrap().connected);
 
@@ -145,15 +147,50 @@ fn a_batch_is_all_or_nothing_even_across_statements() {
     assert_eq!(w.write(&rows).unwrap_err().sqlstate(), Some("23514"));
     assert_eq!(db.psql("SELECT count(*) FROM t"), "0");
     // The connection is still good, and the columns of other types (integer, json)
-    // take the parameters through assignment casts.
+    // take the parameters through assignment casts (INSERT: a binary COPY would not cast).
     rows[MAX_ROWS_PER_STATEMENT + 1].topic = "good".into();
     let w2 = w.write(&rows).unwrap();
+    assert_eq!(w.uses_copy(), Some(false));
     assert_eq!(w2.rows, (MAX_ROWS_PER_STATEMENT + 3) as u64);
     assert!(!w2.connected);
     assert_eq!(
         db.psql("SELECT count(*) FROM t"),
         (MAX_ROWS_PER_STATEMENT + 3).to_string()
     );
+}
+
+#[test]
+fn a_copy_is_all_or_nothing_and_a_changed_table_falls_back_to_insert() {
+    let db = TestDb::start();
+    db.psql(
+        "CREATE TABLE c (id bigserial, topic text CHECK (topic <> 'bad'), payload bytea NOT NULL, \
+         qos smallint NOT NULL, client_id text, received_at timestamptz NOT NULL, \
+         user_properties jsonb NOT NULL)",
+    );
+    let mut w = Writer::new(db.config("c"));
+    // A refused row deep in a large COPY: nothing is kept, the connection stays good.
+    let mut rows: Vec<Row> = (0..20_000).map(row).collect();
+    rows[19_000].topic = "bad".into();
+    let e = w.write(&rows).unwrap_err();
+    assert_eq!(e.sqlstate(), Some("23514"), "{e}");
+    assert!(e.connection_usable());
+    assert_eq!(db.psql("SELECT count(*) FROM c"), "0");
+    rows[19_000].topic = "good".into();
+    let written = w.write(&rows).unwrap();
+    assert_eq!((written.rows, written.connected), (20_000, false));
+    assert_eq!(w.uses_copy(), Some(true));
+    // Columns the table fills itself (id) are left to it, and rows keep their order.
+    assert_eq!(
+        db.psql("SELECT topic FROM c WHERE id = (SELECT max(id) FROM c)"),
+        "sensors/19999"
+    );
+    // A column changed to another type behind its back: the COPY fails once, the writer
+    // looks at the table again and inserts with casts from then on.
+    db.psql("ALTER TABLE c ALTER COLUMN qos TYPE integer");
+    assert!(w.write(&[row(1)]).is_err());
+    assert_eq!(w.write(&[row(1)]).unwrap().rows, 1);
+    assert_eq!(w.uses_copy(), Some(false));
+    assert_eq!(db.psql("SELECT count(*) FROM c"), "20001");
 }
 
 #[test]

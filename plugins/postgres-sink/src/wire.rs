@@ -27,6 +27,9 @@ use postgres_protocol::{IsNull, Oid};
 /// and refusing it keeps a bogus header from reserving gigabytes.
 const MAX_MESSAGE: usize = 1 << 20;
 
+/// Bytes of COPY data per CopyData message (and per write).
+const COPY_CHUNK: usize = 256 * 1024;
+
 /// Where and as whom to connect.
 #[derive(Clone)]
 pub struct Params {
@@ -205,6 +208,35 @@ impl Param<'_> {
         }
         IsNull::No
     }
+}
+
+/// `rows` (each a row's fields in the order of the COPY's columns) as a `COPY ... FROM
+/// STDIN (FORMAT binary)` stream: the signature, each row's fields in their binary format
+/// (the same bytes as binary parameters), and the trailer. The server reads them as the
+/// exact types of the columns: no casts, unlike parameters.
+pub fn copy_binary<'a, const N: usize>(rows: impl IntoIterator<Item = [Param<'a>; N]>) -> BytesMut {
+    let mut out = BytesMut::with_capacity(4096);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    // Flags, then the length of the header extension: none.
+    out.extend_from_slice(&0i32.to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes());
+    let fields = i16::try_from(N).unwrap_or(i16::MAX).to_be_bytes();
+    for row in rows {
+        out.extend_from_slice(&fields);
+        for p in &row {
+            let at = out.len();
+            out.extend_from_slice(&0i32.to_be_bytes());
+            let len = match p.encode(&mut out) {
+                IsNull::Yes => -1,
+                IsNull::No => i32::try_from(out.len() - at - 4).unwrap_or(i32::MAX),
+            };
+            if let Some(slot) = out.get_mut(at..at + 4) {
+                slot.copy_from_slice(&len.to_be_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
 }
 
 /// One parameterised statement of a pipeline.
@@ -407,6 +439,77 @@ impl Client {
                 _ => return Err(unexpected("query")),
             }
         }
+    }
+
+    /// Runs `sql` (one query) with the simple query protocol and returns the first column
+    /// of its first row as text (`None` for no row or NULL), before `deadline`.
+    pub fn query_scalar(&mut self, sql: &str, deadline: Instant) -> Result<Option<String>, Error> {
+        frontend::query(sql, &mut self.write).map_err(malformed)?;
+        self.flush(deadline, "query")?;
+        let mut failed = None;
+        let mut value = None;
+        let mut first = true;
+        loop {
+            match self.receive(deadline, "query")? {
+                Message::ReadyForQuery(body) => {
+                    finish(failed, body.status())?;
+                    return Ok(value);
+                }
+                Message::ErrorResponse(body) => failed = Some(server_error(body.fields())?),
+                Message::DataRow(row) => {
+                    if std::mem::take(&mut first) {
+                        let range = row.ranges().next().map_err(malformed)?.flatten();
+                        value = range
+                            .and_then(|r| row.buffer().get(r))
+                            .map(|b| String::from_utf8_lossy(b).into_owned());
+                    }
+                }
+                Message::CommandComplete(_)
+                | Message::EmptyQueryResponse
+                | Message::RowDescription(_)
+                | Message::NoticeResponse(_)
+                | Message::ParameterStatus(_)
+                | Message::NotificationResponse(_) => {}
+                _ => return Err(unexpected("query")),
+            }
+        }
+    }
+
+    /// Runs `sql`, a `COPY ... FROM STDIN`, sending `data` (see [`copy_binary`]) once the
+    /// server is ready for it, before `deadline`. A COPY is one statement: all rows or
+    /// none. Returns the number of rows the server reported (`COPY n`).
+    pub fn copy_in(&mut self, sql: &str, data: &[u8], deadline: Instant) -> Result<u64, Error> {
+        frontend::query(sql, &mut self.write).map_err(malformed)?;
+        self.flush(deadline, "copy")?;
+        let mut failed = None;
+        loop {
+            match self.receive(deadline, "copy")? {
+                Message::CopyInResponse(_) => break,
+                // Refused before any data (no such table, a column missing).
+                Message::ErrorResponse(body) => failed = Some(server_error(body.fields())?),
+                Message::ReadyForQuery(body) => {
+                    finish(failed, body.status())?;
+                    return Err(unexpected("copy"));
+                }
+                Message::NoticeResponse(_)
+                | Message::ParameterStatus(_)
+                | Message::NotificationResponse(_) => {}
+                _ => return Err(unexpected("copy")),
+            }
+        }
+        for chunk in data.chunks(COPY_CHUNK) {
+            let message = frontend::CopyData::new(chunk).map_err(malformed)?;
+            message.write(&mut self.write);
+            if self.write.len() >= COPY_CHUNK {
+                self.flush(deadline, "copy")?;
+            }
+        }
+        frontend::copy_done(&mut self.write);
+        self.flush(deadline, "copy")?;
+        // An error in the data ends the copy at once; the server drops the rest.
+        let (rows, failed, status) = self.until_ready(deadline)?;
+        finish(failed, status)?;
+        Ok(rows)
     }
 
     /// Runs `statements` in one pipeline closed by a single Sync: outside an explicit

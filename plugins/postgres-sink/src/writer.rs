@@ -1,5 +1,6 @@
 //! Writing a batch: keeps one connection open across calls, opens it (and creates the
-//! table when configured) on first use, inserts the whole batch in one transaction, and
+//! table when configured) on first use, inserts the whole batch in one transaction (a binary
+//! COPY when the table's columns have exactly the six types, else a multi-row INSERT), and
 //! reconnects after a failure. With `on_rejected = "drop"`, a batch refused for its data
 //! is inserted again row by row, without the rows refused. No SDK calls, so it is tested
 //! natively.
@@ -21,6 +22,9 @@ pub struct Writer {
     config: Config,
     table: String,
     client: Option<Client>,
+    /// Whether the table takes a binary COPY (its columns have exactly the six types),
+    /// as found on the current connection; `None`: not known yet.
+    copy: Option<bool>,
 }
 
 /// What a successful write did.
@@ -52,6 +56,7 @@ impl Writer {
             config,
             table,
             client: None,
+            copy: None,
         }
     }
 
@@ -80,16 +85,45 @@ impl Writer {
         let mut connected = false;
         let mut reconnected = false;
         let mut created = false;
+        let mut copy = None;
         loop {
             let client = match self.client.as_mut() {
                 Some(c) => c,
                 None => {
                     let c = self.open(end)?;
                     connected = true;
+                    self.copy = None;
                     self.client.insert(c)
                 }
             };
-            match client.execute_atomically(&statements, request()) {
+            if self.copy.is_none() {
+                match client.query_scalar(&row::copy_check_sql(&self.table), request()) {
+                    Ok(n) => self.copy = Some(n.as_deref() == Some("6")),
+                    // No table yet: the INSERT path creates it (or reports it missing).
+                    Err(e) if e.sqlstate() == Some(UNDEFINED_TABLE) => {}
+                    Err(Error::Io(_) | Error::Closed) if !connected && !reconnected => {
+                        reconnected = true;
+                        self.disconnect();
+                        continue;
+                    }
+                    Err(e) => {
+                        self.drop_unless_usable(&e);
+                        return Err(e);
+                    }
+                }
+            }
+            let result = match self.copy {
+                Some(true) => {
+                    let data = copy.get_or_insert_with(|| row::copy_data(&encoded));
+                    client.copy_in(&row::copy_sql(&self.table), data, request())
+                }
+                _ => client.execute_atomically(&statements, request()),
+            };
+            // The table may have changed under a failed COPY: look again next time.
+            if result.is_err() && self.copy == Some(true) {
+                self.copy = None;
+            }
+            match result {
                 Ok(n) => {
                     return Ok(Written {
                         rows: n,
@@ -177,8 +211,14 @@ impl Writer {
 
     /// Closes the connection, if any.
     pub fn disconnect(&mut self) {
+        self.copy = None;
         if let Some(c) = self.client.take() {
             c.close();
         }
+    }
+
+    /// Whether batches go in by binary COPY (`None`: not known until the next write).
+    pub fn uses_copy(&self) -> Option<bool> {
+        self.copy
     }
 }
