@@ -43,6 +43,8 @@ pub struct Broker {
     pub keep_alives: Arc<crate::connection::keepalive::KeepAlives>,
     /// Set once every listener is bound (readiness).
     pub listening: std::sync::atomic::AtomicBool,
+    /// The runtime it was made in has one worker thread.
+    pub one_worker: bool,
     /// The configuration in force: `config` until a reload (`reload.rs`) replaces it.
     live: std::sync::RwLock<Arc<Config>>,
     /// Bumped by every reload (what caches parsed from the configuration look at).
@@ -210,6 +212,8 @@ impl Broker {
             store,
             reload: tokio::sync::watch::Sender::new(0),
             listening: std::sync::atomic::AtomicBool::new(false),
+            one_worker: tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.metrics().num_workers() == 1),
         }))
     }
 

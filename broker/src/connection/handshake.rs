@@ -465,6 +465,7 @@ impl Conn {
             conn_id: att.conn,
             kick: att.kick,
             kick_gone: false,
+            handed_on: false,
             ka_watch: 0,
             inbuf: BytesMut::new(),
             last_rx: tokio::time::Instant::now(),

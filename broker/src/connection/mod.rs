@@ -271,6 +271,9 @@ struct Conn {
     kick: tokio::sync::oneshot::Receiver<Kick>,
     /// The registry dropped the kick's sender without using it: nothing can kick us.
     kick_gone: bool,
+    /// A message this connection published since the last read was queued for a session
+    /// (whose connection may want to run before our acknowledgements go out).
+    handed_on: bool,
     /// Read from the client, not handled yet (empty, without an allocation, while idle).
     inbuf: BytesMut,
     /// When the client last sent something (its keep alive counts from there).

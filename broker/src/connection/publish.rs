@@ -168,6 +168,7 @@ impl Conn {
         }
         let route = |me: &mut Self| {
             let routed = me.broker.pipeline.route(&me.origin(), msg?);
+            me.handed_on |= routed.delivered > 0;
             me.pause_for(routed.congested);
             routed.ticket
         };
@@ -190,11 +191,14 @@ impl Conn {
                     client: self.gate.client(),
                 };
                 let mut congested = None;
+                let mut delivered = 0;
                 let received = self.state.receive_exactly_once(id, max, || {
                     let routed = pipeline.route(&origin, msg?);
                     congested = routed.congested;
+                    delivered = routed.delivered;
                     routed.ticket
                 });
+                self.handed_on |= delivered > 0;
                 self.pause_for(congested);
                 match received {
                     Ok(ticket) => self.send_after(ticket, &Packet::PubRec(Ack::success(id))),

@@ -170,6 +170,14 @@ impl Conn {
                             if let Some(close) = self.handle_input(inbuf) {
                                 return Served::Closed(close);
                             }
+                            if std::mem::take(&mut self.handed_on) && self.broker.one_worker {
+                                // On one worker the subscribers' connections run only
+                                // when this one yields: let them write what we handed
+                                // on before our acknowledgements go out (a publisher
+                                // waiting for its PUBACK is not slower for it; the
+                                // subscriber gets the message one write earlier).
+                                tokio::task::yield_now().await;
+                            }
                             if inbuf.is_empty() {
                                 partial_since = None;
                             } else if partial_since.is_none() || inbuf.len() < before {
