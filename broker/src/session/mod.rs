@@ -232,7 +232,9 @@ impl SessionState {
     /// An inbound QoS 2 PUBLISH with packet identifier `id`, `max` being our Receive
     /// Maximum. A new message is routed (`route`, which answers its store ticket) and its id
     /// kept until PUBREL; for a persistent session both commit together, so a crash cannot
-    /// tear them apart (the client's resend after it would be routed a second time). A
+    /// tear them apart (the client's resend after it would be routed a second time). A sink
+    /// record may commit earlier than the id (a sink's log commits what it holds whenever the
+    /// writer takes it): a crash between the two gives the sink a duplicate, never a loss. A
     /// resend of a message already received is not routed again. Answers the ticket the
     /// PUBREC waits for, or `ReceiveMaximumExceeded` when `max` messages await PUBREL.
     pub fn receive_exactly_once(

@@ -25,7 +25,7 @@ use redb::ReadableDatabase;
 
 use super::disk::{SINK, damaged};
 use super::queue::{QueueKey, QueueOp};
-use super::{Appended, Op, Store, StoreError};
+use super::{Appended, Closed, Op, Store, StoreError};
 
 /// Record bytes a log keeps in memory for its reader beyond those not yet written.
 pub const MEM_BUDGET: usize = 8 * 1024 * 1024;
@@ -167,8 +167,8 @@ fn split_row(key: u64, bytes: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
     let head: [u8; 8] = (bytes.get(1..9))
         .and_then(|b| b.try_into().ok())
         .ok_or("sink row too short")?;
-    let mut seq = u64::from_be_bytes(head);
-    let mut rest = &bytes[9..];
+    let first = u64::from_be_bytes(head);
+    let mut rest = bytes.get(9..).unwrap_or_default();
     let mut out = Vec::new();
     while !rest.is_empty() {
         let len: [u8; 4] = (rest.get(..4))
@@ -176,14 +176,17 @@ fn split_row(key: u64, bytes: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
             .ok_or("sink row cut short")?;
         let len = u32::from_be_bytes(len) as usize;
         let rec = rest.get(4..4 + len).ok_or("sink row cut short")?;
+        let seq = first
+            .checked_add(out.len() as u64)
+            .ok_or("sink row numbers overflow")?;
         out.push((seq, rec));
-        seq += 1;
-        rest = &rest[4 + len..];
+        rest = rest.get(4 + len..).unwrap_or_default();
     }
-    if seq.checked_sub(1) != Some(key) {
-        return Err(format!("sink row {key} holds records up to {}", seq - 1));
+    match out.last() {
+        Some((last, _)) if *last == key => Ok(out),
+        Some((last, _)) => Err(format!("sink row {key} holds records up to {last}")),
+        None => Err(format!("sink row {key} holds no record")),
     }
-    Ok(out)
 }
 
 /// One named, batched durable queue of records (see the module's documentation).
@@ -241,11 +244,20 @@ impl Log {
         let store = self.store.as_ref()?;
         match st.queued {
             Some(ticket) => ticket,
-            None => {
-                let ticket = store.submit_now(Op::Log(self.shared.clone()));
-                st.queued = Some(ticket);
-                ticket
-            }
+            None => match store.submit_now(Op::Log(self.shared.clone())) {
+                Ok(ticket) => {
+                    st.queued = Some(ticket);
+                    ticket
+                }
+                Err(Closed) => {
+                    // The store is closing (the broker stops): nothing more is written,
+                    // so memory is all these records have, within its budget.
+                    st.unwritten_from = st.next;
+                    st.unwritten_bytes = 0;
+                    st.evict();
+                    None
+                }
+            },
         }
     }
 
@@ -314,7 +326,16 @@ impl Log {
         let Some(store) = &self.store else {
             return Ok(Vec::new());
         };
-        let mut out = store.log_read(&self.shared.name, first, front, limit)?;
+        let mut out = match store.log_read(&self.shared.name, first, front, limit)? {
+            Stored::Records(out) => out,
+            Stored::Damaged(through, why) => {
+                // Skipped, as a damaged record always was: the records after it still go.
+                tracing::error!(queue = %self.shared.name, through, error = %why,
+                    "damaged sink row skipped");
+                self.consume_through(through);
+                return Ok(Vec::new());
+            }
+        };
         // Read on from memory where the store's part ends.
         let want = out.last().map_or(first, |(s, _)| s + 1);
         let st = self.shared.lock();
@@ -349,6 +370,14 @@ impl Log {
     }
 }
 
+/// What [`Store::log_read`] found.
+enum Stored {
+    /// Records, in order.
+    Records(Vec<(u64, Bytes)>),
+    /// The first row is damaged: through which sequence number, and why.
+    Damaged(u64, String),
+}
+
 impl Store {
     /// The first sequence number not consumed and the next one to assign of log `name`.
     fn log_bounds(&self, name: &str) -> Result<(u64, u64), StoreError> {
@@ -369,22 +398,24 @@ impl Store {
         let Some((k, v)) = first_row else {
             return Ok((consumed + 1, consumed + 1));
         };
+        // A damaged first row is skipped by the reader; it cannot say where it begins.
         let row_first = split_row(k.value().1, v.value())
-            .map_err(|e| damaged(&self.path, e))?
-            .first()
-            .map_or(k.value().1, |(s, _)| *s);
+            .ok()
+            .and_then(|r| r.first().map(|(s, _)| *s))
+            .unwrap_or(consumed + 1);
         let last = last_row.map_or(k.value().1, |(k, _)| k.value().1);
         Ok((row_first.max(consumed + 1), last.max(consumed) + 1))
     }
 
-    /// Up to `limit` committed records of log `name` from `first`, before `until`.
+    /// Up to `limit` committed records of log `name` from `first`, before `until`; they end
+    /// before a damaged row, which is answered alone when it comes first.
     fn log_read(
         &self,
         name: &str,
         first: u64,
         until: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Bytes)>, StoreError> {
+    ) -> Result<Stored, StoreError> {
         let bad = |e: redb::Error| damaged(&self.path, e);
         let read = self.database()?.begin_read().map_err(|e| bad(e.into()))?;
         let t = read.open_table(SINK).map_err(|e| bad(e.into()))?;
@@ -392,17 +423,22 @@ impl Store {
         let rows = (t.range((name, first.max(1))..=(name, u64::MAX))).map_err(|e| bad(e.into()))?;
         for row in rows {
             let (k, v) = row.map_err(|e| bad(e.into()))?;
-            let records = split_row(k.value().1, v.value()).map_err(|e| damaged(&self.path, e))?;
+            let key = k.value().1;
+            let records = match split_row(key, v.value()) {
+                Ok(r) => r,
+                Err(_) if !out.is_empty() => return Ok(Stored::Records(out)),
+                Err(why) => return Ok(Stored::Damaged(key, why)),
+            };
             for (seq, rec) in records {
                 if seq >= until || out.len() >= limit {
-                    return Ok(out);
+                    return Ok(Stored::Records(out));
                 }
                 if seq >= first {
                     out.push((seq, Bytes::copy_from_slice(rec)));
                 }
             }
         }
-        Ok(out)
+        Ok(Stored::Records(out))
     }
 }
 
@@ -509,7 +545,9 @@ mod tests {
         log.consume_through(5);
         log.push(&rec(6), 100);
         store.flush();
-        let stored = store.log_read("s", 1, u64::MAX, 100).unwrap();
+        let Stored::Records(stored) = store.log_read("s", 1, u64::MAX, 100).unwrap() else {
+            panic!("damaged")
+        };
         assert_eq!(seqs(&stored), vec![6]);
     }
 
@@ -561,8 +599,33 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_row_is_skipped_and_the_rest_delivered() {
+        let dir = Dir::new("damaged");
+        let store = open_store(dir.path());
+        let key = QueueKey::Sink("d".into());
+        store.queue_row_put(key.clone(), 1, rec(1));
+        store.queue_row_put(key.clone(), 3, vec![BATCH, 0, 0]);
+        store.queue_row_put(key.clone(), 4, rec(4));
+        store.flush();
+        let log = Log::open(Some(store.clone()), "d".into()).unwrap();
+        assert_eq!(seqs(&log.read(10).unwrap()), vec![1]);
+        log.consume_through(1);
+        // The damaged row alone: skipped (consumed), nothing returned this time.
+        assert!(log.read(10).unwrap().is_empty());
+        assert_eq!(seqs(&log.read(10).unwrap()), vec![4]);
+    }
+
+    #[test]
     fn damaged_rows_are_errors_not_panics() {
         assert!(split_row(3, &[BATCH, 0, 0]).is_err());
+        let mut empty = row_head(0, 0);
+        assert!(split_row(0, &empty).is_err());
+        empty.extend_from_slice(&1u32.to_be_bytes());
+        empty.push(1);
+        empty.extend_from_slice(&1u32.to_be_bytes());
+        empty.push(2);
+        empty[1..9].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert!(split_row(u64::MAX, &empty).is_err());
         let mut b = row_head(1, 0);
         b.extend_from_slice(&100u32.to_be_bytes());
         b.push(1);

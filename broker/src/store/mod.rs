@@ -328,17 +328,17 @@ impl Store {
     /// Queues `op` without waiting for room: for an [`Op::Log`], whose records are bounded
     /// by the log, and which its submitter queues while holding the log's lock (the writer
     /// needs that lock to make room).
-    fn submit_now(&self, op: Op) -> Option<u64> {
+    fn submit_now(&self, op: Op) -> Result<Option<u64>, Closed> {
         let mut p = self.queue.lock();
         if p.closed {
-            return None;
+            return Err(Closed);
         }
         let ticket = p.next;
         p.next += 1;
         p.jobs.push_back(Job::Ops(ticket, vec![op]));
         drop(p);
         self.queue.work.notify_one();
-        (self.durability == Durability::Sync).then_some(ticket)
+        Ok((self.durability == Durability::Sync).then_some(ticket))
     }
 
     /// Whether a submitter may wait for the writer now: not while a group is open (the
@@ -411,6 +411,10 @@ impl Store {
         }
     }
 }
+
+/// The store is closing: it takes no more changes.
+#[derive(Debug, Clone, Copy)]
+struct Closed;
 
 /// An open group of changes ([`Store::group`]); dropping it ends the group.
 pub struct Group {

@@ -147,15 +147,20 @@ pub fn copy_sql(quoted_table: &str) -> String {
 }
 
 /// A query answering how many of the table's columns have the name and exact type of one
-/// of the six (`6`: a binary COPY of the rows works; anything else needs the INSERT's
-/// casts). Fails with `undefined_table` when there is no such table.
+/// of the six, counted only for a plain or partitioned table without row security or
+/// rules (`6`: a binary COPY does what the INSERT would; anything else, such as a view, a
+/// table with rules or columns of other types, needs the INSERT). Fails with
+/// `undefined_table` when there is no such table.
 pub fn copy_check_sql(quoted_table: &str) -> String {
     format!(
-        "SELECT count(*) FROM pg_attribute WHERE attrelid = '{}'::regclass \
-         AND attnum > 0 AND NOT attisdropped AND (attname::text, atttypid::regtype::text) IN \
+        "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+         WHERE a.attrelid = E'{}'::regclass AND c.relkind IN ('r', 'p') \
+         AND NOT c.relrowsecurity AND NOT c.relhasrules \
+         AND a.attnum > 0 AND NOT a.attisdropped \
+         AND (a.attname::text, a.atttypid::regtype::text) IN \
          (('topic', 'text'), ('payload', 'bytea'), ('qos', 'smallint'), ('client_id', 'text'), \
          ('received_at', 'timestamp with time zone'), ('user_properties', 'jsonb'))",
-        quoted_table.replace('\'', "''")
+        quoted_table.replace('\\', "\\\\").replace('\'', "''")
     )
 }
 

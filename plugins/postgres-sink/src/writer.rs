@@ -119,8 +119,17 @@ impl Writer {
                 }
                 _ => client.execute_atomically(&statements, request()),
             };
-            // The table may have changed under a failed COPY: look again next time.
-            if result.is_err() && self.copy == Some(true) {
+            if let (Err(e), Some(true)) = (&result, self.copy) {
+                if e.connection_usable()
+                    && !refuses_data(e)
+                    && e.sqlstate() != Some(UNDEFINED_TABLE)
+                {
+                    // Refused as a COPY for a reason the check did not foresee: this
+                    // connection inserts from now on, starting with this batch.
+                    self.copy = Some(false);
+                    continue;
+                }
+                // The table may have changed under a failed COPY: look again next time.
                 self.copy = None;
             }
             match result {
@@ -168,6 +177,7 @@ impl Writer {
                         && !created =>
                 {
                     created = true;
+                    self.copy = None;
                     if e.connection_usable() {
                         let sql = row::create_table_sql(&self.config.table);
                         if let Err(e) = client.simple_query(&sql, request()) {
