@@ -42,13 +42,68 @@ struct SharedGroup {
 
 /// The children of a tree node by topic level. Every PUBLISH looks up three of them per
 /// level (the level, `+`, `#`): the hasher is foldhash's, seeded per process.
-type Children<N> = foldhash::HashMap<Box<str>, N>;
+type Children<N> = std::collections::HashMap<Box<str>, N, TreeHasher>;
+
+/// foldhash with the process's random seed and no seed of its own: zero-sized, so a child
+/// map (there is one in every node) does not carry 8 bytes of seed.
+#[derive(Clone, Copy, Debug, Default)]
+struct TreeHasher;
+
+impl std::hash::BuildHasher for TreeHasher {
+    type Hasher = foldhash::fast::FoldHasher<'static>;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        foldhash::fast::FoldHasher::with_seed(0, foldhash::SharedSeed::global_random())
+    }
+}
 
 #[derive(Debug, Default)]
 struct Node {
     children: Children<Node>,
     entries: Vec<Entry>,
-    shared: Vec<SharedGroup>,
+    shared: Groups,
+}
+
+/// A node's shared groups: a pointer, not a `Vec`, in the many nodes that have none (a
+/// node is a slot of its parent's child map, and a map of a thousand children has 2,048
+/// slots: each byte of a node counts twice per subscription under it).
+#[derive(Debug, Default)]
+#[expect(
+    clippy::box_collection,
+    reason = "a thin pointer in every node; the list's own allocation only where groups are"
+)]
+struct Groups(Option<Box<Vec<SharedGroup>>>);
+
+impl Groups {
+    fn push(&mut self, g: SharedGroup) {
+        self.0.get_or_insert_default().push(g);
+    }
+
+    /// Keeps the groups `keep` says yes to (frees the list once none is left).
+    fn retain(&mut self, keep: impl FnMut(&SharedGroup) -> bool) {
+        if let Some(v) = &mut self.0 {
+            v.retain(keep);
+            if v.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Groups {
+    type Target = [SharedGroup];
+    fn deref(&self) -> &[SharedGroup] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl std::ops::DerefMut for Groups {
+    fn deref_mut(&mut self) -> &mut [SharedGroup] {
+        match &mut self.0 {
+            Some(v) => v.as_mut_slice(),
+            None => &mut [],
+        }
+    }
 }
 
 impl Node {
@@ -282,7 +337,7 @@ impl Router {
             for e in &node.entries {
                 e.sub.mailbox.wake();
             }
-            for g in &node.shared {
+            for g in node.shared.iter() {
                 for e in &g.members {
                     e.sub.mailbox.wake();
                 }

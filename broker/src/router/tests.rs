@@ -37,6 +37,17 @@ fn drain(s: &Subscriber) -> Vec<Delivery> {
 }
 
 #[test]
+fn a_tree_node_stays_small() {
+    // A node is a slot of its parent's child map: every byte counts once per subscription
+    // under a wide parent (README, "A million subscriptions").
+    assert!(
+        std::mem::size_of::<Node>() <= 64,
+        "{}",
+        std::mem::size_of::<Node>()
+    );
+}
+
+#[test]
 fn overlapping_subscriptions_deliver_once_at_max_qos() {
     let r = Router::new();
     let s = sub(1);
