@@ -68,8 +68,9 @@ async fn publish_padded(broker: &Broker, n: usize, pad: usize) -> Vec<String> {
     sent
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_sink_gets_every_record_again_in_order() {
+/// A broker with the probe as a sink that fails every batch, and a subscriber to what the
+/// probe republishes once it works: (plugins folder, broker, subscriber).
+async fn failing_sink_and_subscriber() -> (PathBuf, Broker, v3::Client) {
     let dir = Broker::temp_dir();
     let plugins = dir.join("plugins");
     install(&plugins, &sidecar("fail = \"true\""));
@@ -77,6 +78,12 @@ async fn a_failing_sink_gets_every_record_again_in_order() {
     wait_for_log(&broker, "plugin loaded").await;
     let mut sub = v3::Client::connect(v3::options(&broker, "sunk-sub")).await;
     sub.subscribe_ok("sunk/#", v3::QoS::AtLeastOnce).await;
+    (plugins, broker, sub)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_sink_gets_every_record_again_in_order() {
+    let (plugins, broker, mut sub) = failing_sink_and_subscriber().await;
 
     let sent = publish_all(&broker, 300).await;
     wait_for_log(&broker, "sink batch not delivered: told to fail").await;
@@ -114,13 +121,7 @@ async fn the_sink_queue_survives_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_beyond_memory_is_read_back_in_order_and_not_again_after_kill_9() {
-    let dir = Broker::temp_dir();
-    let plugins = dir.join("plugins");
-    install(&plugins, &sidecar("fail = \"true\""));
-    let broker = Broker::start_in(dir, "");
-    wait_for_log(&broker, "plugin loaded").await;
-    let mut sub = v3::Client::connect(v3::options(&broker, "sunk-sub")).await;
-    sub.subscribe_ok("sunk/#", v3::QoS::AtLeastOnce).await;
+    let (plugins, broker, mut sub) = failing_sink_and_subscriber().await;
     // 12 MiB of records: more than a sink queue keeps in memory (8 MiB), so the oldest
     // are read back from the store.
     let sent = publish_padded(&broker, 3_000, 4_096).await;

@@ -43,7 +43,7 @@ pub struct SinkStats {
 
 /// One sink plugin's queue: a durable log, its counters, and the wake-up of its thread.
 pub struct SinkQueue {
-    fifo: Log,
+    log: Log,
     name: Arc<str>,
     /// Guards nothing but the wait for a record ([`SinkQueue::wait`]).
     idle: Mutex<()>,
@@ -58,7 +58,7 @@ pub struct SinkQueue {
 impl SinkQueue {
     /// Appends a record; returns the store ticket that makes it durable.
     fn push(&self, bytes: &[u8], max_queue: u64) -> Option<u64> {
-        let a = self.fifo.push(bytes, max_queue);
+        let a = self.log.push(bytes, max_queue);
         {
             let mut ages = self.ages.lock().unwrap_or_else(|p| p.into_inner());
             if a.dropped_oldest {
@@ -90,7 +90,7 @@ impl SinkQueue {
 
     /// Up to `limit` records from the oldest undelivered one.
     fn read(&self, limit: usize) -> Vec<(u64, bytes::Bytes)> {
-        match self.fifo.read(limit) {
+        match self.log.read(limit) {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(plugin = %self.name, error = %e, "sink queue unreadable");
@@ -101,12 +101,12 @@ impl SinkQueue {
 
     /// Forgets everything up to and including `last` (delivered).
     fn done(&self, last: u64, delivered: usize) {
-        self.fifo.consume_through(last);
+        self.log.consume_through(last);
         take_oldest(
             &mut self.ages.lock().unwrap_or_else(|p| p.into_inner()),
             delivered as u64,
         );
-        self.stats.depth.store(self.fifo.len(), Ordering::Relaxed);
+        self.stats.depth.store(self.log.len(), Ordering::Relaxed);
         self.stats
             .delivered
             .fetch_add(delivered as u64, Ordering::Relaxed);
@@ -118,7 +118,7 @@ impl SinkQueue {
     }
 
     fn waiting(&self) -> u64 {
-        self.fifo.len()
+        self.log.len()
     }
 
     /// How long the oldest waiting record has waited (whole seconds; records recovered at
@@ -134,7 +134,7 @@ impl SinkQueue {
     /// Waits for a record to arrive, at most `d`.
     fn wait(&self, d: Duration) {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if self.fifo.is_empty() {
+        if self.log.is_empty() {
             let _ = self.cv.wait_timeout(idle, d);
         }
     }
@@ -236,19 +236,19 @@ impl Plugins {
         if let Some(q) = queues.get(name) {
             return Some(q.clone());
         }
-        let fifo = match Log::open(self.store.clone(), name.clone()) {
+        let log = match Log::open(self.store.clone(), name.clone()) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(plugin = %name, error = %e, "sink queue unreadable");
                 return None;
             }
         };
-        let waiting = fifo.len();
+        let waiting = log.len();
         if waiting > 0 {
             tracing::info!(plugin = %name, waiting, "sink queue recovered");
         }
         let q = Arc::new(SinkQueue {
-            fifo,
+            log,
             name: name.clone(),
             idle: Mutex::new(()),
             cv: Condvar::new(),

@@ -130,20 +130,15 @@ impl Store {
     /// a plugin's message), received now; one record serves every sink that selects it.
     /// `None` when it cannot be encoded (logged).
     pub fn sink_record(publisher: &str, msg: &Message) -> Option<Vec<u8>> {
-        match record::encode_sink(publisher, record::unix_ms_now(), msg) {
-            Ok(bytes) => Some(bytes),
-            Err(e) => {
-                tracing::warn!(error = %e, "message cannot be queued for sinks");
-                None
-            }
-        }
+        let mut out = bytes::BytesMut::new();
+        Store::sink_record_into(&mut out, publisher, msg).then(|| out.to_vec())
     }
 
     /// [`Store::sink_record`] written into `out` (cleared first); false (logged) when the
     /// message cannot be encoded.
     pub fn sink_record_into(out: &mut bytes::BytesMut, publisher: &str, msg: &Message) -> bool {
         out.clear();
-        match record::encode_sink_into(out, publisher, record::unix_ms_now(), msg) {
+        match record::encode_sink(out, publisher, record::unix_ms_now(), msg) {
             Ok(()) => true,
             Err(e) => {
                 out.clear();

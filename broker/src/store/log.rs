@@ -70,6 +70,12 @@ impl State {
         self.mem.front().map_or(self.next, |(s, _)| *s)
     }
 
+    /// The records in memory from sequence number `seq` on (found in constant time).
+    fn mem_from(&self, seq: u64) -> std::collections::vec_deque::Iter<'_, (u64, Bytes)> {
+        let skip = usize::try_from(seq.saturating_sub(self.mem_front())).unwrap_or(usize::MAX);
+        self.mem.range(skip.min(self.mem.len())..)
+    }
+
     /// Forgets records from memory that the store has (or will have) while over budget.
     fn evict(&mut self) {
         while self.mem_bytes > MEM_BUDGET {
@@ -119,12 +125,11 @@ impl Shared {
             ops.push(Op::Queue(QueueOp::Put(key.clone(), MARKER, marker)));
             st.stored_consumed = consumed;
         }
-        let from = st.unwritten_from.max(st.first).max(st.mem_front());
-        let skip = usize::try_from(from - st.mem_front()).unwrap_or(usize::MAX);
+        let from = st.unwritten_from.max(st.first);
         // (sequence number of its last record, bytes)
         let mut row: Option<(u64, Vec<u8>)> = None;
-        let room = st.unwritten_bytes.min(ROW_BYTES) + 4 * st.mem.len().saturating_sub(skip);
-        for (seq, rec) in st.mem.iter().skip(skip) {
+        let room = st.unwritten_bytes.min(ROW_BYTES) + 4 * st.mem_from(from).len();
+        for (seq, rec) in st.mem_from(from) {
             let (last, bytes) = row.get_or_insert_with(|| (*seq, row_head(*seq, room)));
             *last = *seq;
             bytes.extend_from_slice(&u32::try_from(rec.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -223,11 +228,6 @@ impl Log {
         })
     }
 
-    /// The log's name.
-    pub fn name(&self) -> &Arc<str> {
-        &self.shared.name
-    }
-
     /// Records waiting.
     pub fn len(&self) -> u64 {
         let st = self.shared.lock();
@@ -318,8 +318,7 @@ impl Log {
         let st = self.shared.lock();
         let front = st.mem_front();
         if st.first >= front {
-            let skip = usize::try_from(st.first - front).unwrap_or(usize::MAX);
-            return Ok(st.mem.iter().skip(skip).take(limit).cloned().collect());
+            return Ok(st.mem_from(st.first).take(limit).cloned().collect());
         }
         let first = st.first;
         drop(st);
@@ -339,11 +338,9 @@ impl Log {
         // Read on from memory where the store's part ends.
         let want = out.last().map_or(first, |(s, _)| s + 1);
         let st = self.shared.lock();
-        let front = st.mem_front();
-        if out.len() < limit && want >= front {
-            let skip = usize::try_from(want - front).unwrap_or(usize::MAX);
+        if out.len() < limit && want >= st.mem_front() {
             let more = limit - out.len();
-            out.extend(st.mem.iter().skip(skip).take(more).cloned());
+            out.extend(st.mem_from(want).take(more).cloned());
         }
         Ok(out)
     }

@@ -313,8 +313,19 @@ impl Store {
         {
             p = self.queue.room.wait(p).unwrap_or_else(|e| e.into_inner());
         }
+        self.enqueue(p, ops, size).ok().flatten()
+    }
+
+    /// Queues `ops` (of `size` bytes) as the next job, waking the writer: its ticket if
+    /// acknowledgements wait for it, `Closed` if the store takes no more changes.
+    fn enqueue(
+        &self,
+        mut p: std::sync::MutexGuard<'_, Pending>,
+        ops: Vec<Op>,
+        size: usize,
+    ) -> Result<Option<u64>, Closed> {
         if p.closed {
-            return None;
+            return Err(Closed);
         }
         let ticket = p.next;
         p.next += 1;
@@ -322,23 +333,15 @@ impl Store {
         p.jobs.push_back(Job::Ops(ticket, ops));
         drop(p);
         self.queue.work.notify_one();
-        (self.durability == Durability::Sync).then_some(ticket)
+        Ok((self.durability == Durability::Sync).then_some(ticket))
     }
 
     /// Queues `op` without waiting for room: for an [`Op::Log`], whose records are bounded
     /// by the log, and which its submitter queues while holding the log's lock (the writer
     /// needs that lock to make room).
     fn submit_now(&self, op: Op) -> Result<Option<u64>, Closed> {
-        let mut p = self.queue.lock();
-        if p.closed {
-            return Err(Closed);
-        }
-        let ticket = p.next;
-        p.next += 1;
-        p.jobs.push_back(Job::Ops(ticket, vec![op]));
-        drop(p);
-        self.queue.work.notify_one();
-        Ok((self.durability == Durability::Sync).then_some(ticket))
+        let size = op.size();
+        self.enqueue(self.queue.lock(), vec![op], size)
     }
 
     /// Whether a submitter may wait for the writer now: not while a group is open (the

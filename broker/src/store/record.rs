@@ -154,16 +154,9 @@ pub fn decode_retained(bytes: &[u8]) -> Result<Message, RecordError> {
     get_message(&mut r)
 }
 
-/// A message queued for a sink plugin: its publisher's client id, when it was received
-/// (Unix ms) and the message.
-pub fn encode_sink(publisher: &str, received_at: u64, m: &Message) -> Result<Vec<u8>, RecordError> {
-    let mut out = BytesMut::new();
-    encode_sink_into(&mut out, publisher, received_at, m)?;
-    Ok(out.to_vec())
-}
-
-/// [`encode_sink`] appended to `out` (which holds part of it on an error).
-pub fn encode_sink_into(
+/// A message queued for a sink plugin (its publisher's client id, when it was received in
+/// Unix ms, and the message), appended to `out` (which holds part of it on an error).
+pub fn encode_sink(
     out: &mut BytesMut,
     publisher: &str,
     received_at: u64,

@@ -85,14 +85,13 @@ impl Writer {
         let mut connected = false;
         let mut reconnected = false;
         let mut created = false;
-        let mut copy = None;
+        let mut copy_data = None;
         loop {
             let client = match self.client.as_mut() {
                 Some(c) => c,
                 None => {
                     let c = self.open(end)?;
                     connected = true;
-                    self.copy = None;
                     self.client.insert(c)
                 }
             };
@@ -114,7 +113,7 @@ impl Writer {
             }
             let result = match self.copy {
                 Some(true) => {
-                    let data = copy.get_or_insert_with(|| row::copy_data(&encoded));
+                    let data = copy_data.get_or_insert_with(|| row::copy_data(&encoded));
                     client.copy_in(&row::copy_sql(&self.table), data, request())
                 }
                 _ => client.execute_atomically(&statements, request()),
