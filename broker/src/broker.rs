@@ -45,6 +45,9 @@ pub struct Broker {
     pub listening: std::sync::atomic::AtomicBool,
     /// The runtime it was made in has one worker thread.
     pub one_worker: bool,
+    /// The runtime it was made in: the park (`connection::park`) spawns the tasks of
+    /// idle connections there again.
+    pub runtime: Option<tokio::runtime::Handle>,
     /// The configuration in force: `config` until a reload (`reload.rs`) replaces it.
     live: std::sync::RwLock<Arc<Config>>,
     /// Bumped by every reload (what caches parsed from the configuration look at).
@@ -214,6 +217,7 @@ impl Broker {
             listening: std::sync::atomic::AtomicBool::new(false),
             one_worker: tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.metrics().num_workers() == 1),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }))
     }
 

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -165,15 +164,13 @@ pub async fn start(
             };
             let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
             if refusal.is_none() && listener.kind == ListenerKind::Tcp {
-                // A plain TCP client is served by `connection::run` as it is: each async fn
-                // wrapped around it would keep a copy of its arguments for the connection's
-                // life (memory per idle connection is what bounds how many a broker holds).
-                let (rd, wr) = stream.into_split();
+                // A plain TCP client is served by `connection::run_tcp` as it is, which
+                // parks it without a task while it is idle (memory per idle connection is
+                // what bounds how many a broker holds).
                 let info = listener.info.clone();
-                let run = connection::run(broker.clone(), info, peer, rd, wr);
-                broker
-                    .tasks
-                    .spawn(run.map(move |()| drop(permit)).instrument(span));
+                let Some(permit) = permit else { continue };
+                let run = connection::run_tcp(broker.clone(), info, peer, stream, permit);
+                broker.tasks.spawn(run.instrument(span));
                 continue;
             }
             let b = broker.clone();
@@ -329,7 +326,7 @@ where
 
 /// One connection counted in the global and the listener's gauges while it lives (kept by
 /// every connection's task: two pointers, no more).
-struct Permit {
+pub(crate) struct Permit {
     global_gauge: Arc<AtomicUsize>,
     local_gauge: Arc<AtomicUsize>,
 }

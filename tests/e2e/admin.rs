@@ -1075,3 +1075,107 @@ async fn bridges_are_listed_with_their_state() {
     );
     unharmed(&mut broker);
 }
+
+/// How many idle connections wait in the park, from the metrics.
+async fn parked(http: SocketAddr) -> u64 {
+    let (_, _, body) = crate::observability::http(http, "GET", "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("sandpiper_connections_parked "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no parked gauge in {body}"))
+}
+
+/// Waits until `n` connections are parked.
+async fn until_parked(http: SocketAddr, n: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = parked(http).await;
+        if now == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{now} connections parked, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An idle plain TCP connection waits without a task (parked), and everything that
+/// concerns it still reaches it: the admin API's question and kick, a delivery, a takeover,
+/// the client's hang-up (its will), and the broker's shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_is_served_kicked_taken_over_and_closed() {
+    let (mut broker, admin, _) = start_with_tokens("", "");
+    let http = broker.http_addr();
+    let mut sub = raw::connect_v5(&broker, "park-sub").await;
+    raw::send(&mut sub, &raw::subscribe(1, ["park/#"], true)).await;
+    assert_eq!(raw::expect_packet(&mut sub).await.0, 0x90, "SUBACK");
+    let mut kicked = raw::connect_v5(&broker, "park-kick").await;
+    let mut taken = raw::connect_v5(&broker, "park-take").await;
+    let mut stopped = raw::connect_v5(&broker, "park-stop").await;
+    let mut will = raw::connect_tcp(&broker).await;
+    let w = raw::Will {
+        topic: "park/will",
+        payload: b"gone",
+        qos: 0,
+    };
+    raw::send(
+        &mut will,
+        &raw::connect("MQTT", 4, "park-will", true, 30, Some(w)),
+    )
+    .await;
+    assert_eq!(
+        raw::expect_packet(&mut will).await,
+        (0x20, vec![0x00, 0x00])
+    );
+    until_parked(http, 5).await;
+
+    // The admin API's question is answered by the connection it wakes.
+    let (status, v) = api(http, Some(&admin), "GET", "/api/v1/clients/park-sub", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["subscriptions"][0]["filter"], "park/#", "{v}");
+    until_parked(http, 5).await;
+
+    // A delivery wakes the subscriber.
+    let mut p = v3::Client::connect(v3::options(&broker, "park-pub")).await;
+    p.publish("park/t", v3::QoS::AtLeastOnce, false, b"to a parked one")
+        .await;
+    let (first, body) = raw::expect_packet(&mut sub).await;
+    assert_eq!(first & 0xF0, 0x30, "PUBLISH");
+    assert!(body.ends_with(b"to a parked one"), "{body:?}");
+    drop(p);
+    until_parked(http, 5).await;
+
+    // The client's hang-up wakes its connection: the will goes out.
+    drop(will);
+    let (first, body) = raw::expect_packet(&mut sub).await;
+    assert_eq!(first & 0xF0, 0x30, "PUBLISH");
+    assert!(body.ends_with(b"gone"), "{body:?}");
+    until_parked(http, 4).await;
+
+    // A kick: DISCONNECT 0x98.
+    let (status, _) = api(
+        http,
+        Some(&admin),
+        "DELETE",
+        "/api/v1/clients/park-kick",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(raw::disconnect_codes(&mut kicked).await, vec![0x98]);
+
+    // A takeover: DISCONNECT 0x8E to the parked one, CONNACK to the new one.
+    let _new = raw::connect_v5(&broker, "park-take").await;
+    assert_eq!(raw::disconnect_codes(&mut taken).await, vec![0x8E]);
+
+    // Shutdown: DISCONNECT 0x8B, and the broker exits cleanly.
+    until_parked(http, 3).await;
+    unharmed(&mut broker);
+    broker.terminate();
+    assert_eq!(raw::disconnect_codes(&mut stopped).await, vec![0x8B]);
+    assert_eq!(raw::disconnect_codes(&mut sub).await, vec![0x8B]);
+    let status = broker.wait_exit(WAIT).await.expect("exits");
+    assert!(status.success(), "{status:?}");
+}

@@ -28,6 +28,7 @@ use socket::Served;
 mod deliver;
 mod handshake;
 pub mod keepalive;
+pub(crate) mod park;
 mod publish;
 mod socket;
 mod subscribe;
@@ -127,6 +128,7 @@ fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, at: tokio::time::Instant) 
 }
 
 /// Serves one client until it disconnects, fails, is taken over, or the broker stops.
+/// (A plain TCP client is served by [`run_tcp`], which parks it while idle.)
 pub async fn run<R, W>(
     broker: Arc<Broker>,
     listener: Arc<ListenerInfo>,
@@ -161,6 +163,124 @@ pub async fn run<R, W>(
             }
         }
     };
+    Box::pin(end(conn, close, &listener, open, &mut rd, &mut wr)).await;
+}
+
+/// Serves a plain TCP client until it disconnects, fails, is taken over, or the broker
+/// stops. While it is idle it has no task ([`park`]).
+pub(crate) async fn run_tcp(
+    broker: Arc<Broker>,
+    listener: Arc<ListenerInfo>,
+    peer: SocketAddr,
+    socket: tokio::net::TcpStream,
+    permit: crate::listener::Permit,
+) {
+    let (mut rd, mut wr) = socket.into_split();
+    let Some((mut conn, inbuf)) =
+        Box::pin(connect(&broker, &listener, peer, &mut rd, &mut wr)).await
+    else {
+        return;
+    };
+    let open = crate::metrics::open(&listener.name, conn.version);
+    conn.inbuf = inbuf;
+    let tcp = park::Tcp {
+        conn,
+        listener,
+        open,
+        _permit: permit,
+    };
+    serve_tcp(tcp, rd, wr).await;
+}
+
+/// The task of a parked connection woken again (its socket back in tokio's reactor).
+async fn resume(tcp: park::Tcp, socket: std::net::TcpStream) {
+    use tracing::Instrument;
+    let peer = socket
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    let span = tracing::info_span!("conn", %peer, client_id = %tcp.conn.state.client_id);
+    async move {
+        match tokio::net::TcpStream::from_std(socket) {
+            Ok(socket) => {
+                let (rd, wr) = socket.into_split();
+                serve_tcp(tcp, rd, wr).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot serve a parked connection again");
+                let park::Tcp {
+                    conn,
+                    listener,
+                    open,
+                    ..
+                } = tcp;
+                let (mut rd, mut wr) = (tokio::io::empty(), tokio::io::sink());
+                Box::pin(end(conn, Close::Lost, &listener, open, &mut rd, &mut wr)).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The main loop of a plain TCP connection; parks it when it has nothing to do.
+async fn serve_tcp(
+    mut tcp: park::Tcp,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let close = loop {
+        let served = Box::pin(tcp.conn.serve_boxed(&mut rd, &mut wr, &tcp.listener.stop)).await;
+        match served {
+            Served::Closed(close) => break close,
+            Served::Idle => {
+                if let Some(close) = tcp.conn.watch_keep_alive() {
+                    break close;
+                }
+                match park::park_tcp(tcp, rd, wr) {
+                    park::Parking::Parked => return,
+                    park::Parking::Kept(t, r, w) => {
+                        (tcp, rd, wr) = (t, r, w);
+                        if let Some(close) = tcp.conn.idle(&mut rd, &tcp.listener.stop).await {
+                            break close;
+                        }
+                    }
+                    park::Parking::Lost(t) => {
+                        let park::Tcp {
+                            conn,
+                            listener,
+                            open,
+                            ..
+                        } = t;
+                        let (mut rd, mut wr) = (tokio::io::empty(), tokio::io::sink());
+                        Box::pin(end(conn, Close::Lost, &listener, open, &mut rd, &mut wr)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let park::Tcp {
+        conn,
+        listener,
+        open,
+        ..
+    } = tcp;
+    Box::pin(end(conn, close, &listener, open, &mut rd, &mut wr)).await;
+}
+
+/// Ends a connection: counts and logs why, sends its last words, gives its session back,
+/// and lingers if the broker closed first.
+async fn end<R, W>(
+    conn: Box<Conn>,
+    close: Close,
+    listener: &ListenerInfo,
+    open: crate::metrics::OpenConnection,
+    rd: &mut R,
+    wr: &mut W,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     if close == Close::KeepAlive {
         crate::metrics::inc(crate::metrics::C::KeepAliveTimeouts);
     }
@@ -174,13 +294,10 @@ pub async fn run<R, W>(
         "client disconnected"
     );
     drop(open);
-    Box::pin(async move {
-        (*conn).finish(close, &mut wr).await;
-        if close.broker_first() {
-            linger(&mut rd).await;
-        }
-    })
-    .await;
+    (*conn).finish(close, wr).await;
+    if close.broker_first() {
+        linger(rd).await;
+    }
 }
 
 /// Reads CONNECT and answers it: the client's connection, with what was read behind

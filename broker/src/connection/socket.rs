@@ -82,7 +82,10 @@ impl Conn {
         });
         let timer = tokio::time::sleep_until(first);
         tokio::pin!(timer);
-        // Something the admin API asked while the connection was idle.
+        // A kick or something the admin API asked while the connection was idle.
+        if let Some(close) = self.kicked() {
+            return Served::Closed(close);
+        }
         self.answer_questions();
 
         // Packets already read: with CONNECT, or by the idle wait.
@@ -143,11 +146,6 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Served::Closed(Close::Shutdown),
-                k = &mut self.kick, if !self.kick_gone => {
-                    if let Some(close) = self.kicked(k) {
-                        return Served::Closed(close);
-                    }
-                }
                 r = wr.write_buf(&mut self.out), if !self.out.is_empty() => {
                     match r {
                         Ok(0) | Err(_) => return Served::Closed(Close::Lost),
@@ -188,7 +186,14 @@ impl Conn {
                         }
                     }
                 }
-                _ = mailbox.notified() => self.answer_questions(),
+                _ = mailbox.notified() => {
+                    // A kick wakes the mailbox (the kick's channel is not polled: a
+                    // waiting receiver would keep this task's memory after it ends).
+                    if let Some(close) = self.kicked() {
+                        return Served::Closed(close);
+                    }
+                    self.answer_questions();
+                }
                 room = wait_for_room(&paused), if paused.is_some() => {
                     if !room && let Some((mb, _)) = &paused {
                         mb.mark_stalled();
@@ -245,9 +250,10 @@ impl Conn {
         }
     }
 
-    /// Waits for something to do, holding as little state as a connection can: the next
-    /// bytes from the client (into the read buffer, empty on entry), a delivery or question in
-    /// the mailbox, a kick or the listener's stop. The keep alive has no timer here: the
+    /// Waits for something to do, holding as little state as a connection with a task can
+    /// (a plain TCP connection parks instead, see [`super::park`]): the next bytes from the
+    /// client (into the read buffer, empty on entry), a delivery, question or kick through
+    /// the mailbox, or the listener's stop. The keep alive has no timer here: the
     /// broker's watch ([`super::keepalive`]) wakes the mailbox at its deadline. `None`:
     /// serve again.
     pub(super) async fn idle<R: AsyncRead + Unpin>(
@@ -264,7 +270,6 @@ impl Conn {
         let woken = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Some(Close::Shutdown),
-            k = &mut self.kick, if !self.kick_gone => return self.kicked(k),
             r = rd.read(&mut first) => match r {
                 Ok(0) | Err(_) => return Some(Close::Lost),
                 Ok(n) => {
@@ -275,8 +280,8 @@ impl Conn {
             },
             _ = self.state.mailbox.notified() => true,
         };
-        // A delivery, a question, or the keep alive's watch.
-        if woken && let Some(close) = self.watch_keep_alive() {
+        // A delivery, a question, a kick, or the keep alive's watch.
+        if woken && let Some(close) = self.kicked().or_else(|| self.watch_keep_alive()) {
             return Some(close);
         }
         None
@@ -306,7 +311,7 @@ impl Conn {
 
     /// Closes the connection if the client has been silent for 1.5 × its keep alive;
     /// otherwise makes sure the broker's watch wakes it at that deadline.
-    fn watch_keep_alive(&mut self) -> Option<Close> {
+    pub(super) fn watch_keep_alive(&mut self) -> Option<Close> {
         if self.keep_alive_ms == 0 {
             return None;
         }
@@ -345,17 +350,24 @@ impl Conn {
             && !self.input_stopped
     }
 
-    /// What a kick means: `Some` closes the connection.
-    fn kicked(&mut self, k: Result<Kick, tokio::sync::oneshot::error::RecvError>) -> Option<Close> {
-        match k {
+    /// Whether the registry kicked this connection: `Some` closes it. The registry wakes
+    /// the mailbox after a kick; a kick sent before the session's mailbox was known to it
+    /// is found when the main loop starts.
+    pub(super) fn kicked(&mut self) -> Option<Close> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        if self.kick_gone {
+            return None;
+        }
+        match self.kick.try_recv() {
             Ok(Kick::TakenOver) => Some(Close::TakenOver),
             Ok(Kick::Admin) => {
                 tracing::info!("disconnected by an operator (admin API)");
                 Some(Close::Admin)
             }
+            Err(TryRecvError::Empty) => None,
             // The registry dropped our kick sender without using it: nothing can kick us
             // any more; keep serving.
-            Err(_) => {
+            Err(TryRecvError::Closed) => {
                 self.kick_gone = true;
                 None
             }

@@ -77,6 +77,17 @@ pub(super) fn render(broker: &Broker) -> String {
             label(&listener)
         );
     }
+    family(
+        o,
+        "sandpiper_connections_parked",
+        "gauge",
+        "Idle plain TCP connections waiting without a task (in the park's epoll set).",
+    );
+    let _ = writeln!(
+        o,
+        "sandpiper_connections_parked {}",
+        crate::connection::park::parked()
+    );
     counter(
         o,
         "sandpiper_connections_accepted_total",

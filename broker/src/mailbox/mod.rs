@@ -3,7 +3,7 @@
 //! through a `Notify`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::num::NonZeroU32;
@@ -196,6 +196,9 @@ pub struct Mailbox {
     stalled: AtomicBool,
     /// Someone asked the connection for an [`Inspection`].
     asked: AtomicBool,
+    /// The park slot (+1) of the idle connection serving this session; 0: none parked
+    /// (see `connection::park`).
+    parked: AtomicU32,
 }
 
 /// What the connection serving a session answers the admin API: the state only it holds.
@@ -276,6 +279,7 @@ impl Mailbox {
             waiting: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             asked: AtomicBool::new(false),
+            parked: AtomicU32::new(0),
         }
     }
 
@@ -380,7 +384,7 @@ impl Mailbox {
                         q.bytes += size;
                         let congested = self.congested(q.len());
                         drop(q);
-                        self.notify.notify_one();
+                        self.signal();
                         return Ok(Pushed { ticket, congested });
                     }
                 }
@@ -391,7 +395,7 @@ impl Mailbox {
             q.lane(d.qos).push_back((seq, d));
             congested = self.congested(q.len());
         }
-        self.notify.notify_one();
+        self.signal();
         Ok(Pushed { ticket, congested })
     }
 
@@ -577,7 +581,7 @@ impl Mailbox {
     pub fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Release);
         if online {
-            self.notify.notify_one();
+            self.signal();
         } else if self.waiting.swap(false, Ordering::AcqRel) {
             self.room.notify_waiters();
         }
@@ -671,7 +675,31 @@ impl Mailbox {
     /// nothing new queued: it then checks what changed around it, such as the policy that
     /// granted its subscriptions.
     pub fn wake(&self) {
+        self.signal();
+    }
+
+    /// Wakes the connection: its task if it waits in one, the park if it is parked there.
+    fn signal(&self) {
         self.notify.notify_one();
+        // After the wake-up is stored: a connection parking stores its slot, then looks
+        // for a wake-up (`take_wake`), so one of the two sees the other.
+        let parked = self.parked.load(Ordering::SeqCst);
+        if parked != 0 {
+            crate::connection::park::wake(parked);
+        }
+    }
+
+    /// Names the park slot (+1) of the idle connection serving this session, whom a
+    /// delivery, a question or a wake-up then makes a task for; 0 when it has one again.
+    pub fn set_parked(&self, slot: u32) {
+        self.parked.store(slot, Ordering::SeqCst);
+    }
+
+    /// Takes a wake-up nobody waited for (a delivery, question or wake-up since the
+    /// connection last looked): true if there was one.
+    pub fn take_wake(&self) -> bool {
+        use futures_util::FutureExt;
+        self.notify.notified().now_or_never().is_some()
     }
 }
 

@@ -24,6 +24,27 @@ mod queue {
         v.iter().map(|d| d.msg.payload[0]).collect()
     }
 
+    /// A connection parking takes a wake-up that came while nobody waited (a delivery, a
+    /// question, a kick's wake), once.
+    #[test]
+    fn a_wake_up_nobody_waited_for_is_taken_once() {
+        let m = online(8);
+        assert!(m.take_wake(), "going online wakes");
+        assert!(!m.take_wake());
+        m.push(d(1, QoS::AtLeastOnce)).unwrap();
+        assert!(m.take_wake(), "a delivery wakes");
+        assert!(!m.take_wake());
+        m.wake();
+        m.wake();
+        assert!(m.take_wake(), "wake-ups do not add up");
+        assert!(!m.take_wake());
+        // A slot that names no parked connection costs nothing.
+        m.set_parked(7);
+        m.wake();
+        assert!(m.take_wake());
+        m.set_parked(0);
+    }
+
     #[test]
     fn shared_limits_change_every_mailbox_at_once() {
         let limits = SharedLimits::new(QueueLimits {

@@ -62,6 +62,19 @@ struct Attached {
     session: Option<(Arc<Mailbox>, u32)>,
 }
 
+impl Attached {
+    /// Tells the connection to close (once), and wakes it: an idle connection waits on
+    /// its mailbox, or is parked without a task (`connection::park`).
+    fn kick(&mut self, why: Kick) {
+        if let Some(k) = self.kick.take() {
+            let _ = k.send(why);
+            if let Some((mailbox, _)) = &self.session {
+                mailbox.wake();
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Detached {
     state: SessionState,
@@ -350,9 +363,7 @@ impl Sessions {
             }
             match slots.remove(&client_id) {
                 Some(Slot::Attached(mut old)) => {
-                    if let Some(k) = old.kick.take() {
-                        let _ = k.send(Kick::TakenOver);
-                    }
+                    old.kick(Kick::TakenOver);
                     let (tx, rx) = oneshot::channel();
                     slots.insert(client_id.clone(), attached(Some(tx)));
                     (None, Some(rx))
@@ -629,9 +640,7 @@ impl Sessions {
         let Some(Slot::Attached(a)) = slots.get_mut(client_id) else {
             return false;
         };
-        if let Some(k) = a.kick.take() {
-            let _ = k.send(Kick::Admin);
-        }
+        a.kick(Kick::Admin);
         true
     }
 
@@ -658,9 +667,7 @@ impl Sessions {
                         return true;
                     }
                     Some(Slot::Attached(a)) => {
-                        if let Some(k) = a.kick.take() {
-                            let _ = k.send(Kick::Admin);
-                        }
+                        a.kick(Kick::Admin);
                         kicked = true;
                     }
                 }

@@ -1,0 +1,273 @@
+//! Idle plain TCP connections without a task: a connection with nothing to do hands its
+//! socket and state to the broker-wide park and its task ends. The socket leaves tokio's
+//! reactor (no registration kept) and waits in one `epoll` set that a thread of its own
+//! watches; the connection's state waits in a slot here. Anything that concerns the
+//! connection makes a task for it again: bytes or a hang-up from the client, a delivery or
+//! question in its mailbox (the keep-alive watch and a kick come that way too), or the stop
+//! of its listener.
+//!
+//! Memory per idle client is what bounds how many a broker holds: a task (its header, its
+//! future, 128-byte aligned) and a reactor registration cost about 900 bytes per
+//! connection; a slot here costs a few dozen.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+
+use super::{Conn, ListenerInfo};
+use crate::listener::Permit;
+use crate::metrics::OpenConnection;
+
+/// A served plain TCP connection apart from its socket: what its task holds, and what a
+/// slot of the park holds while it is idle.
+pub(super) struct Tcp {
+    pub conn: Box<Conn>,
+    pub listener: Arc<ListenerInfo>,
+    pub open: OpenConnection,
+    pub _permit: Permit,
+}
+
+/// An idle connection: its state and its socket, out of tokio's reactor.
+struct Parked {
+    tcp: Tcp,
+    socket: std::net::TcpStream,
+}
+
+/// The park of a process: the idle connections' slots and the `epoll` set their sockets
+/// wait in.
+struct Park {
+    registry: Registry,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    parked: Vec<Option<Parked>>,
+    free: Vec<usize>,
+    /// Listeners whose stop a task watches for the connections parked from them.
+    watched: Vec<Arc<ListenerInfo>>,
+}
+
+static PARK: OnceLock<Option<Park>> = OnceLock::new();
+
+/// The park, started on first use (`None` if the system would not give an `epoll` set or
+/// a thread: connections then wait in their tasks).
+fn park() -> Option<&'static Park> {
+    PARK.get_or_init(|| match Park::start() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "idle connections keep their tasks: no park");
+            None
+        }
+    })
+    .as_ref()
+}
+
+impl Park {
+    fn start() -> std::io::Result<Park> {
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        std::thread::Builder::new()
+            .name("sandpiper-park".into())
+            .spawn(move || watch(poll))?;
+        Ok(Park {
+            registry,
+            slots: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes a task for the connection in slot `key`, if one is parked there.
+    fn wake(&self, key: usize) {
+        let mut slots = self.lock();
+        let Some(p) = slots.parked.get_mut(key).and_then(Option::take) else {
+            return;
+        };
+        slots.free.push(key);
+        self.resume(p);
+    }
+
+    /// Takes `p` out of the park's `epoll` set and spawns its task (under the slots' lock,
+    /// so that a shutdown that wakes every parked connection finds each either here or in
+    /// the broker's task tracker).
+    fn resume(&self, p: Parked) {
+        let _ = self
+            .registry
+            .deregister(&mut SourceFd(&p.socket.as_raw_fd()));
+        let mailbox = &p.tcp.conn.state.mailbox;
+        mailbox.set_parked(0);
+        let broker = p.tcp.conn.broker.clone();
+        match &broker.runtime {
+            Some(rt) => {
+                broker.tasks.spawn_on(super::resume(p.tcp, p.socket), rt);
+            }
+            // Not reached: a connection parks only when the broker has a runtime.
+            None => drop(p),
+        }
+    }
+}
+
+/// The park's thread: wakes the connections whose sockets became readable or hung up.
+fn watch(mut poll: Poll) {
+    let mut events = Events::with_capacity(1024);
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "park: waiting on idle connections failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            continue;
+        }
+        let Some(park) = PARK.get().and_then(Option::as_ref) else {
+            continue;
+        };
+        for event in events.iter() {
+            park.wake(event.token().0);
+        }
+    }
+}
+
+/// Wakes the parked connection a mailbox names (see `Mailbox::set_parked`).
+pub(crate) fn wake(key: u32) {
+    if let Some(park) = PARK.get().and_then(Option::as_ref)
+        && let Some(key) = (key as usize).checked_sub(1)
+    {
+        park.wake(key);
+    }
+}
+
+/// What became of a connection offered to the park.
+pub(super) enum Parking {
+    /// Parked: the caller's task ends.
+    Parked,
+    /// Not parked (no park, no runtime, or too many parked): the caller waits in its task.
+    Kept(
+        Tcp,
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::net::tcp::OwnedWriteHalf,
+    ),
+    /// The socket could not leave tokio's reactor and is closed.
+    Lost(Tcp),
+}
+
+/// Parks an idle connection (its read buffer and write buffer empty, its keep-alive watch
+/// asked for): its task can end.
+pub(super) fn park_tcp(
+    tcp: Tcp,
+    rd: tokio::net::tcp::OwnedReadHalf,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+) -> Parking {
+    let Some(park) = self::park().filter(|_| tcp.conn.broker.runtime.is_some()) else {
+        return Parking::Kept(tcp, rd, wr);
+    };
+    let socket = match rd.reunite(wr) {
+        Ok(s) => s,
+        // Not reached: both halves come from one socket.
+        Err(e) => return Parking::Kept(tcp, e.0, e.1),
+    };
+    let socket = match socket.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take an idle connection out of the reactor");
+            return Parking::Lost(tcp);
+        }
+    };
+    let mut slots = park.lock();
+    let key = match slots.free.pop() {
+        Some(k) => k,
+        None => {
+            slots.parked.push(None);
+            slots.parked.len() - 1
+        }
+    };
+    let Ok(name) = u32::try_from(key + 1) else {
+        // Four billion parked connections: not reached (file descriptors run out first).
+        drop(slots);
+        return match tokio::net::TcpStream::from_std(socket) {
+            Ok(s) => {
+                let (rd, wr) = s.into_split();
+                Parking::Kept(tcp, rd, wr)
+            }
+            Err(_) => Parking::Lost(tcp),
+        };
+    };
+    if let Err(e) = park.registry.register(
+        &mut SourceFd(&socket.as_raw_fd()),
+        Token(key),
+        Interest::READABLE,
+    ) {
+        slots.free.push(key);
+        drop(slots);
+        tracing::warn!(error = %e, "cannot park an idle connection");
+        return match tokio::net::TcpStream::from_std(socket) {
+            Ok(s) => {
+                let (rd, wr) = s.into_split();
+                Parking::Kept(tcp, rd, wr)
+            }
+            Err(_) => Parking::Lost(tcp),
+        };
+    }
+    let mailbox = tcp.conn.state.mailbox.clone();
+    mailbox.set_parked(name);
+    let listener = tcp.listener.clone();
+    if !slots.watched.iter().any(|l| Arc::ptr_eq(l, &listener))
+        && let Some(rt) = &tcp.conn.broker.runtime
+    {
+        // One task per listener wakes its parked connections when it stops (a reload
+        // removed it, or the broker is shutting down); they close as they would have.
+        slots.watched.push(listener.clone());
+        let l = listener.clone();
+        tcp.conn.broker.tasks.spawn_on(
+            async move {
+                l.stop.cancelled().await;
+                if let Some(p) = self::park() {
+                    p.wake_listener(&l);
+                }
+            },
+            rt,
+        );
+    }
+    slots.parked[key] = Some(Parked { tcp, socket });
+    drop(slots);
+    // Something that came while parking (a delivery, a question, a kick, the keep-alive
+    // watch) left the mailbox's wake-up unanswered: serve it now.
+    if mailbox.take_wake() {
+        park.wake(key);
+    }
+    Parking::Parked
+}
+
+impl Park {
+    /// Wakes every connection parked from `listener` (it stopped).
+    fn wake_listener(&self, listener: &Arc<ListenerInfo>) {
+        let mut slots = self.lock();
+        slots.watched.retain(|l| !Arc::ptr_eq(l, listener));
+        let mut woken = Vec::new();
+        for (key, slot) in slots.parked.iter_mut().enumerate() {
+            if slot
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(&p.tcp.listener, listener))
+                && let Some(p) = slot.take()
+            {
+                woken.push((key, p));
+            }
+        }
+        for (key, p) in woken {
+            slots.free.push(key);
+            self.resume(p);
+        }
+    }
+}
+
+/// Connections parked now (for tests and metrics).
+pub fn parked() -> usize {
+    PARK.get().and_then(Option::as_ref).map_or(0, |p| {
+        let s = p.lock();
+        s.parked.len() - s.free.len()
+    })
+}
