@@ -193,7 +193,8 @@ pub(crate) async fn run_tcp(
 }
 
 /// The task of a parked connection woken again (its socket back in tokio's reactor).
-async fn resume(tcp: park::Tcp, socket: std::net::TcpStream) {
+async fn resume(tcp: park::Tcp<Box<Resting>>, socket: std::net::TcpStream) {
+    let tcp = tcp.map(Resting::wake);
     use tracing::Instrument;
     let peer = socket
         .peer_addr()
@@ -444,6 +445,103 @@ struct Conn {
     bridge: bool,
 }
 
+/// A parked connection's [`Conn`] without what only a served connection uses: its
+/// buffers and queues (empty when it parks), the back-pressure pause and the store's
+/// commit watch, 168 bytes less for every idle client.
+struct Resting {
+    broker: Arc<Broker>,
+    config: Arc<crate::config::Config>,
+    version: ProtocolVersion,
+    state: crate::session::SessionState,
+    conn_id: u64,
+    kick: tokio::sync::oneshot::Receiver<Kick>,
+    kick_gone: bool,
+    last_rx: tokio::time::Instant,
+    ka_watch: u64,
+    window: u16,
+    client_max_packet: usize,
+    alias_in: InboundAliases,
+    alias_out: Option<Box<OutboundAliases>>,
+    will: Option<Box<PendingWill>>,
+    keep_alive_ms: u32,
+    connect_expiry: u32,
+    gate: crate::plugins::gate::Gate,
+    reauth: Option<Box<Reauth>>,
+    revoked: bool,
+    bridge: bool,
+}
+
+impl Conn {
+    /// The connection as it rests while parked; what it drops is empty when it has
+    /// nothing to do ([`Conn::quiet`]).
+    fn rest(self: Box<Conn>) -> Box<Resting> {
+        let c = *self;
+        debug_assert!(c.inbuf.is_empty() && c.out.is_empty() && c.held.is_empty());
+        debug_assert!(c.batch.is_empty() && c.pending.is_empty() && c.paused.is_none());
+        Box::new(Resting {
+            broker: c.broker,
+            config: c.config,
+            version: c.version,
+            state: c.state,
+            conn_id: c.conn_id,
+            kick: c.kick,
+            kick_gone: c.kick_gone,
+            last_rx: c.last_rx,
+            ka_watch: c.ka_watch,
+            window: c.window,
+            client_max_packet: c.client_max_packet,
+            alias_in: c.alias_in,
+            alias_out: c.alias_out,
+            will: c.will,
+            keep_alive_ms: c.keep_alive_ms,
+            connect_expiry: c.connect_expiry,
+            gate: c.gate,
+            reauth: c.reauth,
+            revoked: c.revoked,
+            bridge: c.bridge,
+        })
+    }
+}
+
+impl Resting {
+    /// The connection served again.
+    fn wake(self: Box<Resting>) -> Box<Conn> {
+        let r = *self;
+        Box::new(Conn {
+            committed: r.broker.store.committed(),
+            broker: r.broker,
+            config: r.config,
+            version: r.version,
+            state: r.state,
+            conn_id: r.conn_id,
+            kick: r.kick,
+            kick_gone: r.kick_gone,
+            handed_on: false,
+            inbuf: BytesMut::new(),
+            last_rx: r.last_rx,
+            ka_watch: r.ka_watch,
+            out: BytesMut::new(),
+            batch: VecDeque::new(),
+            window: r.window,
+            client_max_packet: r.client_max_packet,
+            alias_in: r.alias_in,
+            alias_out: r.alias_out,
+            will: r.will,
+            keep_alive_ms: r.keep_alive_ms,
+            held: VecDeque::new(),
+            waiting_for_store: false,
+            input_stopped: false,
+            paused: None,
+            connect_expiry: r.connect_expiry,
+            gate: r.gate,
+            pending: Vec::new(),
+            reauth: r.reauth,
+            revoked: r.revoked,
+            bridge: r.bridge,
+        })
+    }
+}
+
 /// A congested queue a connection waits for, and until when.
 type Pause = (Arc<dyn crate::mailbox::Room>, tokio::time::Instant);
 
@@ -548,5 +646,12 @@ mod task_size {
         use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
         let size = future_size(super::run::<OwnedReadHalf, OwnedWriteHalf>);
         assert!(size <= 416, "connection::run's future is {size} bytes");
+    }
+
+    /// What a parked connection keeps of its state: every idle plain TCP client holds one.
+    #[test]
+    fn a_resting_connection_stays_small() {
+        let size = std::mem::size_of::<super::Resting>();
+        assert!(size <= 456, "Resting is {size} bytes");
     }
 }

@@ -16,22 +16,34 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 
-use super::{Conn, ListenerInfo};
+use super::{Conn, ListenerInfo, Resting};
 use crate::listener::Permit;
 use crate::metrics::OpenConnection;
 
-/// A served plain TCP connection apart from its socket: what its task holds, and what a
-/// slot of the park holds while it is idle.
-pub(super) struct Tcp {
-    pub conn: Box<Conn>,
+/// A plain TCP connection apart from its socket: what its task holds (`Box<Conn>`), and
+/// what a slot of the park holds while it is idle (`Box<Resting>`).
+pub(super) struct Tcp<C = Box<Conn>> {
+    pub conn: C,
     pub listener: Arc<ListenerInfo>,
     pub open: OpenConnection,
     pub _permit: Permit,
 }
 
+impl<C> Tcp<C> {
+    /// The same connection with its state in another form.
+    pub fn map<D>(self, f: impl FnOnce(C) -> D) -> Tcp<D> {
+        Tcp {
+            conn: f(self.conn),
+            listener: self.listener,
+            open: self.open,
+            _permit: self._permit,
+        }
+    }
+}
+
 /// An idle connection: its state and its socket, out of tokio's reactor.
 struct Parked {
-    tcp: Tcp,
+    tcp: Tcp<Box<Resting>>,
     socket: std::net::TcpStream,
 }
 
@@ -212,6 +224,7 @@ pub(super) fn park_tcp(
             Err(_) => Parking::Lost(tcp),
         };
     }
+    let tcp = tcp.map(Conn::rest);
     let mailbox = tcp.conn.state.mailbox.clone();
     mailbox.set_parked(name);
     let listener = tcp.listener.clone();
