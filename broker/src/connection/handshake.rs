@@ -394,7 +394,7 @@ impl Conn {
                 }
             }
         }
-        let att = match broker
+        let mut att = match broker
             .sessions
             .attach(
                 client_id.clone(),
@@ -457,14 +457,17 @@ impl Conn {
             reason: ReasonCode::Success,
             properties: props,
         };
+        // A kick that came before the connection had its session: from here on kicks come
+        // through the session's mailbox, where this one joins them.
+        if let Ok(k) = att.kick.try_recv() {
+            att.state.mailbox.kick(k);
+        }
         let mut conn = Conn {
             broker: broker.clone(),
             config: config.clone(),
             version: v,
             state: att.state,
             conn_id: att.conn,
-            kick: att.kick,
-            kick_gone: false,
             handed_on: false,
             ka_watch: 0,
             inbuf: BytesMut::new(),

@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::codec::{Disconnect, Packet, ProtocolVersion, PublishQoS, ReasonCode};
 use crate::message::Delivery;
 use crate::message::Draft;
-use crate::session::{InboundAliases, Kick, OutboundAliases, PendingWill};
+use crate::session::{InboundAliases, OutboundAliases, PendingWill};
 use handshake::ReadError;
 use handshake::read_connect;
 use handshake::refuse_connect;
@@ -386,9 +386,6 @@ struct Conn {
     version: ProtocolVersion,
     state: crate::session::SessionState,
     conn_id: u64,
-    kick: tokio::sync::oneshot::Receiver<Kick>,
-    /// The registry dropped the kick's sender without using it: nothing can kick us.
-    kick_gone: bool,
     /// A message this connection published since the last read was queued for a session
     /// (whose connection may want to run before our acknowledgements go out).
     handed_on: bool,
@@ -454,8 +451,6 @@ struct Resting {
     version: ProtocolVersion,
     state: crate::session::SessionState,
     conn_id: u64,
-    kick: tokio::sync::oneshot::Receiver<Kick>,
-    kick_gone: bool,
     last_rx: tokio::time::Instant,
     ka_watch: u64,
     window: u16,
@@ -484,8 +479,6 @@ impl Conn {
             version: c.version,
             state: c.state,
             conn_id: c.conn_id,
-            kick: c.kick,
-            kick_gone: c.kick_gone,
             last_rx: c.last_rx,
             ka_watch: c.ka_watch,
             window: c.window,
@@ -514,8 +507,6 @@ impl Resting {
             version: r.version,
             state: r.state,
             conn_id: r.conn_id,
-            kick: r.kick,
-            kick_gone: r.kick_gone,
             handed_on: false,
             inbuf: BytesMut::new(),
             last_rx: r.last_rx,
@@ -652,6 +643,6 @@ mod task_size {
     #[test]
     fn a_resting_connection_stays_small() {
         let size = std::mem::size_of::<super::Resting>();
-        assert!(size <= 456, "Resting is {size} bytes");
+        assert!(size <= 448, "Resting is {size} bytes");
     }
 }

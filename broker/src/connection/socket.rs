@@ -187,8 +187,7 @@ impl Conn {
                     }
                 }
                 _ = mailbox.notified() => {
-                    // A kick wakes the mailbox (the kick's channel is not polled: a
-                    // waiting receiver would keep this task's memory after it ends).
+                    // A kick wakes the mailbox.
                     if let Some(close) = self.kicked() {
                         return Served::Closed(close);
                     }
@@ -350,26 +349,14 @@ impl Conn {
             && !self.input_stopped
     }
 
-    /// Whether the registry kicked this connection: `Some` closes it. The registry wakes
-    /// the mailbox after a kick; a kick sent before the session's mailbox was known to it
-    /// is found when the main loop starts.
-    pub(super) fn kicked(&mut self) -> Option<Close> {
-        use tokio::sync::oneshot::error::TryRecvError;
-        if self.kick_gone {
-            return None;
-        }
-        match self.kick.try_recv() {
-            Ok(Kick::TakenOver) => Some(Close::TakenOver),
-            Ok(Kick::Admin) => {
+    /// Whether the registry kicked this connection: `Some` closes it. A kick wakes the
+    /// mailbox and is read from it.
+    pub(super) fn kicked(&self) -> Option<Close> {
+        match self.state.mailbox.kicked()? {
+            Kick::TakenOver => Some(Close::TakenOver),
+            Kick::Admin => {
                 tracing::info!("disconnected by an operator (admin API)");
                 Some(Close::Admin)
-            }
-            Err(TryRecvError::Empty) => None,
-            // The registry dropped our kick sender without using it: nothing can kick us
-            // any more; keep serving.
-            Err(TryRecvError::Closed) => {
-                self.kick_gone = true;
-                None
             }
         }
     }

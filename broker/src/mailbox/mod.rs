@@ -3,7 +3,7 @@
 //! through a `Notify`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::num::NonZeroU32;
@@ -199,6 +199,18 @@ pub struct Mailbox {
     /// The park slot (+1) of the idle connection serving this session; 0: none parked
     /// (see `connection::park`).
     parked: AtomicU32,
+    /// Why the registry asked the connection serving this session to close (a [`Kick`]
+    /// as `Kick::code`), 0: it did not.
+    kick: AtomicU8,
+}
+
+/// Why the registry asks a connection to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection with the same client identifier arrived (MQTT 5 reason 0x8E).
+    TakenOver = 1,
+    /// An operator asked (the admin API; MQTT 5 reason 0x98).
+    Admin = 2,
 }
 
 /// What the connection serving a session answers the admin API: the state only it holds.
@@ -280,6 +292,7 @@ impl Mailbox {
             stalled: AtomicBool::new(false),
             asked: AtomicBool::new(false),
             parked: AtomicU32::new(0),
+            kick: AtomicU8::new(0),
         }
     }
 
@@ -687,6 +700,30 @@ impl Mailbox {
         if parked != 0 {
             crate::connection::park::wake(parked);
         }
+    }
+
+    /// Asks the connection serving this session to close, and wakes it (the first reason
+    /// given stands until a new connection attaches).
+    pub fn kick(&self, why: Kick) {
+        let _ = self
+            .kick
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.wake();
+    }
+
+    /// Why the connection was asked to close, if it was.
+    pub fn kicked(&self) -> Option<Kick> {
+        match self.kick.load(Ordering::Acquire) {
+            1 => Some(Kick::TakenOver),
+            2 => Some(Kick::Admin),
+            _ => None,
+        }
+    }
+
+    /// Forgets a kick meant for the connection that served the session before (a new one
+    /// attaches).
+    pub fn clear_kick(&self) {
+        self.kick.store(0, Ordering::Release);
     }
 
     /// Names the park slot (+1) of the idle connection serving this session, whom a

@@ -278,14 +278,7 @@ impl PendingWill {
     }
 }
 
-/// Why the registry asks a connection to close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kick {
-    /// Another connection with the same client identifier arrived (MQTT 5 reason 0x8E).
-    TakenOver,
-    /// An operator asked (the admin API; MQTT 5 reason 0x98).
-    Admin,
-}
+pub use crate::mailbox::Kick;
 
 /// Where and how a client is connected (for the admin API).
 #[derive(Debug, Clone)]

@@ -38,7 +38,8 @@ pub struct Attachment {
     pub state: SessionState,
     /// Whether an existing session was resumed (CONNACK Session Present).
     pub present: bool,
-    /// Fires when the registry wants this connection closed.
+    /// Fires when the registry wanted this connection closed before it had its session
+    /// (later kicks come through the session's mailbox, [`Mailbox::kicked`]).
     pub kick: oneshot::Receiver<Kick>,
     /// The connection's number, to give back to [`Sessions::detach`].
     pub conn: u64,
@@ -63,14 +64,17 @@ struct Attached {
 }
 
 impl Attached {
-    /// Tells the connection to close (once), and wakes it: an idle connection waits on
-    /// its mailbox, or is parked without a task (`connection::park`).
+    /// Tells the connection to close, and wakes it: through the session's mailbox once
+    /// the connection has its session (an idle connection waits on its mailbox, or is
+    /// parked without a task, `connection::park`); before, through the kick channel,
+    /// which the connection reads once when it has its session.
     fn kick(&mut self, why: Kick) {
-        if let Some(k) = self.kick.take() {
-            let _ = k.send(why);
-            if let Some((mailbox, _)) = &self.session {
-                mailbox.wake();
+        match (&self.session, self.kick.take()) {
+            (Some((mailbox, _)), _) => mailbox.kick(why),
+            (None, Some(k)) => {
+                let _ = k.send(why);
             }
+            (None, None) => {}
         }
     }
 }
@@ -426,7 +430,11 @@ impl Sessions {
         if let Some(Slot::Attached(a)) = self.lock().get_mut(&state.client_id)
             && a.conn == conn
         {
+            // From here on kicks go through the mailbox; one meant for the connection that
+            // served the session before is forgotten.
+            state.mailbox.clear_kick();
             a.session = Some((state.mailbox.clone(), expiry));
+            a.kick = None;
         }
         Ok(Attachment {
             state,
