@@ -45,6 +45,22 @@ impl<C> Tcp<C> {
 struct Parked {
     tcp: Tcp<Box<Resting>>,
     socket: std::net::TcpStream,
+    /// Which parking of the slot this is: a wake-up that names an earlier one (a stale
+    /// mailbox slot, an event read before the socket left the set) does not wake this one.
+    generation: u32,
+}
+
+/// The name a parked connection goes by (in its mailbox and as its `epoll` token): its
+/// slot + 1 in the low half, the slot's generation in the high half; never 0.
+fn name(key: usize, generation: u32) -> Option<u64> {
+    let slot = u32::try_from(key.checked_add(1)?).ok()?;
+    Some(u64::from(generation) << 32 | u64::from(slot))
+}
+
+/// The slot and generation a name gives.
+fn unname(name: u64) -> Option<(usize, u32)> {
+    let slot = usize::try_from(name & 0xFFFF_FFFF).ok()?.checked_sub(1)?;
+    Some((slot, (name >> 32) as u32))
 }
 
 /// The park of a process: the idle connections' slots and the `epoll` set their sockets
@@ -58,6 +74,8 @@ struct Park {
 struct Slots {
     parked: Vec<Option<Parked>>,
     free: Vec<usize>,
+    /// The generation the next parked connection gets.
+    generation: u32,
     /// Listeners whose stop a task watches for the connections parked from them.
     watched: Vec<Arc<ListenerInfo>>,
 }
@@ -94,14 +112,22 @@ impl Park {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes a task for the connection in slot `key`, if one is parked there.
-    fn wake(&self, key: usize) {
-        let mut slots = self.lock();
-        let Some(p) = slots.parked.get_mut(key).and_then(Option::take) else {
+    /// Makes a task for the connection parked under `name`, if it is still parked.
+    fn wake(&self, name: u64) {
+        let Some((key, generation)) = unname(name) else {
             return;
         };
-        slots.free.push(key);
-        self.resume(p);
+        let mut slots = self.lock();
+        let Some(slot) = slots.parked.get_mut(key) else {
+            return;
+        };
+        if slot.as_ref().is_none_or(|p| p.generation != generation) {
+            return;
+        }
+        if let Some(p) = slot.take() {
+            slots.free.push(key);
+            self.resume(p);
+        }
     }
 
     /// Takes `p` out of the park's `epoll` set and spawns its task (under the slots' lock,
@@ -139,17 +165,15 @@ fn watch(mut poll: Poll) {
             continue;
         };
         for event in events.iter() {
-            park.wake(event.token().0);
+            park.wake(event.token().0 as u64);
         }
     }
 }
 
 /// Wakes the parked connection a mailbox names (see `Mailbox::set_parked`).
-pub(crate) fn wake(key: u32) {
-    if let Some(park) = PARK.get().and_then(Option::as_ref)
-        && let Some(key) = (key as usize).checked_sub(1)
-    {
-        park.wake(key);
+pub(crate) fn wake(name: u64) {
+    if let Some(park) = PARK.get().and_then(Option::as_ref) {
+        park.wake(name);
     }
 }
 
@@ -197,8 +221,26 @@ pub(super) fn park_tcp(
             slots.parked.len() - 1
         }
     };
-    let Ok(name) = u32::try_from(key + 1) else {
-        // Four billion parked connections: not reached (file descriptors run out first).
+    let generation = slots.generation;
+    slots.generation = generation.wrapping_add(1);
+    let registered = name(key, generation).and_then(|n| {
+        let token = Token(usize::try_from(n).ok()?);
+        let fd = socket.as_raw_fd();
+        match park
+            .registry
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
+        {
+            Ok(()) => Some(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot park an idle connection");
+                None
+            }
+        }
+    });
+    let Some(name) = registered else {
+        // Not parked (the system refused the registration; four billion slots are not
+        // reached): the connection waits in its task.
+        slots.free.push(key);
         drop(slots);
         return match tokio::net::TcpStream::from_std(socket) {
             Ok(s) => {
@@ -208,22 +250,6 @@ pub(super) fn park_tcp(
             Err(_) => Parking::Lost(tcp),
         };
     };
-    if let Err(e) = park.registry.register(
-        &mut SourceFd(&socket.as_raw_fd()),
-        Token(key),
-        Interest::READABLE,
-    ) {
-        slots.free.push(key);
-        drop(slots);
-        tracing::warn!(error = %e, "cannot park an idle connection");
-        return match tokio::net::TcpStream::from_std(socket) {
-            Ok(s) => {
-                let (rd, wr) = s.into_split();
-                Parking::Kept(tcp, rd, wr)
-            }
-            Err(_) => Parking::Lost(tcp),
-        };
-    }
     let tcp = tcp.map(Conn::rest);
     let mailbox = tcp.conn.state.mailbox.clone();
     mailbox.set_parked(name);
@@ -245,12 +271,20 @@ pub(super) fn park_tcp(
             rt,
         );
     }
-    slots.parked[key] = Some(Parked { tcp, socket });
-    drop(slots);
+    let parked = Parked {
+        tcp,
+        socket,
+        generation,
+    };
     // Something that came while parking (a delivery, a question, a kick, the keep-alive
-    // watch) left the mailbox's wake-up unanswered: serve it now.
-    if mailbox.take_wake() {
-        park.wake(key);
+    // watch) left the mailbox's wake-up unanswered: serve it now. Under the lock, so that
+    // no task of this connection's but ours exists while its wake-up is taken (one woken
+    // after the unlock would lose a wake-up meant for it to us).
+    if mailbox.take_wake() || mailbox.kicked().is_some() {
+        slots.free.push(key);
+        park.resume(parked);
+    } else if let Some(slot) = slots.parked.get_mut(key) {
+        *slot = Some(parked);
     }
     Parking::Parked
 }
@@ -283,4 +317,25 @@ pub fn parked() -> usize {
         let s = p.lock();
         s.parked.len() - s.free.len()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{name, unname};
+
+    /// A name is never 0 (a mailbox's "not parked") and gives back its slot and
+    /// generation; slots past four billion have none.
+    #[test]
+    fn names_round_trip_and_are_never_zero() {
+        for key in [0, 1, 7, 65_535, 4_294_967_294] {
+            for generation in [0, 1, u32::MAX] {
+                let n = name(key, generation).unwrap_or(0);
+                assert_ne!(n, 0, "slot {key} generation {generation}");
+                assert_eq!(unname(n), Some((key, generation)));
+            }
+        }
+        assert_eq!(name(4_294_967_295, 0), None);
+        assert_eq!(unname(0), None);
+        assert_eq!(unname(5 << 32), None);
+    }
 }

@@ -3,7 +3,7 @@
 //! through a `Notify`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::num::NonZeroU32;
@@ -196,9 +196,9 @@ pub struct Mailbox {
     stalled: AtomicBool,
     /// Someone asked the connection for an [`Inspection`].
     asked: AtomicBool,
-    /// The park slot (+1) of the idle connection serving this session; 0: none parked
-    /// (see `connection::park`).
-    parked: AtomicU32,
+    /// The park's name for the idle connection serving this session (its slot and the
+    /// slot's generation); 0: none parked (see `connection::park`).
+    parked: AtomicU64,
     /// Why the registry asked the connection serving this session to close (a [`Kick`]
     /// as `Kick::code`), 0: it did not.
     kick: AtomicU8,
@@ -291,7 +291,7 @@ impl Mailbox {
             waiting: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             asked: AtomicBool::new(false),
-            parked: AtomicU32::new(0),
+            parked: AtomicU64::new(0),
             kick: AtomicU8::new(0),
         }
     }
@@ -726,10 +726,10 @@ impl Mailbox {
         self.kick.store(0, Ordering::Release);
     }
 
-    /// Names the park slot (+1) of the idle connection serving this session, whom a
-    /// delivery, a question or a wake-up then makes a task for; 0 when it has one again.
-    pub fn set_parked(&self, slot: u32) {
-        self.parked.store(slot, Ordering::SeqCst);
+    /// Names the parked idle connection serving this session, whom a delivery, a question
+    /// or a wake-up then makes a task for; 0 when it has one again.
+    pub fn set_parked(&self, name: u64) {
+        self.parked.store(name, Ordering::SeqCst);
     }
 
     /// Takes a wake-up nobody waited for (a delivery, question or wake-up since the
