@@ -41,14 +41,17 @@ impl<C> Tcp<C> {
     }
 }
 
-/// An idle connection: its state and its socket, out of tokio's reactor.
+/// An idle connection: its state and its socket, out of tokio's reactor (one allocation;
+/// a slot of the park holds a pointer to it and its generation).
 struct Parked {
-    tcp: Tcp<Box<Resting>>,
+    tcp: Tcp<Resting>,
     socket: std::net::TcpStream,
-    /// Which parking of the slot this is: a wake-up that names an earlier one (a stale
-    /// mailbox slot, an event read before the socket left the set) does not wake this one.
-    generation: u32,
 }
+
+/// A slot of the park: a parked connection and which parking of the slot this is (a
+/// wake-up that names an earlier one, from a stale mailbox name or an event read before
+/// the socket left the set, does not wake this one).
+type Slot = Option<(Box<Parked>, u32)>;
 
 /// The name a parked connection goes by (in its mailbox and as its `epoll` token): its
 /// slot + 1 in the low half, the slot's generation in the high half; never 0.
@@ -72,7 +75,7 @@ struct Park {
 
 #[derive(Default)]
 struct Slots {
-    parked: Vec<Option<Parked>>,
+    parked: Vec<Slot>,
     free: Vec<usize>,
     /// The generation the next parked connection gets.
     generation: u32,
@@ -121,10 +124,10 @@ impl Park {
         let Some(slot) = slots.parked.get_mut(key) else {
             return;
         };
-        if slot.as_ref().is_none_or(|p| p.generation != generation) {
+        if slot.as_ref().is_none_or(|(_, g)| *g != generation) {
             return;
         }
-        if let Some(p) = slot.take() {
+        if let Some((p, _)) = slot.take() {
             slots.free.push(key);
             self.resume(p);
         }
@@ -133,7 +136,7 @@ impl Park {
     /// Takes `p` out of the park's `epoll` set and spawns its task (under the slots' lock,
     /// so that a shutdown that wakes every parked connection finds each either here or in
     /// the broker's task tracker).
-    fn resume(&self, p: Parked) {
+    fn resume(&self, p: Box<Parked>) {
         let _ = self
             .registry
             .deregister(&mut SourceFd(&p.socket.as_raw_fd()));
@@ -142,7 +145,8 @@ impl Park {
         let broker = p.tcp.conn.broker.clone();
         match &broker.runtime {
             Some(rt) => {
-                broker.tasks.spawn_on(super::resume(p.tcp, p.socket), rt);
+                let Parked { tcp, socket } = *p;
+                broker.tasks.spawn_on(super::resume(tcp, socket), rt);
             }
             // Not reached: a connection parks only when the broker has a runtime.
             None => drop(p),
@@ -271,11 +275,7 @@ pub(super) fn park_tcp(
             rt,
         );
     }
-    let parked = Parked {
-        tcp,
-        socket,
-        generation,
-    };
+    let parked = Box::new(Parked { tcp, socket });
     // Something that came while parking (a delivery, a question, a kick, the keep-alive
     // watch) left the mailbox's wake-up unanswered: serve it now. Under the lock, so that
     // no task of this connection's but ours exists while its wake-up is taken (one woken
@@ -284,7 +284,7 @@ pub(super) fn park_tcp(
         slots.free.push(key);
         park.resume(parked);
     } else if let Some(slot) = slots.parked.get_mut(key) {
-        *slot = Some(parked);
+        *slot = Some((parked, generation));
     }
     Parking::Parked
 }
@@ -298,8 +298,8 @@ impl Park {
         for (key, slot) in slots.parked.iter_mut().enumerate() {
             if slot
                 .as_ref()
-                .is_some_and(|p| Arc::ptr_eq(&p.tcp.listener, listener))
-                && let Some(p) = slot.take()
+                .is_some_and(|(p, _)| Arc::ptr_eq(&p.tcp.listener, listener))
+                && let Some((p, _)) = slot.take()
             {
                 woken.push((key, p));
             }

@@ -44,10 +44,11 @@ struct SharedGroup {
 /// level (the level, `+`, `#`): the hasher is foldhash's, seeded per process.
 type Children<N> = std::collections::HashMap<Box<str>, N, TreeHasher>;
 
-/// foldhash with the process's random seed and no seed of its own: zero-sized, so a child
-/// map (there is one in every node) does not carry 8 bytes of seed.
+/// foldhash with the process's random seed and no seed of its own: zero-sized, so a map
+/// there are many of (a child map in every tree node, a subscription map in every session)
+/// does not carry 16 bytes of `RandomState`.
 #[derive(Clone, Copy, Debug, Default)]
-struct TreeHasher;
+pub struct TreeHasher;
 
 impl std::hash::BuildHasher for TreeHasher {
     type Hasher = foldhash::fast::FoldHasher<'static>;

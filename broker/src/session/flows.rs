@@ -45,7 +45,7 @@ pub struct ReceiveMaximumExceeded;
 pub struct Flows {
     inflight: VecDeque<Inflight>,
     next_id: PacketId,
-    inbound_qos2: HashSet<PacketId>,
+    inbound_qos2: HashSet<PacketId, crate::router::TreeHasher>,
 }
 
 impl Default for Flows {
@@ -60,7 +60,7 @@ impl Flows {
         Flows {
             inflight: VecDeque::new(),
             next_id,
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: HashSet::default(),
         }
     }
 

@@ -44,6 +44,10 @@ pub struct Subscription {
     pub id: Option<NonZeroU32>,
 }
 
+/// A session's subscriptions by filter (as sent, with any share prefix), hashed without a
+/// per-map seed (every session has one; [`crate::router::TreeHasher`]).
+pub type Subscriptions = HashMap<TopicFilter, Subscription, crate::router::TreeHasher>;
+
 /// Everything the broker keeps for one client identifier.
 #[derive(Debug)]
 pub struct SessionState {
@@ -54,7 +58,7 @@ pub struct SessionState {
     /// The queue the router delivers into.
     pub mailbox: Arc<Mailbox>,
     /// Subscriptions by filter (as sent, with any share prefix).
-    pub subscriptions: HashMap<TopicFilter, Subscription>,
+    pub subscriptions: Subscriptions,
     /// The QoS 1/2 flows: messages in flight, packet identifiers, inbound QoS 2 awaiting
     /// PUBREL.
     pub flows: Flows,

@@ -165,7 +165,7 @@ impl Sessions {
             client_id,
             key,
             mailbox: Arc::new(self.mailbox(key)),
-            subscriptions: HashMap::new(),
+            subscriptions: Default::default(),
             flows: Flows::default(),
             expiry,
             principal: None,
@@ -193,7 +193,7 @@ impl Sessions {
                 client_id: client_id.clone(),
                 key: rec.key,
                 mailbox,
-                subscriptions: HashMap::new(),
+                subscriptions: Default::default(),
                 flows: Flows::new(PacketId::new(rec.next_id).unwrap_or(PacketId::FIRST)),
                 expiry: rec.expiry,
                 principal: rec.principal.map(|(user, listener)| Principal {
