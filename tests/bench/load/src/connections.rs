@@ -25,6 +25,65 @@ pub struct ConnPlan {
     pub broker_pid: Option<u32>,
     /// How long the connections stay idle before memory is read.
     pub hold: Duration,
+    /// Keep alive asked for in CONNECT, in seconds (0: off); connections ping every half
+    /// of it while held.
+    pub keep_alive: u16,
+}
+
+/// PINGREQ, the same in every version.
+const PINGREQ: [u8; 2] = [0xC0, 0x00];
+
+/// Pings each open connection every `every`, from when it opened (each at its own phase,
+/// as clients do: a keep alive counts from the client's last packet), through the hold,
+/// and counts the PINGRESPs.
+struct Pinger {
+    every: Duration,
+    due: Vec<Instant>,
+    sent: Vec<u64>,
+    got: Vec<u64>,
+}
+
+impl Pinger {
+    fn new(keep_alive: u16) -> Option<Pinger> {
+        (keep_alive > 0).then(|| Pinger {
+            every: Duration::from_millis(u64::from(keep_alive) * 500),
+            due: Vec::new(),
+            sent: Vec::new(),
+            got: Vec::new(),
+        })
+    }
+
+    /// Pings the connections whose turn it is; reads what came back. `ping`: false only
+    /// reads.
+    fn tick(&mut self, conns: &[TcpStream], ping: bool) {
+        let now = Instant::now();
+        self.due.resize(conns.len(), now + self.every);
+        self.sent.resize(conns.len(), 0);
+        self.got.resize(conns.len(), 0);
+        let mut buf = [0u8; 256];
+        for (i, c) in conns.iter().enumerate() {
+            while let Ok(k) = c.try_read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                self.got[i] += k as u64;
+            }
+            if ping && self.due[i] <= now {
+                self.due[i] += self.every;
+                if c.try_write(&PINGREQ).is_ok_and(|k| k == PINGREQ.len()) {
+                    self.sent[i] += 1;
+                }
+            }
+        }
+    }
+
+    /// (pings sent, connections that got fewer PINGRESPs than they sent PINGREQs).
+    fn outcome(&self) -> (u64, u64) {
+        let missed = (self.sent.iter().zip(&self.got))
+            .filter(|(s, g)| **g < **s * 2)
+            .count();
+        (self.sent.iter().sum(), missed as u64)
+    }
 }
 
 /// Resident set size of `pid` in KiB, from `/proc/<pid>/status`.
@@ -88,6 +147,7 @@ pub async fn run(plan: &ConnPlan, s: &Settings) -> anyhow::Result<Record> {
     let mut failures = BTreeMap::new();
     let mut last_ok = None;
     let mut started = 0;
+    let mut pinger = Pinger::new(plan.keep_alive);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     while started < plan.connections {
@@ -97,9 +157,12 @@ pub async fn run(plan: &ConnPlan, s: &Settings) -> anyhow::Result<Record> {
         while started < due {
             let id = format!("spb-{tag}-c{started}");
             let (addr, version, deadline) = (s.addr, s.version, s.connect_timeout);
+            let keep_alive = plan.keep_alive;
             set.spawn(async move {
                 let t = Instant::now();
-                let r = Client::connect(addr, version, &id, false, deadline).await;
+                let r =
+                    Client::connect_keeping_alive(addr, version, &id, false, keep_alive, deadline)
+                        .await;
                 (r.map(|c| c.stream), t.elapsed(), Instant::now())
             });
             started += 1;
@@ -107,14 +170,45 @@ pub async fn run(plan: &ConnPlan, s: &Settings) -> anyhow::Result<Record> {
         while let Some(r) = set.try_join_next() {
             reap(r, &mut conns, &mut hist, &mut failures, &mut last_ok);
         }
+        if let Some(p) = &mut pinger {
+            p.tick(&conns, true);
+        }
     }
-    while let Some(r) = set.join_next().await {
+    loop {
+        let r = match &mut pinger {
+            None => set.join_next().await,
+            Some(p) => match tokio::time::timeout(Duration::from_millis(10), set.join_next()).await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    p.tick(&conns, true);
+                    continue;
+                }
+            },
+        };
+        let Some(r) = r else { break };
         reap(r, &mut conns, &mut hist, &mut failures, &mut last_ok);
     }
     let ok = u64::try_from(conns.len()).unwrap_or(u64::MAX);
     let open_secs = last_ok.map_or(0.0, |t| t.duration_since(start).as_secs_f64());
 
-    tokio::time::sleep(plan.hold).await;
+    let (pings, missed) = match &mut pinger {
+        None => {
+            tokio::time::sleep(plan.hold).await;
+            (0, 0)
+        }
+        Some(p) => {
+            let end = Instant::now() + plan.hold;
+            while Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                p.tick(&conns, true);
+            }
+            // The last answers.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            p.tick(&conns, false);
+            p.outcome()
+        }
+    };
     // A connection the broker closed while idle reads end-of-file now.
     let mut closed = 0u64;
     let mut probe = [0u8; 64];
@@ -134,6 +228,9 @@ pub async fn run(plan: &ConnPlan, s: &Settings) -> anyhow::Result<Record> {
     r.int("ok", ok);
     r.int("failed", want - ok);
     r.int("closed_while_idle", closed);
+    r.int("keep_alive", u64::from(plan.keep_alive));
+    r.int("pings", pings);
+    r.int("missed_pingresp", missed);
     r.float("seconds", open_secs);
     r.float(
         "connects_per_s",

@@ -152,6 +152,10 @@ enum Scenario {
         /// Seconds the connections stay idle before the broker's memory is read.
         #[arg(long, default_value_t = 2.0)]
         hold: f64,
+        /// Keep alive each connection asks for, in seconds (0: off); while held, every
+        /// connection sends PINGREQ every half of it and counts the PINGRESPs.
+        #[arg(long, default_value_t = 0)]
+        keep_alive: u16,
     },
     /// C clients hold N subscriptions in all, then one QoS 0 publisher sends to topics at
     /// random, each matching one subscription: subscribe rate, broker RSS per
@@ -368,12 +372,14 @@ async fn run(cli: &Cli) -> anyhow::Result<Record> {
             rate: r,
             broker_pid,
             hold,
+            keep_alive,
         } => {
             let plan = ConnPlan {
                 connections: clients("connections", *c, MAX_CONNECTIONS)?,
                 rate: rate(Some(*r))?.unwrap_or(1.0),
                 broker_pid: *broker_pid,
                 hold: seconds("hold", *hold, true)?,
+                keep_alive: *keep_alive,
             };
             connections::run(&plan, &s).await
         }

@@ -51,9 +51,22 @@ impl Client {
         persistent: bool,
         deadline: Duration,
     ) -> anyhow::Result<Client> {
+        Self::connect_keeping_alive(addr, version, client_id, persistent, 0, deadline).await
+    }
+
+    /// [`Client::connect`] with a keep alive of `keep_alive` seconds (0: off); the caller
+    /// then pings at least that often.
+    pub async fn connect_keeping_alive(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        client_id: &str,
+        persistent: bool,
+        keep_alive: u16,
+        deadline: Duration,
+    ) -> anyhow::Result<Client> {
         tokio::time::timeout(
             deadline,
-            Self::connect_inner(addr, version, client_id, persistent),
+            Self::connect_inner(addr, version, client_id, persistent, keep_alive),
         )
         .await
         .with_context(|| format!("no CONNACK within {deadline:?}"))?
@@ -64,6 +77,7 @@ impl Client {
         version: ProtocolVersion,
         client_id: &str,
         persistent: bool,
+        keep_alive: u16,
     ) -> anyhow::Result<Client> {
         let stream = TcpStream::connect(addr)
             .await
@@ -77,9 +91,9 @@ impl Client {
         let connect = Connect {
             protocol: version,
             clean_start: !persistent,
-            // Keep alive off: an idle connection must stay open for the whole run, and
-            // throughput runs never go quiet.
-            keep_alive: 0,
+            // Off unless asked for: throughput runs never go quiet, and an idle connection
+            // that asks for one pings (`connections --keep-alive`).
+            keep_alive,
             client_id: client_id.to_owned(),
             will: None,
             username: None,
