@@ -194,8 +194,8 @@ pub(crate) async fn run_tcp(
 
 /// The task of a parked connection woken again (its socket back in tokio's reactor).
 async fn resume(tcp: park::Tcp<Resting>, socket: std::net::TcpStream) {
-    let tcp = tcp.map(Resting::wake);
     use tracing::Instrument;
+    let tcp = tcp.map(Resting::wake);
     let peer = socket
         .peer_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());
@@ -208,14 +208,7 @@ async fn resume(tcp: park::Tcp<Resting>, socket: std::net::TcpStream) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot serve a parked connection again");
-                let park::Tcp {
-                    conn,
-                    listener,
-                    open,
-                    ..
-                } = tcp;
-                let (mut rd, mut wr) = (tokio::io::empty(), tokio::io::sink());
-                Box::pin(end(conn, Close::Lost, &listener, open, &mut rd, &mut wr)).await;
+                tcp.end_without_socket().await;
             }
         }
     }
@@ -245,28 +238,36 @@ async fn serve_tcp(
                             break close;
                         }
                     }
-                    park::Parking::Lost(t) => {
-                        let park::Tcp {
-                            conn,
-                            listener,
-                            open,
-                            ..
-                        } = t;
-                        let (mut rd, mut wr) = (tokio::io::empty(), tokio::io::sink());
-                        Box::pin(end(conn, Close::Lost, &listener, open, &mut rd, &mut wr)).await;
-                        return;
-                    }
+                    park::Parking::Lost(t) => return t.end_without_socket().await,
                 }
             }
         }
     };
-    let park::Tcp {
-        conn,
-        listener,
-        open,
-        ..
-    } = tcp;
-    Box::pin(end(conn, close, &listener, open, &mut rd, &mut wr)).await;
+    tcp.end(close, &mut rd, &mut wr).await;
+}
+
+impl park::Tcp {
+    /// Ends the connection (see [`end`]); its permit is given back after.
+    async fn end<R, W>(self, close: Close, rd: &mut R, wr: &mut W)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let park::Tcp {
+            conn,
+            listener,
+            open,
+            _permit,
+        } = self;
+        Box::pin(end(conn, close, &listener, open, rd, wr)).await;
+    }
+
+    /// Ends a connection whose socket is gone (it could not move between tokio's reactor
+    /// and the park): the session goes back to the registry, nothing is written.
+    async fn end_without_socket(self) {
+        let (mut rd, mut wr) = (tokio::io::empty(), tokio::io::sink());
+        self.end(Close::Lost, &mut rd, &mut wr).await;
+    }
 }
 
 /// Ends a connection: counts and logs why, sends its last words, gives its session back,

@@ -185,7 +185,8 @@ pub(crate) fn wake(name: u64) {
 pub(super) enum Parking {
     /// Parked: the caller's task ends.
     Parked,
-    /// Not parked (no park, no runtime, or too many parked): the caller waits in its task.
+    /// Not parked (no park, no runtime, or the registration refused): the caller waits in
+    /// its task.
     Kept(
         Tcp,
         tokio::net::tcp::OwnedReadHalf,
