@@ -11,6 +11,13 @@ use sandpiper::broker::{Broker, LogHook};
 use sandpiper::config::Config;
 use tracing_subscriber::EnvFilter;
 
+/// The broker allocates and frees many small objects from several threads (messages,
+/// deliveries, parked connections): mimalloc holds them with less overhead than glibc's
+/// malloc and hands them out faster (see the `mimalloc` feature in Cargo.toml).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `--version`: the broker's version and the plugin contract it hosts.
 /// Log lines waiting for standard error at most; beyond, new lines are dropped.
 const LOG_LINES_QUEUED: usize = 16_384;
