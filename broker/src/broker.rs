@@ -39,6 +39,8 @@ pub struct Broker {
     pub pipeline: Arc<Pipeline>,
     /// Bridges to other brokers (`[[bridge]]`).
     pub bridges: Arc<crate::bridge::Bridges>,
+    /// This node's part in a cluster (`[cluster]`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The keep-alive deadlines of idle connections, one watch for all of them.
     pub keep_alives: Arc<crate::connection::keepalive::KeepAlives>,
     /// Set once every listener is bound (readiness).
@@ -113,6 +115,12 @@ impl Broker {
                 max_bytes: m.max_retained_bytes,
             },
         ));
+        // Before any session subscribes (persistent ones are restored below): the other
+        // nodes are told of every filter.
+        let cluster = config.cluster.clone().map(crate::cluster::Cluster::new);
+        if let Some(c) = &cluster {
+            router.set_interest(c.clone());
+        }
         let now = Instant::now();
         let topics = m.topic_limits();
         let (mut retained, mut over_topic, mut over_store) = (0, 0, 0);
@@ -167,9 +175,14 @@ impl Broker {
             Some(store.clone()),
             config.mqtt.backpressure_timeout_ms > 0,
         )?);
+        let mut outlets: Vec<Arc<dyn crate::pipeline::Outlet>> = Vec::new();
         if !bridges.is_empty() {
-            pipeline.set_outlet(bridges.clone());
+            outlets.push(bridges.clone());
         }
+        if let Some(c) = &cluster {
+            outlets.push(c.clone());
+        }
+        pipeline.set_outlets(outlets);
         let limits = QueueLimits {
             max_messages: config.mqtt.max_queued_messages,
             max_bytes: config.mqtt.max_queued_bytes,
@@ -201,6 +214,7 @@ impl Broker {
             plugins,
             pipeline,
             bridges,
+            cluster,
             sessions,
             router,
             live: std::sync::RwLock::new(Arc::new(config.clone())),
@@ -222,7 +236,8 @@ impl Broker {
     }
 
     /// What keeps the broker from being ready (empty: ready): a store that cannot write,
-    /// listeners not bound yet, required plugins not serving.
+    /// listeners not bound yet, no connection to NATS (a cluster node), required plugins
+    /// not serving.
     pub fn ready(&self) -> Vec<String> {
         let mut missing = Vec::new();
         if self.store.is_failing() {
@@ -230,6 +245,9 @@ impl Broker {
         }
         if !self.listening() {
             missing.push("listeners: not all bound yet".to_owned());
+        }
+        if self.cluster.as_ref().is_some_and(|c| !c.is_connected()) {
+            missing.push("cluster: not connected to NATS".to_owned());
         }
         for name in self.plugins.missing_required() {
             missing.push(format!("plugin {name}: required, not loaded"));

@@ -8,6 +8,7 @@
 
 pub mod bridge;
 pub mod broker;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;

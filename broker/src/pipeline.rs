@@ -12,7 +12,9 @@
 //! 3. **route**: the router queues it for every matching session and keeps it if retained;
 //! 4. **sinks and outlets**: every sink plugin whose topics select it queues it durably,
 //!    and so does every bridge whose outbound topics select it ([`Outlet`]; a bridge
-//!    never takes back what it brought in).
+//!    never takes back what it brought in), and every other node of a cluster whose
+//!    clients subscribe to it (`cluster`; such a node routes it to its own sessions only,
+//!    [`Pipeline::route_from_node`]).
 //!
 //! A client's messages are transformed in batches (what one read decoded) and acknowledged
 //! by the connection once the store tickets of steps 3 and 4 are durable; wills and plugin
@@ -98,7 +100,7 @@ impl std::fmt::Display for Origin<'_> {
 }
 
 /// Where routed messages leave the broker besides its sessions and sink plugins: the
-/// bridges (and, later, other nodes). Defined here so that the pipeline needs to know
+/// bridges and the other nodes of a cluster. Defined here so that the pipeline needs to know
 /// nothing of what is behind it.
 pub trait Outlet: Send + Sync + std::fmt::Debug {
     /// Queues `msg` where it selects it.
@@ -123,8 +125,8 @@ pub struct Offered {
 pub struct Pipeline {
     router: Arc<Router>,
     plugins: Arc<Plugins>,
-    /// The bridges, once the broker has built them.
-    outlet: std::sync::OnceLock<Arc<dyn Outlet>>,
+    /// The bridges and the other nodes of a cluster, once the broker has built them.
+    outlets: std::sync::OnceLock<Vec<Arc<dyn Outlet>>>,
     retain_available: bool,
     /// What the hooks see as the client of a plugin's message: the contract's records
     /// have no "no client", so every field is empty.
@@ -137,7 +139,7 @@ impl Pipeline {
         Pipeline {
             router,
             plugins,
-            outlet: std::sync::OnceLock::new(),
+            outlets: std::sync::OnceLock::new(),
             retain_available,
             nobody: ClientInfo {
                 client_id: "".into(),
@@ -149,8 +151,8 @@ impl Pipeline {
     }
 
     /// Sets where routed messages also go (once).
-    pub fn set_outlet(&self, outlet: Arc<dyn Outlet>) {
-        let _ = self.outlet.set(outlet);
+    pub fn set_outlets(&self, outlets: Vec<Arc<dyn Outlet>>) {
+        let _ = self.outlets.set(outlets);
     }
 
     /// The router behind the pipeline.
@@ -183,22 +185,32 @@ impl Pipeline {
     /// the publisher is acknowledged once it is durable.
     pub fn route(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Routed {
         let mut routed = self.router.route(msg);
-        let outlet = self.outlet.get();
+        let outlets = self.outlets.get().map_or(&[][..], Vec::as_slice);
         if routed.delivered == 0
             && !msg.retain
             && !self.plugins.sink_selects(msg.topic.as_str())
-            && !outlet.is_some_and(|o| o.selects(msg.topic.as_str()))
+            && !outlets.iter().any(|o| o.selects(msg.topic.as_str()))
         {
             crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
         }
         let publisher = &from.client(&self.nobody).client_id;
         routed.ticket = routed.ticket.max(self.plugins.sink_offer(publisher, msg));
-        if let Some(o) = outlet {
+        for o in outlets {
             let offered = o.offer(from, msg);
             routed.ticket = routed.ticket.max(offered.ticket);
             if routed.congested.is_none() {
                 routed.congested = offered.congested;
             }
+        }
+        routed
+    }
+
+    /// A message another node of the cluster accepted (and transformed, offered to its
+    /// sinks and bridges, and retained if it is): step 3 for this node's sessions only.
+    pub fn route_from_node(&self, msg: &Arc<Message>) -> Routed {
+        let routed = self.router.publish(msg);
+        if routed.delivered == 0 {
+            crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
         }
         routed
     }

@@ -16,7 +16,7 @@
 //!   named with the reason among what was not applied;
 //! - at the next restart: `[store]`, `[runtime]`, `[plugins]` (each plugin's
 //!   own settings, its sidecar, reload live anyway), `[http]` address and TLS files (the
-//!   files' contents are read again on `SIGHUP`), `[[bridge]]` (a bridge's TLS and
+//!   files' contents are read again on `SIGHUP`), `[cluster]`, `[[bridge]]` (a bridge's TLS and
 //!   password files are read again at each of its connections), and `max_connections`
 //!   (the open-files limit is sized for it at start).
 
@@ -143,6 +143,7 @@ pub fn changes(old: &Config, new: &Config) -> Reloaded {
     note("runtime", differs(&old.runtime, &new.runtime), false);
     note("plugins", differs(&old.plugins, &new.plugins), false);
     note("bridge", old.bridges != new.bridges, false);
+    note("cluster", old.cluster != new.cluster, false);
     for (key, a, b) in mqtt_fields(old, new) {
         note(
             &format!("mqtt.{key}"),

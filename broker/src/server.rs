@@ -51,6 +51,13 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         &broker.shutdown,
         &broker.tasks,
     );
+    if let Some(c) = &broker.cluster {
+        c.start(
+            broker.pipeline.clone(),
+            &broker.tasks,
+            broker.shutdown.clone(),
+        );
+    }
     for l in &broker.config.listeners {
         let running = listener::start(broker.clone(), l.clone(), open.clone()).await?;
         bound.push(running.addr);

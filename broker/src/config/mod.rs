@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod bridge;
+mod cluster;
 mod listener;
 
 pub use bridge::{BridgeConfig, BridgeProtocol, BridgeTopic, Direction, Remote};
+pub use cluster::ClusterConfig;
 pub use listener::DEFAULT_CONNECTION_RATE;
 use listener::default_listeners;
 pub use listener::{ListenerConfig, ListenerKind, Protocol};
@@ -47,6 +49,9 @@ pub struct Config {
     /// Bridges to other MQTT brokers (`[[bridge]]`).
     #[serde(default, rename = "bridge")]
     pub bridges: Vec<BridgeConfig>,
+    /// This node's place in a cluster (`[cluster]`); none: a single node.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[sys]`: the `$SYS/broker/...` tree.
@@ -389,6 +394,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             sys: SysConfig::default(),
             bridges: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -598,6 +604,9 @@ impl Config {
             return invalid("runtime.workers", "must be at most 1024 (0: the default)");
         }
         bridge::validate_all(&self.bridges)?;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         if m.max_queued_messages == 0 || m.max_queued_bytes == 0 {
             return invalid(
                 "mqtt.max_queued_messages",

@@ -486,6 +486,7 @@ fn plugins(o: &mut String, broker: &Broker) {
         &|q| q.stats.dropped.load(Ordering::Relaxed).to_string(),
     );
     bridges(o, broker);
+    cluster(o, broker);
     // What plugins count themselves (the `metrics` host import). A name that would repeat
     // a family already written (the broker's own, or another plugin's after `-` became
     // `_`) is left out: a repeated family fails the whole scrape.
@@ -576,6 +577,71 @@ fn boot_time() -> Option<f64> {
     stat.lines()
         .find_map(|l| l.strip_prefix("btime "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The cluster link's state and counters (a cluster node only).
+fn cluster(o: &mut String, broker: &Broker) {
+    let Some(c) = &broker.cluster else {
+        return;
+    };
+    let (connected, nodes, filters) = c.summary();
+    gauge(
+        o,
+        "sandpiper_cluster_connected",
+        "1 while this node is connected to NATS, else 0.",
+        u8::from(connected),
+    );
+    gauge(
+        o,
+        "sandpiper_cluster_nodes",
+        "Other nodes of the cluster heard from within node_timeout_ms.",
+        nodes,
+    );
+    gauge(
+        o,
+        "sandpiper_cluster_filters",
+        "Distinct filters this node's clients subscribe to (what the other nodes send it).",
+        filters,
+    );
+    family(
+        o,
+        "sandpiper_cluster_node_filters",
+        "gauge",
+        "Filters another node's clients subscribe to, as this node knows them.",
+    );
+    for (node, n) in c.nodes() {
+        let _ = writeln!(
+            o,
+            "sandpiper_cluster_node_filters{{node=\"{}\"}} {n}",
+            label(&node)
+        );
+    }
+    let s = &c.stats;
+    let rows = [
+        (
+            "sandpiper_cluster_sent_total",
+            "Messages sent to other nodes (one per node that wants it).",
+            &s.sent,
+        ),
+        (
+            "sandpiper_cluster_received_total",
+            "Messages received from other nodes.",
+            &s.received,
+        ),
+        (
+            "sandpiper_cluster_dropped_total",
+            "Messages for other nodes dropped (queue full, NATS away).",
+            &s.dropped,
+        ),
+        (
+            "sandpiper_cluster_damaged_total",
+            "Messages from other nodes that could not be read.",
+            &s.damaged,
+        ),
+    ];
+    for (name, help, v) in rows {
+        single(o, name, "counter", help, v.load(Ordering::Relaxed));
+    }
 }
 
 /// Every bridge's state and counters, labelled by bridge name.

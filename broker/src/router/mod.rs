@@ -241,6 +241,18 @@ pub struct Router {
     subscriptions: AtomicUsize,
     /// Shared subscription groups.
     shared_groups: AtomicUsize,
+    /// Told of every subscription made and removed (the cluster).
+    interest: std::sync::OnceLock<Arc<dyn Interest>>,
+}
+
+/// What wants to know which filters the sessions subscribe to: the cluster, which tells
+/// the other nodes. Called after the change, outside the router's lock, once per
+/// subscription made or removed (a replaced one is neither).
+pub trait Interest: Send + Sync + std::fmt::Debug {
+    /// A subscription to `filter` (its topic part, without `$share/GROUP/`) was made.
+    fn subscribed(&self, filter: &str);
+    /// A subscription to `filter` was removed.
+    fn unsubscribed(&self, filter: &str);
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -269,9 +281,29 @@ impl Router {
         }
     }
 
+    /// Tells `interest` of every subscription made or removed from now on (set once,
+    /// before any session subscribes).
+    pub fn set_interest(&self, interest: Arc<dyn Interest>) {
+        let _ = self.interest.set(interest);
+    }
+
     /// Adds or replaces the subscription of `sub` to `filter`. Returns true if it is new
     /// (MQTT 5 Retain Handling 1 sends retained messages only then).
     pub fn subscribe(
+        &self,
+        sub: &Subscriber,
+        filter: &TopicFilter,
+        options: SubscriptionOptions,
+        id: Option<NonZeroU32>,
+    ) -> bool {
+        let new = self.subscribe_in_trie(sub, filter, options, id);
+        if new && let Some(i) = self.interest.get() {
+            i.subscribed(filter.filter());
+        }
+        new
+    }
+
+    fn subscribe_in_trie(
         &self,
         sub: &Subscriber,
         filter: &TopicFilter,
@@ -358,6 +390,14 @@ impl Router {
     /// Removes the subscription of `key` to `filter`; true if it existed. Nodes left empty
     /// are cut off where the path stops holding anything else.
     pub fn unsubscribe(&self, key: ClientKey, filter: &TopicFilter) -> bool {
+        let removed = self.unsubscribe_in_trie(key, filter);
+        if removed && let Some(i) = self.interest.get() {
+            i.unsubscribed(filter.filter());
+        }
+        removed
+    }
+
+    fn unsubscribe_in_trie(&self, key: ClientKey, filter: &TopicFilter) -> bool {
         let levels: Levels<'_> = filter.filter().split('/').collect();
         let mut root = write(&self.trie);
         // The deepest node on the path that stays whatever happens below it.

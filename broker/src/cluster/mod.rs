@@ -1,0 +1,787 @@
+//! Several brokers acting as one: the nodes of a cluster route messages to each other
+//! through NATS (`[cluster]`, the `async-nats` client). What is built: routing. A message
+//! accepted on one node reaches the matching subscribers of every node; each node learns
+//! which topics every other node's clients subscribe to and sends a message only to the
+//! nodes that want it, once each, on that node's own subject.
+//!
+//! - **Interest.** A node counts its local subscriptions per filter (the topic part of a
+//!   `$share` subscription) and tells the others of each filter's first subscription and
+//!   its last unsubscription, as numbered changes on `sandpiper.interest`. A node that
+//!   starts, or sees a gap in another's numbers (in a change or in a heartbeat), asks that
+//!   node for all of its filters (`sandpiper.snapshot.NODE`, answered in pieces to the
+//!   asker's inbox) and applies the changes numbered after them.
+//! - **Heartbeats.** Each node says it is alive on `sandpiper.beat` every second with the
+//!   number of its last change; a node not heard for `node_timeout_ms` is taken as gone
+//!   and nothing more is routed to it. A node that restarts comes back with a new run id,
+//!   and the others ask it again.
+//! - **Messages** go to `sandpiper.msg.NODE` as the store's record of a message (the
+//!   same bytes as a retained message: topic, payload, QoS, retain flag, MQTT 5
+//!   properties, expiry as a wall-clock deadline), through a bounded queue: when it is
+//!   full, or NATS is away, messages for other nodes are dropped and counted. The
+//!   receiving node routes them to its own sessions only: transforms, sinks and bridges
+//!   ran on the node that accepted the message, and retained messages stay in the
+//!   retained store of that node.
+//!
+//! Delivery between nodes is at most once: a message is acknowledged to its publisher by
+//! the node that accepted it, before the others have it. What issue 19 asks beyond this
+//! (JetStream durability, sessions and wills across nodes, one retained store, shared
+//! subscriptions across nodes) is not built; ARCHITECTURE.md says so.
+
+mod routes;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+use crate::message::Message;
+use crate::pipeline::{Offered, Origin, Outlet, Pipeline};
+use routes::Routes;
+
+/// Messages waiting to be handed to NATS; beyond, messages for other nodes are dropped.
+const OUTBOUND: usize = 65_536;
+/// Between two heartbeats.
+const BEAT: Duration = Duration::from_secs(1);
+/// Most bytes of filters in one piece of a snapshot.
+const PIECE: usize = 256 * 1024;
+/// Longest wait for a node's snapshot.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most changes in one message on `sandpiper.interest`.
+const CHANGES_PER_MESSAGE: usize = 1024;
+
+const SUBJECT_INTEREST: &str = "sandpiper.interest";
+const SUBJECT_BEAT: &str = "sandpiper.beat";
+
+fn msg_subject(node: &str) -> String {
+    format!("sandpiper.msg.{node}")
+}
+
+fn snapshot_subject(node: &str) -> String {
+    format!("sandpiper.snapshot.{node}")
+}
+
+/// Counters of the cluster link.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Messages handed to NATS for other nodes (one per node).
+    pub sent: AtomicU64,
+    /// Messages received from other nodes.
+    pub received: AtomicU64,
+    /// Messages for other nodes dropped (queue full, NATS away, too large).
+    pub dropped: AtomicU64,
+    /// Messages from other nodes that could not be read.
+    pub damaged: AtomicU64,
+}
+
+/// One change of this node's interest.
+#[derive(Debug)]
+struct Change {
+    version: u64,
+    add: bool,
+    filter: Box<str>,
+}
+
+/// This node's filters: local subscriptions per filter, and the number of the last change.
+#[derive(Debug, Default)]
+struct Local {
+    counts: HashMap<Box<str>, u32>,
+    version: u64,
+}
+
+/// What this node knows of another.
+#[derive(Debug)]
+struct Peer {
+    run: u64,
+    /// The number of its last change applied to `routes`.
+    version: u64,
+    routes: Routes,
+    heard: Instant,
+    /// A snapshot was asked for; changes wait in `held` until it comes.
+    syncing: bool,
+    held: Vec<Changes>,
+}
+
+impl Peer {
+    fn new(run: u64) -> Peer {
+        Peer {
+            run,
+            version: 0,
+            routes: Routes::default(),
+            heard: Instant::now(),
+            syncing: false,
+            held: Vec::new(),
+        }
+    }
+}
+
+/// Changes `from..=to` of a node's filters (`sandpiper.interest`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Changes {
+    node: String,
+    run: u64,
+    from: u64,
+    to: u64,
+    /// `+filter` or `-filter`, in order.
+    ops: Vec<String>,
+}
+
+/// A heartbeat (`sandpiper.beat`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Beat {
+    node: String,
+    run: u64,
+    version: u64,
+}
+
+/// A piece of a node's snapshot: its filters as of change `version`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Piece {
+    run: u64,
+    version: u64,
+    filters: Vec<String>,
+    last: bool,
+}
+
+/// This node's part in a cluster.
+pub struct Cluster {
+    config: ClusterConfig,
+    node: Arc<str>,
+    /// Tells this process's run of the node from earlier ones.
+    run: u64,
+    local: Mutex<Local>,
+    peers: RwLock<HashMap<Arc<str>, Peer>>,
+    changes: mpsc::UnboundedSender<Change>,
+    outbound: mpsc::Sender<(Arc<str>, Bytes)>,
+    /// The receiving ends, taken by [`Cluster::start`].
+    receivers: Mutex<Option<Receivers>>,
+    connected: AtomicBool,
+    /// Its counters.
+    pub stats: ClusterStats,
+}
+
+type Receivers = (
+    mpsc::UnboundedReceiver<Change>,
+    mpsc::Receiver<(Arc<str>, Bytes)>,
+);
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    /// This node's part in the cluster `config` describes; nothing is sent until
+    /// [`Cluster::start`].
+    pub fn new(config: ClusterConfig) -> Arc<Cluster> {
+        let (changes, changes_rx) = mpsc::unbounded_channel();
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND);
+        let mut seed = [0u8; 8];
+        let run = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        {
+            Ok(()) => u64::from_le_bytes(seed),
+            Err(_) => crate::store::record::unix_ms_now(),
+        };
+        Arc::new(Cluster {
+            node: config.node.as_str().into(),
+            config,
+            run,
+            local: Mutex::default(),
+            peers: RwLock::default(),
+            changes,
+            outbound,
+            receivers: Mutex::new(Some((changes_rx, outbound_rx))),
+            connected: AtomicBool::new(false),
+            stats: ClusterStats::default(),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the NATS connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The other nodes heard from, with the filters each holds, sorted by name.
+    pub fn nodes(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<_> = (read(&self.peers).iter())
+            .map(|(n, p)| (n.to_string(), p.routes.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Filters this node's clients hold (each once).
+    pub fn local_filters(&self) -> usize {
+        lock(&self.local).counts.len()
+    }
+}
+
+impl crate::router::Interest for Cluster {
+    /// A local subscription to `filter` (its topic part) was made.
+    fn subscribed(&self, filter: &str) {
+        let mut local = lock(&self.local);
+        match local.counts.get_mut(filter) {
+            Some(n) => *n += 1,
+            None => {
+                local.counts.insert(filter.into(), 1);
+                local.version += 1;
+                let version = local.version;
+                let _ = self.changes.send(Change {
+                    version,
+                    add: true,
+                    filter: filter.into(),
+                });
+            }
+        }
+    }
+
+    /// A local subscription to `filter` (its topic part) was removed.
+    fn unsubscribed(&self, filter: &str) {
+        let mut local = lock(&self.local);
+        let Some(n) = local.counts.get_mut(filter) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            local.counts.remove(filter);
+            local.version += 1;
+            let version = local.version;
+            let _ = self.changes.send(Change {
+                version,
+                add: false,
+                filter: filter.into(),
+            });
+        }
+    }
+}
+
+impl Cluster {
+    /// Connects to NATS and runs the cluster's tasks until `stop`.
+    pub fn start(
+        self: &Arc<Self>,
+        pipeline: Arc<Pipeline>,
+        tasks: &tokio_util::task::TaskTracker,
+        stop: CancellationToken,
+    ) {
+        let Some((changes, outbound)) = lock(&self.receivers).take() else {
+            return;
+        };
+        let me = self.clone();
+        tasks.spawn(async move {
+            let client = match me.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster: cannot use the NATS settings");
+                    return;
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = me.run(client.clone(), pipeline, changes, outbound) => {}
+            }
+            // What was handed to the client goes out, unless NATS is away.
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+        });
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<async_nats::Client, async_nats::Error> {
+        let c = &self.config;
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("sandpiper {}", self.node))
+            .no_echo()
+            .retry_on_initial_connect()
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis(100 * (attempt as u64).min(20))
+            });
+        if let (Some(u), Some(p)) = (&c.user, &c.password) {
+            options = options.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &c.token {
+            options = options.token(t.clone());
+        }
+        let me = Arc::downgrade(self);
+        options = options.event_callback(move |event| {
+            let me = me.clone();
+            async move {
+                let Some(me) = me.upgrade() else {
+                    return;
+                };
+                match event {
+                    async_nats::Event::Connected => {
+                        me.connected.store(true, Ordering::Relaxed);
+                        tracing::info!(node = %me.node, "cluster: connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        me.connected.store(false, Ordering::Relaxed);
+                        tracing::warn!(node = %me.node, "cluster: NATS connection lost; reconnecting");
+                    }
+                    other => tracing::info!(event = %other, "cluster: NATS"),
+                }
+            }
+        });
+        Ok(options.connect(c.nats.clone()).await?)
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        client: async_nats::Client,
+        pipeline: Arc<Pipeline>,
+        changes: mpsc::UnboundedReceiver<Change>,
+        outbound: mpsc::Receiver<(Arc<str>, Bytes)>,
+    ) {
+        let subscribe = |subject: String| {
+            let client = client.clone();
+            async move {
+                loop {
+                    match client.subscribe(subject.clone()).await {
+                        Ok(s) => return s,
+                        Err(e) => {
+                            tracing::warn!(subject, error = %e, "cluster: cannot subscribe; trying again");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        };
+        let messages = subscribe(msg_subject(&self.node)).await;
+        let interest = subscribe(SUBJECT_INTEREST.to_owned()).await;
+        let beats = subscribe(SUBJECT_BEAT.to_owned()).await;
+        let asks = subscribe(snapshot_subject(&self.node)).await;
+        tokio::join!(
+            self.receive(messages, pipeline),
+            self.send(client.clone(), outbound),
+            self.control(client.clone(), changes, interest, beats),
+            self.answer(client.clone(), asks),
+        );
+    }
+
+    /// Routes what other nodes send to this node's sessions.
+    async fn receive(&self, mut messages: async_nats::Subscriber, pipeline: Arc<Pipeline>) {
+        while let Some(m) = messages.next().await {
+            match crate::store::record::decode_retained(&m.payload) {
+                Ok(mut msg) => {
+                    // A session key of the sending node means nothing here (No Local is
+                    // about this node's sessions).
+                    msg.publisher = None;
+                    self.stats.received.fetch_add(1, Ordering::Relaxed);
+                    pipeline.route_from_node(&Arc::new(msg));
+                }
+                Err(e) => {
+                    self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cluster: a message from another node could not be read");
+                }
+            }
+        }
+    }
+
+    /// Hands messages for other nodes to NATS, in the order they were accepted.
+    async fn send(
+        &self,
+        client: async_nats::Client,
+        mut outbound: mpsc::Receiver<(Arc<str>, Bytes)>,
+    ) {
+        let mut subjects: HashMap<Arc<str>, async_nats::Subject> = HashMap::new();
+        while let Some((node, bytes)) = outbound.recv().await {
+            let subject = subjects
+                .entry(node.clone())
+                .or_insert_with(|| msg_subject(&node).into())
+                .clone();
+            match client.publish(subject, bytes).await {
+                Ok(()) => {
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "cluster: message for node {node} dropped");
+                }
+            }
+        }
+    }
+
+    /// Publishes this node's changes and heartbeats; applies the other nodes' changes and
+    /// heartbeats; forgets nodes not heard from.
+    async fn control(
+        self: &Arc<Self>,
+        client: async_nats::Client,
+        mut changes: mpsc::UnboundedReceiver<Change>,
+        mut interest: async_nats::Subscriber,
+        mut beats: async_nats::Subscriber,
+    ) {
+        let (synced_tx, mut synced) = mpsc::unbounded_channel::<(Arc<str>, Option<Snapshot>)>();
+        let mut beat = tokio::time::interval(BEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The number of the last change published.
+        let mut published = 0u64;
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                n = changes.recv_many(&mut batch, CHANGES_PER_MESSAGE) => {
+                    if n == 0 {
+                        return;
+                    }
+                    let msg = Changes {
+                        node: self.node.to_string(),
+                        run: self.run,
+                        from: batch.first().map_or(0, |c| c.version),
+                        to: batch.last().map_or(0, |c| c.version),
+                        ops: batch
+                            .drain(..)
+                            .map(|c| format!("{}{}", if c.add { '+' } else { '-' }, c.filter))
+                            .collect(),
+                    };
+                    published = msg.to;
+                    self.publish_json(&client, SUBJECT_INTEREST, &msg).await;
+                }
+                _ = beat.tick() => {
+                    let msg = Beat { node: self.node.to_string(), run: self.run, version: published };
+                    self.publish_json(&client, SUBJECT_BEAT, &msg).await;
+                    self.forget_silent();
+                }
+                Some(m) = interest.next() => {
+                    match serde_json::from_slice::<Changes>(&m.payload) {
+                        Ok(c) => self.apply(c, &client, &synced_tx),
+                        Err(e) => tracing::warn!(error = %e, "cluster: unreadable interest change"),
+                    }
+                }
+                Some(m) = beats.next() => {
+                    match serde_json::from_slice::<Beat>(&m.payload) {
+                        Ok(b) => self.heard(b, &client, &synced_tx),
+                        Err(e) => tracing::warn!(error = %e, "cluster: unreadable heartbeat"),
+                    }
+                }
+                Some((node, snapshot)) = synced.recv() => {
+                    self.synced(node, snapshot, &client, &synced_tx);
+                }
+            }
+        }
+    }
+
+    async fn publish_json<T: Serialize>(
+        &self,
+        client: &async_nats::Client,
+        subject: &'static str,
+        msg: &T,
+    ) {
+        match serde_json::to_vec(msg) {
+            Ok(v) => {
+                if let Err(e) = client.publish(subject, v.into()).await {
+                    tracing::warn!(subject, error = %e, "cluster: cannot publish");
+                }
+            }
+            Err(e) => tracing::error!(subject, error = %e, "cluster: cannot encode"),
+        }
+    }
+
+    /// A heartbeat of another node.
+    fn heard(
+        self: &Arc<Self>,
+        b: Beat,
+        client: &async_nats::Client,
+        synced: &mpsc::UnboundedSender<(Arc<str>, Option<Snapshot>)>,
+    ) {
+        if *b.node == *self.node {
+            if b.run != self.run {
+                tracing::error!(node = %b.node, "cluster: another process uses this node's name");
+            }
+            return;
+        }
+        let mut peers = write(&self.peers);
+        let name: Arc<str> = b.node.as_str().into();
+        let peer = peers.entry(name.clone()).or_insert_with(|| {
+            tracing::info!(node = %b.node, "cluster: node joined");
+            Peer::new(b.run)
+        });
+        peer.heard = Instant::now();
+        if peer.run != b.run {
+            tracing::info!(node = %b.node, "cluster: node restarted");
+            *peer = Peer::new(b.run);
+        }
+        if !peer.syncing && peer.version < b.version {
+            self.ask(peer, name, client, synced);
+        }
+    }
+
+    /// Changes of another node's filters.
+    fn apply(
+        self: &Arc<Self>,
+        c: Changes,
+        client: &async_nats::Client,
+        synced: &mpsc::UnboundedSender<(Arc<str>, Option<Snapshot>)>,
+    ) {
+        if *c.node == *self.node {
+            return;
+        }
+        let mut peers = write(&self.peers);
+        let name: Arc<str> = c.node.as_str().into();
+        let peer = peers.entry(name.clone()).or_insert_with(|| {
+            tracing::info!(node = %c.node, "cluster: node joined");
+            Peer::new(c.run)
+        });
+        peer.heard = Instant::now();
+        if peer.run != c.run {
+            *peer = Peer::new(c.run);
+        }
+        if peer.syncing {
+            peer.held.push(c);
+            return;
+        }
+        if !apply_changes(peer, &c) {
+            peer.held.push(c);
+            self.ask(peer, name, client, synced);
+        }
+    }
+
+    /// Asks `peer` for all of its filters.
+    fn ask(
+        self: &Arc<Self>,
+        peer: &mut Peer,
+        name: Arc<str>,
+        client: &async_nats::Client,
+        synced: &mpsc::UnboundedSender<(Arc<str>, Option<Snapshot>)>,
+    ) {
+        peer.syncing = true;
+        let client = client.clone();
+        let synced = synced.clone();
+        tokio::spawn(async move {
+            let snapshot = fetch_snapshot(&client, &name).await;
+            if let Err(e) = &snapshot {
+                tracing::warn!(node = %name, error = %e, "cluster: could not read the node's filters; asking again at its next heartbeat");
+            }
+            let _ = synced.send((name, snapshot.ok()));
+        });
+    }
+
+    /// A snapshot asked of `node` came (or could not be read).
+    fn synced(
+        self: &Arc<Self>,
+        node: Arc<str>,
+        snapshot: Option<Snapshot>,
+        client: &async_nats::Client,
+        synced: &mpsc::UnboundedSender<(Arc<str>, Option<Snapshot>)>,
+    ) {
+        let mut peers = write(&self.peers);
+        let Some(peer) = peers.get_mut(&node) else {
+            return;
+        };
+        peer.syncing = false;
+        let Some(s) = snapshot else {
+            // Asked again at its next heartbeat.
+            peer.version = 0;
+            peer.routes = Routes::default();
+            return;
+        };
+        if s.run != peer.run {
+            self.ask(peer, node, client, synced);
+            return;
+        }
+        let mut routes = Routes::default();
+        for f in &s.filters {
+            routes.insert(f);
+        }
+        peer.routes = routes;
+        peer.version = s.version;
+        let held = std::mem::take(&mut peer.held);
+        for c in held {
+            if c.run != peer.run || c.to <= peer.version {
+                continue;
+            }
+            if !apply_changes(peer, &c) {
+                self.ask(peer, node, client, synced);
+                return;
+            }
+        }
+        tracing::info!(node = %node, filters = peer.routes.len(), version = peer.version,
+            "cluster: node's filters read");
+    }
+
+    /// Forgets nodes not heard from for `node_timeout_ms`.
+    fn forget_silent(&self) {
+        let timeout = Duration::from_millis(self.config.node_timeout_ms);
+        let mut peers = write(&self.peers);
+        peers.retain(|name, p| {
+            let alive = p.heard.elapsed() < timeout;
+            if !alive {
+                tracing::warn!(node = %name, "cluster: node not heard from; nothing more is routed to it");
+            }
+            alive
+        });
+    }
+
+    /// Answers other nodes' requests for this node's filters.
+    async fn answer(&self, client: async_nats::Client, mut asks: async_nats::Subscriber) {
+        while let Some(m) = asks.next().await {
+            let Some(reply) = m.reply else {
+                continue;
+            };
+            let (filters, version) = {
+                let local = lock(&self.local);
+                let f: Vec<String> = local.counts.keys().map(|k| k.to_string()).collect();
+                (f, local.version)
+            };
+            let mut piece = Piece {
+                run: self.run,
+                version,
+                filters: Vec::new(),
+                last: false,
+            };
+            let mut bytes = 0;
+            let mut rest = filters.into_iter().peekable();
+            loop {
+                let next = rest.next();
+                let done = next.is_none();
+                if let Some(f) = next {
+                    bytes += f.len() + 3;
+                    piece.filters.push(f);
+                }
+                if done || bytes >= PIECE {
+                    piece.last = done || rest.peek().is_none();
+                    match serde_json::to_vec(&piece) {
+                        Ok(v) => {
+                            if let Err(e) = client.publish(reply.clone(), v.into()).await {
+                                tracing::warn!(error = %e, "cluster: cannot answer a snapshot request");
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cluster: cannot encode a snapshot");
+                            break;
+                        }
+                    }
+                    if piece.last {
+                        break;
+                    }
+                    piece.filters.clear();
+                    bytes = 0;
+                }
+            }
+        }
+    }
+
+    /// What of this node the admin API and the metrics show: connected, nodes, filters.
+    pub fn summary(&self) -> (bool, usize, usize) {
+        (
+            self.is_connected(),
+            read(&self.peers).len(),
+            self.local_filters(),
+        )
+    }
+}
+
+/// Applies changes in order; false on a gap (the caller asks for a snapshot).
+fn apply_changes(peer: &mut Peer, c: &Changes) -> bool {
+    if c.to <= peer.version {
+        return true;
+    }
+    if c.from != peer.version + 1 {
+        return false;
+    }
+    for op in &c.ops {
+        match op.split_at_checked(1) {
+            Some(("+", f)) => {
+                peer.routes.insert(f);
+            }
+            Some(("-", f)) => {
+                peer.routes.remove(f);
+            }
+            _ => tracing::warn!(op, "cluster: unreadable interest change"),
+        }
+    }
+    peer.version = c.to;
+    true
+}
+
+/// A node's filters as of one of its changes.
+#[derive(Debug)]
+struct Snapshot {
+    run: u64,
+    version: u64,
+    filters: Vec<String>,
+}
+
+async fn fetch_snapshot(client: &async_nats::Client, node: &str) -> Result<Snapshot, String> {
+    let inbox = client.new_inbox();
+    let mut pieces = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .publish_with_reply(snapshot_subject(node), inbox, Bytes::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut filters = Vec::new();
+    let deadline = tokio::time::Instant::now() + SNAPSHOT_TIMEOUT;
+    loop {
+        let m = tokio::time::timeout_at(deadline, pieces.next())
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .ok_or_else(|| "NATS connection closed".to_owned())?;
+        let p: Piece = serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?;
+        filters.extend(p.filters);
+        if p.last {
+            return Ok(Snapshot {
+                run: p.run,
+                version: p.version,
+                filters,
+            });
+        }
+    }
+}
+
+impl Outlet for Cluster {
+    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered {
+        let _ = from;
+        let peers = read(&self.peers);
+        let topic = msg.topic.as_str();
+        let mut bytes: Option<Bytes> = None;
+        for (name, peer) in peers.iter() {
+            if peer.routes.is_empty() || !peer.routes.matches(topic) {
+                continue;
+            }
+            let b = match &bytes {
+                Some(b) => b.clone(),
+                None => match crate::store::record::encode_retained(msg) {
+                    Ok(v) => bytes.insert(Bytes::from(v)).clone(),
+                    Err(e) => {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(topic, error = %e, "cluster: message not sent to other nodes");
+                        return Offered::default();
+                    }
+                },
+            };
+            if self.outbound.try_send((name.clone(), b)).is_err() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Offered::default()
+    }
+
+    fn selects(&self, topic: &str) -> bool {
+        read(&self.peers).values().any(|p| p.routes.matches(topic))
+    }
+}

@@ -1,0 +1,211 @@
+//! The topic filters another node's clients hold, as a tree of levels: which topics that
+//! node wants (MQTT matching: `+` one level, `#` the rest and the parent, no wildcard at
+//! the first level of a `$` topic). A node is told of each filter when its first local
+//! subscription comes and when its last one goes, so a filter is here once or not at all.
+
+use std::collections::HashMap;
+
+/// One level of the tree.
+#[derive(Debug, Default)]
+struct Level {
+    children: HashMap<Box<str>, Level>,
+    /// A filter ends here.
+    here: bool,
+}
+
+impl Level {
+    fn is_empty(&self) -> bool {
+        !self.here && self.children.is_empty()
+    }
+}
+
+/// The filters of one node.
+#[derive(Debug, Default)]
+pub struct Routes {
+    root: Level,
+    len: usize,
+}
+
+impl Routes {
+    /// Adds `filter` (the topic part of a subscription: `$share/g/` taken off); false if
+    /// it was already here.
+    pub fn insert(&mut self, filter: &str) -> bool {
+        let mut level = &mut self.root;
+        for l in filter.split('/') {
+            level = level.children.entry(l.into()).or_default();
+        }
+        let new = !level.here;
+        level.here = true;
+        self.len += usize::from(new);
+        new
+    }
+
+    /// Removes `filter`; false if it was not here. Levels left empty are cut.
+    pub fn remove(&mut self, filter: &str) -> bool {
+        fn walk(level: &mut Level, rest: &[&str]) -> bool {
+            match rest.split_first() {
+                None => std::mem::replace(&mut level.here, false),
+                Some((l, rest)) => {
+                    let Some(child) = level.children.get_mut(*l) else {
+                        return false;
+                    };
+                    let removed = walk(child, rest);
+                    if child.is_empty() {
+                        level.children.remove(*l);
+                    }
+                    removed
+                }
+            }
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = walk(&mut self.root, &levels);
+        self.len -= usize::from(removed);
+        removed
+    }
+
+    /// Filters held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no filter is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether a filter here matches `topic`.
+    pub fn matches(&self, topic: &str) -> bool {
+        let levels: smallvec::SmallVec<[&str; 16]> = topic.split('/').collect();
+        let sys = topic.starts_with('$');
+        matches(&self.root, &levels, sys)
+    }
+}
+
+/// `sys`: the topic starts with `$` and this is its first level, which no wildcard matches.
+fn matches(level: &Level, rest: &[&str], sys: bool) -> bool {
+    if !sys && level.children.get("#").is_some_and(|h| h.here) {
+        return true;
+    }
+    let Some((l, rest)) = rest.split_first() else {
+        return level.here;
+    };
+    if level
+        .children
+        .get(*l)
+        .is_some_and(|c| matches(c, rest, false))
+    {
+        return true;
+    }
+    !sys && level
+        .children
+        .get("+")
+        .is_some_and(|c| matches(c, rest, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// MQTT matching written the plain way, to check the tree against.
+    fn plain(filter: &str, topic: &str) -> bool {
+        if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+            return false;
+        }
+        let f: Vec<&str> = filter.split('/').collect();
+        let t: Vec<&str> = topic.split('/').collect();
+        let mut i = 0;
+        loop {
+            match (f.get(i), t.get(i)) {
+                (Some(&"#"), _) => return true,
+                (Some(&"+"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+            i += 1;
+        }
+    }
+
+    #[test]
+    fn wildcards_match_as_mqtt_says() {
+        let mut r = Routes::default();
+        r.insert("a/#");
+        assert!(r.matches("a") && r.matches("a/b/c") && !r.matches("b"));
+        let mut r = Routes::default();
+        r.insert("+/x");
+        assert!(r.matches("a/x") && r.matches("/x") && !r.matches("$SYS/x") && !r.matches("a"));
+        let mut r = Routes::default();
+        r.insert("#");
+        assert!(r.matches("anything/at/all") && !r.matches("$SYS/broker"));
+        r.insert("$SYS/#");
+        assert!(r.matches("$SYS/broker"));
+    }
+
+    #[test]
+    fn removing_cuts_empty_levels_and_counts() {
+        let mut r = Routes::default();
+        assert!(r.insert("a/b/c") && r.insert("a/+") && !r.insert("a/b/c"));
+        assert_eq!(r.len(), 2);
+        assert!(r.remove("a/b/c") && !r.remove("a/b/c") && !r.remove("a/b"));
+        assert!(r.matches("a/q") && !r.matches("a/b/c"));
+        assert!(r.remove("a/+"));
+        assert!(r.is_empty() && r.root.children.is_empty());
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("".to_owned()),
+            Just("$s".to_owned())
+        ]
+    }
+
+    fn filter_level() -> impl Strategy<Value = String> {
+        prop_oneof![level(), Just("+".to_owned())]
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (prop::collection::vec(filter_level(), 1..4), any::<bool>()).prop_map(|(mut l, hash)| {
+            if hash {
+                l.push("#".to_owned());
+            }
+            l.join("/")
+        })
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        prop::collection::vec(level(), 1..5).prop_map(|l| l.join("/"))
+    }
+
+    proptest! {
+        #[test]
+        fn the_tree_matches_what_plain_matching_says(
+            filters in prop::collection::vec(filter(), 0..6),
+            removed in prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+            topics in prop::collection::vec(topic(), 1..8),
+        ) {
+            let mut r = Routes::default();
+            let mut held: Vec<String> = Vec::new();
+            for f in &filters {
+                prop_assert_eq!(r.insert(f), !held.contains(f));
+                if !held.contains(f) {
+                    held.push(f.clone());
+                }
+            }
+            for i in removed {
+                if held.is_empty() {
+                    break;
+                }
+                let f = held.remove(i.index(held.len()));
+                prop_assert!(r.remove(&f));
+            }
+            prop_assert_eq!(r.len(), held.len());
+            for t in &topics {
+                let want = held.iter().any(|f| plain(f, t));
+                prop_assert_eq!(r.matches(t), want, "topic {} filters {:?}", t, held);
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! `[cluster]`: this node's name and the NATS servers through which the nodes of one
+//! cluster route messages to each other (`cluster` module).
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// `[cluster]`; without it the broker is a single node.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster: letters, digits, `-` and `_`, at most 64.
+    pub node: String,
+    /// NATS servers (`nats://host:port`, or `host:port`); the client connects to one and
+    /// learns the others from it.
+    pub nats: Vec<String>,
+    /// User name at NATS (with `password`).
+    pub user: Option<String>,
+    /// Password at NATS.
+    pub password: Option<String>,
+    /// Token at NATS (instead of a user name and password).
+    pub token: Option<String>,
+    /// A node not heard from for this long (milliseconds; default 10000) is taken as
+    /// gone: nothing more is routed to it.
+    #[serde(default = "default_node_timeout")]
+    pub node_timeout_ms: u64,
+}
+
+fn default_node_timeout() -> u64 {
+    10_000
+}
+
+impl ClusterConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |reason: &'static str| {
+            Err(ConfigError::Invalid {
+                key: "cluster",
+                reason,
+            })
+        };
+        let n = &self.node;
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return invalid("node: 1 to 64 letters, digits, '-' or '_'");
+        }
+        if self.nats.is_empty() {
+            return invalid("nats: at least one server address");
+        }
+        for a in &self.nats {
+            if a.parse::<async_nats::ServerAddr>().is_err() {
+                return invalid("nats: an address is not nats://host:port");
+            }
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return invalid("user and password go together");
+        }
+        if self.user.is_some() && self.token.is_some() {
+            return invalid("either user and password or token");
+        }
+        if !(100..=3_600_000).contains(&self.node_timeout_ms) {
+            return invalid("node_timeout_ms: 100 to 3600000");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::super::Config;
+
+    fn parse(body: &str) -> Result<Config, String> {
+        Config::parse(&format!("[cluster]\n{body}")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_cluster_needs_a_node_name_and_servers() {
+        let c = parse("node = \"a-1\"\nnats = [\"nats://127.0.0.1:4222\", \"127.0.0.1:4223\"]\n")
+            .unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.node, "a-1");
+        assert_eq!(cl.node_timeout_ms, 10_000);
+        for bad in [
+            "node = \"a.b\"\nnats = [\"nats://127.0.0.1:4222\"]",
+            "node = \"\"\nnats = [\"nats://127.0.0.1:4222\"]",
+            "node = \"a\"\nnats = []",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"u\"",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"u\"\npassword = \"p\"\ntoken = \"t\"",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 3",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}

