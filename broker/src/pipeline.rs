@@ -208,11 +208,7 @@ impl Pipeline {
     /// A message another node of the cluster accepted (and transformed, offered to its
     /// sinks and bridges, and retained if it is): step 3 for this node's sessions only.
     pub fn route_from_node(&self, msg: &Arc<Message>) -> Routed {
-        let routed = self.router.publish(msg);
-        if routed.delivered == 0 {
-            crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
-        }
-        routed
+        self.router.publish(msg)
     }
 
     /// Steps 2 to 4 for a message nobody waits on (a will, a plugin's message): `None`

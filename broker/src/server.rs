@@ -52,8 +52,10 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         &broker.tasks,
     );
     if let Some(c) = &broker.cluster {
+        let backpressure = broker.config.mqtt.backpressure_timeout_ms;
         c.start(
             broker.pipeline.clone(),
+            (backpressure > 0).then(|| std::time::Duration::from_millis(backpressure)),
             &broker.tasks,
             broker.shutdown.clone(),
         );

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -47,6 +47,13 @@ use routes::Routes;
 
 /// Messages waiting to be handed to NATS; beyond, messages for other nodes are dropped.
 const OUTBOUND: usize = 65_536;
+/// Most bytes of the messages in that queue (their `Message::size`).
+const OUTBOUND_BYTES: usize = 64 * 1024 * 1024;
+/// Most messages taken from that queue at once.
+const WAITING: usize = 4096;
+/// Most bytes of records in one NATS message (NATS's default maximum payload is 1 MiB);
+/// a larger record goes alone (and is dropped if NATS refuses it).
+const PACK: usize = 256 * 1024;
 /// Between two heartbeats.
 const BEAT: Duration = Duration::from_secs(1);
 /// Most bytes of filters in one piece of a snapshot.
@@ -158,7 +165,9 @@ pub struct Cluster {
     local: Mutex<Local>,
     peers: RwLock<HashMap<Arc<str>, Peer>>,
     changes: mpsc::UnboundedSender<Change>,
-    outbound: mpsc::Sender<(Arc<str>, Bytes)>,
+    outbound: mpsc::Sender<(Arc<str>, Arc<Message>)>,
+    /// Bytes of the messages in `outbound`.
+    outbound_bytes: std::sync::atomic::AtomicUsize,
     /// The receiving ends, taken by [`Cluster::start`].
     receivers: Mutex<Option<Receivers>>,
     connected: AtomicBool,
@@ -168,7 +177,7 @@ pub struct Cluster {
 
 type Receivers = (
     mpsc::UnboundedReceiver<Change>,
-    mpsc::Receiver<(Arc<str>, Bytes)>,
+    mpsc::Receiver<(Arc<str>, Arc<Message>)>,
 );
 
 impl std::fmt::Debug for Cluster {
@@ -211,6 +220,7 @@ impl Cluster {
             peers: RwLock::default(),
             changes,
             outbound,
+            outbound_bytes: std::sync::atomic::AtomicUsize::new(0),
             receivers: Mutex::new(Some((changes_rx, outbound_rx))),
             connected: AtomicBool::new(false),
             stats: ClusterStats::default(),
@@ -282,10 +292,12 @@ impl crate::router::Interest for Cluster {
 }
 
 impl Cluster {
-    /// Connects to NATS and runs the cluster's tasks until `stop`.
+    /// Connects to NATS and runs the cluster's tasks until `stop`; messages from other
+    /// nodes wait up to `backpressure` for a congested subscriber (none: they do not).
     pub fn start(
         self: &Arc<Self>,
         pipeline: Arc<Pipeline>,
+        backpressure: Option<Duration>,
         tasks: &tokio_util::task::TaskTracker,
         stop: CancellationToken,
     ) {
@@ -293,7 +305,7 @@ impl Cluster {
             return;
         };
         let me = self.clone();
-        tasks.spawn(async move {
+        let work = tasks.track_future(async move {
             let client = match me.connect().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -303,11 +315,25 @@ impl Cluster {
             };
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = me.run(client.clone(), pipeline, changes, outbound) => {}
+                () = me.run(client.clone(), pipeline, changes, outbound, backpressure) => {}
             }
             // What was handed to the client goes out, unless NATS is away.
             let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
         });
+        // A thread and a runtime of its own: the NATS client's tasks and the packing of
+        // messages for other nodes do not wait behind busy connections for a worker (on
+        // one worker they got a turn per 128 messages and their queue overflowed).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let started = runtime.and_then(|rt| {
+            std::thread::Builder::new()
+                .name("sandpiper-cluster".into())
+                .spawn(move || rt.block_on(work))
+        });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cluster: cannot start its thread; this node is alone");
+        }
     }
 
     async fn connect(self: &Arc<Self>) -> Result<async_nats::Client, async_nats::Error> {
@@ -353,7 +379,8 @@ impl Cluster {
         client: async_nats::Client,
         pipeline: Arc<Pipeline>,
         changes: mpsc::UnboundedReceiver<Change>,
-        outbound: mpsc::Receiver<(Arc<str>, Bytes)>,
+        outbound: mpsc::Receiver<(Arc<str>, Arc<Message>)>,
+        backpressure: Option<Duration>,
     ) {
         let subscribe = |subject: String| {
             let client = client.clone();
@@ -374,7 +401,7 @@ impl Cluster {
         let beats = subscribe(SUBJECT_BEAT.to_owned()).await;
         let asks = subscribe(snapshot_subject(&self.node)).await;
         tokio::join!(
-            self.receive(messages, pipeline),
+            self.receive(messages, pipeline, backpressure),
             self.send(client.clone(), outbound),
             self.control(client.clone(), changes, interest, beats),
             self.answer(client.clone(), asks),
@@ -382,44 +409,111 @@ impl Cluster {
     }
 
     /// Routes what other nodes send to this node's sessions.
-    async fn receive(&self, mut messages: async_nats::Subscriber, pipeline: Arc<Pipeline>) {
+    async fn receive(
+        &self,
+        mut messages: async_nats::Subscriber,
+        pipeline: Arc<Pipeline>,
+        backpressure: Option<Duration>,
+    ) {
         while let Some(m) = messages.next().await {
-            match crate::store::record::decode_retained(&m.payload) {
-                Ok(mut msg) => {
-                    // A session key of the sending node means nothing here (No Local is
-                    // about this node's sessions).
-                    msg.publisher = None;
-                    self.stats.received.fetch_add(1, Ordering::Relaxed);
-                    pipeline.route_from_node(&Arc::new(msg));
-                }
-                Err(e) => {
+            let mut rest = &m.payload[..];
+            while !rest.is_empty() {
+                let Some(record) = next_record(&mut rest) else {
                     self.stats.damaged.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "cluster: a message from another node could not be read");
+                    tracing::warn!("cluster: a message from another node was cut short");
+                    break;
+                };
+                match crate::store::record::decode_retained(record) {
+                    Ok(mut msg) => {
+                        // A session key of the sending node means nothing here (No Local
+                        // is about this node's sessions).
+                        msg.publisher = None;
+                        self.stats.received.fetch_add(1, Ordering::Relaxed);
+                        let routed = pipeline.route_from_node(&Arc::new(msg));
+                        // A subscriber half full: what follows waits for it, as a local
+                        // publisher would (at most the back-pressure timeout), rather than
+                        // overflowing its queue with the rest of the pack.
+                        if let (Some(room), Some(wait)) = (routed.congested, backpressure)
+                            && tokio::time::timeout(wait, room.wait_for_room())
+                                .await
+                                .is_err()
+                        {
+                            room.mark_stalled();
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "cluster: a message from another node could not be read");
+                    }
                 }
             }
         }
     }
 
-    /// Hands messages for other nodes to NATS, in the order they were accepted.
+    /// Hands messages for other nodes to NATS, in the order they were accepted: what is
+    /// waiting goes in one NATS message per node (records with their lengths, at most
+    /// [`PACK`] bytes each).
     async fn send(
         &self,
         client: async_nats::Client,
-        mut outbound: mpsc::Receiver<(Arc<str>, Bytes)>,
+        mut outbound: mpsc::Receiver<(Arc<str>, Arc<Message>)>,
     ) {
-        let mut subjects: HashMap<Arc<str>, async_nats::Subject> = HashMap::new();
-        while let Some((node, bytes)) = outbound.recv().await {
-            let subject = subjects
-                .entry(node.clone())
-                .or_insert_with(|| msg_subject(&node).into())
-                .clone();
-            match client.publish(subject, bytes).await {
-                Ok(()) => {
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        let mut packs: HashMap<Arc<str>, Pack> = HashMap::new();
+        let mut batch = Vec::with_capacity(WAITING);
+        loop {
+            if outbound.recv_many(&mut batch, WAITING).await == 0 {
+                return;
+            }
+            for (node, msg) in batch.drain(..) {
+                self.outbound_bytes.fetch_sub(msg.size(), Ordering::Relaxed);
+                let pack = packs.entry(node.clone()).or_insert_with(|| Pack {
+                    subject: msg_subject(&node).into(),
+                    bytes: BytesMut::new(),
+                    records: 0,
+                });
+                if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
+                    self.publish_pack(&client, pack).await;
                 }
-                Err(e) => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %e, "cluster: message for node {node} dropped");
+                // The record goes after a length, written once the record is.
+                let at = pack.bytes.len();
+                pack.bytes.put_u32(0);
+                let written = crate::store::record::encode_retained_into(&mut pack.bytes, &msg)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        u32::try_from(pack.bytes.len() - at - 4).map_err(|e| e.to_string())
+                    });
+                match written {
+                    Ok(len) => {
+                        pack.bytes[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                        pack.records += 1;
+                    }
+                    Err(e) => {
+                        pack.bytes.truncate(at);
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(topic = %msg.topic, error = %e,
+                            "cluster: message not sent to node {node}");
+                    }
                 }
+            }
+            for pack in packs.values_mut() {
+                if !pack.bytes.is_empty() {
+                    self.publish_pack(&client, pack).await;
+                }
+            }
+        }
+    }
+
+    async fn publish_pack(&self, client: &async_nats::Client, pack: &mut Pack) {
+        let bytes = pack.bytes.split().freeze();
+        let records = std::mem::take(&mut pack.records);
+        match client.publish(pack.subject.clone(), bytes).await {
+            Ok(()) => {
+                self.stats.sent.fetch_add(records, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.dropped.fetch_add(records, Ordering::Relaxed);
+                tracing::debug!(error = %e, subject = %pack.subject, records,
+                    "cluster: messages for another node dropped");
             }
         }
     }
@@ -693,6 +787,22 @@ impl Cluster {
     }
 }
 
+/// Records waiting for one node, in order.
+struct Pack {
+    subject: async_nats::Subject,
+    bytes: BytesMut,
+    records: u64,
+}
+
+/// The next record of a pack (its length, then its bytes); `None` if it is cut short.
+fn next_record<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (len, tail) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    let (record, tail) = tail.split_at_checked(len)?;
+    *rest = tail;
+    Some(record)
+}
+
 /// Applies changes in order; false on a gap (the caller asks for a snapshot).
 fn apply_changes(peer: &mut Peer, c: &Changes) -> bool {
     if c.to <= peer.version {
@@ -758,23 +868,16 @@ impl Outlet for Cluster {
         let _ = from;
         let peers = read(&self.peers);
         let topic = msg.topic.as_str();
-        let mut bytes: Option<Bytes> = None;
         for (name, peer) in peers.iter() {
             if peer.routes.is_empty() || !peer.routes.matches(topic) {
                 continue;
             }
-            let b = match &bytes {
-                Some(b) => b.clone(),
-                None => match crate::store::record::encode_retained(msg) {
-                    Ok(v) => bytes.insert(Bytes::from(v)).clone(),
-                    Err(e) => {
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(topic, error = %e, "cluster: message not sent to other nodes");
-                        return Offered::default();
-                    }
-                },
-            };
-            if self.outbound.try_send((name.clone(), b)).is_err() {
+            // Encoded on the cluster's thread, not on the connection's.
+            let size = msg.size();
+            if self.outbound_bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
+                || self.outbound.try_send((name.clone(), msg.clone())).is_err()
+            {
+                self.outbound_bytes.fetch_sub(size, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }

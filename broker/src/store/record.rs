@@ -139,9 +139,15 @@ fn get_message(r: &mut Reader<'_>) -> Result<Message, RecordError> {
 /// A retained message.
 pub fn encode_retained(m: &Message) -> Result<Vec<u8>, RecordError> {
     let mut out = BytesMut::new();
-    out.put_u8(FORMAT);
-    put_message(&mut out, m, false)?;
+    encode_retained_into(&mut out, m)?;
     Ok(out.to_vec())
+}
+
+/// A retained message's record appended to `out` (which holds part of it on an error);
+/// also the record a message crosses a cluster as (`cluster`).
+pub fn encode_retained_into(out: &mut BytesMut, m: &Message) -> Result<(), RecordError> {
+    out.put_u8(FORMAT);
+    put_message(out, m, false)
 }
 
 /// Decodes a retained message.
