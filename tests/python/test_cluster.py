@@ -126,7 +126,7 @@ def nats():
 
 @pytest.fixture
 def nodes(request, nats):
-    """Factory: ``nodes("a", "b")`` starts Sandpiper nodes of one cluster (node timeout 2 s)."""
+    """Factory: ``nodes("a", "b")`` starts Sandpiper nodes of one cluster (node timeout 3 s)."""
     started: list[Node] = []
 
     def make(*names: str, urls: list[str] | None = None) -> list[Node]:
@@ -134,7 +134,7 @@ def nodes(request, nats):
         for name in names:
             servers = ", ".join(f'"{u}"' for u in (urls or nats.urls()))
             text = node_config() + (f'\n[cluster]\nnode = "{name}"\nnats = [{servers}]\n'
-                                    'node_timeout_ms = 2000\n')
+                                    'node_timeout_ms = 3000\n')
             n = Node(text)
             started.append(n)
             n.name = name
@@ -267,9 +267,9 @@ def test_a_late_node_learns_the_filters_and_a_killed_one_is_forgotten(nodes):
     pub = Client(c, version=5).connect()
     pub.publish("many/299/x", "from c", qos=1)
     assert [m.text for m in holder.messages.expect_exactly(1)] == ["from c"]
-    # Killed: forgotten within node_timeout_ms (2 s) and a heartbeat.
+    # Killed: forgotten within node_timeout_ms (3 s) and a heartbeat.
     b.halt(kill=True)
-    wait_until("a forgets b", lambda: node_filters(a, "b") == -1, timeout=6)
+    wait_until("a forgets b", lambda: node_filters(a, "b") == -1, timeout=8)
     assert a.metrics()["sandpiper_cluster_nodes"] == 1
     # Back (a new run): asked again.
     b.start()

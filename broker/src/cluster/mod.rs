@@ -60,6 +60,8 @@ const BEAT: Duration = Duration::from_secs(1);
 const PIECE: usize = 256 * 1024;
 /// Longest wait for a node's snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most messages of another node's changes kept while its snapshot is awaited.
+const MAX_HELD: usize = 4096;
 /// Most changes in one message on `sandpiper.interest`.
 const CHANGES_PER_MESSAGE: usize = 1024;
 
@@ -500,6 +502,8 @@ impl Cluster {
                     self.publish_pack(&client, pack).await;
                 }
             }
+            // No buffer kept for nodes between batches (node names come and go).
+            packs.clear();
         }
     }
 
@@ -535,20 +539,38 @@ impl Cluster {
         let mut batch = Vec::new();
         loop {
             tokio::select! {
+                // Another node's changes before its heartbeat: it sent them first, and a
+                // heartbeat read before them would look like a gap.
+                biased;
+                Some(m) = interest.next() => {
+                    match serde_json::from_slice::<Changes>(&m.payload) {
+                        Ok(c) => self.apply(c, &client, &synced_tx),
+                        Err(e) => tracing::warn!(error = %e, "cluster: unreadable interest change"),
+                    }
+                }
                 n = changes.recv_many(&mut batch, CHANGES_PER_MESSAGE) => {
                     if n == 0 {
                         return;
                     }
-                    let msg = Changes {
-                        node: self.node.to_string(),
-                        run: self.run,
-                        from: batch.first().map_or(0, |c| c.version),
-                        to: batch.last().map_or(0, |c| c.version),
-                        ops: batch
-                            .drain(..)
-                            .map(|c| format!("{}{}", if c.add { '+' } else { '-' }, c.filter))
-                            .collect(),
-                    };
+                    // In messages of at most PIECE bytes as JSON (a filter is at most
+                    // 65,535 bytes, six times that escaped: under NATS's 1 MiB).
+                    let mut msg = self.changes_from(0);
+                    let mut bytes = 0;
+                    for c in batch.drain(..) {
+                        let op = format!("{}{}", if c.add { '+' } else { '-' }, c.filter);
+                        let size = json_size(&op);
+                        if !msg.ops.is_empty() && bytes + size > PIECE {
+                            self.publish_json(&client, SUBJECT_INTEREST, &msg).await;
+                            msg = self.changes_from(c.version);
+                            bytes = 0;
+                        }
+                        if msg.ops.is_empty() {
+                            msg.from = c.version;
+                        }
+                        msg.to = c.version;
+                        msg.ops.push(op);
+                        bytes += size;
+                    }
                     published = msg.to;
                     self.publish_json(&client, SUBJECT_INTEREST, &msg).await;
                 }
@@ -556,12 +578,6 @@ impl Cluster {
                     let msg = Beat { node: self.node.to_string(), run: self.run, version: published };
                     self.publish_json(&client, SUBJECT_BEAT, &msg).await;
                     self.forget_silent();
-                }
-                Some(m) = interest.next() => {
-                    match serde_json::from_slice::<Changes>(&m.payload) {
-                        Ok(c) => self.apply(c, &client, &synced_tx),
-                        Err(e) => tracing::warn!(error = %e, "cluster: unreadable interest change"),
-                    }
                 }
                 Some(m) = beats.next() => {
                     match serde_json::from_slice::<Beat>(&m.payload) {
@@ -573,6 +589,17 @@ impl Cluster {
                     self.synced(node, snapshot, &client, &synced_tx);
                 }
             }
+        }
+    }
+
+    /// An empty message of this node's changes, starting at number `from`.
+    fn changes_from(&self, from: u64) -> Changes {
+        Changes {
+            node: self.node.to_string(),
+            run: self.run,
+            from,
+            to: from,
+            ops: Vec::new(),
         }
     }
 
@@ -642,7 +669,10 @@ impl Cluster {
             *peer = Peer::new(c.run);
         }
         if peer.syncing {
-            peer.held.push(c);
+            if peer.held.len() < MAX_HELD {
+                peer.held.push(c);
+            }
+            // Beyond, the snapshot's answer is behind what was dropped: a gap, asked again.
             return;
         }
         if !apply_changes(peer, &c) {
@@ -679,24 +709,32 @@ impl Cluster {
         client: &async_nats::Client,
         synced: &mpsc::UnboundedSender<(Arc<str>, Option<Snapshot>)>,
     ) {
+        // Built before the lock: every routed message reads the peers.
+        let routes = snapshot.as_ref().map(|s| {
+            let mut routes = Routes::default();
+            for f in &s.filters {
+                routes.insert(f);
+            }
+            routes
+        });
         let mut peers = write(&self.peers);
         let Some(peer) = peers.get_mut(&node) else {
             return;
         };
         peer.syncing = false;
-        let Some(s) = snapshot else {
+        let (Some(s), Some(routes)) = (snapshot, routes) else {
             // Asked again at its next heartbeat.
             peer.version = 0;
             peer.routes = Routes::default();
+            peer.held.clear();
             return;
         };
         if s.run != peer.run {
-            self.ask(peer, node, client, synced);
+            // An answer of an earlier run (or of another process with the same name): the
+            // next heartbeat of the run this node knows asks again.
+            peer.version = 0;
+            peer.held.clear();
             return;
-        }
-        let mut routes = Routes::default();
-        for f in &s.filters {
-            routes.insert(f);
         }
         peer.routes = routes;
         peer.version = s.version;
@@ -750,7 +788,7 @@ impl Cluster {
                 let next = rest.next();
                 let done = next.is_none();
                 if let Some(f) = next {
-                    bytes += f.len() + 3;
+                    bytes += json_size(&f);
                     piece.filters.push(f);
                 }
                 if done || bytes >= PIECE {
@@ -794,6 +832,11 @@ struct Pack {
     records: u64,
 }
 
+/// The bytes `s` takes in JSON.
+fn json_size(s: &str) -> usize {
+    serde_json::to_string(s).map_or(s.len() * 6 + 2, |j| j.len()) + 1
+}
+
 /// The next record of a pack (its length, then its bytes); `None` if it is cut short.
 fn next_record<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
     let (len, tail) = rest.split_first_chunk::<4>()?;
@@ -808,10 +851,18 @@ fn apply_changes(peer: &mut Peer, c: &Changes) -> bool {
     if c.to <= peer.version {
         return true;
     }
-    if c.from != peer.version + 1 {
+    // One op per number: a message that starts at or before the next number (a snapshot
+    // taken while it was still queued covers its first ops) is applied from there.
+    let Some(skip) = (c.to.checked_sub(c.from))
+        .and_then(|d| d.checked_add(1))
+        .filter(|n| *n == c.ops.len() as u64)
+        .and(peer.version.checked_add(1))
+        .and_then(|next| next.checked_sub(c.from))
+        .and_then(|skip| usize::try_from(skip).ok())
+    else {
         return false;
-    }
-    for op in &c.ops {
+    };
+    for op in &c.ops[skip..] {
         match op.split_at_checked(1) {
             Some(("+", f)) => {
                 peer.routes.insert(f);
@@ -867,6 +918,15 @@ impl Outlet for Cluster {
     fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered {
         let _ = from;
         let peers = read(&self.peers);
+        if !self.is_connected() {
+            // The NATS client would hold them until it reconnects, without a bound.
+            let n = peers
+                .values()
+                .filter(|p| p.routes.matches(msg.topic.as_str()))
+                .count();
+            self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
+            return Offered::default();
+        }
         let topic = msg.topic.as_str();
         for (name, peer) in peers.iter() {
             if peer.routes.is_empty() || !peer.routes.matches(topic) {
@@ -886,5 +946,44 @@ impl Outlet for Cluster {
 
     fn selects(&self, topic: &str) -> bool {
         read(&self.peers).values().any(|p| p.routes.matches(topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(from: u64, to: u64, ops: &[&str]) -> Changes {
+        Changes {
+            node: "b".into(),
+            run: 7,
+            from,
+            to,
+            ops: ops.iter().map(|o| o.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn changes_apply_in_order_from_where_the_node_is() {
+        let mut p = Peer::new(7);
+        assert!(apply_changes(&mut p, &changes(1, 2, &["+a/#", "+b"])));
+        assert_eq!((p.version, p.routes.len()), (2, 2));
+        // Already applied: nothing happens.
+        assert!(apply_changes(&mut p, &changes(1, 2, &["-a/#", "-b"])));
+        assert_eq!(p.routes.len(), 2);
+        // Overlapping (a snapshot covered its first op): applied from number 3.
+        assert!(apply_changes(&mut p, &changes(2, 4, &["+b", "-b", "+c"])));
+        assert_eq!(p.version, 4);
+        assert!(p.routes.matches("a/x") && !p.routes.matches("b") && p.routes.matches("c"));
+        // A gap, a count of ops that does not fit its numbers, numbers at the edge: refused.
+        assert!(!apply_changes(&mut p, &changes(6, 6, &["+d"])));
+        assert!(!apply_changes(&mut p, &changes(5, 6, &["+d"])));
+        assert!(!apply_changes(&mut p, &changes(u64::MAX, 9, &["+d"])));
+        assert!(!apply_changes(&mut p, &changes(5, u64::MAX, &["+d"])));
+        assert_eq!(p.version, 4);
+        p.version = u64::MAX - 1;
+        assert!(apply_changes(&mut p, &changes(u64::MAX, u64::MAX, &["+d"])));
+        assert!(apply_changes(&mut p, &changes(u64::MAX, u64::MAX, &["+e"])));
+        assert!(!p.routes.matches("e"));
     }
 }

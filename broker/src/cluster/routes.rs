@@ -5,6 +5,14 @@
 
 use std::collections::HashMap;
 
+/// Most levels of a filter another node may hold here (removing walks the levels
+/// recursively); a node's own `max_topic_levels` is 128 by default.
+pub const MAX_LEVELS: usize = 1024;
+
+fn too_deep(filter: &str) -> bool {
+    filter.bytes().filter(|b| *b == b'/').count() >= MAX_LEVELS
+}
+
 /// One level of the tree.
 #[derive(Debug, Default)]
 struct Level {
@@ -28,8 +36,11 @@ pub struct Routes {
 
 impl Routes {
     /// Adds `filter` (the topic part of a subscription: `$share/g/` taken off); false if
-    /// it was already here.
+    /// it was already here or is deeper than [`MAX_LEVELS`] (another node's word).
     pub fn insert(&mut self, filter: &str) -> bool {
+        if too_deep(filter) {
+            return false;
+        }
         let mut level = &mut self.root;
         for l in filter.split('/') {
             level = level.children.entry(l.into()).or_default();
@@ -42,6 +53,9 @@ impl Routes {
 
     /// Removes `filter`; false if it was not here. Levels left empty are cut.
     pub fn remove(&mut self, filter: &str) -> bool {
+        if too_deep(filter) {
+            return false;
+        }
         fn walk(level: &mut Level, rest: &[&str]) -> bool {
             match rest.split_first() {
                 None => std::mem::replace(&mut level.here, false),
@@ -81,25 +95,30 @@ impl Routes {
     }
 }
 
-/// `sys`: the topic starts with `$` and this is its first level, which no wildcard matches.
-fn matches(level: &Level, rest: &[&str], sys: bool) -> bool {
-    if !sys && level.children.get("#").is_some_and(|h| h.here) {
-        return true;
+/// Walks with a stack of its own (a topic may have thousands of levels): (level, how
+/// many of the topic's levels it stands for). `sys`: the topic starts with `$`, and no
+/// wildcard matches its first level.
+fn matches(root: &Level, levels: &[&str], sys: bool) -> bool {
+    let mut stack: smallvec::SmallVec<[(&Level, usize); 16]> = smallvec::smallvec![(root, 0)];
+    while let Some((level, depth)) = stack.pop() {
+        let first = depth == 0 && sys;
+        if !first && level.children.get("#").is_some_and(|h| h.here) {
+            return true;
+        }
+        let Some(l) = levels.get(depth) else {
+            if level.here {
+                return true;
+            }
+            continue;
+        };
+        if let Some(c) = level.children.get(*l) {
+            stack.push((c, depth + 1));
+        }
+        if !first && let Some(c) = level.children.get("+") {
+            stack.push((c, depth + 1));
+        }
     }
-    let Some((l, rest)) = rest.split_first() else {
-        return level.here;
-    };
-    if level
-        .children
-        .get(*l)
-        .is_some_and(|c| matches(c, rest, false))
-    {
-        return true;
-    }
-    !sys && level
-        .children
-        .get("+")
-        .is_some_and(|c| matches(c, rest, false))
+    false
 }
 
 #[cfg(test)]
@@ -140,6 +159,18 @@ mod tests {
         assert!(r.matches("anything/at/all") && !r.matches("$SYS/broker"));
         r.insert("$SYS/#");
         assert!(r.matches("$SYS/broker"));
+    }
+
+    #[test]
+    fn deep_topics_and_filters_cost_no_stack() {
+        let mut r = Routes::default();
+        let deep = vec!["+"; MAX_LEVELS - 1].join("/");
+        assert!(r.insert(&deep));
+        assert!(!r.insert(&vec!["+"; MAX_LEVELS + 1].join("/")));
+        let topic = vec!["x"; MAX_LEVELS - 1].join("/");
+        assert!(r.matches(&topic));
+        assert!(!r.matches(&vec!["x"; 60_000].join("/")));
+        assert!(r.remove(&deep) && r.is_empty());
     }
 
     #[test]

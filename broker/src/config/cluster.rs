@@ -61,8 +61,9 @@ impl ClusterConfig {
         if self.user.is_some() && self.token.is_some() {
             return invalid("either user and password or token");
         }
-        if !(100..=3_600_000).contains(&self.node_timeout_ms) {
-            return invalid("node_timeout_ms: 100 to 3600000");
+        // Heartbeats come every second: fewer than three missed is no sign.
+        if !(3_000..=3_600_000).contains(&self.node_timeout_ms) {
+            return invalid("node_timeout_ms: 3000 to 3600000");
         }
         Ok(())
     }
