@@ -28,13 +28,14 @@
 //! subscriptions across nodes) is not built; ARCHITECTURE.md says so.
 
 mod routes;
+mod wire;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -420,12 +421,12 @@ impl Cluster {
         while let Some(m) = messages.next().await {
             let mut rest = &m.payload[..];
             while !rest.is_empty() {
-                let Some(record) = next_record(&mut rest) else {
+                let Some(record) = wire::next(&mut rest) else {
                     self.stats.damaged.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("cluster: a message from another node was cut short");
                     break;
                 };
-                match crate::store::record::decode_retained(record) {
+                match wire::read(record) {
                     Ok(mut msg) => {
                         // A session key of the sending node means nothing here (No Local
                         // is about this node's sessions).
@@ -476,21 +477,9 @@ impl Cluster {
                 if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
                     self.publish_pack(&client, pack).await;
                 }
-                // The record goes after a length, written once the record is.
-                let at = pack.bytes.len();
-                pack.bytes.put_u32(0);
-                let written = crate::store::record::encode_retained_into(&mut pack.bytes, &msg)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        u32::try_from(pack.bytes.len() - at - 4).map_err(|e| e.to_string())
-                    });
-                match written {
-                    Ok(len) => {
-                        pack.bytes[at..at + 4].copy_from_slice(&len.to_be_bytes());
-                        pack.records += 1;
-                    }
+                match wire::put(&mut pack.bytes, &msg) {
+                    Ok(()) => pack.records += 1,
                     Err(e) => {
-                        pack.bytes.truncate(at);
                         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(topic = %msg.topic, error = %e,
                             "cluster: message not sent to node {node}");
@@ -835,15 +824,6 @@ struct Pack {
 /// The bytes `s` takes in JSON.
 fn json_size(s: &str) -> usize {
     serde_json::to_string(s).map_or(s.len() * 6 + 2, |j| j.len()) + 1
-}
-
-/// The next record of a pack (its length, then its bytes); `None` if it is cut short.
-fn next_record<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let (len, tail) = rest.split_first_chunk::<4>()?;
-    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
-    let (record, tail) = tail.split_at_checked(len)?;
-    *rest = tail;
-    Some(record)
 }
 
 /// Applies changes in order; false on a gap (the caller asks for a snapshot).

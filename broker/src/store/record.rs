@@ -40,7 +40,7 @@ pub fn unix_ms_now() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn instant_to_unix_ms(at: Instant) -> u64 {
+pub(crate) fn instant_to_unix_ms(at: Instant) -> u64 {
     let now = Instant::now();
     let base = unix_ms_now();
     if at >= now {
@@ -50,7 +50,7 @@ fn instant_to_unix_ms(at: Instant) -> u64 {
     }
 }
 
-fn unix_ms_to_instant(ms: u64) -> Instant {
+pub(crate) fn unix_ms_to_instant(ms: u64) -> Instant {
     let now = Instant::now();
     let base = unix_ms_now();
     if ms >= base {

@@ -1,0 +1,177 @@
+//! How a message crosses to another node: records packed into one NATS message, each after
+//! its length (u32, big-endian). A record is either *plain*, for a message without MQTT 5
+//! properties (most): kind 0, flags (QoS in bits 0–1, RETAIN in bit 2), the expiry as Unix
+//! milliseconds (0: none), the topic's length (u16) and bytes, then the payload; or *full*:
+//! kind 1, then the store's record of a retained message (which carries the properties).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::codec::{QoS, TopicName};
+use crate::message::Message;
+use crate::store::record;
+
+const PLAIN: u8 = 0;
+const FULL: u8 = 1;
+
+/// Why a record could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WireError(String);
+
+fn bad(why: &str) -> WireError {
+    WireError(why.to_owned())
+}
+
+fn has_properties(m: &Message) -> bool {
+    let p = &m.properties;
+    p.payload_format_indicator.is_some()
+        || p.content_type.is_some()
+        || p.response_topic.is_some()
+        || p.correlation_data.is_some()
+        || !p.user_properties.as_slice().is_empty()
+}
+
+/// Appends `m`'s record, after its length, to `out` (unchanged on an error).
+pub fn put(out: &mut BytesMut, m: &Message) -> Result<(), WireError> {
+    let at = out.len();
+    if has_properties(m) {
+        out.put_u32(0);
+        out.put_u8(FULL);
+        let written = record::encode_retained_into(out, m).map_err(|e| WireError(e.to_string()));
+        let len = written
+            .and_then(|()| u32::try_from(out.len() - at - 4).map_err(|_| bad("message too large")));
+        match len {
+            Ok(len) => out[at..at + 4].copy_from_slice(&len.to_be_bytes()),
+            Err(e) => {
+                out.truncate(at);
+                return Err(e);
+            }
+        }
+        return Ok(());
+    }
+    let topic = m.topic.as_str();
+    let topic_len = u16::try_from(topic.len()).map_err(|_| bad("topic too long"))?;
+    let len = u32::try_from(1 + 1 + 8 + 2 + topic.len() + m.payload.len())
+        .map_err(|_| bad("message too large"))?;
+    out.reserve(4 + len as usize);
+    out.put_u32(len);
+    out.put_u8(PLAIN);
+    out.put_u8(m.qos as u8 | u8::from(m.retain) << 2);
+    out.put_u64(m.expires_at.map_or(0, record::instant_to_unix_ms));
+    out.put_u16(topic_len);
+    out.put_slice(topic.as_bytes());
+    out.put_slice(&m.payload);
+    Ok(())
+}
+
+/// Takes the next record from `rest`; `None` when it is cut short.
+pub fn next<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (len, tail) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    let (record, tail) = tail.split_at_checked(len)?;
+    *rest = tail;
+    Some(record)
+}
+
+/// Reads one record (the payload is copied: the pack it came in is not kept alive by it).
+pub fn read(r: &[u8]) -> Result<Message, WireError> {
+    let (&kind, r) = r.split_first().ok_or_else(|| bad("empty record"))?;
+    match kind {
+        FULL => record::decode_retained(r).map_err(|e| WireError(e.to_string())),
+        PLAIN => {
+            let (&flags, r) = r.split_first().ok_or_else(|| bad("cut short"))?;
+            let (expires, r) = r.split_first_chunk::<8>().ok_or_else(|| bad("cut short"))?;
+            let (topic_len, r) = r.split_first_chunk::<2>().ok_or_else(|| bad("cut short"))?;
+            let (topic, payload) = r
+                .split_at_checked(usize::from(u16::from_be_bytes(*topic_len)))
+                .ok_or_else(|| bad("cut short"))?;
+            let topic = std::str::from_utf8(topic).map_err(|_| bad("topic is not UTF-8"))?;
+            let topic = TopicName::new(topic).map_err(|e| WireError(e.to_string()))?;
+            let qos = match flags & 3 {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                2 => QoS::ExactlyOnce,
+                _ => return Err(bad("QoS 3")),
+            };
+            let expires = u64::from_be_bytes(*expires);
+            Ok(Message {
+                topic,
+                payload: Bytes::copy_from_slice(payload),
+                qos,
+                retain: flags & 4 != 0,
+                properties: Default::default(),
+                expires_at: (expires != 0).then(|| record::unix_ms_to_instant(expires)),
+                publisher: None,
+            })
+        }
+        _ => Err(bad("unknown record kind")),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn message(topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Message {
+        Message {
+            topic: TopicName::new(topic).unwrap(),
+            payload: Bytes::copy_from_slice(payload),
+            qos,
+            retain,
+            properties: Default::default(),
+            expires_at: None,
+            publisher: Some(42),
+        }
+    }
+
+    #[test]
+    fn plain_and_full_records_round_trip_in_one_pack() {
+        let a = message("a/b", b"one", QoS::AtLeastOnce, true);
+        let mut b = message("c", b"", QoS::ExactlyOnce, false);
+        b.properties.content_type = Some("text/plain".into());
+        b.expires_at = Some(Instant::now() + Duration::from_secs(60));
+        let mut pack = BytesMut::new();
+        put(&mut pack, &a).unwrap();
+        put(&mut pack, &b).unwrap();
+        let mut rest = &pack[..];
+        let ra = read(next(&mut rest).unwrap()).unwrap();
+        let rb = read(next(&mut rest).unwrap()).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(
+            (ra.topic.as_str(), &ra.payload[..], ra.qos, ra.retain),
+            ("a/b", &b"one"[..], QoS::AtLeastOnce, true)
+        );
+        assert_eq!(ra.publisher, None);
+        assert_eq!(rb.properties.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(rb.qos, QoS::ExactlyOnce);
+        let left = rb.expires_at.unwrap() - Instant::now();
+        assert!(left > Duration::from_secs(58) && left <= Duration::from_secs(61));
+    }
+
+    #[test]
+    fn damaged_records_are_errors_not_panics() {
+        let mut pack = BytesMut::new();
+        put(
+            &mut pack,
+            &message("a/b", b"payload", QoS::AtMostOnce, false),
+        )
+        .unwrap();
+        let record = &pack[4..];
+        for n in 0..record.len() {
+            let _ = read(&record[..n]);
+        }
+        let mut bad = record.to_vec();
+        bad[1] = 3;
+        assert!(read(&bad).is_err());
+        bad[1] = 0;
+        bad[0] = 9;
+        assert!(read(&bad).is_err());
+        let mut rest = &pack[..pack.len() - 1];
+        assert!(next(&mut rest).is_none());
+        let mut wild = record.to_vec();
+        wild[12] = b'+';
+        assert!(read(&wild).is_err());
+    }
+}
