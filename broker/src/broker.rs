@@ -194,6 +194,18 @@ impl Broker {
             Some(store.clone()),
             topics,
         ));
+        if let Some(c) = &cluster {
+            let c = Arc::downgrade(c);
+            let _ = sessions
+                .on_attached
+                .set(crate::session::AttachListener(Box::new(
+                    move |id, since| {
+                        if let Some(c) = c.upgrade() {
+                            c.attached(id, since);
+                        }
+                    },
+                )));
+        }
         let restored = sessions.restore(&mut recovered).map_err(damaged)?;
         tracing::info!(
             data_dir = %path,

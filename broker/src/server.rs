@@ -55,6 +55,7 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         let backpressure = broker.config.mqtt.backpressure_timeout_ms;
         c.start(
             broker.pipeline.clone(),
+            broker.sessions.clone(),
             (backpressure > 0).then(|| std::time::Duration::from_millis(backpressure)),
             &broker.tasks,
             broker.shutdown.clone(),

@@ -303,3 +303,23 @@ def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
         return any(m.text == "after" for m in sub.messages.all())
 
     wait_until("a message crosses again", arrives, timeout=10)
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
+def test_a_client_id_connected_to_another_node_takes_the_connection_over(nodes, version):
+    a, b = nodes("a", "b")
+    cid = uid("t")
+    old = Client(a, client_id=cid, version=version).connect()
+    time.sleep(0.01)  # the newer connection connects in a later millisecond
+    new = Client(b, client_id=cid, version=version).connect()
+    assert old.wait_disconnected(ARRIVE), "the connection on node a was not closed"
+    if version == 5:
+        assert old.disconnect_rc == 0x8E
+    assert a.wait_log(r"connected to another node.*closed \(0x8E\)")
+    # The newer one stays, and serves.
+    time.sleep(0.5)
+    assert not new.disconnected.is_set()
+    new.subscribe("still/here", qos=1)
+    knows(a, "b", 1)
+    Client(a, version=5).connect().publish("still/here", "yes", qos=1)
+    assert [m.text for m in new.messages.expect_exactly(1)] == ["yes"]

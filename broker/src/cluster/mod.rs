@@ -68,6 +68,9 @@ const CHANGES_PER_MESSAGE: usize = 1024;
 
 const SUBJECT_INTEREST: &str = "sandpiper.interest";
 const SUBJECT_BEAT: &str = "sandpiper.beat";
+const SUBJECT_CLAIM: &str = "sandpiper.claim";
+/// Connections attached here waiting to be told to the other nodes; beyond, dropped.
+const CLAIMS: usize = 65_536;
 
 fn msg_subject(node: &str) -> String {
     format!("sandpiper.msg.{node}")
@@ -150,6 +153,16 @@ struct Beat {
     version: u64,
 }
 
+/// A connection attached on a node (`sandpiper.claim`): the other nodes disconnect an
+/// older connection with the same client id.
+#[derive(Debug, Serialize, Deserialize)]
+struct Claim {
+    node: String,
+    client_id: String,
+    /// When it connected, Unix ms.
+    since_ms: u64,
+}
+
 /// A piece of a node's snapshot: its filters as of change `version`.
 #[derive(Debug, Serialize, Deserialize)]
 struct Piece {
@@ -169,6 +182,7 @@ pub struct Cluster {
     peers: RwLock<HashMap<Arc<str>, Peer>>,
     changes: mpsc::UnboundedSender<Change>,
     outbound: mpsc::Sender<(Arc<str>, Arc<Message>)>,
+    claims: mpsc::Sender<Claim>,
     /// Bytes of the messages in `outbound`.
     outbound_bytes: std::sync::atomic::AtomicUsize,
     /// The receiving ends, taken by [`Cluster::start`].
@@ -181,6 +195,7 @@ pub struct Cluster {
 type Receivers = (
     mpsc::UnboundedReceiver<Change>,
     mpsc::Receiver<(Arc<str>, Arc<Message>)>,
+    mpsc::Receiver<Claim>,
 );
 
 impl std::fmt::Debug for Cluster {
@@ -209,6 +224,7 @@ impl Cluster {
     pub fn new(config: ClusterConfig) -> Arc<Cluster> {
         let (changes, changes_rx) = mpsc::unbounded_channel();
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND);
+        let (claims, claims_rx) = mpsc::channel(CLAIMS);
         let mut seed = [0u8; 8];
         let run = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
         {
@@ -223,8 +239,9 @@ impl Cluster {
             peers: RwLock::default(),
             changes,
             outbound,
+            claims,
             outbound_bytes: std::sync::atomic::AtomicUsize::new(0),
-            receivers: Mutex::new(Some((changes_rx, outbound_rx))),
+            receivers: Mutex::new(Some((changes_rx, outbound_rx, claims_rx))),
             connected: AtomicBool::new(false),
             stats: ClusterStats::default(),
         })
@@ -233,6 +250,16 @@ impl Cluster {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// A connection with `client_id` was attached here at `since_ms` (Unix ms): the other
+    /// nodes are told, and disconnect an older one with the same client id.
+    pub fn attached(&self, client_id: &crate::message::ClientId, since_ms: u64) {
+        let _ = self.claims.try_send(Claim {
+            node: self.node.to_string(),
+            client_id: client_id.as_str().to_owned(),
+            since_ms,
+        });
     }
 
     /// Whether the NATS connection is up.
@@ -300,11 +327,12 @@ impl Cluster {
     pub fn start(
         self: &Arc<Self>,
         pipeline: Arc<Pipeline>,
+        sessions: Arc<crate::session::Sessions>,
         backpressure: Option<Duration>,
         tasks: &tokio_util::task::TaskTracker,
         stop: CancellationToken,
     ) {
-        let Some((changes, outbound)) = lock(&self.receivers).take() else {
+        let Some(receivers) = lock(&self.receivers).take() else {
             return;
         };
         let me = self.clone();
@@ -318,7 +346,7 @@ impl Cluster {
             };
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = me.run(client.clone(), pipeline, changes, outbound, backpressure) => {}
+                () = me.run(client.clone(), pipeline, sessions, receivers, backpressure) => {}
             }
             // What was handed to the client goes out, unless NATS is away.
             let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
@@ -381,8 +409,8 @@ impl Cluster {
         self: &Arc<Self>,
         client: async_nats::Client,
         pipeline: Arc<Pipeline>,
-        changes: mpsc::UnboundedReceiver<Change>,
-        outbound: mpsc::Receiver<(Arc<str>, Arc<Message>)>,
+        sessions: Arc<crate::session::Sessions>,
+        (changes, outbound, claims): Receivers,
         backpressure: Option<Duration>,
     ) {
         let subscribe = |subject: String| {
@@ -403,12 +431,46 @@ impl Cluster {
         let interest = subscribe(SUBJECT_INTEREST.to_owned()).await;
         let beats = subscribe(SUBJECT_BEAT.to_owned()).await;
         let asks = subscribe(snapshot_subject(&self.node)).await;
+        let others_claims = subscribe(SUBJECT_CLAIM.to_owned()).await;
         tokio::join!(
+            self.claims(client.clone(), claims, others_claims, sessions),
             self.receive(messages, pipeline, backpressure),
             self.send(client.clone(), outbound),
             self.control(client.clone(), changes, interest, beats),
             self.answer(client.clone(), asks),
         );
+    }
+
+    /// Tells the other nodes of the connections attached here; disconnects a connection
+    /// here that is older than one another node attached with the same client id (the
+    /// newer one wins; at the same millisecond, the node whose name sorts last).
+    async fn claims(
+        &self,
+        client: async_nats::Client,
+        mut mine: mpsc::Receiver<Claim>,
+        mut theirs: async_nats::Subscriber,
+        sessions: Arc<crate::session::Sessions>,
+    ) {
+        loop {
+            tokio::select! {
+                Some(c) = mine.recv() => {
+                    self.publish_json(&client, SUBJECT_CLAIM, &c).await;
+                }
+                Some(m) = theirs.next() => {
+                    let Ok(c) = serde_json::from_slice::<Claim>(&m.payload) else {
+                        tracing::warn!("cluster: unreadable claim of a client id");
+                        continue;
+                    };
+                    let id = crate::message::ClientId::new(&c.client_id);
+                    let ties = *self.node < *c.node;
+                    if sessions.taken_over_elsewhere(&id, c.since_ms, ties) {
+                        tracing::info!(client_id = %c.client_id, node = %c.node,
+                            "client connected to another node: its connection here is closed (0x8E)");
+                    }
+                }
+                else => return,
+            }
+        }
     }
 
     /// Routes what other nodes send to this node's sessions.

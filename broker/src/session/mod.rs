@@ -16,7 +16,7 @@ mod tests;
 
 pub use aliases::{InboundAliases, Naming, OutboundAliases};
 pub use flows::{Flows, Inflight, Received};
-pub use registry::{ExpiryListener, Sessions};
+pub use registry::{AttachListener, ExpiryListener, Sessions};
 pub use subscriptions::{Permit, SubscribeLimits};
 
 use std::collections::HashMap;

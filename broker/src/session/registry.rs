@@ -109,6 +109,21 @@ pub struct Sessions {
     next_conn: AtomicU64,
     /// Told the client id of every session that expires (the plugins' events hook).
     pub on_expired: std::sync::OnceLock<ExpiryListener>,
+    /// Told of every connection attached, with when it connected (the cluster tells the
+    /// other nodes, which disconnect an older connection with the same client id).
+    pub on_attached: std::sync::OnceLock<AttachListener>,
+}
+
+/// Called with the client id of a connection attached and when it connected (Unix ms).
+pub struct AttachListener(pub Box<OnAttached>);
+
+/// See [`AttachListener`].
+pub type OnAttached = dyn Fn(&ClientId, u64) + Send + Sync;
+
+impl std::fmt::Debug for AttachListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttachListener")
+    }
 }
 
 /// What the admin API shows of a slot with a connection.
@@ -150,6 +165,7 @@ impl Sessions {
             next_key: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
             on_expired: std::sync::OnceLock::new(),
+            on_attached: std::sync::OnceLock::new(),
         }
     }
 
@@ -436,6 +452,9 @@ impl Sessions {
             a.session = Some((state.mailbox.clone(), expiry));
             a.kick = None;
         }
+        if let Some(l) = self.on_attached.get() {
+            (l.0)(&state.client_id, presence.since_ms);
+        }
         Ok(Attachment {
             state,
             present,
@@ -639,6 +658,24 @@ impl Sessions {
             .await
             .ok()?
             .ok()
+    }
+
+    /// Disconnects the client `client_id` if it connected before `since_ms` (Unix ms; at
+    /// the same millisecond when `ties` says so): a connection with its client id was
+    /// attached on another node of the cluster (MQTT 5: DISCONNECT 0x8E Session taken
+    /// over). Its session stays here, detached, as after any disconnection. True if it
+    /// was disconnected.
+    pub fn taken_over_elsewhere(&self, client_id: &ClientId, since_ms: u64, ties: bool) -> bool {
+        let mut slots = self.lock();
+        let Some(Slot::Attached(a)) = slots.get_mut(client_id) else {
+            return false;
+        };
+        let here = a.presence.since_ms;
+        if here > since_ms || (here == since_ms && !ties) {
+            return false;
+        }
+        a.kick(Kick::TakenOver);
+        true
     }
 
     /// Disconnects the client `client_id` (MQTT 5: DISCONNECT 0x98 Administrative action).
