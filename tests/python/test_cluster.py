@@ -7,7 +7,8 @@ checked: a message published on one node reaches the matching subscribers of the
 its QoS and in order; a node receives only what its own clients subscribe to; MQTT
 matching (wildcards, ``$`` topics) holds across nodes; a node that joins late, restarts or
 dies is learned, asked again or forgotten; one NATS server of three killed does not stop
-the routing.
+the routing; a client id connected to another node takes the connection over; retained
+messages (set and cleared on any node, odd and long topics) are the cluster's.
 """
 
 from __future__ import annotations
@@ -73,10 +74,18 @@ class NatsCluster:
                 [NATS_SERVER, "-c", str(self.dir / f"n{i}.conf")],
                 stdout=subprocess.DEVNULL, stderr=open(self.dir / f"n{i}.log", "wb"))
         for i in range(len(self.procs)):
-            wait_until(f"nats-server n{i} routed to the others",
-                       lambda i=i: self.routes(i) >= len(self.procs) - 1, timeout=20,
-                       detail=lambda: "\n" + self.logs())
+            wait_until(f"nats-server n{i} routed to the others, JetStream with a leader",
+                       lambda i=i: self.routes(i) >= len(self.procs) - 1 and self.leader(i),
+                       timeout=20, detail=lambda: "\n" + self.logs())
         return self
+
+    def leader(self, i: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[i]}/jsz",
+                                        timeout=2) as r:
+                return bool((json.load(r).get("meta_cluster") or {}).get("leader"))
+        except OSError:
+            return False
 
     def routes(self, i: int) -> int:
         try:
@@ -187,8 +196,8 @@ def test_messages_reach_the_other_nodes_at_their_qos_and_in_order(nodes):
     for got, top in ((got_b, 2), (got_c, 1)):
         assert [m.text for m in got] == [f"{q}:{i}" for q in (0, 1, 2) for i in range(100)]
         assert [m.qos for m in got] == [min(q, top) for q in (0, 1, 2) for _ in range(100)]
-    # A retained message reaches the established subscriptions as a live one (RETAIN 0);
-    # it is kept in the retained store of the node that accepted it.
+    # A retained message reaches the established subscriptions as a live one (RETAIN 0),
+    # and a new subscription as a retained one.
     sub_b.messages.clear()
     pub.publish("t/r/x", "kept", qos=1, retain=True)
     (m,) = sub_b.messages.expect_exactly(1)
@@ -323,3 +332,36 @@ def test_a_client_id_connected_to_another_node_takes_the_connection_over(nodes, 
     knows(a, "b", 1)
     Client(a, version=5).connect().publish("still/here", "yes", qos=1)
     assert [m.text for m in new.messages.expect_exactly(1)] == ["yes"]
+
+
+def retained_on(n: Node, flt: str, wait: float = 0.5) -> dict[str, str]:
+    """The retained messages a fresh subscriber on node ``n`` gets for ``flt``."""
+    c = Client(n, version=5).connect()
+    c.subscribe(flt, qos=1)
+    time.sleep(wait)
+    got = {m.topic: m.text for m in c.messages.all() if m.retain}
+    c.close()
+    return got
+
+
+def test_retained_messages_are_the_clusters(nodes):
+    a, b = nodes("a", "b")
+    pub = Client(a, version=5).connect()
+    odd = "r/a.b c*>/\u00e9/"
+    long = "r/" + "x." * 600
+    pub.publish("r/1", "one", qos=1, retain=True)
+    pub.publish(odd, "odd", qos=1, retain=True)
+    pub.publish(long, "long", qos=1, retain=True)
+    want = {"r/1": "one", odd: "odd", long: "long"}
+    wait_until("node b has node a's retained messages",
+               lambda: retained_on(b, "r/#", 0.3) == want, timeout=10)
+    # Cleared on b: gone on a too.
+    Client(b, version=4).connect().publish("r/1", "", qos=1, retain=True)
+    Client(b, version=5).connect().publish(long, "", qos=1, retain=True)
+    wait_until("the clears reach node a",
+               lambda: retained_on(a, "r/#", 0.3) == {odd: "odd"}, timeout=10)
+    # A node that starts later reads the bucket.
+    pub.publish("r/2", "two", qos=1, retain=True)
+    (c,) = nodes("c")
+    wait_until("node c has the cluster's retained messages",
+               lambda: retained_on(c, "r/#", 0.3) == {odd: "odd", "r/2": "two"}, timeout=10)

@@ -22,11 +22,17 @@
 //!   ran on the node that accepted the message, and retained messages stay in the
 //!   retained store of that node.
 //!
+//! - **Client ids**: a connection attached here is announced on `sandpiper.claim`; a node
+//!   where the same client id is connected since earlier closes that connection (0x8E).
+//! - **Retained messages** live in a JetStream key-value bucket every node watches into
+//!   its own retained store (`retained`).
+//!
 //! Delivery between nodes is at most once: a message is acknowledged to its publisher by
 //! the node that accepted it, before the others have it. What issue 19 asks beyond this
-//! (JetStream durability, sessions and wills across nodes, one retained store, shared
+//! (JetStream durability of messages, sessions and wills across nodes, shared
 //! subscriptions across nodes) is not built; ARCHITECTURE.md says so.
 
+mod retained;
 mod routes;
 mod wire;
 
@@ -69,6 +75,8 @@ const CHANGES_PER_MESSAGE: usize = 1024;
 const SUBJECT_INTEREST: &str = "sandpiper.interest";
 const SUBJECT_BEAT: &str = "sandpiper.beat";
 const SUBJECT_CLAIM: &str = "sandpiper.claim";
+/// Retained messages waiting to be put in the bucket; beyond, not put (logged).
+const RETAIN: usize = 4096;
 /// Connections attached here waiting to be told to the other nodes; beyond, dropped.
 const CLAIMS: usize = 65_536;
 
@@ -183,7 +191,9 @@ pub struct Cluster {
     changes: mpsc::UnboundedSender<Change>,
     outbound: mpsc::Sender<(Arc<str>, Arc<Message>)>,
     claims: mpsc::Sender<Claim>,
-    /// Bytes of the messages in `outbound`.
+    /// Retained messages accepted here, for the cluster's bucket.
+    retain: mpsc::Sender<Arc<Message>>,
+    /// Bytes of the messages in `outbound` and `retain`.
     outbound_bytes: std::sync::atomic::AtomicUsize,
     /// The receiving ends, taken by [`Cluster::start`].
     receivers: Mutex<Option<Receivers>>,
@@ -196,6 +206,7 @@ type Receivers = (
     mpsc::UnboundedReceiver<Change>,
     mpsc::Receiver<(Arc<str>, Arc<Message>)>,
     mpsc::Receiver<Claim>,
+    mpsc::Receiver<Arc<Message>>,
 );
 
 impl std::fmt::Debug for Cluster {
@@ -225,6 +236,7 @@ impl Cluster {
         let (changes, changes_rx) = mpsc::unbounded_channel();
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND);
         let (claims, claims_rx) = mpsc::channel(CLAIMS);
+        let (retain, retain_rx) = mpsc::channel(RETAIN);
         let mut seed = [0u8; 8];
         let run = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
         {
@@ -240,8 +252,9 @@ impl Cluster {
             changes,
             outbound,
             claims,
+            retain,
             outbound_bytes: std::sync::atomic::AtomicUsize::new(0),
-            receivers: Mutex::new(Some((changes_rx, outbound_rx, claims_rx))),
+            receivers: Mutex::new(Some((changes_rx, outbound_rx, claims_rx, retain_rx))),
             connected: AtomicBool::new(false),
             stats: ClusterStats::default(),
         })
@@ -410,7 +423,7 @@ impl Cluster {
         client: async_nats::Client,
         pipeline: Arc<Pipeline>,
         sessions: Arc<crate::session::Sessions>,
-        (changes, outbound, claims): Receivers,
+        (changes, outbound, claims, retain): Receivers,
         backpressure: Option<Duration>,
     ) {
         let subscribe = |subject: String| {
@@ -433,12 +446,154 @@ impl Cluster {
         let asks = subscribe(snapshot_subject(&self.node)).await;
         let others_claims = subscribe(SUBJECT_CLAIM.to_owned()).await;
         tokio::join!(
+            self.retained(client.clone(), retain, pipeline.router().clone()),
             self.claims(client.clone(), claims, others_claims, sessions),
             self.receive(messages, pipeline, backpressure),
             self.send(client.clone(), outbound),
             self.control(client.clone(), changes, interest, beats),
             self.answer(client.clone(), asks),
         );
+    }
+
+    /// Keeps the cluster's retained messages: puts (or deletes) what is retained here in
+    /// the bucket, and watches the bucket into this node's retained store.
+    async fn retained(
+        &self,
+        client: async_nats::Client,
+        mut mine: mpsc::Receiver<Arc<Message>>,
+        router: Arc<crate::router::Router>,
+    ) {
+        use async_nats::jetstream::kv;
+        let js = async_nats::jetstream::new(client);
+        let config = kv::Config {
+            bucket: retained::BUCKET.to_owned(),
+            description: "Sandpiper: the newest retained message of each topic".to_owned(),
+            history: 1,
+            num_replicas: self.config.replicas,
+            ..Default::default()
+        };
+        // Topics of hashed keys, learnt from their values (a deletion carries no value).
+        let mut hashed: HashMap<String, String> = HashMap::new();
+        let mut warned = false;
+        'bucket: loop {
+            let (store, mut watch) = match js.create_or_update_key_value(config.clone()).await {
+                Ok(store) => match store.watch_with_history(">").await {
+                    Ok(w) => (store, w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: cannot watch the retained messages' bucket; trying again in 5 s");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::error!(error = %e, bucket = retained::BUCKET,
+                            "cluster: cannot open the retained messages' bucket (is JetStream on?); retained messages stay on the node that accepted them until it opens; trying again every second");
+                    }
+                    // Meanwhile what is retained here is not put (the bucket is the truth).
+                    while let Ok(m) = mine.try_recv() {
+                        self.outbound_bytes.fetch_sub(m.size(), Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if warned {
+                tracing::info!(
+                    bucket = retained::BUCKET,
+                    "cluster: retained messages' bucket open"
+                );
+                warned = false;
+            }
+            loop {
+                tokio::select! {
+                    Some(m) = mine.recv() => {
+                        self.outbound_bytes.fetch_sub(m.size(), Ordering::Relaxed);
+                        let key = retained::key(m.topic.as_str());
+                        let done = if m.payload.is_empty() {
+                            store.delete(&key).await.map_err(|e| e.to_string())
+                        } else {
+                            let mut b = BytesMut::new();
+                            match wire::put(&mut b, &m) {
+                                Ok(()) => store.put(&key, b.split_off(4).freeze()).await
+                                    .map(|_| ()).map_err(|e| e.to_string()),
+                                Err(e) => Err(e.to_string()),
+                            }
+                        };
+                        if let Err(e) = done {
+                            tracing::warn!(topic = %m.topic, error = %e,
+                                "cluster: retained message not kept in the cluster's bucket");
+                        }
+                    }
+                    entry = watch.next() => {
+                        let Some(entry) = entry else {
+                            tracing::warn!("cluster: the retained messages' watch ended; watching again");
+                            continue 'bucket;
+                        };
+                        match entry {
+                            Ok(e) => self.mirror(e, &router, &mut hashed),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cluster: the retained messages' watch failed; watching again");
+                                continue 'bucket;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One entry of the retained messages' bucket into this node's retained store.
+    fn mirror(
+        &self,
+        e: async_nats::jetstream::kv::Entry,
+        router: &crate::router::Router,
+        hashed: &mut HashMap<String, String>,
+    ) {
+        use async_nats::jetstream::kv::Operation;
+        let msg = match e.operation {
+            Operation::Put => match wire::read(&e.value) {
+                Ok(mut m) if retained::key(m.topic.as_str()) == e.key => {
+                    m.publisher = None;
+                    if e.key.starts_with("=H.") {
+                        hashed.insert(e.key.clone(), m.topic.as_str().to_owned());
+                    }
+                    m
+                }
+                Ok(_) => {
+                    tracing::warn!(key = %e.key, "cluster: a retained message under another topic's key: skipped");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(key = %e.key, error = %err, "cluster: unreadable retained message: skipped");
+                    return;
+                }
+            },
+            Operation::Delete | Operation::Purge => {
+                let topic = match retained::topic(&e.key) {
+                    Some(t) => t,
+                    None => match hashed.remove(&e.key) {
+                        Some(t) => t,
+                        None => return,
+                    },
+                };
+                let Ok(topic) = crate::codec::TopicName::new(&topic) else {
+                    return;
+                };
+                Message {
+                    topic,
+                    payload: Bytes::new(),
+                    qos: crate::codec::QoS::AtMostOnce,
+                    retain: true,
+                    properties: Default::default(),
+                    expires_at: None,
+                    publisher: None,
+                }
+            }
+        };
+        if router.retain(&Arc::new(msg)).is_err() {
+            tracing::warn!(key = %e.key, "cluster: retained store full: a retained message of the cluster is not kept here");
+        }
     }
 
     /// Tells the other nodes of the connections attached here; disconnects a connection
@@ -959,6 +1114,16 @@ async fn fetch_snapshot(client: &async_nats::Client, node: &str) -> Result<Snaps
 impl Outlet for Cluster {
     fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered {
         let _ = from;
+        if msg.retain {
+            let size = msg.size();
+            if self.outbound_bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
+                || self.retain.try_send(msg.clone()).is_err()
+            {
+                self.outbound_bytes.fetch_sub(size, Ordering::Relaxed);
+                tracing::warn!(topic = %msg.topic,
+                    "cluster: retained message not put in the cluster's bucket (queue full)");
+            }
+        }
         let peers = read(&self.peers);
         if !self.is_connected() {
             // The NATS client would hold them until it reconnects, without a bound.

@@ -20,10 +20,18 @@ pub struct ClusterConfig {
     pub password: Option<String>,
     /// Token at NATS (instead of a user name and password).
     pub token: Option<String>,
+    /// JetStream replicas of the cluster's state kept in NATS (the retained messages'
+    /// bucket): 1 to 5, at most the NATS servers with JetStream (default 1).
+    #[serde(default = "one")]
+    pub replicas: usize,
     /// A node not heard from for this long (milliseconds; default 10000) is taken as
     /// gone: nothing more is routed to it.
     #[serde(default = "default_node_timeout")]
     pub node_timeout_ms: u64,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_node_timeout() -> u64 {
@@ -61,6 +69,9 @@ impl ClusterConfig {
         if self.user.is_some() && self.token.is_some() {
             return invalid("either user and password or token");
         }
+        if !(1..=5).contains(&self.replicas) {
+            return invalid("replicas: 1 to 5");
+        }
         // Heartbeats come every second: fewer than three missed is no sign.
         if !(3_000..=3_600_000).contains(&self.node_timeout_ms) {
             return invalid("node_timeout_ms: 3000 to 3600000");
@@ -91,7 +102,9 @@ mod tests {
             "node = \"a\"\nnats = []",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"u\"",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"u\"\npassword = \"p\"\ntoken = \"t\"",
-            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 3",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 0",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 6",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplica = 3",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
