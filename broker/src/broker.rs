@@ -248,8 +248,8 @@ impl Broker {
     }
 
     /// What keeps the broker from being ready (empty: ready): a store that cannot write,
-    /// listeners not bound yet, no connection to NATS (a cluster node), required plugins
-    /// not serving.
+    /// listeners not bound yet, no connection to NATS or no retained messages' bucket (a
+    /// cluster node), required plugins not serving.
     pub fn ready(&self) -> Vec<String> {
         let mut missing = Vec::new();
         if self.store.is_failing() {
@@ -258,8 +258,14 @@ impl Broker {
         if !self.listening() {
             missing.push("listeners: not all bound yet".to_owned());
         }
-        if self.cluster.as_ref().is_some_and(|c| !c.is_connected()) {
-            missing.push("cluster: not connected to NATS".to_owned());
+        if let Some(c) = &self.cluster {
+            if !c.is_connected() {
+                missing.push("cluster: not connected to NATS".to_owned());
+            } else if !c.bucket_open() {
+                missing.push(
+                    "cluster: the retained messages' bucket is not open (JetStream)".to_owned(),
+                );
+            }
         }
         for name in self.plugins.missing_required() {
             missing.push(format!("plugin {name}: required, not loaded"));

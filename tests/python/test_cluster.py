@@ -138,20 +138,19 @@ def nodes(request, nats):
     """Factory: ``nodes("a", "b")`` starts Sandpiper nodes of one cluster (node timeout 3 s)."""
     started: list[Node] = []
 
-    def make(*names: str, urls: list[str] | None = None) -> list[Node]:
+    def make(*names: str, urls: list[str] | None = None, replicas: int = 1) -> list[Node]:
         out = []
         for name in names:
             servers = ", ".join(f'"{u}"' for u in (urls or nats.urls()))
             text = node_config() + (f'\n[cluster]\nnode = "{name}"\nnats = [{servers}]\n'
-                                    'node_timeout_ms = 3000\n')
+                                    f'node_timeout_ms = 3000\nreplicas = {replicas}\n')
             n = Node(text)
             started.append(n)
             n.name = name
             out.append(n.start())
         for n in out:
-            wait_until(f"node {n.name} connected to NATS",
-                       lambda n=n: n.metrics().get("sandpiper_cluster_connected") == 1,
-                       timeout=10, detail=lambda n=n: "\n" + n.log())
+            wait_until(f"node {n.name} ready (connected to NATS, retained messages' bucket open)",
+                       lambda n=n: ready(n), timeout=15, detail=lambda n=n: "\n" + n.log())
         return out
 
     yield make
@@ -163,6 +162,14 @@ def nodes(request, nats):
         n.stop()
     if failed:
         print(f"\n===== nats =====\n{nats.logs()}")
+
+
+def ready(n: Node) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{n.http}/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def node_filters(n: Node, other: str) -> float:
@@ -290,7 +297,10 @@ def test_a_late_node_learns_the_filters_and_a_killed_one_is_forgotten(nodes):
 
 
 def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
-    a, b = nodes("a", "b")
+    a, b = nodes("a", "b", replicas=3)
+    Client(a, version=5).connect().publish("kept/r", "three copies", qos=1, retain=True)
+    wait_until("node b has the retained message",
+               lambda: retained_on(b, "kept/#", 0.3) == {"kept/r": "three copies"}, timeout=10)
     sub = Client(b, version=5).connect()
     sub.subscribe("go/on", qos=1)
     knows(a, "b", 1)
@@ -312,6 +322,11 @@ def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
         return any(m.text == "after" for m in sub.messages.all())
 
     wait_until("a message crosses again", arrives, timeout=10)
+    # The retained messages' bucket has three replicas: a node that starts now reads it
+    # from the two servers left.
+    (c,) = nodes("c", replicas=3)
+    wait_until("node c reads the bucket", lambda: retained_on(c, "kept/#", 0.3) == {
+        "kept/r": "three copies"}, timeout=15)
 
 
 @pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])

@@ -198,6 +198,8 @@ pub struct Cluster {
     /// The receiving ends, taken by [`Cluster::start`].
     receivers: Mutex<Option<Receivers>>,
     connected: AtomicBool,
+    /// The retained messages' bucket is open and watched.
+    bucket_open: AtomicBool,
     /// Its counters.
     pub stats: ClusterStats,
 }
@@ -256,6 +258,7 @@ impl Cluster {
             outbound_bytes: std::sync::atomic::AtomicUsize::new(0),
             receivers: Mutex::new(Some((changes_rx, outbound_rx, claims_rx, retain_rx))),
             connected: AtomicBool::new(false),
+            bucket_open: AtomicBool::new(false),
             stats: ClusterStats::default(),
         })
     }
@@ -273,6 +276,11 @@ impl Cluster {
             client_id: client_id.as_str().to_owned(),
             since_ms,
         });
+    }
+
+    /// Whether the retained messages' bucket is open and watched.
+    pub fn bucket_open(&self) -> bool {
+        self.bucket_open.load(Ordering::Relaxed)
     }
 
     /// Whether the NATS connection is up.
@@ -464,7 +472,11 @@ impl Cluster {
         router: Arc<crate::router::Router>,
     ) {
         use async_nats::jetstream::kv;
-        let js = async_nats::jetstream::new(client);
+        // Requests answered within 2 s, or tried again: a JetStream cluster that has just
+        // elected its leader may not answer the first ones at all.
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(client);
         let config = kv::Config {
             bucket: retained::BUCKET.to_owned(),
             description: "Sandpiper: the newest retained message of each topic".to_owned(),
@@ -488,12 +500,9 @@ impl Cluster {
                 Err(e) => {
                     if !std::mem::replace(&mut warned, true) {
                         tracing::error!(error = %e, bucket = retained::BUCKET,
-                            "cluster: cannot open the retained messages' bucket (is JetStream on?); retained messages stay on the node that accepted them until it opens; trying again every second");
+                            "cluster: cannot open the retained messages' bucket (is JetStream on?); retained messages wait here (up to 4,096) until it opens, and the node is not ready; trying again every second");
                     }
-                    // Meanwhile what is retained here is not put (the bucket is the truth).
-                    while let Ok(m) = mine.try_recv() {
-                        self.outbound_bytes.fetch_sub(m.size(), Ordering::Relaxed);
-                    }
+                    // What is retained here meanwhile waits in its queue (bounded), in order.
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -505,6 +514,7 @@ impl Cluster {
                 );
                 warned = false;
             }
+            self.bucket_open.store(true, Ordering::Relaxed);
             loop {
                 tokio::select! {
                     Some(m) = mine.recv() => {
@@ -528,12 +538,14 @@ impl Cluster {
                     entry = watch.next() => {
                         let Some(entry) = entry else {
                             tracing::warn!("cluster: the retained messages' watch ended; watching again");
+                            self.bucket_open.store(false, Ordering::Relaxed);
                             continue 'bucket;
                         };
                         match entry {
                             Ok(e) => self.mirror(e, &router, &mut hashed),
                             Err(e) => {
                                 tracing::warn!(error = %e, "cluster: the retained messages' watch failed; watching again");
+                                self.bucket_open.store(false, Ordering::Relaxed);
                                 continue 'bucket;
                             }
                         }
