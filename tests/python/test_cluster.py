@@ -188,13 +188,13 @@ def counter(n: Node, name: str) -> float:
 
 def test_messages_reach_the_other_nodes_at_their_qos_and_in_order(nodes):
     a, b, c = nodes("a", "b", "c")
-    sub_b = Client(b, version=5).connect()
+    sub_b = Client(b, version=5)
     sub_b.subscribe("t/#", qos=2)
-    sub_c = Client(c, version=4).connect()
+    sub_c = Client(c, version=4)
     sub_c.subscribe("t/+/x", qos=1)
     knows(a, "b", 1)
     knows(a, "c", 1)
-    pub = Client(a, version=5).connect()
+    pub = Client(a, version=5)
     for qos in (0, 1, 2):
         for i in range(100):
             pub.publish("t/q/x", f"{qos}:{i}", qos=qos)
@@ -209,7 +209,7 @@ def test_messages_reach_the_other_nodes_at_their_qos_and_in_order(nodes):
     pub.publish("t/r/x", "kept", qos=1, retain=True)
     (m,) = sub_b.messages.expect_exactly(1)
     assert m.text == "kept" and not m.retain
-    late = Client(a, version=5).connect()
+    late = Client(a, version=5)
     late.subscribe("t/r/x", qos=1)
     (kept,) = late.messages.expect_exactly(1)
     assert kept.text == "kept" and kept.retain
@@ -218,11 +218,11 @@ def test_messages_reach_the_other_nodes_at_their_qos_and_in_order(nodes):
 
 def test_a_node_receives_only_what_its_clients_subscribe_to(nodes):
     a, b, c = nodes("a", "b", "c")
-    sub = Client(b, version=5).connect()
+    sub = Client(b, version=5)
     sub.subscribe("only/b", qos=1)
     knows(a, "b", 1)
     knows(a, "c", 0)
-    pub = Client(a, version=5).connect()
+    pub = Client(a, version=5)
     for i in range(50):
         pub.publish("only/b", str(i), qos=1)
         pub.publish("nobody/here", str(i), qos=1)
@@ -238,8 +238,8 @@ def test_a_node_receives_only_what_its_clients_subscribe_to(nodes):
     time.sleep(0.5)
     assert counter(b, "sandpiper_cluster_received_total") == 50
     # Two subscriptions to one filter count once; it stays while one is left.
-    s1 = Client(b, version=5).connect()
-    s2 = Client(b, version=4).connect()
+    s1 = Client(b, version=5)
+    s2 = Client(b, version=4)
     s1.subscribe("two/+", qos=0)
     s2.subscribe("two/+", qos=0)
     knows(a, "b", 1)
@@ -252,14 +252,14 @@ def test_a_node_receives_only_what_its_clients_subscribe_to(nodes):
 
 def test_mqtt_matching_holds_across_nodes(nodes):
     a, b = nodes("a", "b")
-    every = Client(b, version=5).connect()
+    every = Client(b, version=5)
     every.subscribe("#", qos=1)
-    parent = Client(b, version=5).connect()
+    parent = Client(b, version=5)
     parent.subscribe("p/#", qos=1)
-    shared = Client(b, version=5).connect()
+    shared = Client(b, version=5)
     shared.subscribe("$share/g/s/+", qos=1)
     knows(a, "b", 3)
-    pub = Client(a, version=5).connect()
+    pub = Client(a, version=5)
     pub.publish("$x/y", "dollar", qos=1)  # no wildcard at the first level matches $ topics
     pub.publish("p", "parent", qos=1)     # p/# matches p
     pub.publish("s/1", "shared", qos=1)
@@ -274,13 +274,13 @@ def test_a_late_node_learns_the_filters_and_a_killed_one_is_forgotten(nodes):
     for i in range(300):
         s = f"many/{i}/+"
         subs.append(s)
-    holder = Client(b, version=5).connect()
+    holder = Client(b, version=5)
     for i in range(0, 300, 50):
         holder.subscribe([(s, 0) for s in subs[i:i + 50]])
     knows(a, "b", 300)
     (c,) = nodes("c")
     knows(c, "b", 300, timeout=10)
-    pub = Client(c, version=5).connect()
+    pub = Client(c, version=5)
     pub.publish("many/299/x", "from c", qos=1)
     assert [m.text for m in holder.messages.expect_exactly(1)] == ["from c"]
     # Killed: forgotten within node_timeout_ms (3 s) and a heartbeat.
@@ -289,22 +289,22 @@ def test_a_late_node_learns_the_filters_and_a_killed_one_is_forgotten(nodes):
     assert a.metrics()["sandpiper_cluster_nodes"] == 1
     # Back (a new run): asked again.
     b.start()
-    again = Client(b, version=5).connect()
+    again = Client(b, version=5)
     again.subscribe("back/again", qos=1)
     knows(a, "b", 1, timeout=10)
-    Client(a, version=5).connect().publish("back/again", "hello", qos=1)
+    Client(a, version=5).publish("back/again", "hello", qos=1)
     assert [m.text for m in again.messages.expect_exactly(1)] == ["hello"]
 
 
 def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
     a, b = nodes("a", "b", replicas=3)
-    Client(a, version=5).connect().publish("kept/r", "three copies", qos=1, retain=True)
+    Client(a, version=5).publish("kept/r", "three copies", qos=1, retain=True)
     wait_until("node b has the retained message",
                lambda: retained_on(b, "kept/#", 0.3) == {"kept/r": "three copies"}, timeout=10)
-    sub = Client(b, version=5).connect()
+    sub = Client(b, version=5)
     sub.subscribe("go/on", qos=1)
     knows(a, "b", 1)
-    pub = Client(a, version=5).connect()
+    pub = Client(a, version=5)
     pub.publish("go/on", "before", qos=1)
     assert [m.text for m in sub.messages.expect_exactly(1)] == ["before"]
     # The server node a is connected to is killed: a reconnects to another one.
@@ -333,9 +333,9 @@ def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
 def test_a_client_id_connected_to_another_node_takes_the_connection_over(nodes, version):
     a, b = nodes("a", "b")
     cid = uid("t")
-    old = Client(a, client_id=cid, version=version).connect()
+    old = Client(a, client_id=cid, version=version)
     time.sleep(0.01)  # the newer connection connects in a later millisecond
-    new = Client(b, client_id=cid, version=version).connect()
+    new = Client(b, client_id=cid, version=version)
     assert old.wait_disconnected(ARRIVE), "the connection on node a was not closed"
     if version == 5:
         assert old.disconnect_rc == 0x8E
@@ -345,13 +345,13 @@ def test_a_client_id_connected_to_another_node_takes_the_connection_over(nodes, 
     assert not new.disconnected.is_set()
     new.subscribe("still/here", qos=1)
     knows(a, "b", 1)
-    Client(a, version=5).connect().publish("still/here", "yes", qos=1)
+    Client(a, version=5).publish("still/here", "yes", qos=1)
     assert [m.text for m in new.messages.expect_exactly(1)] == ["yes"]
 
 
 def retained_on(n: Node, flt: str, wait: float = 0.5) -> dict[str, str]:
     """The retained messages a fresh subscriber on node ``n`` gets for ``flt``."""
-    c = Client(n, version=5).connect()
+    c = Client(n, version=5)
     c.subscribe(flt, qos=1)
     time.sleep(wait)
     got = {m.topic: m.text for m in c.messages.all() if m.retain}
@@ -361,7 +361,7 @@ def retained_on(n: Node, flt: str, wait: float = 0.5) -> dict[str, str]:
 
 def test_retained_messages_are_the_clusters(nodes):
     a, b = nodes("a", "b")
-    pub = Client(a, version=5).connect()
+    pub = Client(a, version=5)
     odd = "r/a.b c*>/\u00e9/"
     long = "r/" + "x." * 600
     pub.publish("r/1", "one", qos=1, retain=True)
@@ -371,8 +371,8 @@ def test_retained_messages_are_the_clusters(nodes):
     wait_until("node b has node a's retained messages",
                lambda: retained_on(b, "r/#", 0.3) == want, timeout=10)
     # Cleared on b: gone on a too.
-    Client(b, version=4).connect().publish("r/1", "", qos=1, retain=True)
-    Client(b, version=5).connect().publish(long, "", qos=1, retain=True)
+    Client(b, version=4).publish("r/1", "", qos=1, retain=True)
+    Client(b, version=5).publish(long, "", qos=1, retain=True)
     wait_until("the clears reach node a",
                lambda: retained_on(a, "r/#", 0.3) == {odd: "odd"}, timeout=10)
     # A node that starts later reads the bucket.
