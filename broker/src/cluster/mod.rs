@@ -1,5 +1,6 @@
 //! Several brokers acting as one: the nodes of a cluster route messages to each other
-//! through NATS (`[cluster]`, the `async-nats` client). What is built: routing. A message
+//! through NATS (`[cluster]`, the `async-nats` client). What is built: routing, one
+//! connection per client id, the retained messages. A message
 //! accepted on one node reaches the matching subscribers of every node; each node learns
 //! which topics every other node's clients subscribe to and sends a message only to the
 //! nodes that want it, once each, on that node's own subject.
@@ -14,14 +15,12 @@
 //!   number of its last change; a node not heard for `node_timeout_ms` is taken as gone
 //!   and nothing more is routed to it. A node that restarts comes back with a new run id,
 //!   and the others ask it again.
-//! - **Messages** go to `sandpiper.msg.NODE` as the store's record of a message (the
-//!   same bytes as a retained message: topic, payload, QoS, retain flag, MQTT 5
-//!   properties, expiry as a wall-clock deadline), through a bounded queue: when it is
-//!   full, or NATS is away, messages for other nodes are dropped and counted. The
-//!   receiving node routes them to its own sessions only: transforms, sinks and bridges
-//!   ran on the node that accepted the message, and retained messages stay in the
-//!   retained store of that node.
-//!
+//! - **Messages** go to `sandpiper.msg.NODE`, packed (`wire`: flags, expiry as a
+//!   wall-clock deadline, topic and payload; with MQTT 5 properties, the store's record of
+//!   a retained message), through a bounded queue: when it is full, or NATS is away,
+//!   messages for other nodes are dropped and counted. The receiving node routes them to
+//!   its own sessions only: transforms, sinks and bridges ran on the node that accepted
+//!   the message.
 //! - **Client ids**: a connection attached here is announced on `sandpiper.claim`; a node
 //!   where the same client id is connected since earlier closes that connection (0x8E).
 //! - **Retained messages** live in a JetStream key-value bucket every node watches into
@@ -1138,7 +1137,7 @@ impl Outlet for Cluster {
         }
         let peers = read(&self.peers);
         if !self.is_connected() {
-            // The NATS client would hold them until it reconnects, without a bound.
+            // The NATS client would queue 2,048 publishes, then hold the cluster's tasks.
             let n = peers
                 .values()
                 .filter(|p| p.routes.matches(msg.topic.as_str()))

@@ -630,7 +630,7 @@ fn cluster(o: &mut String, broker: &Broker) {
         ),
         (
             "sandpiper_cluster_dropped_total",
-            "Messages for other nodes dropped (queue full, NATS away).",
+            "Messages for other nodes dropped (queue full, NATS away, refused by NATS as too large).",
             &s.dropped,
         ),
         (
