@@ -851,15 +851,7 @@ impl Cluster {
         }
         let mut peers = write(&self.peers);
         let name: Arc<str> = b.node.as_str().into();
-        let peer = peers.entry(name.clone()).or_insert_with(|| {
-            tracing::info!(node = %b.node, "cluster: node joined");
-            Peer::new(b.run)
-        });
-        peer.heard = Instant::now();
-        if peer.run != b.run {
-            tracing::info!(node = %b.node, "cluster: node restarted");
-            *peer = Peer::new(b.run);
-        }
+        let peer = heard_from(&mut peers, &name, b.run);
         if !peer.syncing && peer.version < b.version {
             self.ask(peer, name, client, synced);
         }
@@ -877,14 +869,7 @@ impl Cluster {
         }
         let mut peers = write(&self.peers);
         let name: Arc<str> = c.node.as_str().into();
-        let peer = peers.entry(name.clone()).or_insert_with(|| {
-            tracing::info!(node = %c.node, "cluster: node joined");
-            Peer::new(c.run)
-        });
-        peer.heard = Instant::now();
-        if peer.run != c.run {
-            *peer = Peer::new(c.run);
-        }
+        let peer = heard_from(&mut peers, &name, c.run);
         if peer.syncing {
             if peer.held.len() < MAX_HELD {
                 peer.held.push(c);
@@ -1040,6 +1025,24 @@ impl Cluster {
             self.local_filters(),
         )
     }
+}
+
+/// Another node, heard from now in run `run`: made if new, started over if it restarted.
+fn heard_from<'a>(
+    peers: &'a mut HashMap<Arc<str>, Peer>,
+    name: &Arc<str>,
+    run: u64,
+) -> &'a mut Peer {
+    let peer = peers.entry(name.clone()).or_insert_with(|| {
+        tracing::info!(node = %name, "cluster: node joined");
+        Peer::new(run)
+    });
+    peer.heard = Instant::now();
+    if peer.run != run {
+        tracing::info!(node = %name, "cluster: node restarted");
+        *peer = Peer::new(run);
+    }
+    peer
 }
 
 /// Records waiting for one node, in order.

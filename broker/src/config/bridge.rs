@@ -241,9 +241,7 @@ impl BridgeConfig {
                 reason,
             })
         };
-        if self.name.is_empty()
-            || !(self.name.chars()).all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !super::is_name(&self.name) {
             return bad("`name` must be letters, digits, `-` and `_` only".into());
         }
         if self.remote().is_none() {

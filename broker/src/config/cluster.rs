@@ -46,13 +46,7 @@ impl ClusterConfig {
                 reason,
             })
         };
-        let n = &self.node;
-        if n.is_empty()
-            || n.len() > 64
-            || !n
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if !super::is_name(&self.node) || self.node.len() > 64 {
             return invalid("node: 1 to 64 letters, digits, '-' or '_'");
         }
         if self.nats.is_empty() {

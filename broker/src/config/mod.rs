@@ -399,6 +399,14 @@ impl Default for Config {
     }
 }
 
+/// Whether `s` is a name the configuration gives to something (a bridge, a cluster node):
+/// letters, digits, `-` and `_`, at least one.
+pub(crate) fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
