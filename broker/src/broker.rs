@@ -261,10 +261,18 @@ impl Broker {
         if let Some(c) = &self.cluster {
             if !c.is_connected() {
                 missing.push("cluster: not connected to NATS".to_owned());
-            } else if !c.bucket_open() {
-                missing.push(
-                    "cluster: the retained messages' bucket is not open (JetStream)".to_owned(),
-                );
+            } else {
+                if !c.bucket_open() {
+                    missing.push(
+                        "cluster: the retained messages' bucket is not open (JetStream)".to_owned(),
+                    );
+                }
+                if !c.stream_open() {
+                    missing.push(
+                        "cluster: the stream of messages between nodes is not open (JetStream)"
+                            .to_owned(),
+                    );
+                }
             }
         }
         for name in self.plugins.missing_required() {

@@ -115,6 +115,9 @@ pub struct Offered {
     /// The store ticket that makes it durable there (the publisher's acknowledgement
     /// waits for it).
     pub ticket: Option<u64>,
+    /// The cluster's ticket that makes it durable for other nodes (JetStream's
+    /// acknowledgement; the publisher's acknowledgement waits for it too).
+    pub replicated: Option<u64>,
     /// A queue of the outlet that is behind: the publisher should wait for room.
     pub congested: Option<Arc<dyn crate::mailbox::Room>>,
 }
@@ -198,6 +201,7 @@ impl Pipeline {
         for o in outlets {
             let offered = o.offer(from, msg);
             routed.ticket = routed.ticket.max(offered.ticket);
+            routed.replicated = routed.replicated.max(offered.replicated);
             if routed.congested.is_none() {
                 routed.congested = offered.congested;
             }

@@ -56,6 +56,7 @@ pub async fn run(broker: Arc<Broker>, grace: Duration) -> std::io::Result<Vec<So
         c.start(
             broker.pipeline.clone(),
             broker.sessions.clone(),
+            broker.store.committed(),
             (backpressure > 0).then(|| std::time::Duration::from_millis(backpressure)),
             &broker.tasks,
             broker.shutdown.clone(),

@@ -8,7 +8,11 @@ its QoS and in order; a node receives only what its own clients subscribe to; MQ
 matching (wildcards, ``$`` topics) holds across nodes; a node that joins late, restarts or
 dies is learned, asked again or forgotten; one NATS server of three killed does not stop
 the routing; a client id connected to another node takes the connection over; retained
-messages (set and cleared on any node, odd and long topics) are the cluster's.
+messages (set and cleared on any node, odd and long topics) are the cluster's; a QoS 1
+message acknowledged to its publisher survives a kill -9 of its publisher's node and of its
+subscriber's node; with all of NATS gone a node refuses the QoS 1/2 messages other nodes
+want (MQTT 5 0x97, 3.1.1 no PUBACK), still routes between its own clients, is not ready, and
+recovers by itself.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import tempfile
 import time
 import urllib.request
 import json
+import threading
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import ARRIVE, Client, uid
 from test_bridge import Node, free_port, node_config, wait_until
@@ -109,6 +116,12 @@ class NatsCluster:
         if p and p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait(10)
+
+    def restart(self, i: int) -> None:
+        """Starts server ``i`` again (after ``kill``), with its JetStream data."""
+        self.procs[i] = subprocess.Popen(
+            [NATS_SERVER, "-c", str(self.dir / f"n{i}.conf")],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / f"n{i}.log", "ab"))
 
     def logs(self) -> str:
         return "\n".join(f"--- n{i}\n" + (self.dir / f"n{i}.log").read_text(errors="replace")[-3000:]
@@ -380,3 +393,162 @@ def test_retained_messages_are_the_clusters(nodes):
     (c,) = nodes("c")
     wait_until("node c has the cluster's retained messages",
                lambda: retained_on(c, "r/#", 0.3) == {odd: "odd", "r/2": "two"}, timeout=10)
+
+
+class Flood:
+    """A QoS 1 publisher (paho, MQTT 5 or 3.1.1) sending numbered messages on a thread as fast
+    as its window of 64 allows, until ``count`` or ``stop()``; records which were
+    acknowledged with success, which refused (reason code), and which never answered."""
+
+    def __init__(self, node: Node, topic: str, count: int, version: int = 5):
+        self.topic, self.count = topic, count
+        self.acked: set[int] = set()
+        self.refused: dict[int, int] = {}
+        self.sent = 0
+        self._mids: dict[int, int] = {}
+        self._early: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        proto = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uid("flood"), protocol=proto,
+                             reconnect_on_failure=False)
+        self.c.max_inflight_messages_set(64)
+        self.c.on_publish = self._on_publish
+        self.c.connect("127.0.0.1", node.port)
+        self.c.loop_start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        rc = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+        with self._lock:
+            i = self._mids.pop(mid, None)
+            if i is None:
+                # Answered before ``_run`` recorded the id.
+                self._early[mid] = rc
+            else:
+                self._answered(i, rc)
+
+    def _answered(self, i: int, rc: int) -> None:
+        if rc < 0x80:
+            self.acked.add(i)
+        else:
+            self.refused[i] = rc
+
+    def _run(self) -> None:
+        for i in range(self.count):
+            if self._stop.is_set():
+                return
+            while len(self._mids) >= 64 and not self._stop.is_set():
+                time.sleep(0.001)
+            # paho's lock is taken by publish() and held around on_publish: ours is never
+            # held while calling it.
+            info = self.c.publish(self.topic, str(i), qos=1)
+            with self._lock:
+                rc = self._early.pop(info.mid, None)
+                if rc is None:
+                    self._mids[info.mid] = i
+                else:
+                    self._answered(i, rc)
+                self.sent = i + 1
+
+    def start(self) -> "Flood":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+    def wait(self, timeout: float = 60) -> None:
+        self.thread.join(timeout)
+        wait_until("every message answered", lambda: not self._mids, timeout=timeout)
+
+    def close(self) -> None:
+        self.stop()
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def texts(c: Client) -> set[int]:
+    return {int(m.text) for m in c.messages.all()}
+
+
+@pytest.mark.timeout(150)
+def test_an_acknowledged_qos1_message_survives_kill_9_of_either_node(nodes):
+    a, b = nodes("a", "b")
+    # A persistent subscriber on b (3.1.1, Clean Session 0).
+    sid = uid("s")
+    sub = Client(b, client_id=sid, version=4, clean=False)
+    sub.subscribe("load/#", qos=1)
+    knows(a, "b", 1)
+    # 1. The publisher's node killed under load: what it acknowledged is in JetStream and
+    #    reaches b all the same.
+    flood = Flood(a, "load/1", 200_000).start()
+    wait_until("a few thousand acknowledged", lambda: len(flood.acked) >= 3000, timeout=30)
+    a.halt(kill=True)
+    flood.stop()
+    acked = set(flood.acked)
+    wait_until("every acknowledged message reaches b's subscriber",
+               lambda: acked <= texts(sub), timeout=20,
+               detail=lambda: f" ({len(acked - texts(sub))} of {len(acked)} missing)")
+    flood.close()
+    # 2. The subscriber's node killed while it takes them: what it had not yet made
+    #    durable, JetStream gives it again when it comes back.
+    a.start()
+    wait_until("node a ready", lambda: ready(a), timeout=15)
+    knows(a, "b", 1, timeout=10)
+    sub.messages.clear()
+    flood = Flood(a, "load/2", 200_000).start()
+    wait_until("b's subscriber gets a few thousand",
+               lambda: len(sub.messages.all()) >= 3000, timeout=30)
+    b.halt(kill=True)
+    flood.stop()
+    time.sleep(1)
+    acked = set(flood.acked)
+    assert len(acked) >= 3000
+    flood.close()
+    b.start()
+    got = set(texts(sub))
+    again = Client(b, client_id=sid, version=4, clean=False)
+    assert again.session_present
+    wait_until("every acknowledged message reaches b's subscriber after its node's restart",
+               lambda: acked <= got | texts(again), timeout=30,
+               detail=lambda: f" ({len(acked - got - texts(again))} of {len(acked)} missing)")
+    assert counter(a, "sandpiper_cluster_dropped_total") == 0
+
+
+@pytest.mark.timeout(120)
+def test_without_nats_a_node_refuses_what_it_cannot_make_durable(nats, nodes):
+    a, b = nodes("a", "b")
+    far = Client(b, version=5)
+    far.subscribe("far/x", qos=1)
+    near = Client(a, version=5)
+    near.subscribe("near/x", qos=1)
+    knows(a, "b", 1)
+    for i in range(len(nats.procs)):
+        nats.kill(i)
+    wait_until("node a not ready", lambda: not ready(a), timeout=10)
+    # Other nodes want it: refused (MQTT 5 0x97; 3.1.1 left unacknowledged).
+    v5 = Flood(a, "far/x", 5).start()
+    wait_until("the MQTT 5 publishes answered", lambda: len(v5.refused) == 5, timeout=10,
+               detail=lambda: f" (acked {v5.acked}, refused {v5.refused})")
+    assert set(v5.refused.values()) == {0x97} and not v5.acked
+    v3 = Flood(a, "far/x", 3, version=4).start()
+    time.sleep(2)
+    assert not v3.acked and not v3.refused
+    # Between the node's own clients, messages still flow, at every QoS.
+    Client(a, version=5).publish("near/x", "local", qos=1)
+    assert [m.text for m in near.messages.expect_exactly(1)] == ["local"]
+    # NATS back: the nodes are ready again by themselves and QoS 1 crosses.
+    for i in range(len(nats.procs)):
+        nats.restart(i)
+    for n in (a, b):
+        wait_until(f"node {n.name} ready again", lambda n=n: ready(n), timeout=30,
+                   detail=lambda n=n: "\n" + n.log()[-3000:])
+    knows(a, "b", 1, timeout=10)
+    Client(a, version=5).publish("far/x", "back", qos=1)
+    # Node b reads the stream again once JetStream has its leaders back (seconds).
+    assert [m.text for m in far.messages.wait_for(1, timeout=30)] == ["back"]
+    assert counter(a, "sandpiper_cluster_refused_total") >= 5
+    v5.close()
+    v3.close()

@@ -1,6 +1,6 @@
 //! Several brokers acting as one: the nodes of a cluster route messages to each other
-//! through NATS (`[cluster]`, the `async-nats` client). What is built: routing, one
-//! connection per client id, the retained messages. A message
+//! through NATS (`[cluster]`, the `async-nats` client). What is built: routing (QoS 1/2
+//! through JetStream), one connection per client id, the retained messages. A message
 //! accepted on one node reaches the matching subscribers of every node; each node learns
 //! which topics every other node's clients subscribe to and sends a message only to the
 //! nodes that want it, once each, on that node's own subject.
@@ -15,22 +15,23 @@
 //!   number of its last change; a node not heard for `node_timeout_ms` is taken as gone
 //!   and nothing more is routed to it. A node that restarts comes back with a new run id,
 //!   and the others ask it again.
-//! - **Messages** go to `sandpiper.msg.NODE`, packed (`wire`: flags, expiry as a
-//!   wall-clock deadline, topic and payload; with MQTT 5 properties, the store's record of
-//!   a retained message), through a bounded queue: when it is full, or NATS is away,
-//!   messages for other nodes are dropped and counted. The receiving node routes them to
-//!   its own sessions only: transforms, sinks and bridges ran on the node that accepted
-//!   the message.
+//! - **Messages**: QoS 0 ones go to `sandpiper.msg.NODE`, packed (`wire`: flags, expiry as
+//!   a wall-clock deadline, topic and payload; with MQTT 5 properties, the store's record
+//!   of a retained message), through a bounded queue: when it is full, or NATS is away,
+//!   they are dropped and counted. QoS 1 and 2 ones go through JetStream (`queue`): the
+//!   publisher is acknowledged once JetStream holds the message for every node that wants
+//!   it, and a node acknowledges a pack to JetStream once what it wrote is durable. The
+//!   receiving node routes them to its own sessions only: transforms, sinks and bridges
+//!   ran on the node that accepted the message.
 //! - **Client ids**: a connection attached here is announced on `sandpiper.claim`; a node
 //!   where the same client id is connected since earlier closes that connection (0x8E).
 //! - **Retained messages** live in a JetStream key-value bucket every node watches into
 //!   its own retained store (`retained`).
 //!
-//! Delivery between nodes is at most once: a message is acknowledged to its publisher by
-//! the node that accepted it, before the others have it. What issue 19 asks beyond this
-//! (JetStream durability of messages, sessions and wills across nodes, shared
-//! subscriptions across nodes) is not built; ARCHITECTURE.md says so.
+//! What issue 19 asks beyond this (sessions and wills across nodes, shared subscriptions
+//! across nodes) is not built; ARCHITECTURE.md says so.
 
+mod queue;
 mod retained;
 mod routes;
 mod wire;
@@ -98,6 +99,8 @@ pub struct ClusterStats {
     pub dropped: AtomicU64,
     /// Messages from other nodes that could not be read.
     pub damaged: AtomicU64,
+    /// QoS 1/2 messages refused because JetStream could not hold them for other nodes.
+    pub refused: AtomicU64,
 }
 
 /// One change of this node's interest.
@@ -199,6 +202,8 @@ pub struct Cluster {
     connected: AtomicBool,
     /// The retained messages' bucket is open and watched.
     bucket_open: AtomicBool,
+    /// QoS 1/2 messages for other nodes on their way to JetStream.
+    queue: Arc<queue::Queue>,
     /// Its counters.
     pub stats: ClusterStats,
 }
@@ -258,6 +263,7 @@ impl Cluster {
             receivers: Mutex::new(Some((changes_rx, outbound_rx, claims_rx, retain_rx))),
             connected: AtomicBool::new(false),
             bucket_open: AtomicBool::new(false),
+            queue: Arc::new(queue::Queue::new()),
             stats: ClusterStats::default(),
         })
     }
@@ -285,6 +291,31 @@ impl Cluster {
     /// Whether the NATS connection is up.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream of QoS 1/2 messages between nodes is open.
+    pub fn stream_open(&self) -> bool {
+        self.queue.is_open()
+    }
+
+    /// The highest cluster ticket up to which JetStream holds every QoS 1/2 message for
+    /// other nodes (what [`Outlet::offer`] returns as `replicated`).
+    pub fn replicated(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.queue.replicated()
+    }
+
+    /// Whether the QoS 1/2 message `msg` must be refused: other nodes' clients subscribe
+    /// to it and JetStream cannot hold it now (NATS away, the stream not open or not
+    /// answering, the queue to it full).
+    pub fn refuses(&self, msg: &Message) -> bool {
+        let refused = self.queue.refuses(self.is_connected())
+            && read(&self.peers)
+                .values()
+                .any(|p| p.routes.matches(msg.topic.as_str()));
+        if refused {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        refused
     }
 
     /// The other nodes heard from, with the filters each holds, sorted by name.
@@ -348,6 +379,7 @@ impl Cluster {
         self: &Arc<Self>,
         pipeline: Arc<Pipeline>,
         sessions: Arc<crate::session::Sessions>,
+        committed: tokio::sync::watch::Receiver<u64>,
         backpressure: Option<Duration>,
         tasks: &tokio_util::task::TaskTracker,
         stop: CancellationToken,
@@ -366,7 +398,7 @@ impl Cluster {
             };
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = me.run(client.clone(), pipeline, sessions, receivers, backpressure) => {}
+                () = me.run(client.clone(), pipeline, sessions, receivers, committed, backpressure) => {}
             }
             // What was handed to the client goes out, unless NATS is away.
             let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
@@ -431,6 +463,7 @@ impl Cluster {
         pipeline: Arc<Pipeline>,
         sessions: Arc<crate::session::Sessions>,
         (changes, outbound, claims, retain): Receivers,
+        committed: tokio::sync::watch::Receiver<u64>,
         backpressure: Option<Duration>,
     ) {
         let subscribe = |subject: String| {
@@ -452,9 +485,16 @@ impl Cluster {
         let beats = subscribe(SUBJECT_BEAT.to_owned()).await;
         let asks = subscribe(snapshot_subject(&self.node)).await;
         let others_claims = subscribe(SUBJECT_CLAIM.to_owned()).await;
+        // Requests answered within 2 s, or tried again: a JetStream cluster that has just
+        // elected its leader may not answer the first ones at all.
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(client.clone());
         tokio::join!(
-            self.retained(client.clone(), retain, pipeline.router().clone()),
+            self.retained(js.clone(), retain, pipeline.router().clone()),
             self.claims(client.clone(), claims, others_claims, sessions),
+            self.send_queued(js.clone()),
+            self.take_queued(js, pipeline.clone(), committed, backpressure),
             self.receive(messages, pipeline, backpressure),
             self.send(client.clone(), outbound),
             self.control(client.clone(), changes, interest, beats),
@@ -466,16 +506,11 @@ impl Cluster {
     /// the bucket, and watches the bucket into this node's retained store.
     async fn retained(
         &self,
-        client: async_nats::Client,
+        js: async_nats::jetstream::Context,
         mut mine: mpsc::Receiver<Arc<Message>>,
         router: Arc<crate::router::Router>,
     ) {
         use async_nats::jetstream::kv;
-        // Requests answered within 2 s, or tried again: a JetStream cluster that has just
-        // elected its leader may not answer the first ones at all.
-        let js = async_nats::jetstream::context::ContextBuilder::new()
-            .timeout(Duration::from_secs(2))
-            .build(client);
         let config = kv::Config {
             bucket: retained::BUCKET.to_owned(),
             description: "Sandpiper: the newest retained message of each topic".to_owned(),
@@ -639,7 +674,7 @@ impl Cluster {
         }
     }
 
-    /// Routes what other nodes send to this node's sessions.
+    /// Routes what other nodes send to this node's sessions (QoS 0 over core NATS).
     async fn receive(
         &self,
         mut messages: async_nats::Subscriber,
@@ -647,38 +682,52 @@ impl Cluster {
         backpressure: Option<Duration>,
     ) {
         while let Some(m) = messages.next().await {
-            let mut rest = &m.payload[..];
-            while !rest.is_empty() {
-                let Some(record) = wire::next(&mut rest) else {
+            self.route_pack(&m.payload, &pipeline, backpressure).await;
+        }
+    }
+
+    /// Routes the records of one pack from another node to this node's sessions: the
+    /// store ticket of what that wrote.
+    async fn route_pack(
+        &self,
+        pack: &[u8],
+        pipeline: &Pipeline,
+        backpressure: Option<Duration>,
+    ) -> Option<u64> {
+        let mut ticket = None;
+        let mut rest = pack;
+        while !rest.is_empty() {
+            let Some(record) = wire::next(&mut rest) else {
+                self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("cluster: a message from another node was cut short");
+                break;
+            };
+            match wire::read(record) {
+                Ok(mut msg) => {
+                    // A session key of the sending node means nothing here (No Local is
+                    // about this node's sessions).
+                    msg.publisher = None;
+                    self.stats.received.fetch_add(1, Ordering::Relaxed);
+                    let routed = pipeline.route_from_node(&Arc::new(msg));
+                    ticket = ticket.max(routed.ticket);
+                    // A subscriber half full: what follows waits for it, as a local
+                    // publisher would (at most the back-pressure timeout), rather than
+                    // overflowing its queue with the rest of the pack.
+                    if let (Some(room), Some(wait)) = (routed.congested, backpressure)
+                        && tokio::time::timeout(wait, room.wait_for_room())
+                            .await
+                            .is_err()
+                    {
+                        room.mark_stalled();
+                    }
+                }
+                Err(e) => {
                     self.stats.damaged.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("cluster: a message from another node was cut short");
-                    break;
-                };
-                match wire::read(record) {
-                    Ok(mut msg) => {
-                        // A session key of the sending node means nothing here (No Local
-                        // is about this node's sessions).
-                        msg.publisher = None;
-                        self.stats.received.fetch_add(1, Ordering::Relaxed);
-                        let routed = pipeline.route_from_node(&Arc::new(msg));
-                        // A subscriber half full: what follows waits for it, as a local
-                        // publisher would (at most the back-pressure timeout), rather than
-                        // overflowing its queue with the rest of the pack.
-                        if let (Some(room), Some(wait)) = (routed.congested, backpressure)
-                            && tokio::time::timeout(wait, room.wait_for_room())
-                                .await
-                                .is_err()
-                        {
-                            room.mark_stalled();
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.damaged.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "cluster: a message from another node could not be read");
-                    }
+                    tracing::warn!(error = %e, "cluster: a message from another node could not be read");
                 }
             }
         }
+        ticket
     }
 
     /// Hands messages for other nodes to NATS, in the order they were accepted: what is
@@ -958,6 +1007,15 @@ impl Cluster {
     fn forget_silent(&self) {
         let timeout = Duration::from_millis(self.config.node_timeout_ms);
         let mut peers = write(&self.peers);
+        if !self.is_connected() {
+            // Cut off from NATS, this node hears nobody: it keeps what it knew (QoS 1/2
+            // messages for the others are refused, not lost to them), and gives every node
+            // a full timeout again once reconnected.
+            for p in peers.values_mut() {
+                p.heard = Instant::now();
+            }
+            return;
+        }
         peers.retain(|name, p| {
             let alive = p.heard.elapsed() < timeout;
             if !alive {
@@ -1139,6 +1197,27 @@ impl Outlet for Cluster {
             }
         }
         let peers = read(&self.peers);
+        let topic = msg.topic.as_str();
+        if msg.qos != crate::codec::QoS::AtMostOnce {
+            // Through JetStream: the publisher's acknowledgement waits for it.
+            let nodes = (peers.iter())
+                .filter(|(_, p)| !p.routes.is_empty() && p.routes.matches(topic))
+                .map(|(n, _)| n);
+            let mut offered = Offered::default();
+            match self.queue.offer(nodes, msg) {
+                Ok(last) => offered.replicated = last,
+                Err(n) => {
+                    self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::warn!(topic = %msg.topic,
+                        "cluster: QoS 1/2 message not sent to other nodes (queue to JetStream full)");
+                }
+            }
+            if offered.replicated.is_some() && self.queue.congested() {
+                let room: Arc<dyn crate::mailbox::Room> = self.queue.clone();
+                offered.congested = Some(room);
+            }
+            return offered;
+        }
         if !self.is_connected() {
             // The NATS client would queue 2,048 publishes, then hold the cluster's tasks.
             let n = peers
@@ -1148,7 +1227,6 @@ impl Outlet for Cluster {
             self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
             return Offered::default();
         }
-        let topic = msg.topic.as_str();
         for (name, peer) in peers.iter() {
             if peer.routes.is_empty() || !peer.routes.matches(topic) {
                 continue;

@@ -28,6 +28,15 @@ pub struct ClusterConfig {
     /// gone: nothing more is routed to it.
     #[serde(default = "default_node_timeout")]
     pub node_timeout_ms: u64,
+    /// Most bytes of QoS 1/2 messages JetStream keeps for nodes that have not taken them
+    /// yet (stream `sandpiper_messages`; default 1 GiB, at least 1 MiB). When it is full,
+    /// QoS 1/2 messages for other nodes wait, then are refused.
+    #[serde(default = "default_queue_max_bytes")]
+    pub queue_max_bytes: u64,
+}
+
+fn default_queue_max_bytes() -> u64 {
+    1 << 30
 }
 
 fn one() -> usize {
@@ -69,6 +78,9 @@ impl ClusterConfig {
         // Heartbeats come every second: fewer than three missed is no sign.
         if !(3_000..=3_600_000).contains(&self.node_timeout_ms) {
             return invalid("node_timeout_ms: 3000 to 3600000");
+        }
+        if self.queue_max_bytes < 1 << 20 || self.queue_max_bytes > i64::MAX as u64 {
+            return invalid("queue_max_bytes: at least 1048576");
         }
         Ok(())
     }

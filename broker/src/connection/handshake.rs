@@ -483,6 +483,7 @@ impl Conn {
             will,
             held: VecDeque::new(),
             committed: broker.store.committed(),
+            replicated: broker.cluster.as_ref().map(|c| c.replicated()),
             waiting_for_store: false,
             input_stopped: false,
             paused: None,

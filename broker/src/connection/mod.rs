@@ -412,10 +412,13 @@ struct Conn {
     will: Option<Box<PendingWill>>,
     /// 1.5 × the keep alive in force, in milliseconds (MQTT-3.1.2-24); 0: none.
     keep_alive_ms: u32,
-    /// Packets waiting for a store ticket to be durable, in send order.
-    held: VecDeque<(u64, BytesMut)>,
+    /// Packets waiting for tickets to be durable, in send order.
+    held: VecDeque<(Ticket, BytesMut)>,
     /// The highest durable store ticket.
     committed: tokio::sync::watch::Receiver<u64>,
+    /// The highest ticket of the cluster's messages for other nodes that JetStream holds
+    /// (a cluster node only).
+    replicated: Option<tokio::sync::watch::Receiver<u64>>,
     /// Queued messages are on disk but not yet readable: fill again after the next commit.
     waiting_for_store: bool,
     /// Decoding stopped (a congested subscriber, too many held acknowledgements) with
@@ -497,12 +500,48 @@ impl Conn {
     }
 }
 
+/// What a held packet waits for: a store ticket and a cluster ticket (0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    /// The store's ticket (`Store::committed`).
+    pub store: u64,
+    /// The cluster's ticket (`Cluster::replicated`).
+    pub replicated: u64,
+}
+
+impl Ticket {
+    /// A wait for the store only.
+    pub fn store(t: Option<u64>) -> Ticket {
+        Ticket {
+            store: t.unwrap_or(0),
+            replicated: 0,
+        }
+    }
+
+    /// A wait for what `routed` wrote: the store and the cluster.
+    pub fn routed(routed: &crate::router::Routed) -> Ticket {
+        Ticket {
+            store: routed.ticket.unwrap_or(0),
+            replicated: routed.replicated.unwrap_or(0),
+        }
+    }
+
+    /// Both waits: the later of each.
+    pub fn max(self, other: Ticket) -> Ticket {
+        Ticket {
+            store: self.store.max(other.store),
+            replicated: self.replicated.max(other.replicated),
+        }
+    }
+}
+
 impl Resting {
     /// The connection served again.
     fn wake(self) -> Box<Conn> {
         let r = self;
         Box::new(Conn {
             committed: r.broker.store.committed(),
+            replicated: r.broker.cluster.as_ref().map(|c| c.replicated()),
             broker: r.broker,
             config: r.config,
             version: r.version,

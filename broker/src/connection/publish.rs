@@ -10,7 +10,7 @@ use crate::metrics;
 use crate::pipeline::Origin;
 use crate::plugins::events::{DropReason, Event};
 
-use super::{Close, Conn};
+use super::{Close, Conn, Ticket};
 
 /// Most publishes handed to the transform hook in one call.
 const TRANSFORM_BATCH: usize = 64;
@@ -166,11 +166,29 @@ impl Conn {
             }
             return Ok(());
         }
+        if let Some(m) = msg
+            && flow != PublishQoS::AtMostOnce
+            && !repeat
+            && let Some(cluster) = &self.broker.cluster
+            && cluster.refuses(m)
+        {
+            // Other nodes take it, and JetStream cannot hold it now (NATS away, its queue
+            // full): refused as when the store fails (MQTT 5: 0x97; 3.x: unacknowledged).
+            tracing::debug!(topic = %m.topic, "cluster cannot make it durable: QoS 1/2 message refused");
+            if self.version.is_v5() {
+                return self.refuse_publish(flow, ReasonCode::QuotaExceeded);
+            }
+            return Ok(());
+        }
         let route = |me: &mut Self| {
-            let routed = me.broker.pipeline.route(&me.origin(), msg?);
+            let Some(m) = msg else {
+                return Ticket::default();
+            };
+            let routed = me.broker.pipeline.route(&me.origin(), m);
             me.handed_on |= routed.delivered > 0;
+            let ticket = Ticket::routed(&routed);
             me.pause_for(routed.congested);
-            routed.ticket
+            ticket
         };
         match flow {
             PublishQoS::AtMostOnce => {
@@ -178,9 +196,9 @@ impl Conn {
             }
             PublishQoS::AtLeastOnce(id) => {
                 // PUBACK only once the message is durable in every persistent
-                // subscriber's queue (and as retained message).
+                // subscriber's queue (and as retained message, and for other nodes).
                 let ticket = route(self);
-                self.send_after(ticket, &Packet::PubAck(Ack::success(id)));
+                self.send_when(ticket, &Packet::PubAck(Ack::success(id)));
             }
             PublishQoS::ExactlyOnce(id) => {
                 // Routed once, however often the client sends it before PUBREL.
@@ -192,16 +210,24 @@ impl Conn {
                 };
                 let mut congested = None;
                 let mut delivered = 0;
+                let mut replicated = 0;
                 let received = self.state.receive_exactly_once(id, max, || {
                     let routed = pipeline.route(&origin, msg?);
                     congested = routed.congested;
                     delivered = routed.delivered;
+                    replicated = routed.replicated.unwrap_or(0);
                     routed.ticket
                 });
                 self.handed_on |= delivered > 0;
                 self.pause_for(congested);
                 match received {
-                    Ok(ticket) => self.send_after(ticket, &Packet::PubRec(Ack::success(id))),
+                    Ok(ticket) => {
+                        let ticket = Ticket {
+                            store: ticket.unwrap_or(0),
+                            replicated,
+                        };
+                        self.send_when(ticket, &Packet::PubRec(Ack::success(id)));
+                    }
                     Err(reason) => {
                         tracing::info!(
                             "more QoS 2 messages awaiting PUBREL than our Receive Maximum"

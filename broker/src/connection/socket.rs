@@ -15,7 +15,7 @@ use crate::plugins::events::{DropReason, Event};
 use crate::plugins::flow::Fate;
 use crate::session::Kick;
 
-use super::{CLOSE_FLUSH, Close, Conn, MAX_READ, MIN_READ, OUT_HIGH_WATER, arm};
+use super::{CLOSE_FLUSH, Close, Conn, MAX_READ, MIN_READ, OUT_HIGH_WATER, Ticket, arm};
 
 /// Waits until the congested queue has room (true) or the deadline passes (false).
 pub(super) async fn wait_for_room(paused: &Option<super::Pause>) -> bool {
@@ -49,6 +49,16 @@ const OUT_READ_LIMIT: usize = 1024 * 1024;
 /// handling and reading packets until the store has caught up, so a client cannot queue
 /// unbounded work for the store (each ticket is one submission).
 const MAX_HELD: usize = 1024;
+
+/// The next change of a watch, or never without one.
+async fn changed(
+    w: &mut Option<tokio::sync::watch::Receiver<u64>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match w {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
 
 impl Conn {
     /// The main loop, until the client goes, breaks the protocol, is taken over or kicked,
@@ -209,6 +219,13 @@ impl Conn {
                 r = self.committed.changed(), if !self.held.is_empty() || self.waiting_for_store => {
                     if r.is_err() {
                         // The store is gone (shutting down): nothing more becomes durable.
+                        return Served::Closed(Close::Shutdown);
+                    }
+                    self.release_held();
+                }
+                r = changed(&mut self.replicated), if !self.held.is_empty() => {
+                    if r.is_err() {
+                        // The cluster's link is gone (shutting down).
                         return Served::Closed(Close::Shutdown);
                     }
                     self.release_held();
@@ -459,7 +476,14 @@ impl Conn {
         if let Some(&(last, _)) = self.held.back() {
             // Acknowledgements promised on durability go out only once durable.
             let mut committed = self.committed.clone();
-            let _ = tokio::time::timeout(CLOSE_FLUSH, committed.wait_for(|c| *c >= last)).await;
+            let mut replicated = self.replicated.clone();
+            let _ = tokio::time::timeout(CLOSE_FLUSH, async move {
+                let _ = committed.wait_for(|c| *c >= last.store).await;
+                if let Some(r) = &mut replicated {
+                    let _ = r.wait_for(|c| *c >= last.replicated).await;
+                }
+            })
+            .await;
             self.release_held();
             self.held.clear();
         }
@@ -497,18 +521,20 @@ impl Conn {
     /// PUBREC or SUBACK that promises what is on disk). Output keeps its order: anything
     /// sent after a held packet waits for it.
     pub(super) fn send_after(&mut self, ticket: Option<u64>, p: &Packet) {
+        self.send_when(Ticket::store(ticket), p);
+    }
+
+    /// Encodes a packet to be written once `ticket` is durable: in the store and, for a
+    /// message other nodes of a cluster take, in JetStream.
+    pub(super) fn send_when(&mut self, ticket: Ticket, p: &Packet) {
         let last = self.held.back().map(|(t, _)| *t);
-        let ticket = match ticket.max(last) {
-            None => None,
-            Some(t) if last.is_none() && t <= *self.committed.borrow() => None,
-            Some(t) => Some(t),
-        };
-        let Some(ticket) = ticket else {
+        let ticket = last.map_or(ticket, |l| l.max(ticket));
+        if last.is_none() && self.durable(ticket) {
             if let Err(e) = codec::encode_packet(p, self.version, &mut self.out) {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet");
             }
             return;
-        };
+        }
         let mut buf = match self.held.pop_back() {
             Some((t, buf)) if t == ticket => buf,
             Some(other) => {
@@ -523,10 +549,18 @@ impl Conn {
         self.held.push_back((ticket, buf));
     }
 
+    /// Whether what `t` waits for is durable.
+    fn durable(&self, t: Ticket) -> bool {
+        t.store <= *self.committed.borrow()
+            && (t.replicated == 0
+                || (self.replicated.as_ref()).is_some_and(|r| t.replicated <= *r.borrow()))
+    }
+
     /// Moves held packets whose tickets are durable to the write buffer.
     pub(super) fn release_held(&mut self) {
-        let done = *self.committed.borrow();
-        while self.held.front().is_some_and(|(t, _)| *t <= done) {
+        while let Some(&(t, _)) = self.held.front()
+            && self.durable(t)
+        {
             if let Some((_, buf)) = self.held.pop_front() {
                 self.out.extend_from_slice(&buf);
             }

@@ -620,7 +620,7 @@ fn cluster(o: &mut String, broker: &Broker) {
     let rows = [
         (
             "sandpiper_cluster_sent_total",
-            "Messages sent to other nodes (one per node that wants it).",
+            "Messages sent to other nodes (one per node that wants it; QoS 1/2 once JetStream holds them).",
             &s.sent,
         ),
         (
@@ -637,6 +637,11 @@ fn cluster(o: &mut String, broker: &Broker) {
             "sandpiper_cluster_damaged_total",
             "Messages from other nodes that could not be read.",
             &s.damaged,
+        ),
+        (
+            "sandpiper_cluster_refused_total",
+            "QoS 1/2 messages refused because JetStream could not hold them for other nodes (NATS away, its queue full).",
+            &s.refused,
         ),
     ];
     for (name, help, v) in rows {

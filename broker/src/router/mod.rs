@@ -212,6 +212,9 @@ pub struct Routed {
     /// The store ticket to wait for before acknowledging (persistent recipients or a
     /// retained message were written).
     pub ticket: Option<u64>,
+    /// The cluster's ticket to wait for as well (added by the pipeline: a QoS 1/2 message
+    /// for other nodes is acknowledged once JetStream holds it).
+    pub replicated: Option<u64>,
     /// A recipient whose queue is half full (or, added by the pipeline, a bridge behind):
     /// the publisher should wait for room.
     pub congested: Option<Arc<dyn crate::mailbox::Room>>,

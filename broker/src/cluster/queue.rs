@@ -1,0 +1,477 @@
+//! QoS 1 and 2 messages between nodes go through JetStream: the stream
+//! `sandpiper_messages` (work-queue retention, `[cluster] replicas`, at most
+//! `queue_max_bytes`) holds each node's messages under `sandpiper.q.NODE` until that node
+//! has taken them. The accepting node packs them per node, publishes the packs pipelined
+//! (a window of [`INFLIGHT`] packs awaiting JetStream's acknowledgement) and acknowledges
+//! each message to its publisher once JetStream holds every pack it is in (a ticket per
+//! message and node, [`Queue::replicated`]). The receiving node reads its subject through
+//! one durable pull consumer (`sandpiper-NODE`, whatever its clients subscribe to), routes
+//! a pack to its sessions, waits until what that wrote to its store is durable, and only
+//! then acknowledges the pack to JetStream: a node killed before that is given the pack
+//! again when it comes back (QoS 1: at least once).
+//!
+//! QoS 0 messages keep to core NATS (`sandpiper.msg.NODE`, at most once), so a publisher's
+//! QoS 0 and QoS 1 messages may reach another node in another order than it sent them;
+//! each QoS keeps its order.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::{Cluster, PACK, WAITING, lock, wire};
+use crate::message::Message;
+use crate::pipeline::Pipeline;
+
+/// The stream of messages between nodes.
+pub(super) const STREAM: &str = "sandpiper_messages";
+/// Packs published and not yet acknowledged by JetStream, at most.
+const INFLIGHT: usize = 64;
+/// Bytes of messages handed to the queue and not yet held by JetStream: beyond half,
+/// publishers wait for room; beyond all, new QoS 1/2 messages for other nodes are refused.
+const QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// How long JetStream keeps a message a node has not taken (a node gone for good).
+const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A pack handed to a node and not acknowledged within this is given to it again.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+/// A pack JetStream has not taken for this long stalls the queue (new messages refused).
+const STALLED: Duration = Duration::from_secs(2);
+/// Packs a node reads at once (each at most [`PACK`] bytes).
+const READ_BATCH: usize = 16;
+
+/// The subject of node `node`'s QoS 1/2 messages.
+pub(super) fn subject(node: &str) -> String {
+    format!("sandpiper.q.{node}")
+}
+
+/// A message for node `node` with its ticket.
+type Queued = (u64, Arc<str>, Arc<Message>);
+
+/// Messages for other nodes on their way to JetStream, and the tickets the publishers'
+/// acknowledgements wait for.
+#[derive(Debug)]
+pub(super) struct Queue {
+    /// The last ticket handed out.
+    next: Mutex<u64>,
+    tx: mpsc::UnboundedSender<Queued>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
+    /// Every ticket up to this one is held by JetStream.
+    replicated: watch::Sender<u64>,
+    /// Bytes of messages handed out and not yet held by JetStream.
+    bytes: AtomicUsize,
+    /// Wakes publishers waiting for room.
+    room: Notify,
+    /// The stream is open.
+    open: AtomicBool,
+    /// A pack has waited for JetStream for more than [`STALLED`].
+    stalled: AtomicBool,
+}
+
+impl Queue {
+    pub(super) fn new() -> Queue {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Queue {
+            next: Mutex::new(0),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            replicated: watch::Sender::new(0),
+            bytes: AtomicUsize::new(0),
+            room: Notify::new(),
+            open: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+        }
+    }
+
+    /// The highest ticket up to which JetStream holds every message.
+    pub(super) fn replicated(&self) -> watch::Receiver<u64> {
+        self.replicated.subscribe()
+    }
+
+    /// Whether a new message cannot be made durable now (with NATS connected or not).
+    pub(super) fn refuses(&self, connected: bool) -> bool {
+        !connected
+            || !self.open.load(Ordering::Relaxed)
+            || self.stalled.load(Ordering::Relaxed)
+            || self.bytes.load(Ordering::Relaxed) > QUEUED_BYTES
+    }
+
+    /// Whether the stream is open.
+    pub(super) fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Queues `msg` for each of `nodes`: the last ticket (none: no node), or the number of
+    /// nodes it was dropped for (far beyond the limit: only what nobody waits on gets
+    /// here then, as client messages are refused first).
+    pub(super) fn offer<'a>(
+        &self,
+        nodes: impl Iterator<Item = &'a Arc<str>>,
+        msg: &Arc<Message>,
+    ) -> Result<Option<u64>, usize> {
+        if self.bytes.load(Ordering::Relaxed) > 2 * QUEUED_BYTES {
+            return Err(nodes.count());
+        }
+        // Tickets are handed out in the order they reach the queue.
+        let mut next = lock(&self.next);
+        let mut last = None;
+        for node in nodes {
+            *next += 1;
+            self.bytes.fetch_add(msg.size(), Ordering::Relaxed);
+            let _ = self.tx.send((*next, node.clone(), msg.clone()));
+            last = Some(*next);
+        }
+        Ok(last)
+    }
+
+    /// Whether publishers should wait for room.
+    pub(super) fn congested(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > QUEUED_BYTES / 2
+    }
+}
+
+impl crate::mailbox::Room for Queue {
+    fn wait_for_room(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                let woken = self.room.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if !self.congested() {
+                    return;
+                }
+                woken.await;
+            }
+        })
+    }
+
+    fn mark_stalled(&self) {}
+}
+
+/// The records of one NATS message for one node, with their tickets.
+#[derive(Debug, Default)]
+struct Pack {
+    bytes: BytesMut,
+    tickets: Vec<u64>,
+    /// Their messages' `Message::size`.
+    size: usize,
+}
+
+/// Tickets handed out and not yet all held by JetStream, from `base` on.
+#[derive(Debug)]
+struct Pending {
+    base: u64,
+    held: VecDeque<bool>,
+}
+
+impl Pending {
+    fn done(&mut self, t: u64) {
+        if let Some(slot) = t
+            .checked_sub(self.base)
+            .and_then(|i| self.held.get_mut(i as usize))
+        {
+            *slot = true;
+        }
+    }
+
+    /// The new highest ticket up to which all are held, if it moved.
+    fn advance(&mut self) -> Option<u64> {
+        let mut moved = false;
+        while self.held.front() == Some(&true) {
+            self.held.pop_front();
+            self.base += 1;
+            moved = true;
+        }
+        moved.then(|| self.base - 1)
+    }
+}
+
+impl Cluster {
+    /// The stream's settings.
+    fn stream_config(&self) -> async_nats::jetstream::stream::Config {
+        use async_nats::jetstream::stream;
+        stream::Config {
+            name: STREAM.to_owned(),
+            description: Some(
+                "Sandpiper: QoS 1/2 messages for nodes that have not taken them yet".to_owned(),
+            ),
+            subjects: vec!["sandpiper.q.>".to_owned()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: self.config.replicas,
+            max_bytes: i64::try_from(self.config.queue_max_bytes).unwrap_or(i64::MAX),
+            max_age: MAX_AGE,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+
+    /// Opens the stream (made, or its settings updated to this node's), trying again every
+    /// second.
+    async fn open_stream(&self, js: &async_nats::jetstream::Context) {
+        let mut warned = false;
+        loop {
+            match js.create_or_update_stream(self.stream_config()).await {
+                Ok(_) => {
+                    if warned {
+                        tracing::info!(stream = STREAM, "cluster: messages' stream open");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::error!(error = %e, stream = STREAM,
+                            "cluster: cannot open the stream of QoS 1/2 messages between nodes (is JetStream on?); such messages are refused and the node is not ready; trying again every second");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Publishes the queued messages to JetStream, packed per node, and moves the
+    /// publishers' tickets as JetStream acknowledges them.
+    pub(super) async fn send_queued(&self, js: async_nats::jetstream::Context) {
+        let Some(mut rx) = lock(&self.queue.rx).take() else {
+            return;
+        };
+        self.open_stream(&js).await;
+        let q = &self.queue;
+        q.open.store(true, Ordering::Relaxed);
+        let mut pending = Pending {
+            base: *q.replicated.borrow() + 1,
+            held: VecDeque::new(),
+        };
+        let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut packs: HashMap<Arc<str>, Pack> = HashMap::new();
+        let mut batch = Vec::with_capacity(WAITING);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                Some((tickets, size)) = inflight.next() => {
+                    let (tickets, size): (Vec<u64>, usize) = (tickets, size);
+                    self.stats.sent.fetch_add(tickets.len() as u64, Ordering::Relaxed);
+                    for t in tickets {
+                        pending.done(t);
+                    }
+                    self.release(size, &mut pending);
+                }
+                n = rx.recv_many(&mut batch, WAITING), if inflight.len() < INFLIGHT => {
+                    if n == 0 {
+                        return;
+                    }
+                    let mut dropped = 0;
+                    for (t, node, msg) in batch.drain(..) {
+                        pending.held.push_back(false);
+                        let pack = packs.entry(node.clone()).or_default();
+                        if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
+                            seq += 1;
+                            inflight.push(self.put(&js, &node, seq, std::mem::take(pack)));
+                        }
+                        match wire::put(&mut pack.bytes, &msg) {
+                            Ok(()) => {
+                                pack.tickets.push(t);
+                                pack.size += msg.size();
+                            }
+                            Err(e) => {
+                                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(topic = %msg.topic, error = %e,
+                                    "cluster: message not sent to node {node}");
+                                pending.done(t);
+                                dropped += msg.size();
+                            }
+                        }
+                    }
+                    for (node, pack) in packs.drain() {
+                        if !pack.tickets.is_empty() {
+                            seq += 1;
+                            inflight.push(self.put(&js, &node, seq, pack));
+                        }
+                    }
+                    self.release(dropped, &mut pending);
+                }
+            }
+        }
+    }
+
+    /// `size` bytes of the queue are done with: tickets move, publishers get room.
+    fn release(&self, size: usize, pending: &mut Pending) {
+        let q = &self.queue;
+        q.bytes.fetch_sub(size, Ordering::Relaxed);
+        if !q.congested() {
+            q.room.notify_waiters();
+        }
+        if let Some(t) = pending.advance() {
+            q.replicated.send_replace(t);
+        }
+    }
+
+    /// Publishes one pack until JetStream holds it (its id makes a repeat harmless):
+    /// its tickets and size.
+    fn put<'a>(
+        &'a self,
+        js: &async_nats::jetstream::Context,
+        node: &str,
+        seq: u64,
+        pack: Pack,
+    ) -> impl Future<Output = (Vec<u64>, usize)> + 'a {
+        let js = js.clone();
+        let subject = subject(node);
+        let id = format!("{}.{:x}.{seq}", self.node, self.run);
+        let bytes = pack.bytes.freeze();
+        async move {
+            let mut failing_since: Option<std::time::Instant> = None;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let publish = async_nats::jetstream::message::PublishMessage::build()
+                    .payload(bytes.clone())
+                    .message_id(&id);
+                let held = match js.send_publish(subject.clone(), publish).await {
+                    Ok(ack) => ack.await.map(drop),
+                    Err(e) => Err(e),
+                };
+                match held {
+                    Ok(()) => {
+                        if failing_since.is_some()
+                            && self.queue.stalled.swap(false, Ordering::Relaxed)
+                        {
+                            tracing::info!(subject, "cluster: JetStream holds the messages again");
+                        }
+                        return (pack.tickets, pack.size);
+                    }
+                    Err(e) => {
+                        // A moment's trouble (a stream leader moving) is waited out; a
+                        // longer one stalls the queue: new messages are refused meanwhile.
+                        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= STALLED
+                            && !self.queue.stalled.swap(true, Ordering::Relaxed)
+                        {
+                            tracing::warn!(subject, error = %e,
+                                "cluster: JetStream does not take QoS 1/2 messages for another node; their publishers wait, new ones are refused; trying again every second");
+                        } else {
+                            tracing::debug!(subject, error = %e, "cluster: JetStream did not take a pack; trying again");
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads this node's QoS 1/2 messages from the stream, routes them to its sessions and
+    /// acknowledges each pack once what it wrote to the store is durable.
+    pub(super) async fn take_queued(
+        &self,
+        js: async_nats::jetstream::Context,
+        pipeline: Arc<Pipeline>,
+        mut committed: watch::Receiver<u64>,
+        backpressure: Option<Duration>,
+    ) {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let name = format!("sandpiper-{}", self.node);
+        let mut warned = false;
+        // The sending side makes the stream (or updates its settings).
+        while !self.queue.is_open() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // What an earlier run of this node was handed and did not acknowledge is given
+        // again at once, not after `ACK_WAIT`: the consumer is made anew at start (the
+        // stream keeps every message not acknowledged, and a new consumer starts at the
+        // first).
+        let mut fresh = true;
+        loop {
+            let messages = async {
+                let stream = js.get_stream(STREAM).await?;
+                if fresh {
+                    // Fails when there is none: nothing to do then.
+                    let _ = stream.delete_consumer(&name).await;
+                    fresh = false;
+                }
+                let config = pull::Config {
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("Sandpiper node {}", self.node)),
+                    filter_subject: subject(&self.node),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_wait: ACK_WAIT,
+                    ..Default::default()
+                };
+                let consumer = stream.get_or_create_consumer(&name, config).await?;
+                let messages = (consumer.stream())
+                    .max_messages_per_batch(READ_BATCH)
+                    .heartbeat(Duration::from_secs(5))
+                    .messages()
+                    .await?;
+                Ok::<_, async_nats::Error>(messages)
+            };
+            let mut messages = match messages.await {
+                Ok(m) => m,
+                Err(e) => {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::error!(error = %e, stream = STREAM,
+                            "cluster: cannot read this node's messages from the stream; trying again every second");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            warned = false;
+            while let Some(m) = messages.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // NATS away, the consumer lost: read again with a new consumer
+                        // (nothing is routed and not yet acknowledged here: packs are
+                        // acknowledged one by one as they are routed).
+                        tracing::info!(error = %e, "cluster: reading the messages' stream again");
+                        fresh = true;
+                        break;
+                    }
+                };
+                let ticket = self.route_pack(&m.payload, &pipeline, backpressure).await;
+                if let Some(t) = ticket
+                    && committed.wait_for(|c| *c >= t).await.is_err()
+                {
+                    // The store is gone (shutting down): not acknowledged, given again.
+                    return;
+                }
+                if let Err(e) = m.ack().await {
+                    tracing::debug!(error = %e, "cluster: cannot acknowledge a pack of messages");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_move_only_when_every_earlier_one_is_held() {
+        let mut p = Pending {
+            base: 1,
+            held: VecDeque::from(vec![false; 4]),
+        };
+        p.done(2);
+        p.done(4);
+        assert_eq!(p.advance(), None);
+        p.done(1);
+        assert_eq!(p.advance(), Some(2));
+        p.done(3);
+        assert_eq!(p.advance(), Some(4));
+        assert!(p.held.is_empty());
+        // Tickets already passed or never handed out change nothing.
+        p.done(1);
+        p.done(99);
+        assert_eq!(p.advance(), None);
+    }
+}
