@@ -10,7 +10,8 @@ dies is learned, asked again or forgotten; one NATS server of three killed does 
 the routing; a client id connected to another node takes the connection over; retained
 messages (set and cleared on any node, odd and long topics) are the cluster's; a QoS 1
 message acknowledged to its publisher survives a kill -9 of its publisher's node and of its
-subscriber's node; with all of NATS gone a node refuses the QoS 1/2 messages other nodes
+subscriber's node; a client id connected through a TCP load balancer (haproxy, round robin)
+is taken over on the other node; with all of NATS gone a node refuses the QoS 1/2 messages other nodes
 want (MQTT 5 0x97, 3.1.1 no PUBACK), still routes between its own clients, is not ready, and
 recovers by itself.
 """
@@ -552,3 +553,83 @@ def test_without_nats_a_node_refuses_what_it_cannot_make_durable(nats, nodes):
     assert counter(a, "sandpiper_cluster_refused_total") >= 5
     v5.close()
     v3.close()
+
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK)
+                                      else None)
+
+
+class Balancer:
+    """haproxy in TCP mode on a free loopback port, round robin over the nodes' listeners."""
+
+    def __init__(self, nodes: list[Node]):
+        assert HAPROXY, "haproxy is needed (tests/install provides it)"
+        self.dir = Path(tempfile.mkdtemp(prefix="sandpiper-haproxy-"))
+        self.port = free_port()
+        servers = "\n".join(f"  server {n.name} 127.0.0.1:{n.port}" for n in nodes)
+        (self.dir / "haproxy.cfg").write_text(
+            "global\n  maxconn 256\n"
+            "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 60s\n"
+            "  timeout server 60s\n"
+            f"frontend mqtt\n  bind 127.0.0.1:{self.port}\n  default_backend nodes\n"
+            f"backend nodes\n  balance roundrobin\n{servers}\n")
+        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.dir / "haproxy.cfg")],
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.dir / "haproxy.log", "wb"))
+        wait_until("haproxy listening", self._listening, timeout=10,
+                   detail=lambda: "\n" + (self.dir / "haproxy.log").read_text(errors="replace"))
+
+    def _listening(self) -> bool:
+        import socket
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Through:
+    """What ``Client`` needs of a broker: the balancer's address."""
+
+    def __init__(self, lb: Balancer):
+        self.port = lb.port
+        self.host = "127.0.0.1"
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
+def test_takeover_across_nodes_through_a_load_balancer(nodes, version):
+    a, b = nodes("a", "b")
+    lb = Balancer([a, b])
+    try:
+        via = Through(lb)
+        cid = uid("lb")
+        # Round robin: the first connection lands on one node, the next on the other.
+        first = Client(via, client_id=cid, version=version)
+        time.sleep(0.01)
+        second = Client(via, client_id=cid, version=version)
+        assert first.wait_disconnected(ARRIVE), "the older connection was not closed"
+        if version == 5:
+            assert first.disconnect_rc == 0x8E
+        holders = [n for n in (a, b) if n.wait_log(
+            rf'client_id="{cid}".*client connected', 0.1)]
+        assert len(holders) == 2, "both connections landed on one node"
+        assert any(n.wait_log(r"connected to another node.*closed \(0x8E\)", 5) for n in (a, b))
+        # The newer connection stays and is served across nodes.
+        time.sleep(0.5)
+        assert not second.disconnected.is_set()
+        second.subscribe("lb/x", qos=1)
+        other = Client(via, version=5)  # the next in turn: whichever node, it reaches
+        wait_until("the other node knows the subscription",
+                   lambda: node_filters(a, "b") == 1 or node_filters(b, "a") == 1)
+        other.publish("lb/x", "through", qos=1)
+        assert [m.text for m in second.messages.expect_exactly(1)] == ["through"]
+    finally:
+        lb.stop()
