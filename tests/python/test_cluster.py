@@ -11,7 +11,8 @@ the routing; a client id connected to another node takes the connection over; re
 messages (set and cleared on any node, odd and long topics) are the cluster's; a QoS 1
 message acknowledged to its publisher survives a kill -9 of its publisher's node and of its
 subscriber's node; a client id connected through a TCP load balancer (haproxy, round robin)
-is taken over on the other node; with all of NATS gone a node refuses the QoS 1/2 messages other nodes
+is taken over on the other node; 21,000 persistent QoS 1 subscriptions over three nodes get
+their offline messages with two JetStream consumers per node; with all of NATS gone a node refuses the QoS 1/2 messages other nodes
 want (MQTT 5 0x97, 3.1.1 no PUBACK), still routes between its own clients, is not ready, and
 recovers by itself.
 """
@@ -633,3 +634,48 @@ def test_takeover_across_nodes_through_a_load_balancer(nodes, version):
         assert [m.text for m in second.messages.expect_exactly(1)] == ["through"]
     finally:
         lb.stop()
+
+
+def jetstream_consumers(nats: NatsCluster) -> int:
+    """The consumers of the JetStream cluster (all streams), as its meta leader counts them."""
+    for port in nats.http_ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=2) as r:
+                return int(json.load(r).get("consumers", 0))
+        except OSError:
+            continue
+    raise AssertionError("no nats-server answered /jsz")
+
+
+@pytest.mark.timeout(180)
+def test_twenty_thousand_persistent_subscriptions_over_three_nodes(nats, nodes):
+    a, b, c = nodes("a", "b", "c")
+    # 21 persistent sessions (3.1.1, Clean Session 0), 7 per node, 1,000 QoS 1 subscriptions
+    # each: 21,000 in all.
+    sessions = []
+    for n in (a, b, c):
+        for k in range(7):
+            cid = uid(f"many-{n.name}{k}-")
+            s = Client(n, client_id=cid, version=4, clean=False)
+            for start in range(0, 1000, 250):
+                s.subscribe([(f"fleet/{n.name}/{k}/{i}", 1) for i in range(start, start + 250)])
+            sessions.append((n, k, cid, s))
+    for n, others in ((a, "bc"), (b, "ac"), (c, "ab")):
+        for o in others:
+            knows(n, o, 7000, timeout=30)
+    for *_, s in sessions:
+        s.disconnect()
+    # Published on node a while the sessions are away: three messages for each session.
+    pub = Client(a, version=5)
+    for n, k, _, _ in sessions:
+        for i in (0, 500, 999):
+            pub.publish(f"fleet/{n.name}/{k}/{i}", f"{n.name}{k}:{i}", qos=1)
+    for n, k, cid, _ in sessions:
+        back = Client(n, client_id=cid, version=4, clean=False)
+        assert back.session_present
+        got = sorted(m.text for m in back.messages.wait_for(3, timeout=10))
+        assert got == sorted(f"{n.name}{k}:{i}" for i in (0, 500, 999)), (n.name, k, got)
+        back.disconnect()
+    # Two JetStream consumers per node, whatever the subscriptions: its messages' and its
+    # watch of the retained messages' bucket.
+    assert jetstream_consumers(nats) == 2 * 3
