@@ -679,3 +679,32 @@ def test_twenty_thousand_persistent_subscriptions_over_three_nodes(nats, nodes):
     # Two JetStream consumers per node, whatever the subscriptions: its messages' and its
     # watch of the retained messages' bucket.
     assert jetstream_consumers(nats) == 2 * 3
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("restart", [False, True], ids=["stays-down", "restarts-at-once"])
+def test_a_killed_nodes_wills_are_published_once_by_another(nodes, restart):
+    a, b, c = nodes("a", "b", "c")
+    watcher = Client(b, version=5)
+    watcher.subscribe("wills/#", qos=1)
+    knows(a, "b", 1)
+    # Clients on node a with wills: MQTT 5 (one with a will delay of 1 s) and 3.1.1; one
+    # more that disconnects normally first (its will is discarded).
+    Client(a, version=5, will={"topic": "wills/v5", "payload": "v5 gone", "qos": 1})
+    Client(a, version=5, connect_props={"SessionExpiryInterval": 60},
+           will={"topic": "wills/delayed", "payload": "late", "qos": 1,
+                 "props": {"WillDelayInterval": 1}})
+    Client(a, version=4, will={"topic": "wills/v311", "payload": "v311 gone", "qos": 1})
+    polite = Client(a, version=4, will={"topic": "wills/polite", "payload": "never", "qos": 1})
+    polite.disconnect()
+    time.sleep(0.5)
+    a.halt(kill=True)
+    if restart:
+        a.start()
+    killed = time.monotonic()
+    watcher.messages.wait_for(3, timeout=20)
+    time.sleep(4)  # every node has looked by now (node timeout 3 s): nothing more comes
+    got = {m.topic: m.text for m in watcher.messages.all()}
+    assert len(watcher.messages.all()) == 3, watcher.messages.all()
+    assert got == {"wills/v5": "v5 gone", "wills/v311": "v311 gone", "wills/delayed": "late"}
+    assert time.monotonic() - killed < 20

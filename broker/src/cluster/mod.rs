@@ -1,6 +1,7 @@
 //! Several brokers acting as one: the nodes of a cluster route messages to each other
 //! through NATS (`[cluster]`, the `async-nats` client). What is built: routing (QoS 1/2
-//! through JetStream), one connection per client id, the retained messages. A message
+//! through JetStream), one connection per client id, the retained messages, the wills of a
+//! node that dies. A message
 //! accepted on one node reaches the matching subscribers of every node; each node learns
 //! which topics every other node's clients subscribe to and sends a message only to the
 //! nodes that want it, once each, on that node's own subject.
@@ -27,13 +28,16 @@
 //!   where the same client id is connected since earlier closes that connection (0x8E).
 //! - **Retained messages** live in a JetStream key-value bucket every node watches into
 //!   its own retained store (`retained`).
+//! - **Wills** of connected clients wait in another bucket; when their node dies, one other
+//!   node publishes them (`wills`).
 //!
-//! What issue 19 asks beyond this (sessions and wills across nodes, shared subscriptions
+//! What issue 19 asks beyond this (sessions moving between nodes, shared subscriptions
 //! across nodes) is not built; ARCHITECTURE.md says so.
 
 mod queue;
 mod retained;
 mod routes;
+mod wills;
 mod wire;
 
 use std::collections::HashMap;
@@ -195,6 +199,8 @@ pub struct Cluster {
     claims: mpsc::Sender<Claim>,
     /// Retained messages accepted here, for the cluster's bucket.
     retain: mpsc::Sender<Arc<Message>>,
+    /// Wills of the connections here, for the wills' bucket; requests to look for orphans.
+    wills: mpsc::Sender<wills::Op>,
     /// Bytes of the messages in `outbound` and `retain`.
     outbound_bytes: std::sync::atomic::AtomicUsize,
     /// The receiving ends, taken by [`Cluster::start`].
@@ -213,6 +219,7 @@ type Receivers = (
     mpsc::Receiver<(Arc<str>, Arc<Message>)>,
     mpsc::Receiver<Claim>,
     mpsc::Receiver<Arc<Message>>,
+    mpsc::Receiver<wills::Op>,
 );
 
 impl std::fmt::Debug for Cluster {
@@ -243,6 +250,7 @@ impl Cluster {
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND);
         let (claims, claims_rx) = mpsc::channel(CLAIMS);
         let (retain, retain_rx) = mpsc::channel(RETAIN);
+        let (wills, wills_rx) = mpsc::channel(CLAIMS);
         let mut seed = [0u8; 8];
         let run = match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
         {
@@ -259,8 +267,15 @@ impl Cluster {
             outbound,
             claims,
             retain,
+            wills,
             outbound_bytes: std::sync::atomic::AtomicUsize::new(0),
-            receivers: Mutex::new(Some((changes_rx, outbound_rx, claims_rx, retain_rx))),
+            receivers: Mutex::new(Some((
+                changes_rx,
+                outbound_rx,
+                claims_rx,
+                retain_rx,
+                wills_rx,
+            ))),
             connected: AtomicBool::new(false),
             bucket_open: AtomicBool::new(false),
             queue: Arc::new(queue::Queue::new()),
@@ -281,6 +296,30 @@ impl Cluster {
             client_id: client_id.as_str().to_owned(),
             since_ms,
         });
+    }
+
+    /// Connection `conn` with will `w` was attached here: the will goes into the cluster's
+    /// wills' bucket, for another node to publish if this one dies before the connection
+    /// ends.
+    pub fn will_set(&self, conn: u64, w: &crate::session::PendingWill) {
+        match wills::encode(w) {
+            Ok(value) => {
+                let key = wills::key(&self.node, self.run, w.client.client_id.as_str(), conn);
+                if self.wills.try_send(wills::Op::Set { key, value }).is_err() {
+                    tracing::warn!(client_id = %w.client.client_id,
+                        "cluster: will not put in the wills' bucket (queue full)");
+                }
+            }
+            Err(e) => tracing::warn!(client_id = %w.client.client_id, error = %e,
+                "cluster: will not put in the wills' bucket"),
+        }
+    }
+
+    /// Connection `conn` of `client_id`, which had a will, ended here: this node owns the will
+    /// from now on.
+    pub fn will_cleared(&self, conn: u64, client_id: &crate::message::ClientId) {
+        let key = wills::key(&self.node, self.run, client_id.as_str(), conn);
+        let _ = self.wills.try_send(wills::Op::Clear { key });
     }
 
     /// Whether the retained messages' bucket is open and watched.
@@ -462,7 +501,7 @@ impl Cluster {
         client: async_nats::Client,
         pipeline: Arc<Pipeline>,
         sessions: Arc<crate::session::Sessions>,
-        (changes, outbound, claims, retain): Receivers,
+        (changes, outbound, claims, retain, wills): Receivers,
         committed: tokio::sync::watch::Receiver<u64>,
         backpressure: Option<Duration>,
     ) {
@@ -494,6 +533,7 @@ impl Cluster {
             self.retained(js.clone(), retain, pipeline.router().clone()),
             self.claims(client.clone(), claims, others_claims, sessions),
             self.send_queued(js.clone()),
+            self.wills(js.clone(), wills, pipeline.clone()),
             self.take_queued(js, pipeline.clone(), committed, backpressure),
             self.receive(messages, pipeline, backpressure),
             self.send(client.clone(), outbound),
@@ -900,7 +940,7 @@ impl Cluster {
         }
         let mut peers = write(&self.peers);
         let name: Arc<str> = b.node.as_str().into();
-        let peer = heard_from(&mut peers, &name, b.run);
+        let peer = heard_from(&mut peers, &name, b.run, &self.wills);
         if !peer.syncing && peer.version < b.version {
             self.ask(peer, name, client, synced);
         }
@@ -918,7 +958,7 @@ impl Cluster {
         }
         let mut peers = write(&self.peers);
         let name: Arc<str> = c.node.as_str().into();
-        let peer = heard_from(&mut peers, &name, c.run);
+        let peer = heard_from(&mut peers, &name, c.run, &self.wills);
         if peer.syncing {
             if peer.held.len() < MAX_HELD {
                 peer.held.push(c);
@@ -1016,13 +1056,18 @@ impl Cluster {
             }
             return;
         }
+        let mut gone = false;
         peers.retain(|name, p| {
             let alive = p.heard.elapsed() < timeout;
             if !alive {
-                tracing::warn!(node = %name, "cluster: node not heard from; nothing more is routed to it");
+                tracing::warn!(node = %name, "cluster: node not heard from; nothing more is routed to it; its clients' wills are published");
+                gone = true;
             }
             alive
         });
+        if gone {
+            let _ = self.wills.try_send(wills::Op::Scan);
+        }
     }
 
     /// Answers other nodes' requests for this node's filters.
@@ -1090,6 +1135,7 @@ fn heard_from<'a>(
     peers: &'a mut HashMap<Arc<str>, Peer>,
     name: &Arc<str>,
     run: u64,
+    wills: &mpsc::Sender<wills::Op>,
 ) -> &'a mut Peer {
     let peer = peers.entry(name.clone()).or_insert_with(|| {
         tracing::info!(node = %name, "cluster: node joined");
@@ -1097,8 +1143,9 @@ fn heard_from<'a>(
     });
     peer.heard = Instant::now();
     if peer.run != run {
-        tracing::info!(node = %name, "cluster: node restarted");
+        tracing::info!(node = %name, "cluster: node restarted; the wills of its earlier run's clients are published");
         *peer = Peer::new(run);
+        let _ = wills.try_send(wills::Op::Scan);
     }
     peer
 }

@@ -431,6 +431,10 @@ impl Conn {
                 client: gate.client().clone(),
             })
         });
+        if let (Some(w), Some(cluster)) = (&will, &broker.cluster) {
+            // For another node to publish should this one die first.
+            cluster.will_set(att.conn, w);
+        }
         let mut props = ConnAckProperties::default();
         if v.is_v5() {
             if requested_expiry != expiry {

@@ -505,6 +505,11 @@ impl Conn {
                 .collect();
             self.state.mailbox.unshift(kept.into_iter());
         }
+        if self.will.is_some()
+            && let Some(cluster) = &self.broker.cluster
+        {
+            cluster.will_cleared(self.conn_id, &self.state.client_id);
+        }
         let will = match close {
             Close::Normal | Close::Shutdown => None,
             _ => self.will.take().map(|w| *w),

@@ -1,0 +1,330 @@
+//! The wills of connected clients, for when their node dies: the JetStream key-value
+//! bucket `sandpiper_wills` holds one entry per connection with a will, under
+//! `NODE.RUN.CLIENT.CONN` (the node's name, its run id in hex, the SHA-256 of the client
+//! id in hex, the connection's number in hex), from its CONNECT until the connection ends; from then on the node that served it
+//! owns the will as on one node (published now, or kept with its session for the will
+//! delay, on disk for a persistent one). An entry whose node is gone (not heard from for
+//! `node_timeout_ms`) or has restarted (another run id) is orphaned: every node that sees
+//! it tries to take it (a purge expecting its revision, which only one can win) and the
+//! one that does publishes the will, after its will delay, through its own pipeline.
+//! Nodes look for orphans when they forget a node or see it restart, `node_timeout_ms`
+//! after they start (by then they have heard every live node), and every 30 s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{Cluster, read, wire};
+use crate::message::{ClientId, Draft};
+use crate::pipeline::{Origin, Pipeline};
+use crate::plugins::ClientInfo;
+use crate::session::PendingWill;
+
+/// The bucket of connected clients' wills.
+pub(super) const BUCKET: &str = "sandpiper_wills";
+/// Between two looks for orphaned wills besides the ones a node's departure prompts.
+const SCAN: Duration = Duration::from_secs(30);
+
+/// What the wills' task does.
+#[derive(Debug)]
+pub(super) enum Op {
+    /// A connection with a will attached here: its entry.
+    Set { key: String, value: Bytes },
+    /// That connection ended: its entry goes.
+    Clear { key: String },
+    /// Look for orphaned wills now.
+    Scan,
+}
+
+/// The key of the will of `client_id`'s connection `conn` on node `node` in run `run`.
+pub(super) fn key(node: &str, run: u64, client_id: &str, conn: u64) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, client_id.as_bytes());
+    let mut hex = String::with_capacity(64);
+    for b in digest.as_ref() {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    format!("{node}.{run:016x}.{hex}.{conn:x}")
+}
+
+/// The node and run of a key.
+fn owner(key: &str) -> Option<(&str, u64)> {
+    let mut parts = key.split('.');
+    let node = parts.next()?;
+    let run = u64::from_str_radix(parts.next()?, 16).ok()?;
+    Some((node, run))
+}
+
+/// An entry: the client (id, user name, listener), the will delay and the will as a wire
+/// record.
+pub(super) fn encode(w: &PendingWill) -> Result<Bytes, wire::WireError> {
+    let mut b = BytesMut::new();
+    let text = |b: &mut BytesMut, s: &str| {
+        b.put_u32(s.len() as u32);
+        b.put_slice(s.as_bytes());
+    };
+    text(&mut b, w.client.client_id.as_str());
+    match &w.client.username {
+        Some(u) => {
+            b.put_u8(1);
+            text(&mut b, u);
+        }
+        None => b.put_u8(0),
+    }
+    text(&mut b, &w.client.listener);
+    b.put_u32(w.delay());
+    let msg = Draft::from_will(w.will.clone()).into_message(None);
+    let mut record = BytesMut::new();
+    wire::put(&mut record, &msg)?;
+    // With its length: a cut payload is told from a shorter one.
+    b.put_slice(&record);
+    Ok(b.freeze())
+}
+
+/// What [`encode`] wrote: the client, the will delay in seconds, the will.
+fn decode(mut v: &[u8]) -> Option<(ClientInfo, u32, Draft)> {
+    fn text(v: &mut &[u8]) -> Option<String> {
+        if v.len() < 4 {
+            return None;
+        }
+        let n = v.get_u32() as usize;
+        if v.len() < n {
+            return None;
+        }
+        let s = std::str::from_utf8(&v[..n]).ok()?.to_owned();
+        v.advance(n);
+        Some(s)
+    }
+    let client_id = text(&mut v)?;
+    if v.is_empty() {
+        return None;
+    }
+    let username = match v.get_u8() {
+        0 => None,
+        _ => Some(text(&mut v)?),
+    };
+    let listener = text(&mut v)?;
+    if v.len() < 4 {
+        return None;
+    }
+    let delay = v.get_u32();
+    let record = wire::next(&mut v)?;
+    if !v.is_empty() {
+        return None;
+    }
+    let msg = wire::read(record).ok()?;
+    let client = ClientInfo {
+        client_id: ClientId::new(&client_id),
+        username,
+        listener: listener.into(),
+        attributes: Vec::new(),
+    };
+    let draft = Draft {
+        topic: msg.topic,
+        payload: msg.payload,
+        qos: msg.qos,
+        retain: msg.retain,
+        properties: msg.properties,
+    };
+    Some((client, delay, draft))
+}
+
+impl Cluster {
+    /// Keeps the wills of the connections attached here in the bucket, and publishes the
+    /// orphaned wills this node wins.
+    pub(super) async fn wills(
+        &self,
+        js: async_nats::jetstream::Context,
+        mut ops: mpsc::Receiver<Op>,
+        pipeline: Arc<Pipeline>,
+    ) {
+        use async_nats::jetstream::kv;
+        let config = kv::Config {
+            bucket: BUCKET.to_owned(),
+            description: "Sandpiper: the wills of connected clients, per node".to_owned(),
+            history: 1,
+            num_replicas: self.config.replicas,
+            ..Default::default()
+        };
+        let mut warned = false;
+        let store = loop {
+            match js.create_or_update_key_value(config.clone()).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::error!(error = %e, bucket = BUCKET,
+                            "cluster: cannot open the wills' bucket (is JetStream on?); wills of clients connected here wait (up to 65,536), and no orphaned will is published; trying again every second");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let started = Instant::now();
+        let timeout = Duration::from_millis(self.config.node_timeout_ms);
+        let first = tokio::time::sleep(timeout);
+        tokio::pin!(first);
+        let mut first_done = false;
+        let mut scan = tokio::time::interval(SCAN);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let look = tokio::select! {
+                op = ops.recv() => match op {
+                    Some(Op::Set { key, value }) => {
+                        if let Err(e) = store.put(&key, value).await {
+                            tracing::warn!(error = %e, "cluster: a will not kept in the wills' bucket (it is published from here only)");
+                        }
+                        false
+                    }
+                    Some(Op::Clear { key }) => {
+                        if let Err(e) = store.purge(&key).await {
+                            tracing::warn!(error = %e, "cluster: a will left in the wills' bucket after its connection ended");
+                        }
+                        false
+                    }
+                    Some(Op::Scan) => true,
+                    None => return,
+                },
+                () = &mut first, if !first_done => {
+                    first_done = true;
+                    true
+                }
+                _ = scan.tick() => first_done,
+            };
+            if look {
+                self.take_orphans(&store, &pipeline, started.elapsed() >= timeout)
+                    .await;
+            }
+        }
+    }
+
+    /// Takes and publishes the orphaned wills this node wins. `settled`: this node has
+    /// been up long enough to have heard every live node (a node it does not know is gone).
+    async fn take_orphans(
+        &self,
+        store: &async_nats::jetstream::kv::Store,
+        pipeline: &Arc<Pipeline>,
+        settled: bool,
+    ) {
+        let mut keys = match store.keys().await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot list the wills' bucket");
+                return;
+            }
+        };
+        let mut orphans = Vec::new();
+        {
+            // Which nodes run which run, as this node knows them now.
+            let runs: HashMap<String, u64> = (read(&self.peers).iter())
+                .map(|(n, p)| (n.to_string(), p.run))
+                .collect();
+            while let Some(k) = keys.next().await {
+                let Ok(k) = k else {
+                    break;
+                };
+                let Some((node, run)) = owner(&k) else {
+                    continue;
+                };
+                let orphaned = if node == &*self.node {
+                    run != self.run
+                } else {
+                    match runs.get(node) {
+                        Some(live) => *live != run,
+                        None => settled,
+                    }
+                };
+                if orphaned {
+                    orphans.push(k);
+                }
+            }
+        }
+        for k in orphans {
+            let Ok(Some(entry)) = store.entry(k.clone()).await else {
+                continue;
+            };
+            if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                continue;
+            }
+            // Only one node's purge with this revision succeeds: that node publishes it.
+            if store
+                .purge_expect_revision(&k, Some(entry.revision))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let Some((client, delay, draft)) = decode(&entry.value) else {
+                tracing::warn!(key = %k, "cluster: unreadable will in the wills' bucket: dropped");
+                continue;
+            };
+            tracing::info!(client_id = %client.client_id, node = %owner(&k).map_or("?", |o| o.0),
+                delay, "cluster: publishing the will of a client whose node is gone");
+            let pipeline = pipeline.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                // No session here set it: No Local spares nobody.
+                let from = Origin::Will {
+                    session: u64::MAX,
+                    client: &client,
+                };
+                pipeline.publish(&from, draft);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_their_node_and_run() {
+        let k = key("node-1", 0xabc, "any client/id \u{e9}", 0x12);
+        assert_eq!(owner(&k), Some(("node-1", 0xabc)));
+        assert_eq!(k.len(), "node-1".len() + 1 + 16 + 1 + 64 + 1 + 2);
+        assert!(
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        );
+        assert_ne!(key("n", 1, "a", 1), key("n", 1, "b", 1));
+        assert_ne!(key("n", 1, "a", 1), key("n", 1, "a", 2));
+        assert_eq!(owner("nonsense"), None);
+    }
+
+    #[test]
+    fn an_entry_reads_back_and_damage_is_refused() {
+        let will = crate::codec::Will {
+            topic: crate::codec::TopicName::new("gone/a").unwrap(),
+            payload: Bytes::from_static(b"bye"),
+            qos: crate::codec::QoS::AtLeastOnce,
+            retain: true,
+            properties: Default::default(),
+        };
+        let w = PendingWill {
+            will,
+            origin: 7,
+            client: ClientInfo {
+                client_id: ClientId::new("c1"),
+                username: Some("u".into()),
+                listener: "default".into(),
+                attributes: Vec::new(),
+            },
+        };
+        let v = encode(&w).unwrap();
+        let (client, delay, draft) = decode(&v).unwrap();
+        assert_eq!(client.client_id.as_str(), "c1");
+        assert_eq!(client.username.as_deref(), Some("u"));
+        assert_eq!(&*client.listener, "default");
+        assert_eq!(delay, 0);
+        assert_eq!(draft.topic.as_str(), "gone/a");
+        assert_eq!(&draft.payload[..], b"bye");
+        assert!(draft.retain);
+        for cut in 0..v.len() {
+            assert!(decode(&v[..cut]).is_none(), "a cut at {cut} read back");
+        }
+    }
+}
