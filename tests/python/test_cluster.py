@@ -493,6 +493,9 @@ def test_an_acknowledged_qos1_message_survives_kill_9_of_either_node(nodes):
     wait_until("every acknowledged message reaches b's subscriber",
                lambda: acked <= texts(sub), timeout=20,
                detail=lambda: f" ({len(acked - texts(sub))} of {len(acked)} missing)")
+    # In the order they were published.
+    order = [int(m.text) for m in sub.messages.all()]
+    assert order == sorted(order)
     flood.close()
     # 2. The subscriber's node killed while it takes them: what it had not yet made
     #    durable, JetStream gives it again when it comes back.

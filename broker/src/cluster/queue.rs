@@ -272,7 +272,8 @@ impl Cluster {
                         let pack = packs.entry(node.clone()).or_default();
                         if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
                             seq += 1;
-                            inflight.push(self.put(&js, &node, seq, std::mem::take(pack)));
+                            let put = self.put(&js, &node, seq, std::mem::take(pack)).await;
+                            inflight.push(put);
                         }
                         match wire::put(&mut pack.bytes, &msg) {
                             Ok(()) => {
@@ -291,7 +292,8 @@ impl Cluster {
                     for (node, pack) in packs.drain() {
                         if !pack.tickets.is_empty() {
                             seq += 1;
-                            inflight.push(self.put(&js, &node, seq, pack));
+                            let put = self.put(&js, &node, seq, pack).await;
+                            inflight.push(put);
                         }
                     }
                     self.release(dropped, &mut pending);
@@ -312,9 +314,11 @@ impl Cluster {
         }
     }
 
-    /// Publishes one pack until JetStream holds it (its id makes a repeat harmless):
-    /// its tickets and size.
-    fn put<'a>(
+    /// Hands one pack to the NATS client now (the stream keeps the packs in the order of
+    /// these calls, which the caller makes one after the other) and returns what awaits
+    /// JetStream's acknowledgement, publishing the pack again until JetStream holds it
+    /// (its id makes a repeat harmless): its tickets and size.
+    async fn put<'a>(
         &'a self,
         js: &async_nats::jetstream::Context,
         node: &str,
@@ -325,14 +329,23 @@ impl Cluster {
         let subject = subject(node);
         let id = format!("{}.{:x}.{seq}", self.node, self.run);
         let bytes = pack.bytes.freeze();
+        let publish = |js: async_nats::jetstream::Context, subject: String, id: String, bytes| async move {
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(bytes)
+                .message_id(id);
+            js.send_publish(subject, message).await
+        };
+        let first = publish(js.clone(), subject.clone(), id.clone(), bytes.clone()).await;
         async move {
+            let mut sent = Some(first);
             let mut failing_since: Option<std::time::Instant> = None;
             let mut pause = Duration::from_millis(50);
             loop {
-                let publish = async_nats::jetstream::message::PublishMessage::build()
-                    .payload(bytes.clone())
-                    .message_id(&id);
-                let held = match js.send_publish(subject.clone(), publish).await {
+                let attempt = match sent.take() {
+                    Some(s) => s,
+                    None => publish(js.clone(), subject.clone(), id.clone(), bytes.clone()).await,
+                };
+                let held = match attempt {
                     Ok(ack) => ack.await.map(drop),
                     Err(e) => Err(e),
                 };
@@ -348,6 +361,8 @@ impl Cluster {
                     Err(e) => {
                         // A moment's trouble (a stream leader moving) is waited out; a
                         // longer one stalls the queue: new messages are refused meanwhile.
+                        // (A pack published again may land after later ones: order holds
+                        // unless JetStream loses a pack it was handed.)
                         let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                         if since.elapsed() >= STALLED
                             && !self.queue.stalled.swap(true, Ordering::Relaxed)
