@@ -243,13 +243,14 @@ async fn postgres_stopped_mid_run_loses_nothing_once_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_mid_run_loses_nothing_after_restart() {
     let pg = Postgres::start();
-    // Each INSERT takes 100 ms more, so the sink lags behind the publisher and has a
-    // statement in flight most of the time: the kill lands mid-run.
+    // Each INSERT takes 500 ms more, so the sink lags behind the publisher and has a
+    // statement in flight most of the time: the kill lands mid-run (with 100 ms, a slower
+    // machine's publisher let the sink finish first).
     pg.psql(
         "CREATE TABLE msgs (topic text NOT NULL, payload bytea NOT NULL, qos smallint NOT NULL, \
          client_id text, received_at timestamptz NOT NULL, user_properties jsonb NOT NULL); \
          CREATE FUNCTION nap() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END $$; \
+         $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$; \
          CREATE TRIGGER nap AFTER INSERT ON msgs FOR EACH STATEMENT EXECUTE FUNCTION nap();",
     );
     let dir = Broker::temp_dir();

@@ -698,15 +698,21 @@ def test_a_killed_nodes_wills_are_published_once_by_another(nodes, restart):
            will={"topic": "wills/delayed", "payload": "late", "qos": 1,
                  "props": {"WillDelayInterval": 1}})
     Client(a, version=4, will={"topic": "wills/v311", "payload": "v311 gone", "qos": 1})
+    # One with a will delay that connects again to another node within it: no will.
+    back = uid("back")
+    Client(a, client_id=back, version=5, connect_props={"SessionExpiryInterval": 60},
+           will={"topic": "wills/back", "payload": "must not", "qos": 1,
+                 "props": {"WillDelayInterval": 3}})
     polite = Client(a, version=4, will={"topic": "wills/polite", "payload": "never", "qos": 1})
     polite.disconnect()
     time.sleep(0.5)
     a.halt(kill=True)
     if restart:
         a.start()
+    Client(c, client_id=back, version=5, connect_props={"SessionExpiryInterval": 60})
     killed = time.monotonic()
     watcher.messages.wait_for(3, timeout=20)
-    time.sleep(4)  # every node has looked by now (node timeout 3 s): nothing more comes
+    time.sleep(5)  # every node has looked, and 3 s passed: nothing more comes
     got = {m.topic: m.text for m in watcher.messages.all()}
     assert len(watcher.messages.all()) == 3, watcher.messages.all()
     assert got == {"wills/v5": "v5 gone", "wills/v311": "v311 gone", "wills/delayed": "late"}

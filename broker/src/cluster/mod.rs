@@ -208,6 +208,11 @@ pub struct Cluster {
     connected: AtomicBool,
     /// The retained messages' bucket is open and watched.
     bucket_open: AtomicBool,
+    /// Client ids connected lately, here or on other nodes (for orphaned wills with a will
+    /// delay: a client connected again does not get its will published).
+    recent: Mutex<wills::Recent>,
+    /// Orphaned wills this node waits to publish (their will delay), by client id.
+    delayed_wills: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// QoS 1/2 messages for other nodes on their way to JetStream.
     queue: Arc<queue::Queue>,
     /// Its counters.
@@ -278,6 +283,8 @@ impl Cluster {
             ))),
             connected: AtomicBool::new(false),
             bucket_open: AtomicBool::new(false),
+            recent: Mutex::default(),
+            delayed_wills: Mutex::default(),
             queue: Arc::new(queue::Queue::new()),
             stats: ClusterStats::default(),
         })
@@ -291,6 +298,7 @@ impl Cluster {
     /// A connection with `client_id` was attached here at `since_ms` (Unix ms): the other
     /// nodes are told, and disconnect an older one with the same client id.
     pub fn attached(&self, client_id: &crate::message::ClientId, since_ms: u64) {
+        self.reconnected(client_id.as_str(), since_ms);
         let _ = self.claims.try_send(Claim {
             node: self.node.to_string(),
             client_id: client_id.as_str().to_owned(),
@@ -702,6 +710,7 @@ impl Cluster {
                         tracing::warn!("cluster: unreadable claim of a client id");
                         continue;
                     };
+                    self.reconnected(&c.client_id, c.since_ms);
                     let id = crate::message::ClientId::new(&c.client_id);
                     let ties = *self.node < *c.node;
                     if sessions.taken_over_elsewhere(&id, c.since_ms, ties) {

@@ -10,7 +10,7 @@
 //! Nodes look for orphans when they forget a node or see it restart, `node_timeout_ms`
 //! after they start (by then they have heard every live node), and every 30 s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{Cluster, read, wire};
+use super::{Cluster, lock, read, wire};
 use crate::message::{ClientId, Draft};
 use crate::pipeline::{Origin, Pipeline};
 use crate::plugins::ClientInfo;
@@ -28,6 +28,42 @@ use crate::session::PendingWill;
 pub(super) const BUCKET: &str = "sandpiper_wills";
 /// Between two looks for orphaned wills besides the ones a node's departure prompts.
 const SCAN: Duration = Duration::from_secs(30);
+
+/// Client ids remembered as connected lately, at most.
+const RECENT: usize = 1_000_000;
+
+/// When client ids last connected (Unix ms, by the connecting node's clock), for as long
+/// as an orphaned will can be found after its node died.
+#[derive(Debug, Default)]
+pub(super) struct Recent {
+    order: VecDeque<(u64, String)>,
+    last: HashMap<String, u64>,
+}
+
+impl Recent {
+    /// `client_id` connected at `at_ms`; what is older than `keep_ms` is forgotten.
+    fn note(&mut self, client_id: &str, at_ms: u64, keep_ms: u64) {
+        let now = crate::store::record::unix_ms_now();
+        while let Some(&(t, _)) = self.order.front() {
+            if now.saturating_sub(t) <= keep_ms && self.order.len() < RECENT {
+                break;
+            }
+            if let Some((t, id)) = self.order.pop_front()
+                && self.last.get(&id) == Some(&t)
+            {
+                self.last.remove(&id);
+            }
+        }
+        self.order.push_back((at_ms, client_id.to_owned()));
+        let last = self.last.entry(client_id.to_owned()).or_insert(0);
+        *last = (*last).max(at_ms);
+    }
+
+    /// When `client_id` last connected, if lately.
+    fn since(&self, client_id: &str) -> Option<u64> {
+        self.last.get(client_id).copied()
+    }
+}
 
 /// What the wills' task does.
 #[derive(Debug)]
@@ -260,10 +296,23 @@ impl Cluster {
                 tracing::warn!(key = %k, "cluster: unreadable will in the wills' bucket: dropped");
                 continue;
             };
+            let id = client.client_id.as_str().to_owned();
+            if delay > 0 {
+                // MQTT-3.1.3-9: a client connected again within its will delay does not
+                // get its will published. Connected since the will was put: again.
+                let created = entry.created.unix_timestamp_nanos() / 1_000_000;
+                if lock(&self.recent)
+                    .since(&id)
+                    .is_some_and(|t| i128::from(t) > created)
+                {
+                    tracing::info!(client_id = %id, "cluster: the client of a gone node's will connected again: its will is not published");
+                    continue;
+                }
+            }
             tracing::info!(client_id = %client.client_id, node = %owner(&k).map_or("?", |o| o.0),
                 delay, "cluster: publishing the will of a client whose node is gone");
             let pipeline = pipeline.clone();
-            tokio::spawn(async move {
+            let publish = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
                 // No session here set it: No Local spares nobody.
                 let from = Origin::Will {
@@ -272,6 +321,27 @@ impl Cluster {
                 };
                 pipeline.publish(&from, draft);
             });
+            if delay > 0 {
+                let mut delayed = lock(&self.delayed_wills);
+                delayed.retain(|_, h| !h.is_finished());
+                delayed.insert(id, publish.abort_handle());
+            }
+        }
+    }
+
+    /// A connection of `client_id` attached here or on another node at `at_ms` (Unix ms):
+    /// an orphaned will of its that waits for its will delay is not published.
+    pub(super) fn reconnected(&self, client_id: &str, at_ms: u64) {
+        let keep = self.config.node_timeout_ms + 2 * SCAN.as_millis() as u64;
+        lock(&self.recent).note(client_id, at_ms, keep);
+        if let Some(h) = lock(&self.delayed_wills).remove(client_id)
+            && !h.is_finished()
+        {
+            h.abort();
+            tracing::info!(
+                client_id,
+                "cluster: the client connected again within its will delay: its will is not published"
+            );
         }
     }
 }
@@ -293,6 +363,22 @@ mod tests {
         assert_ne!(key("n", 1, "a", 1), key("n", 1, "b", 1));
         assert_ne!(key("n", 1, "a", 1), key("n", 1, "a", 2));
         assert_eq!(owner("nonsense"), None);
+    }
+
+    #[test]
+    fn recent_connections_are_remembered_for_a_while() {
+        let now = crate::store::record::unix_ms_now();
+        let mut r = Recent::default();
+        r.note("a", now - 50_000, 10_000);
+        r.note("b", now, 10_000);
+        // "a" is older than what is kept: forgotten at the next note.
+        r.note("c", now, 10_000);
+        assert_eq!(r.since("a"), None);
+        assert_eq!(r.since("b"), Some(now));
+        // The latest connection counts; an older entry of the same id does not erase it.
+        r.note("b", now + 5, 10_000);
+        assert_eq!(r.since("b"), Some(now + 5));
+        assert_eq!(r.since("nobody"), None);
     }
 
     #[test]
