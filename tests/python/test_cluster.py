@@ -215,9 +215,14 @@ def test_messages_reach_the_other_nodes_at_their_qos_and_in_order(nodes):
             pub.publish("t/q/x", f"{qos}:{i}", qos=qos)
     got_b = sub_b.messages.wait_for(300, timeout=10)
     got_c = sub_c.messages.wait_for(300, timeout=10)
+    # Each QoS in the order published (MQTT-4.6.0-6 orders a topic per QoS: QoS 0 crosses
+    # over core NATS, QoS 1 and 2 through JetStream, and the three may interleave).
     for got, top in ((got_b, 2), (got_c, 1)):
-        assert [m.text for m in got] == [f"{q}:{i}" for q in (0, 1, 2) for i in range(100)]
-        assert [m.qos for m in got] == [min(q, top) for q in (0, 1, 2) for _ in range(100)]
+        assert len(got) == 300
+        for q in (0, 1, 2):
+            mine = [m for m in got if m.text.startswith(f"{q}:")]
+            assert [m.text for m in mine] == [f"{q}:{i}" for i in range(100)]
+            assert {m.qos for m in mine} == {min(q, top)}
     # A retained message reaches the established subscriptions as a live one (RETAIN 0),
     # and a new subscription as a retained one.
     sub_b.messages.clear()
@@ -623,7 +628,7 @@ def test_takeover_across_nodes_through_a_load_balancer(nodes, version):
         if version == 5:
             assert first.disconnect_rc == 0x8E
         holders = [n for n in (a, b) if n.wait_log(
-            rf'client_id="{cid}".*client connected', 0.1)]
+            rf'client_id="{cid}".*client connected', 3)]
         assert len(holders) == 2, "both connections landed on one node"
         assert any(n.wait_log(r"connected to another node.*closed \(0x8E\)", 5) for n in (a, b))
         # The newer connection stays and is served across nodes.
@@ -640,14 +645,17 @@ def test_takeover_across_nodes_through_a_load_balancer(nodes, version):
 
 
 def jetstream_consumers(nats: NatsCluster) -> int:
-    """The consumers of the JetStream cluster (all streams), as its meta leader counts them."""
+    """The consumers of the JetStream cluster (all streams): the most any server counts (a
+    server that is not the meta leader may count none)."""
+    counts = []
     for port in nats.http_ports:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=2) as r:
-                return int(json.load(r).get("consumers", 0))
+                counts.append(int(json.load(r).get("consumers", 0)))
         except OSError:
             continue
-    raise AssertionError("no nats-server answered /jsz")
+    assert counts, "no nats-server answered /jsz"
+    return max(counts)
 
 
 @pytest.mark.timeout(180)

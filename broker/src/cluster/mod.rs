@@ -327,7 +327,10 @@ impl Cluster {
     /// from now on.
     pub fn will_cleared(&self, conn: u64, client_id: &crate::message::ClientId) {
         let key = wills::key(&self.node, self.run, client_id.as_str(), conn);
-        let _ = self.wills.try_send(wills::Op::Clear { key });
+        if self.wills.try_send(wills::Op::Clear { key }).is_err() {
+            tracing::warn!(client_id = %client_id,
+                "cluster: a will left in the wills' bucket (queue full): another node may publish it if this one dies");
+        }
     }
 
     /// Whether the retained messages' bucket is open and watched.
@@ -447,6 +450,10 @@ impl Cluster {
                 () = stop.cancelled() => {}
                 () = me.run(client.clone(), pipeline, sessions, receivers, committed, backpressure) => {}
             }
+            let js = async_nats::jetstream::context::ContextBuilder::new()
+                .timeout(Duration::from_secs(2))
+                .build(client.clone());
+            let _ = tokio::time::timeout(Duration::from_secs(3), me.drop_own_wills(js)).await;
             // What was handed to the client goes out, unless NATS is away.
             let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
         });

@@ -38,8 +38,10 @@ const INFLIGHT: usize = 64;
 const QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// How long JetStream keeps a message a node has not taken (a node gone for good).
 const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// A pack handed to a node and not acknowledged within this is given to it again.
-const ACK_WAIT: Duration = Duration::from_secs(60);
+/// A pack handed to a node and not acknowledged within this is given to it again (a node
+/// that restarts gets its unacknowledged packs at once: its consumer is made anew; a
+/// pack waits behind up to 15 others, each waiting for congested subscribers).
+const ACK_WAIT: Duration = Duration::from_secs(600);
 /// A pack JetStream has not taken for this long stalls the queue (new messages refused).
 const STALLED: Duration = Duration::from_secs(2);
 /// Packs a node reads at once (each at most [`PACK`] bytes).
@@ -254,9 +256,11 @@ impl Cluster {
         let mut seq = 0u64;
         loop {
             tokio::select! {
-                Some((tickets, size)) = inflight.next() => {
-                    let (tickets, size): (Vec<u64>, usize) = (tickets, size);
-                    self.stats.sent.fetch_add(tickets.len() as u64, Ordering::Relaxed);
+                Some((tickets, size, sent)) = inflight.next() => {
+                    let (tickets, size, sent): (Vec<u64>, usize, bool) = (tickets, size, sent);
+                    if sent {
+                        self.stats.sent.fetch_add(tickets.len() as u64, Ordering::Relaxed);
+                    }
                     for t in tickets {
                         pending.done(t);
                     }
@@ -317,14 +321,15 @@ impl Cluster {
     /// Hands one pack to the NATS client now (the stream keeps the packs in the order of
     /// these calls, which the caller makes one after the other) and returns what awaits
     /// JetStream's acknowledgement, publishing the pack again until JetStream holds it
-    /// (its id makes a repeat harmless): its tickets and size.
+    /// (its id makes a repeat harmless): its tickets, size, and whether it went (a pack
+    /// over NATS's maximum payload is dropped).
     async fn put<'a>(
         &'a self,
         js: &async_nats::jetstream::Context,
         node: &str,
         seq: u64,
         pack: Pack,
-    ) -> impl Future<Output = (Vec<u64>, usize)> + 'a {
+    ) -> impl Future<Output = (Vec<u64>, usize, bool)> + 'a {
         let js = js.clone();
         let subject = subject(node);
         let id = format!("{}.{:x}.{seq}", self.node, self.run);
@@ -356,7 +361,18 @@ impl Cluster {
                         {
                             tracing::info!(subject, "cluster: JetStream holds the messages again");
                         }
-                        return (pack.tickets, pack.size);
+                        return (pack.tickets, pack.size, true);
+                    }
+                    Err(e)
+                        if e.kind()
+                            == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded =>
+                    {
+                        // Never taken, however often sent: dropped, as a QoS 0 message over
+                        // NATS's maximum payload is (README, Cluster).
+                        self.stats.dropped.fetch_add(pack.tickets.len() as u64, Ordering::Relaxed);
+                        tracing::warn!(subject, error = %e, records = pack.tickets.len(),
+                            "cluster: messages for another node dropped: larger than NATS's maximum payload");
+                        return (pack.tickets, pack.size, false);
                     }
                     Err(e) => {
                         // A moment's trouble (a stream leader moving) is waited out; a

@@ -300,6 +300,9 @@ impl Cluster {
             if delay > 0 {
                 // MQTT-3.1.3-9: a client connected again within its will delay does not
                 // get its will published. Connected since the will was put: again.
+                // NATS's clock against the connecting node's (the will's own connection
+                // attached before its entry was put; clocks apart by more than that
+                // would count it as connected again).
                 let created = entry.created.unix_timestamp_nanos() / 1_000_000;
                 if lock(&self.recent)
                     .since(&id)
@@ -325,6 +328,23 @@ impl Cluster {
                 let mut delayed = lock(&self.delayed_wills);
                 delayed.retain(|_, h| !h.is_finished());
                 delayed.insert(id, publish.abort_handle());
+            }
+        }
+    }
+
+    /// At a clean stop: this run's entries go (its connections end without their wills,
+    /// as on one broker; left behind, the other nodes would publish them).
+    pub(super) async fn drop_own_wills(&self, js: async_nats::jetstream::Context) {
+        let Ok(store) = js.get_key_value(BUCKET).await else {
+            return;
+        };
+        let Ok(mut keys) = store.keys().await else {
+            return;
+        };
+        let mine = format!("{}.{:016x}.", self.node, self.run);
+        while let Some(Ok(k)) = keys.next().await {
+            if k.starts_with(&mine) {
+                let _ = store.purge(&k).await;
             }
         }
     }
