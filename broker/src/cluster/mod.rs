@@ -206,6 +206,8 @@ pub struct Cluster {
     /// The receiving ends, taken by [`Cluster::start`].
     receivers: Mutex<Option<Receivers>>,
     connected: AtomicBool,
+    /// Counts connections to NATS made (the first and each reconnection).
+    connects: tokio::sync::watch::Sender<u64>,
     /// The retained messages' bucket is open and watched.
     bucket_open: AtomicBool,
     /// Client ids connected lately, here or on other nodes (for orphaned wills with a will
@@ -282,6 +284,7 @@ impl Cluster {
                 wills_rx,
             ))),
             connected: AtomicBool::new(false),
+            connects: tokio::sync::watch::Sender::new(0),
             bucket_open: AtomicBool::new(false),
             recent: Mutex::default(),
             delayed_wills: Mutex::default(),
@@ -498,6 +501,7 @@ impl Cluster {
                 match event {
                     async_nats::Event::Connected => {
                         me.connected.store(true, Ordering::Relaxed);
+                        me.connects.send_modify(|n| *n += 1);
                         tracing::info!(node = %me.node, "cluster: connected to NATS");
                     }
                     async_nats::Event::Disconnected => {

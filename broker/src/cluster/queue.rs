@@ -417,12 +417,22 @@ impl Cluster {
         // stream keeps every message not acknowledged, and a new consumer starts at the
         // first).
         let mut fresh = true;
+        let mut connects = self.connects.subscribe();
         loop {
+            connects.mark_unchanged();
             let messages = async {
                 let stream = js.get_stream(STREAM).await?;
                 if fresh {
-                    // Fails when there is none: nothing to do then.
-                    let _ = stream.delete_consumer(&name).await;
+                    use async_nats::jetstream::{ErrorCode, stream::ConsumerErrorKind};
+                    match stream.delete_consumer(&name).await {
+                        Ok(_) => {}
+                        // None yet: nothing to do.
+                        Err(e)
+                            if matches!(e.kind(), ConsumerErrorKind::JetStream(j)
+                            if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => {}
+                        // Tried again: the old consumer keeps what it handed out.
+                        Err(e) => return Err(e.into()),
+                    }
                     fresh = false;
                 }
                 let config = pull::Config {
@@ -454,7 +464,19 @@ impl Cluster {
                 }
             };
             warned = false;
-            while let Some(m) = messages.next().await {
+            loop {
+                let m = tokio::select! {
+                    m = messages.next() => m,
+                    // NATS reconnected: what the consumer handed out through the lost
+                    // connection would come back only after `ACK_WAIT`; a new consumer
+                    // hands it out again at once.
+                    _ = connects.changed() => {
+                        tracing::info!("cluster: NATS reconnected; reading the messages' stream again");
+                        fresh = true;
+                        break;
+                    }
+                };
+                let Some(m) = m else { break };
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
