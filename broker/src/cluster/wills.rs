@@ -168,6 +168,21 @@ fn decode(mut v: &[u8]) -> Option<(ClientInfo, u32, Draft)> {
     Some((client, delay, draft))
 }
 
+/// Removes every message of `key` from the bucket's stream. A key-value purge leaves a
+/// marker behind (one per connection ever made with a will, listed at each look for
+/// orphans); a key here is written once and removed once, so nothing needs the marker.
+async fn forget(
+    store: &async_nats::jetstream::kv::Store,
+    key: &str,
+) -> Result<(), async_nats::jetstream::stream::PurgeError> {
+    store
+        .stream
+        .purge()
+        .filter(format!("{}{key}", store.prefix))
+        .await
+        .map(drop)
+}
+
 impl Cluster {
     /// Keeps the wills of the connections attached here in the bucket, and publishes the
     /// orphaned wills this node wins.
@@ -215,7 +230,7 @@ impl Cluster {
                         false
                     }
                     Some(Op::Clear { key }) => {
-                        if let Err(e) = store.purge(&key).await {
+                        if let Err(e) = forget(&store, &key).await {
                             tracing::warn!(error = %e, "cluster: a will left in the wills' bucket after its connection ended");
                         }
                         false
@@ -284,13 +299,17 @@ impl Cluster {
             if entry.operation != async_nats::jetstream::kv::Operation::Put {
                 continue;
             }
-            // Only one node's purge with this revision succeeds: that node publishes it.
+            // Only one node's purge with this revision succeeds: that node publishes it,
+            // and removes the purge's marker.
             if store
                 .purge_expect_revision(&k, Some(entry.revision))
                 .await
                 .is_err()
             {
                 continue;
+            }
+            if let Err(e) = forget(store, &k).await {
+                tracing::debug!(error = %e, key = %k, "cluster: a purged will's marker left in the wills' bucket");
             }
             let Some((client, delay, draft)) = decode(&entry.value) else {
                 tracing::warn!(key = %k, "cluster: unreadable will in the wills' bucket: dropped");
@@ -344,7 +363,7 @@ impl Cluster {
         let mine = format!("{}.{:016x}.", self.node, self.run);
         while let Some(Ok(k)) = keys.next().await {
             if k.starts_with(&mine) {
-                let _ = store.purge(&k).await;
+                let _ = forget(&store, &k).await;
             }
         }
     }

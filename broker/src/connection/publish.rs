@@ -154,27 +154,12 @@ impl Conn {
         if let Some(m) = msg
             && flow != PublishQoS::AtMostOnce
             && !repeat
-            && self.broker.store.is_failing()
-            && self.needs_store(m, flow)
+            && let Some(why) = self.cannot_make_durable(m, flow)
         {
-            // The store cannot write: a message whose acknowledgement promises it is on
-            // disk is refused (MQTT 5: 0x97); MQTT 3.x cannot refuse one, so it is left
-            // unacknowledged (the client sends it again on its next connection).
-            tracing::debug!(topic = %m.topic, "store failing: QoS 1/2 message refused");
-            if self.version.is_v5() {
-                return self.refuse_publish(flow, ReasonCode::QuotaExceeded);
-            }
-            return Ok(());
-        }
-        if let Some(m) = msg
-            && flow != PublishQoS::AtMostOnce
-            && !repeat
-            && let Some(cluster) = &self.broker.cluster
-            && cluster.refuses(m)
-        {
-            // Other nodes take it, and JetStream cannot hold it now (NATS away, its queue
-            // full): refused as when the store fails (MQTT 5: 0x97; 3.x: unacknowledged).
-            tracing::debug!(topic = %m.topic, "cluster cannot make it durable: QoS 1/2 message refused");
+            // A message whose acknowledgement promises it is durable, and it cannot be
+            // made so now: refused (MQTT 5: 0x97); MQTT 3.x cannot refuse one, so it is
+            // left unacknowledged (the client sends it again on its next connection).
+            tracing::debug!(topic = %m.topic, why, "QoS 1/2 message refused");
             if self.version.is_v5() {
                 return self.refuse_publish(flow, ReasonCode::QuotaExceeded);
             }
@@ -243,6 +228,21 @@ impl Conn {
     /// Whether accepting `msg` would write to the store: it is retained, a persistent
     /// session or a sink takes it, or it is QoS 2 from a persistent session (its packet id
     /// is kept until PUBREL).
+    /// Why `msg` (QoS 1/2) cannot be made durable now, if it cannot: the store fails to
+    /// write and the message needs it, or other nodes take it and JetStream cannot hold it
+    /// (NATS away, the cluster's queue full).
+    fn cannot_make_durable(&self, msg: &Message, flow: PublishQoS) -> Option<&'static str> {
+        if self.broker.store.is_failing() && self.needs_store(msg, flow) {
+            return Some("the store is failing");
+        }
+        if let Some(cluster) = &self.broker.cluster
+            && cluster.refuses(msg)
+        {
+            return Some("the cluster cannot make it durable");
+        }
+        None
+    }
+
     pub(super) fn needs_store(&self, msg: &Message, flow: PublishQoS) -> bool {
         msg.retain
             || (matches!(flow, PublishQoS::ExactlyOnce(_)) && self.state.mailbox.is_persistent())
