@@ -61,21 +61,28 @@ if not nats_version_ok(NATS_SERVER):
 class NatsCluster:
     """Three nats-servers routed to each other, JetStream on, on free loopback ports."""
 
-    def __init__(self, size: int = 3):
+    def __init__(self, size: int = 3, tls: Path | None = None):
+        """``tls``: a folder of ``tests/certs/generate``: clients connect with TLS and show a
+        certificate the test CA signed."""
         self.dir = Path(tempfile.mkdtemp(prefix="sandpiper-nats-"))
         self.client_ports = [free_port() for _ in range(size)]
         self.route_ports = [free_port() for _ in range(size)]
         self.http_ports = [free_port() for _ in range(size)]
         self.procs: list[subprocess.Popen | None] = [None] * size
+        self.scheme = "tls" if tls else "nats"
         routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.route_ports)
         for i in range(size):
-            (self.dir / f"n{i}.conf").write_text(
-                f'server_name: n{i}\n'
-                f'listen: 127.0.0.1:{self.client_ports[i]}\n'
-                f'http: 127.0.0.1:{self.http_ports[i]}\n'
-                f'jetstream {{ store_dir: "{self.dir / f"n{i}"}" }}\n'
-                f'cluster {{ name: sandpiper-test, listen: 127.0.0.1:{self.route_ports[i]}, '
-                f'routes: [{routes}] }}\n')
+            text = (f'server_name: n{i}\n'
+                    f'listen: 127.0.0.1:{self.client_ports[i]}\n'
+                    f'http: 127.0.0.1:{self.http_ports[i]}\n'
+                    f'jetstream {{ store_dir: "{self.dir / f"n{i}"}" }}\n')
+            if size > 1:
+                text += (f'cluster {{ name: sandpiper-test, listen: 127.0.0.1:{self.route_ports[i]}, '
+                         f'routes: [{routes}] }}\n')
+            if tls:
+                text += (f'tls {{ cert_file: "{tls / "server.pem"}", key_file: "{tls / "server.key"}", '
+                         f'ca_file: "{tls / "ca.pem"}", verify: true }}\n')
+            (self.dir / f"n{i}.conf").write_text(text)
 
     def start(self) -> "NatsCluster":
         for i in range(len(self.procs)):
@@ -92,9 +99,12 @@ class NatsCluster:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[i]}/jsz",
                                         timeout=2) as r:
-                return bool((json.load(r).get("meta_cluster") or {}).get("leader"))
+                info = json.load(r)
         except OSError:
             return False
+        if len(self.procs) == 1:
+            return "config" in info  # JetStream on, no cluster to lead
+        return bool((info.get("meta_cluster") or {}).get("leader"))
 
     def routes(self, i: int) -> int:
         try:
@@ -111,7 +121,7 @@ class NatsCluster:
             return [c.get("name", "") for c in json.load(r).get("connections") or []]
 
     def urls(self) -> list[str]:
-        return [f"nats://127.0.0.1:{p}" for p in self.client_ports]
+        return [f"{self.scheme}://127.0.0.1:{p}" for p in self.client_ports]
 
     def kill(self, i: int) -> None:
         p = self.procs[i]
@@ -348,7 +358,9 @@ def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
     wait_until("every acknowledged message reaches the subscriber",
                lambda: acked <= texts(sub), timeout=30,
                detail=lambda: f" ({len(acked - texts(sub))} of {len(acked)} missing: "
-                              f"{sorted(acked - texts(sub))[:20]})")
+                              f"{sorted(acked - texts(sub))[:20]}; nodes: "
+                              f"{[{k: v for k, v in n.metrics().items() if v and ('dropped' in k or 'cluster' in k)} for n in (a, b)]}"
+                              f"; jsz: {jsz_debug(nats)})")
     # In order (a pack JetStream gave again after the server's death may repeat some).
     order = list(dict.fromkeys(int(m.text) for m in sub.messages.all()))
     assert order == sorted(order)
@@ -681,6 +693,42 @@ def jetstream_consumers(nats: NatsCluster) -> int:
     return max(counts)
 
 
+def jsz_debug(nats: NatsCluster) -> str:
+    out = []
+    for port in nats.http_ports:
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/jsz?consumers=true", timeout=2) as r:
+                info = json.load(r)
+        except OSError:
+            continue
+        for account in info.get("account_details") or []:
+            for s in account.get("stream_detail") or []:
+                if s.get("name") == "sandpiper_messages":
+                    out.append(json.dumps({"state": s.get("state"), "cluster": s.get("cluster"),
+                                           "consumers": s.get("consumer_detail")}))
+    return "\n".join(out)
+
+
+def stream_messages(nats: NatsCluster, stream: str) -> int:
+    """The messages a JetStream stream holds (with its keys' purge markers), as the servers
+    that hold a replica report it (the most any reports)."""
+    counts = []
+    for port in nats.http_ports:
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/jsz?streams=true", timeout=2) as r:
+                info = json.load(r)
+        except OSError:
+            continue
+        for account in info.get("account_details") or []:
+            for s in account.get("stream_detail") or []:
+                if s.get("name") == stream:
+                    counts.append(int(s.get("state", {}).get("messages", 0)))
+    assert counts, f"no nats-server reported the stream {stream}"
+    return max(counts)
+
+
 @pytest.mark.timeout(180)
 def test_twenty_thousand_persistent_subscriptions_over_three_nodes(nats, nodes):
     a, b, c = nodes("a", "b", "c")
@@ -717,7 +765,7 @@ def test_twenty_thousand_persistent_subscriptions_over_three_nodes(nats, nodes):
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("restart", [False, True], ids=["stays-down", "restarts-at-once"])
-def test_a_killed_nodes_wills_are_published_once_by_another(nodes, restart):
+def test_a_killed_nodes_wills_are_published_once_by_another(nats, nodes, restart):
     a, b, c = nodes("a", "b", "c")
     watcher = Client(b, version=5)
     watcher.subscribe("wills/#", qos=1)
@@ -734,8 +782,9 @@ def test_a_killed_nodes_wills_are_published_once_by_another(nodes, restart):
     Client(a, client_id=back, version=5, connect_props={"SessionExpiryInterval": 60},
            will={"topic": "wills/back", "payload": "must not", "qos": 1,
                  "props": {"WillDelayInterval": 3}})
-    polite = Client(a, version=4, will={"topic": "wills/polite", "payload": "never", "qos": 1})
-    polite.disconnect()
+    for _ in range(20):
+        polite = Client(a, version=4, will={"topic": "wills/polite", "payload": "never", "qos": 1})
+        polite.disconnect()
     time.sleep(0.5)
     a.halt(kill=True)
     if restart:
@@ -748,3 +797,54 @@ def test_a_killed_nodes_wills_are_published_once_by_another(nodes, restart):
     assert len(watcher.messages.all()) == 3, watcher.messages.all()
     assert got == {"wills/v5": "v5 gone", "wills/v311": "v311 gone", "wills/delayed": "late"}
     assert time.monotonic() - killed < 20
+    # Nothing is left in the wills' bucket: no entry, and no marker of an entry removed
+    # (the clean disconnections' and the taken wills').
+    wait_until("the wills' bucket is empty",
+               lambda: stream_messages(nats, "KV_sandpiper_wills") == 0, timeout=10,
+               detail=lambda: f" ({stream_messages(nats, 'KV_sandpiper_wills')} messages)")
+
+
+@pytest.mark.timeout(90)
+def test_nodes_reach_nats_over_tls_with_a_client_certificate(tmp_path):
+    """A nats-server that speaks only TLS and verifies its clients' certificates: nodes with
+    ``ca``, ``cert`` and ``key`` in ``[cluster]`` route to each other through it; a node
+    that does not trust the server's CA, or shows no certificate, never gets in and is
+    not ready."""
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "certs" / "generate"),
+                    str(certs)], check=True, capture_output=True, timeout=60)
+    nats = NatsCluster(size=1, tls=certs).start()
+    started: list[Node] = []
+
+    def node(name: str, ca: str = "ca.pem", client_cert: bool = True) -> Node:
+        text = node_config() + (f'\n[cluster]\nnode = "{name}"\nnats = ["{nats.urls()[0]}"]\n'
+                                f'node_timeout_ms = 3000\nca = "{certs / ca}"\n')
+        if client_cert:
+            text += f'cert = "{certs / "client.pem"}"\nkey = "{certs / "client.key"}"\n'
+        n = Node(text)
+        n.name = name
+        started.append(n)
+        return n.start()
+
+    try:
+        assert nats.urls()[0].startswith("tls://")
+        a, b = node("a"), node("b")
+        for n in (a, b):
+            wait_until(f"node {n.name} ready", lambda n=n: ready(n), timeout=15,
+                       detail=lambda n=n: "\n" + n.log())
+        sub = Client(b, version=5)
+        sub.subscribe("tls/x", qos=1)
+        knows(a, "b", 1)
+        Client(a, version=5).publish("tls/x", "through TLS", qos=1)
+        assert [m.text for m in sub.messages.expect_exactly(1)] == ["through TLS"]
+        stranger, anonymous = node("c", ca="other-ca.pem"), node("d", client_cert=False)
+        time.sleep(3)
+        for n in (stranger, anonymous):
+            assert not ready(n), f"node {n.name} is ready"
+            assert counter(n, "sandpiper_cluster_connected") == 0
+            assert n.wait_log(r"WARN.*cannot connect to NATS", 1), n.log()
+        assert sorted(nats.clients(0)) == ["sandpiper a", "sandpiper b"]
+    finally:
+        for n in started:
+            n.stop()
+        nats.stop()

@@ -34,6 +34,7 @@
 //! What issue 19 asks beyond this (sessions moving between nodes, shared subscriptions
 //! across nodes) is not built; ARCHITECTURE.md says so.
 
+mod order;
 mod queue;
 mod retained;
 mod routes;
@@ -206,6 +207,8 @@ pub struct Cluster {
     /// The receiving ends, taken by [`Cluster::start`].
     receivers: Mutex<Option<Receivers>>,
     connected: AtomicBool,
+    /// A failed connection attempt was logged since the last connection.
+    connect_warned: AtomicBool,
     /// Counts connections to NATS made (the first and each reconnection).
     connects: tokio::sync::watch::Sender<u64>,
     /// The retained messages' bucket is open and watched.
@@ -284,6 +287,7 @@ impl Cluster {
                 wills_rx,
             ))),
             connected: AtomicBool::new(false),
+            connect_warned: AtomicBool::new(false),
             connects: tokio::sync::watch::Sender::new(0),
             bucket_open: AtomicBool::new(false),
             recent: Mutex::default(),
@@ -491,6 +495,21 @@ impl Cluster {
         if let Some(t) = &c.token {
             options = options.token(t.clone());
         }
+        for path in [&c.ca, &c.cert, &c.key].into_iter().flatten() {
+            // Read at each connection attempt, where a failure shows only as an I/O error.
+            if let Err(e) = std::fs::metadata(path) {
+                tracing::error!(path = %path.display(), error = %e,
+                    "cluster: cannot read a TLS file of [cluster]; the node cannot connect to NATS");
+            }
+        }
+        if let Some(ca) = &c.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&c.cert, &c.key) {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
         let me = Arc::downgrade(self);
         options = options.event_callback(move |event| {
             let me = me.clone();
@@ -500,6 +519,7 @@ impl Cluster {
                 };
                 match event {
                     async_nats::Event::Connected => {
+                        me.connect_warned.store(false, Ordering::Relaxed);
                         me.connected.store(true, Ordering::Relaxed);
                         me.connects.send_modify(|n| *n += 1);
                         tracing::info!(node = %me.node, "cluster: connected to NATS");
@@ -507,6 +527,16 @@ impl Cluster {
                     async_nats::Event::Disconnected => {
                         me.connected.store(false, Ordering::Relaxed);
                         tracing::warn!(node = %me.node, "cluster: NATS connection lost; reconnecting");
+                    }
+                    async_nats::Event::ClientError(e)
+                        if !me.connect_warned.swap(true, Ordering::Relaxed) =>
+                    {
+                        // Once until connected: attempts repeat every 2 s at most.
+                        tracing::warn!(node = %me.node, error = %e,
+                            "cluster: cannot connect to NATS (its addresses, user, token and TLS: ca, cert, key); trying again");
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        tracing::debug!(error = %e, "cluster: NATS");
                     }
                     other => tracing::info!(event = %other, "cluster: NATS"),
                 }

@@ -8,7 +8,8 @@
 //! one durable pull consumer (`sandpiper-NODE`, whatever its clients subscribe to), routes
 //! a pack to its sessions, waits until what that wrote to its store is durable, and only
 //! then acknowledges the pack to JetStream: a node killed before that is given the pack
-//! again when it comes back (QoS 1: at least once).
+//! again when it comes back (QoS 1: at least once). Packs are numbered per sender's run
+//! and receiver; the receiver puts those that overtook a lost one back in line (`order`).
 //!
 //! QoS 0 messages keep to core NATS (`sandpiper.msg.NODE`, at most once), so a publisher's
 //! QoS 0 and QoS 1 messages may reach another node in another order than it sent them;
@@ -18,14 +19,14 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::{Cluster, PACK, WAITING, lock, wire};
+use super::{Cluster, PACK, WAITING, lock, order, wire};
 use crate::message::Message;
 use crate::pipeline::Pipeline;
 
@@ -253,7 +254,13 @@ impl Cluster {
         let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
         let mut packs: HashMap<Arc<str>, Pack> = HashMap::new();
         let mut batch = Vec::with_capacity(WAITING);
-        let mut seq = 0u64;
+        // Packs are numbered per receiving node (its `order` puts them back in line).
+        let mut seqs: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut next = |node: &Arc<str>| {
+            let s = seqs.entry(node.clone()).or_insert(0);
+            *s += 1;
+            *s
+        };
         loop {
             tokio::select! {
                 Some((tickets, size, sent)) = inflight.next() => {
@@ -275,7 +282,7 @@ impl Cluster {
                         pending.held.push_back(false);
                         let pack = packs.entry(node.clone()).or_default();
                         if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
-                            seq += 1;
+                            let seq = next(&node);
                             let put = self.put(&js, &node, seq, std::mem::take(pack)).await;
                             inflight.push(put);
                         }
@@ -295,7 +302,7 @@ impl Cluster {
                     }
                     for (node, pack) in packs.drain() {
                         if !pack.tickets.is_empty() {
-                            seq += 1;
+                            let seq = next(&node);
                             let put = self.put(&js, &node, seq, pack).await;
                             inflight.push(put);
                         }
@@ -332,7 +339,7 @@ impl Cluster {
     ) -> impl Future<Output = (Vec<u64>, usize, bool)> + 'a {
         let js = js.clone();
         let subject = subject(node);
-        let id = format!("{}.{:x}.{seq}", self.node, self.run);
+        let id = order::pack_id(&self.node, self.run, node, seq);
         let bytes = pack.bytes.freeze();
         let publish = |js: async_nats::jetstream::Context, subject: String, id: String, bytes| async move {
             let message = async_nats::jetstream::message::PublishMessage::build()
@@ -377,8 +384,8 @@ impl Cluster {
                     Err(e) => {
                         // A moment's trouble (a stream leader moving) is waited out; a
                         // longer one stalls the queue: new messages are refused meanwhile.
-                        // (A pack published again may land after later ones: order holds
-                        // unless JetStream loses a pack it was handed.)
+                        // (A pack published again may land after later ones: the
+                        // receiving node puts them back in order.)
                         let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                         if since.elapsed() >= STALLED
                             && !self.queue.stalled.swap(true, Ordering::Relaxed)
@@ -418,6 +425,7 @@ impl Cluster {
         // first).
         let mut fresh = true;
         let mut connects = self.connects.subscribe();
+        let mut order = order::Order::default();
         loop {
             connects.mark_unchanged();
             let messages = async {
@@ -464,7 +472,10 @@ impl Cluster {
                 }
             };
             warned = false;
+            // The consumer numbers what it hands out, one after the other.
+            let mut delivered = 0u64;
             loop {
+                let wait = order.deadline();
                 let m = tokio::select! {
                     m = messages.next() => m,
                     // NATS reconnected: what the consumer handed out through the lost
@@ -472,35 +483,91 @@ impl Cluster {
                     // hands it out again at once.
                     _ = connects.changed() => {
                         tracing::info!("cluster: NATS reconnected; reading the messages' stream again");
-                        fresh = true;
                         break;
+                    }
+                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                        wait.unwrap_or_else(Instant::now))), if wait.is_some() => {
+                        let late = order.overdue(Instant::now());
+                        tracing::warn!(packs = late.len(),
+                            "cluster: a pack of QoS 1/2 messages from another node has not come for 10 s; the ones after it go on (a sender that died with it acknowledged none of its messages)");
+                        for m in late {
+                            if !self.take_pack(m, &pipeline, &mut committed, backpressure).await {
+                                return;
+                            }
+                        }
+                        continue;
                     }
                 };
                 let Some(m) = m else { break };
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
-                        // NATS away, the consumer lost: read again with a new consumer
-                        // (nothing is routed and not yet acknowledged here: packs are
-                        // acknowledged one by one as they are routed).
+                        // NATS away, the consumer lost: read again with a new consumer.
                         tracing::info!(error = %e, "cluster: reading the messages' stream again");
-                        fresh = true;
                         break;
                     }
                 };
-                let ticket = self.route_pack(&m.payload, &pipeline, backpressure).await;
-                if let Some(t) = ticket
-                    && committed.wait_for(|c| *c >= t).await.is_err()
-                {
-                    // The store is gone (shutting down): not acknowledged, given again.
-                    return;
+                if let Ok(info) = m.info() {
+                    let n = info.consumer_sequence;
+                    if delivered != 0 && n != delivered + 1 {
+                        // Handed out and never received (its consumer's leader moved with
+                        // it on the way): given again at once by a new consumer, not
+                        // after `ACK_WAIT`.
+                        tracing::info!(
+                            expected = delivered + 1,
+                            got = n,
+                            "cluster: a pack of the messages' stream was lost on its way; reading the stream again"
+                        );
+                        break;
+                    }
+                    delivered = n;
                 }
-                if let Err(e) = m.ack().await {
-                    tracing::debug!(error = %e, "cluster: cannot acknowledge a pack of messages");
+                let line = (m.headers.as_ref())
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .and_then(|id| order::parse_pack_id(id.as_str()))
+                    .map(|(line, seq)| (line.to_owned(), seq));
+                let ready = match line {
+                    Some((line, seq)) => order.arrive(&line, seq, m, Instant::now()),
+                    None => vec![m],
+                };
+                for m in ready {
+                    if !self
+                        .take_pack(m, &pipeline, &mut committed, backpressure)
+                        .await
+                    {
+                        return;
+                    }
                 }
             }
+            // Held packs were not acknowledged: the new consumer hands them out again.
+            order.drop_held();
+            fresh = true;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+impl Cluster {
+    /// Routes one pack, waits until what it wrote to the store is durable and acknowledges
+    /// it to JetStream; false when the store is gone (shutting down: not acknowledged,
+    /// given again).
+    async fn take_pack(
+        &self,
+        m: async_nats::jetstream::Message,
+        pipeline: &Arc<Pipeline>,
+        committed: &mut watch::Receiver<u64>,
+        backpressure: Option<Duration>,
+    ) -> bool {
+        let ticket = self.route_pack(&m.payload, pipeline, backpressure).await;
+        if let Some(t) = ticket
+            && committed.wait_for(|c| *c >= t).await.is_err()
+        {
+            return false;
+        }
+        if let Err(e) = m.ack().await {
+            tracing::debug!(error = %e, "cluster: cannot acknowledge a pack of messages");
+        }
+        true
     }
 }
 

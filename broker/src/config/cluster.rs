@@ -1,6 +1,8 @@
 //! `[cluster]`: this node's name and the NATS servers through which the nodes of one
 //! cluster route messages to each other (`cluster` module).
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
 use super::ConfigError;
@@ -20,6 +22,15 @@ pub struct ClusterConfig {
     pub password: Option<String>,
     /// Token at NATS (instead of a user name and password).
     pub token: Option<String>,
+    /// PEM CA certificates that sign the NATS servers' certificates. Given (or `cert`),
+    /// the connection to NATS must be TLS; without it a `tls://` address is verified
+    /// against the system's CAs.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain this node shows NATS (with `key`), for servers that
+    /// verify clients.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
     /// JetStream replicas of the cluster's state kept in NATS (the retained messages'
     /// bucket): 1 to 5, at most the NATS servers with JetStream (default 1).
     #[serde(default = "one")]
@@ -72,6 +83,9 @@ impl ClusterConfig {
         if self.user.is_some() && self.token.is_some() {
             return invalid("either user and password or token");
         }
+        if self.cert.is_some() != self.key.is_some() {
+            return invalid("cert and key go together");
+        }
         if !(1..=5).contains(&self.replicas) {
             return invalid("replicas: 1 to 5");
         }
@@ -111,6 +125,7 @@ mod tests {
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 0",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 6",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplica = 3",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\ncert = \"c.pem\"",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

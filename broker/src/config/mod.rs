@@ -484,6 +484,11 @@ impl Config {
                 rebase(p);
             }
         }
+        if let Some(c) = &mut config.cluster {
+            for p in [&mut c.ca, &mut c.cert, &mut c.key].into_iter().flatten() {
+                rebase(p);
+            }
+        }
         let h = &mut config.http;
         for p in [&mut h.cert, &mut h.key, &mut h.client_ca]
             .into_iter()
@@ -521,6 +526,13 @@ impl Config {
             ] {
                 if let Some(p) = p {
                     out.push((format!("listener {name} {key}"), abs(p)));
+                }
+            }
+        }
+        if let Some(c) = &self.cluster {
+            for (key, p) in [("ca", &c.ca), ("cert", &c.cert), ("key", &c.key)] {
+                if let Some(p) = p {
+                    out.push((format!("cluster {key}"), abs(p)));
                 }
             }
         }
