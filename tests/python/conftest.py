@@ -26,7 +26,9 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -216,6 +218,179 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
 
 
+# --------------------------------------------------------------------------------------------
+# Across nodes: `pytest --across-nodes` runs a suite once more with every `broker()` made of
+# two Sandpiper nodes of one cluster (one nats-server with JetStream). Clients alternate
+# between the nodes (a client id given by the test always lands on the same node, so its
+# session stays there): a publisher and a subscriber made one after the other are on
+# different nodes. After a SUBSCRIBE, UNSUBSCRIBE or a retained PUBLISH the client waits
+# until the other node knows. A test that needs what only one process has (its log, its
+# metrics, a restart, raw packets) is skipped in this mode.
+# --------------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption("--across-nodes", action="store_true", default=False,
+                     help="run each broker() as two cluster nodes, clients spread over both")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--across-nodes"):
+        return
+    import inspect
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            raw = fn is not None and "RawClient(" in inspect.getsource(fn)
+        except (OSError, TypeError):
+            raw = False
+        if raw:
+            item.add_marker(pytest.mark.skip(reason="across nodes: raw protocol tests talk to one node"))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Nats:
+    """One nats-server with JetStream on free loopback ports."""
+
+    def __init__(self):
+        server = os.environ.get("NATS_SERVER") or shutil.which("nats-server")
+        if not server:
+            pytest.fail("--across-nodes needs nats-server (tests/install provides it)")
+        self.dir = Path(tempfile.mkdtemp(prefix="sandpiper-nats-"))
+        self.port, http = _free_port(), _free_port()
+        (self.dir / "n.conf").write_text(
+            f'listen: 127.0.0.1:{self.port}\nhttp: 127.0.0.1:{http}\n'
+            f'jetstream {{ store_dir: "{self.dir / "js"}" }}\n')
+        self.proc = subprocess.Popen([server, "-c", str(self.dir / "n.conf")],
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.dir / "log", "wb"))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/jsz", timeout=1) as r:
+                    if "config" in json.load(r):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SplitBroker:
+    """What tests use of a ``Broker``, made of two cluster nodes."""
+
+    def __init__(self, config_text: str):
+        self.config_text = config_text
+        self.nats: _Nats | None = None
+        self.nodes: list[Broker] = []
+        self.http: dict[str, str] = {}
+        self._turn = 0
+        self.host, self.port = "127.0.0.1", 0
+
+    def start(self) -> "SplitBroker":
+        config_text = self.config_text
+        if "[http]" in config_text or "[cluster]" in config_text:
+            pytest.skip("across nodes: the test configures [http] or [cluster] itself")
+        self.nats = _Nats()
+        for name in ("a", "b"):
+            text = (config_text + '\n[http]\nbind = "127.0.0.1:0"\n\n[cluster]\n'
+                    f'node = "{name}"\nnats = ["nats://127.0.0.1:{self.nats.port}"]\n'
+                    'node_timeout_ms = 3000\n')
+            n = Broker(text)
+            self.nodes.append(n)
+            n.start()
+            line = n.wait_log(r"metrics and health endpoints up http=", 10)
+            assert line, n.log()
+            self.http[name] = re.search(r"http=(\S+)", line).group(1)
+        for name in self.http:
+            self._until(lambda name=name: self._ready(name), f"node {name} ready")
+        self._until(lambda: all(self._metrics(n).get("sandpiper_cluster_nodes") == 1
+                                for n in self.http), "the nodes know each other")
+        self.host, self.port = self.nodes[0].host, self.nodes[0].port
+        return self
+
+    # -- what clients use -------------------------------------------------------------------
+    def place(self, client_id: str, chosen: bool) -> tuple[str, int]:
+        """The node a client connects to: by its id when the test chose it, else in turn."""
+        if chosen:
+            i = zlib.crc32(client_id.encode()) % len(self.nodes)
+        else:
+            i, self._turn = self._turn, (self._turn + 1) % len(self.nodes)
+        return self.nodes[i].host, self.nodes[i].port
+
+    def settle(self, retained: bool = False) -> None:
+        """Waits until each node knows the other's filters (and, ``retained``, until both
+        hold the same retained messages)."""
+        def agree() -> bool:
+            m = {n: self._metrics(n) for n in self.http}
+            for x in m:
+                for y in m:
+                    if x != y and m[x].get("sandpiper_cluster_filters", 0) != m[y].get(
+                            f'sandpiper_cluster_node_filters{{node="{x}"}}', 0):
+                        return False
+            if retained:
+                for k in ("sandpiper_retained_messages", "sandpiper_retained_bytes"):
+                    if len({m[n].get(k, 0) for n in m}) != 1:
+                        return False
+            return True
+        if retained:
+            time.sleep(0.05)
+        self._until(agree, "the nodes agree on filters and retained messages")
+
+    # -- the rest ---------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        pytest.skip(f"across nodes: the test uses broker.{name}, which one process has")
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        if self.nats:
+            self.nats.stop()
+
+    def log(self) -> str:
+        return "\n".join(f"===== node {n} =====\n{b.log()}" for n, b in zip(self.http, self.nodes))
+
+    def _metrics(self, name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with urllib.request.urlopen(f"http://{self.http[name]}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line and not line.startswith("#"):
+                    k, _, v = line.rpartition(" ")
+                    try:
+                        out[k] = float(v)
+                    except ValueError:
+                        pass
+        return out
+
+    def _ready(self, name: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http[name]}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    @staticmethod
+    def _until(check, what: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"across nodes: {what} (within {timeout}s)"
+            time.sleep(0.02)
+
+
 @pytest.fixture
 def broker(request):
     """Factory: ``broker(listener={...}, log_level=..., **mqtt_section_overrides) -> Broker``."""
@@ -224,6 +399,10 @@ def broker(request):
     def factory(listener: dict | None = None, log_level: str | None = None,
                 config_text: str | None = None, **mqtt_overrides: Any) -> Broker:
         text = config_text or render_config(listener, mqtt_overrides, log_level)
+        if request.config.getoption("--across-nodes"):
+            split = SplitBroker(text)
+            started.append(split)
+            return split.start()
         b = Broker(text)
         started.append(b)
         return b.start()
@@ -346,6 +525,8 @@ class Client:
         self.broker = broker
         self.version = version
         self.client_id = uid("p") if client_id is None else client_id
+        self.addr = (broker.place(self.client_id, client_id is not None)
+                     if isinstance(broker, SplitBroker) else (broker.host, broker.port))
         self.clean = clean
         self.keepalive = keepalive
         self.connect_props = connect_props or {}
@@ -433,10 +614,10 @@ class Client:
         props = None
         if self.version == 5:
             props = paho_props(PacketTypes.CONNECT, **self.connect_props)
-            self.mqtt.connect(self.broker.host, self.broker.port, keepalive=self.keepalive,
+            self.mqtt.connect(*self.addr, keepalive=self.keepalive,
                               clean_start=self.clean, properties=props)
         else:
-            self.mqtt.connect(self.broker.host, self.broker.port, keepalive=self.keepalive)
+            self.mqtt.connect(*self.addr, keepalive=self.keepalive)
         self.mqtt.loop_start()
         with self._cond:
             ok = self._cond.wait_for(lambda: self.connack_rc is not None, timeout=timeout)
@@ -468,12 +649,20 @@ class Client:
         else:
             rc, mid = self.mqtt.subscribe(topics)
         assert rc == mqtt.MQTT_ERR_SUCCESS, f"subscribe failed locally: {rc}"
-        return self._wait_ack(mid, timeout)
+        codes = self._wait_ack(mid, timeout)
+        self._settle()
+        return codes
 
     def unsubscribe(self, topic: str | list, timeout: float = ARRIVE) -> list[int]:
         rc, mid = self.mqtt.unsubscribe(topic)
         assert rc == mqtt.MQTT_ERR_SUCCESS, f"unsubscribe failed locally: {rc}"
-        return self._wait_ack(mid, timeout)
+        codes = self._wait_ack(mid, timeout)
+        self._settle()
+        return codes
+
+    def _settle(self, retained: bool = False) -> None:
+        if isinstance(self.broker, SplitBroker):
+            self.broker.settle(retained)
 
     def publish(self, topic: str, payload: bytes | str = b"", qos: int = 0,
                 retain: bool = False, props: dict | None = None, wait: bool = True,
@@ -484,6 +673,8 @@ class Client:
         if wait:
             info.wait_for_publish(timeout)
             assert info.is_published(), f"{self.client_id}: publish to {topic} not acknowledged"
+        if retain:
+            self._settle(retained=True)
         return info
 
     def disconnect(self, reason_code: int | None = None, props: dict | None = None,
@@ -934,6 +1125,8 @@ class RawClient:
     arrive while waiting for a specific one are stashed and returned by later reads."""
 
     def __init__(self, broker: Broker | tuple, version: int = 4, timeout: float = ARRIVE):
+        if isinstance(broker, SplitBroker):
+            pytest.skip("across nodes: raw protocol tests talk to one node")
         addr = (broker.host, broker.port) if isinstance(broker, Broker) else broker
         self.sock = socket.create_connection(addr, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
