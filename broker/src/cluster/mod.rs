@@ -317,7 +317,7 @@ impl Cluster {
     /// wills' bucket, for another node to publish if this one dies before the connection
     /// ends.
     pub fn will_set(&self, conn: u64, w: &crate::session::PendingWill) {
-        match wills::encode(w) {
+        match wills::encode(w, crate::store::record::unix_ms_now()) {
             Ok(value) => {
                 let key = wills::key(&self.node, self.run, w.client.client_id.as_str(), conn);
                 if self.wills.try_send(wills::Op::Set { key, value }).is_err() {

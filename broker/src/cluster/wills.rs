@@ -94,9 +94,10 @@ fn owner(key: &str) -> Option<(&str, u64)> {
     Some((node, run))
 }
 
-/// An entry: the client (id, user name, listener), the will delay and the will as a wire
-/// record.
-pub(super) fn encode(w: &PendingWill) -> Result<Bytes, wire::WireError> {
+/// An entry: the client (id, user name, listener), the will delay, the will as a wire
+/// record, and when the entry was made (Unix ms, this node's clock: its connection had
+/// attached by then).
+pub(super) fn encode(w: &PendingWill, at_ms: u64) -> Result<Bytes, wire::WireError> {
     let mut b = BytesMut::new();
     let text = |b: &mut BytesMut, s: &str| {
         b.put_u32(s.len() as u32);
@@ -117,11 +118,13 @@ pub(super) fn encode(w: &PendingWill) -> Result<Bytes, wire::WireError> {
     wire::put(&mut record, &msg)?;
     // With its length: a cut payload is told from a shorter one.
     b.put_slice(&record);
+    b.put_u64(at_ms);
     Ok(b.freeze())
 }
 
-/// What [`encode`] wrote: the client, the will delay in seconds, the will.
-fn decode(mut v: &[u8]) -> Option<(ClientInfo, u32, Draft)> {
+/// What [`encode`] wrote: the client, the will delay in seconds, the will, and when the
+/// entry was made (none in an entry of a version before it was written).
+fn decode(mut v: &[u8]) -> Option<(ClientInfo, u32, Draft, Option<u64>)> {
     fn text(v: &mut &[u8]) -> Option<String> {
         if v.len() < 4 {
             return None;
@@ -148,9 +151,11 @@ fn decode(mut v: &[u8]) -> Option<(ClientInfo, u32, Draft)> {
     }
     let delay = v.get_u32();
     let record = wire::next(&mut v)?;
-    if !v.is_empty() {
-        return None;
-    }
+    let at_ms = match v.len() {
+        0 => None,
+        8 => Some(v.get_u64()),
+        _ => return None,
+    };
     let msg = wire::read(record).ok()?;
     let client = ClientInfo {
         client_id: ClientId::new(&client_id),
@@ -165,7 +170,7 @@ fn decode(mut v: &[u8]) -> Option<(ClientInfo, u32, Draft)> {
         retain: msg.retain,
         properties: msg.properties,
     };
-    Some((client, delay, draft))
+    Some((client, delay, draft, at_ms))
 }
 
 /// Removes every message of `key` from the bucket's stream. A key-value purge leaves a
@@ -311,21 +316,23 @@ impl Cluster {
             if let Err(e) = forget(store, &k).await {
                 tracing::debug!(error = %e, key = %k, "cluster: a purged will's marker left in the wills' bucket");
             }
-            let Some((client, delay, draft)) = decode(&entry.value) else {
+            let Some((client, delay, draft, at_ms)) = decode(&entry.value) else {
                 tracing::warn!(key = %k, "cluster: unreadable will in the wills' bucket: dropped");
                 continue;
             };
             let id = client.client_id.as_str().to_owned();
             if delay > 0 {
                 // MQTT-3.1.3-9: a client connected again within its will delay does not
-                // get its will published. Connected since the will was put: again.
-                // NATS's clock against the connecting node's (the will's own connection
-                // attached before its entry was put; clocks apart by more than that
-                // would count it as connected again).
-                let created = entry.created.unix_timestamp_nanos() / 1_000_000;
+                // get its will published. Connected since the entry was made: again
+                // (the will's node's clock against the connecting node's, as for claims;
+                // NATS's time of the put for an entry without its own).
+                let made = at_ms.map_or_else(
+                    || entry.created.unix_timestamp_nanos() / 1_000_000,
+                    i128::from,
+                );
                 if lock(&self.recent)
                     .since(&id)
-                    .is_some_and(|t| i128::from(t) > created)
+                    .is_some_and(|t| i128::from(t) > made)
                 {
                     tracing::info!(client_id = %id, "cluster: the client of a gone node's will connected again: its will is not published");
                     continue;
@@ -439,8 +446,11 @@ mod tests {
                 attributes: Vec::new(),
             },
         };
-        let v = encode(&w).unwrap();
-        let (client, delay, draft) = decode(&v).unwrap();
+        let v = encode(&w, 1_700_000_000_123).unwrap();
+        let (client, delay, draft, at_ms) = decode(&v).unwrap();
+        assert_eq!(at_ms, Some(1_700_000_000_123));
+        // An entry of the version before (no time) still reads.
+        assert!(decode(&v[..v.len() - 8]).unwrap().3.is_none());
         assert_eq!(client.client_id.as_str(), "c1");
         assert_eq!(client.username.as_deref(), Some("u"));
         assert_eq!(&*client.listener, "default");
@@ -448,7 +458,7 @@ mod tests {
         assert_eq!(draft.topic.as_str(), "gone/a");
         assert_eq!(&draft.payload[..], b"bye");
         assert!(draft.retain);
-        for cut in 0..v.len() {
+        for cut in (0..v.len()).filter(|&c| c != v.len() - 8) {
             assert!(decode(&v[..cut]).is_none(), "a cut at {cut} read back");
         }
     }
