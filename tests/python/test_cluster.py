@@ -163,11 +163,12 @@ def nodes(request, nats):
     """Factory: ``nodes("a", "b")`` starts Sandpiper nodes of one cluster (node timeout 3 s)."""
     started: list[Node] = []
 
-    def make(*names: str, urls: list[str] | None = None, replicas: int = 1) -> list[Node]:
+    def make(*names: str, urls: list[str] | None = None, replicas: int = 1,
+             extra: str = "") -> list[Node]:
         out = []
         for name in names:
             servers = ", ".join(f'"{u}"' for u in (urls or nats.urls()))
-            text = node_config() + (f'\n[cluster]\nnode = "{name}"\nnats = [{servers}]\n'
+            text = node_config(extra=extra) + (f'\n[cluster]\nnode = "{name}"\nnats = [{servers}]\n'
                                     f'node_timeout_ms = 3000\nreplicas = {replicas}\n')
             n = Node(text)
             started.append(n)
@@ -369,6 +370,21 @@ def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
     (c,) = nodes("c", replicas=3)
     wait_until("node c reads the bucket", lambda: retained_on(c, "kept/#", 0.3) == {
         "kept/r": "three copies"}, timeout=15)
+
+
+def test_a_message_over_nats_max_payload_is_dropped_and_holds_up_nothing(nodes):
+    # Clients may send 2 MiB; NATS carries at most 1 MiB (its default max_payload).
+    a, b = nodes("a", "b", extra="[mqtt]\nmax_packet_size = 2097152\n\n")
+    sub = Client(b, version=5)
+    sub.subscribe("big/#", qos=1)
+    knows(a, "b", 1)
+    pub = Client(a, version=5)
+    pub.publish("big/1", b"x" * (1100 * 1024), qos=1)
+    wait_until("the large message counted as dropped",
+               lambda: counter(a, "sandpiper_cluster_dropped_total") == 1)
+    # The pack after it is not held for the one that never comes (10 s): it arrives now.
+    pub.publish("big/2", "small", qos=1)
+    assert [m.text for m in sub.messages.expect_exactly(1)] == ["small"]
 
 
 @pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])

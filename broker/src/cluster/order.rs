@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 /// Longest a pack waits for its predecessor.
 pub(super) const HOLD_WAIT: Duration = Duration::from_secs(10);
-/// Most packs held per line.
-pub(super) const HOLD_MAX: usize = 32;
+/// Most packs held per line: as many as a sender keeps awaiting JetStream (a lost pack
+/// can be overtaken by all the others).
+pub(super) const HOLD_MAX: usize = super::queue::INFLIGHT;
 /// Lines kept before idle ones (nothing held, nothing for [`IDLE`]) are forgotten.
 const LINES: usize = 256;
 const IDLE: Duration = Duration::from_secs(600);
@@ -34,12 +35,16 @@ struct Line<T> {
 impl<T> Line<T> {
     /// Releases what follows `next` without a gap.
     fn drain(&mut self, out: &mut Vec<T>, now: Instant) {
+        let from = self.next;
         while let Some(item) = self.held.remove(&self.next) {
             out.push(item);
             self.next += 1;
         }
         self.waiting = if self.held.is_empty() {
             None
+        } else if self.next != from {
+            // Another gap: its own wait.
+            Some(now)
         } else {
             Some(self.waiting.unwrap_or(now))
         };
@@ -154,8 +159,9 @@ pub(super) fn pack_id(sender: &str, run: u64, receiver: &str, seq: u64) -> Strin
 /// The line (`SENDER.RUN.RECEIVER`) and number of a pack's id.
 pub(super) fn parse_pack_id(id: &str) -> Option<(&str, u64)> {
     let (line, seq) = id.rsplit_once('.')?;
-    let seq = seq.parse().ok()?;
-    (line.split('.').count() == 3).then_some((line, seq))
+    let seq: u64 = seq.parse().ok()?;
+    // The line counts on from it: the last number is no pack's.
+    (line.split('.').count() == 3 && seq < u64::MAX).then_some((line, seq))
 }
 
 #[cfg(test)]
@@ -174,6 +180,11 @@ mod tests {
         assert_eq!(o.deadline(), Some(t + HOLD_WAIT));
         assert_eq!(o.arrive("a", 2, 2, t), vec![2, 3]);
         assert_eq!(o.deadline(), None);
+        // A gap after a filled one waits its own time.
+        assert!(o.arrive("a", 6, 6, t).is_empty());
+        let later = t + HOLD_WAIT / 2;
+        assert_eq!(o.arrive("a", 4, 4, later), vec![4]);
+        assert_eq!(o.deadline(), Some(later + HOLD_WAIT));
         // Late or given again: at once.
         assert_eq!(o.arrive("a", 2, 2, t), vec![2]);
     }
@@ -223,6 +234,7 @@ mod tests {
         assert_eq!(parse_pack_id("a.1.5"), None);
         assert_eq!(parse_pack_id("a.1.b.x"), None);
         assert_eq!(parse_pack_id(""), None);
+        assert_eq!(parse_pack_id(&pack_id("a", 1, "b", u64::MAX)), None);
     }
 
     proptest! {

@@ -33,7 +33,7 @@ use crate::pipeline::Pipeline;
 /// The stream of messages between nodes.
 pub(super) const STREAM: &str = "sandpiper_messages";
 /// Packs published and not yet acknowledged by JetStream, at most.
-const INFLIGHT: usize = 64;
+pub(super) const INFLIGHT: usize = 64;
 /// Bytes of messages handed to the queue and not yet held by JetStream: beyond half,
 /// publishers wait for room; beyond all, new QoS 1/2 messages for other nodes are refused.
 const QUEUED_BYTES: usize = 64 * 1024 * 1024;
@@ -349,6 +349,8 @@ impl Cluster {
         };
         let first = publish(js.clone(), subject.clone(), id.clone(), bytes.clone()).await;
         async move {
+            let mut bytes = bytes;
+            let mut dropped = false;
             let mut sent = Some(first);
             let mut failing_since: Option<std::time::Instant> = None;
             let mut pause = Duration::from_millis(50);
@@ -368,18 +370,23 @@ impl Cluster {
                         {
                             tracing::info!(subject, "cluster: JetStream holds the messages again");
                         }
-                        return (pack.tickets, pack.size, true);
+                        return (pack.tickets, pack.size, !dropped);
                     }
                     Err(e)
                         if e.kind()
-                            == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded =>
+                            == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded
+                            && !dropped =>
                     {
                         // Never taken, however often sent: dropped, as a QoS 0 message over
-                        // NATS's maximum payload is (README, Cluster).
-                        self.stats.dropped.fetch_add(pack.tickets.len() as u64, Ordering::Relaxed);
+                        // NATS's maximum payload is (README, Cluster). An empty pack with its
+                        // number goes instead, so the receiver does not wait for it.
+                        self.stats
+                            .dropped
+                            .fetch_add(pack.tickets.len() as u64, Ordering::Relaxed);
                         tracing::warn!(subject, error = %e, records = pack.tickets.len(),
                             "cluster: messages for another node dropped: larger than NATS's maximum payload");
-                        return (pack.tickets, pack.size, false);
+                        dropped = true;
+                        bytes = bytes::Bytes::new();
                     }
                     Err(e) => {
                         // A moment's trouble (a stream leader moving) is waited out; a

@@ -225,9 +225,6 @@ impl Conn {
         Ok(())
     }
 
-    /// Whether accepting `msg` would write to the store: it is retained, a persistent
-    /// session or a sink takes it, or it is QoS 2 from a persistent session (its packet id
-    /// is kept until PUBREL).
     /// Why `msg` (QoS 1/2) cannot be made durable now, if it cannot: the store fails to
     /// write and the message needs it, or other nodes take it and JetStream cannot hold it
     /// (NATS away, the cluster's queue full).
@@ -243,6 +240,9 @@ impl Conn {
         None
     }
 
+    /// Whether accepting `msg` would write to the store: it is retained, a persistent
+    /// session or a sink takes it, or it is QoS 2 from a persistent session (its packet id
+    /// is kept until PUBREL).
     pub(super) fn needs_store(&self, msg: &Message, flow: PublishQoS) -> bool {
         msg.retain
             || (matches!(flow, PublishQoS::ExactlyOnce(_)) && self.state.mailbox.is_persistent())
