@@ -282,12 +282,32 @@ class _Nats:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        self.proc.terminate()
+        stop_process(self.proc, self.dir)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text: each sample's name with its labels, and its value."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def stop_process(proc: subprocess.Popen, folder: Path) -> None:
+    """SIGTERM (SIGKILL after 10 s), then the process's folder goes."""
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            self.proc.wait(10)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+            proc.kill()
+            proc.wait(5)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class SplitBroker:
@@ -365,16 +385,8 @@ class SplitBroker:
         return "\n".join(f"===== node {n} =====\n{b.log()}" for n, b in zip(self.http, self.nodes))
 
     def _metrics(self, name: str) -> dict[str, float]:
-        out: dict[str, float] = {}
         with urllib.request.urlopen(f"http://{self.http[name]}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line and not line.startswith("#"):
-                    k, _, v = line.rpartition(" ")
-                    try:
-                        out[k] = float(v)
-                    except ValueError:
-                        pass
-        return out
+            return parse_metrics(r.read().decode())
 
     def _ready(self, name: str) -> bool:
         try:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ARRIVE, REPO_ROOT, SANDPIPER_BIN, Broker, Client, _toml_value,
+from conftest import (ARRIVE, REPO_ROOT, SANDPIPER_BIN, Broker, Client, _toml_value, parse_metrics,
                       assert_broker_healthy, uid)
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -214,16 +214,7 @@ class Node(Broker):
     # -- /metrics -----------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                try:
-                    out[key] = float(value)
-                except ValueError:
-                    pass
-        return out
+            return parse_metrics(r.read().decode())
 
     def bridge_metric(self, metric: str, name: str) -> float | None:
         return self.metrics().get(f'{metric}{{bridge="{name}"}}')

@@ -35,7 +35,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import ARRIVE, Client, uid
+from conftest import ARRIVE, Client, stop_process, uid
 from test_bridge import Node, free_port, node_config, wait_until
 
 NATS_SERVER = os.environ.get("NATS_SERVER") or shutil.which("nats-server")
@@ -635,12 +635,7 @@ class Balancer:
             return False
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_process(self.proc, self.dir)
 
 
 class Through:
@@ -709,7 +704,9 @@ def jetstream_consumers(nats: NatsCluster) -> int:
     return max(counts)
 
 
-def jsz_debug(nats: NatsCluster) -> str:
+def stream_details(nats: NatsCluster, stream: str) -> list[dict]:
+    """What each nats-server holding a replica of ``stream`` reports of it (/jsz, with its
+    consumers)."""
     out = []
     for port in nats.http_ports:
         try:
@@ -719,28 +716,19 @@ def jsz_debug(nats: NatsCluster) -> str:
         except OSError:
             continue
         for account in info.get("account_details") or []:
-            for s in account.get("stream_detail") or []:
-                if s.get("name") == "sandpiper_messages":
-                    out.append(json.dumps({"state": s.get("state"), "cluster": s.get("cluster"),
-                                           "consumers": s.get("consumer_detail")}))
-    return "\n".join(out)
+            out += [s for s in account.get("stream_detail") or [] if s.get("name") == stream]
+    return out
+
+
+def jsz_debug(nats: NatsCluster) -> str:
+    return "\n".join(json.dumps({k: s.get(k) for k in ("state", "cluster", "consumer_detail")})
+                     for s in stream_details(nats, "sandpiper_messages"))
 
 
 def stream_messages(nats: NatsCluster, stream: str) -> int:
     """The messages a JetStream stream holds (with its keys' purge markers), as the servers
     that hold a replica report it (the most any reports)."""
-    counts = []
-    for port in nats.http_ports:
-        try:
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/jsz?streams=true", timeout=2) as r:
-                info = json.load(r)
-        except OSError:
-            continue
-        for account in info.get("account_details") or []:
-            for s in account.get("stream_detail") or []:
-                if s.get("name") == stream:
-                    counts.append(int(s.get("state", {}).get("messages", 0)))
+    counts = [int(s.get("state", {}).get("messages", 0)) for s in stream_details(nats, stream)]
     assert counts, f"no nats-server reported the stream {stream}"
     return max(counts)
 
