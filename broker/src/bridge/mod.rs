@@ -40,7 +40,7 @@ use crate::codec::QoS;
 use crate::config::BridgeConfig;
 use crate::mailbox::Room;
 use crate::message::Message;
-use crate::pipeline::{Offered, Origin, Outlet, Pipeline};
+use crate::pipeline::{Offered, Origin, Outlet, Pipeline, Placed};
 use crate::store::{Fifo, Store, StoreError};
 use topics::TopicMap;
 
@@ -252,7 +252,7 @@ impl Bridges {
 }
 
 impl Outlet for Bridges {
-    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered {
+    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>, _placed: &Placed) -> Offered {
         let mut offered = Offered::default();
         for b in &self.list {
             // A bridge never sends back what it brought in.

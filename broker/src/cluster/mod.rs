@@ -1,13 +1,13 @@
 //! Several brokers acting as one: the nodes of a cluster route messages to each other
 //! through NATS (`[cluster]`, the `async-nats` client). What is built: routing (QoS 1/2
 //! through JetStream), one connection per client id, the retained messages, the wills of a
-//! node that dies. A message
+//! node that dies, shared subscriptions across nodes. A message
 //! accepted on one node reaches the matching subscribers of every node; each node learns
 //! which topics every other node's clients subscribe to and sends a message only to the
 //! nodes that want it, once each, on that node's own subject.
 //!
-//! - **Interest.** A node counts its local subscriptions per filter (the topic part of a
-//!   `$share` subscription) and tells the others of each filter's first subscription and
+//! - **Interest.** A node counts its local subscriptions per filter (a shared one by its
+//!   whole `$share/GROUP/FILTER`) and tells the others of each filter's first subscription and
 //!   its last unsubscription, as numbered changes on `sandpiper.interest`. A node that
 //!   starts, or sees a gap in another's numbers (in a change or in a heartbeat), asks that
 //!   node for all of its filters (`sandpiper.snapshot.NODE`, answered in pieces to the
@@ -31,8 +31,12 @@
 //! - **Wills** of connected clients wait in another bucket; when their node dies, one other
 //!   node publishes them (`wills`).
 //!
-//! What issue 19 asks beyond this (sessions moving between nodes, shared subscriptions
-//! across nodes) is not built; ARCHITECTURE.md says so.
+//! - **Shared subscriptions**: for each group matching a message's topic, the accepting
+//!   node picks one of the nodes with members, in turn (`Outlet::place`); the message goes
+//!   to that node naming the groups it serves, and each node's router serves only those.
+//!
+//! What issue 19 asks beyond this (sessions moving between nodes) is not built;
+//! ARCHITECTURE.md says so.
 
 mod order;
 mod queue;
@@ -54,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
 use crate::message::Message;
-use crate::pipeline::{Offered, Origin, Outlet, Pipeline};
+use crate::pipeline::{Offered, Origin, Outlet, Pipeline, Placed};
 use routes::Routes;
 
 /// Messages waiting to be handed to NATS; beyond, messages for other nodes are dropped.
@@ -84,6 +88,17 @@ const SUBJECT_CLAIM: &str = "sandpiper.claim";
 const RETAIN: usize = 4096;
 /// Connections attached here waiting to be told to the other nodes; beyond, dropped.
 const CLAIMS: usize = 65_536;
+
+/// A QoS 0 message for another node, and the shared subscriptions it serves it to.
+type Outbound = (Arc<str>, Arc<Message>, Vec<Arc<str>>);
+
+/// The shared subscriptions of `placed` that `node` serves.
+fn shares_of(placed: &Placed, node: &str) -> Vec<Arc<str>> {
+    (placed.0.iter())
+        .filter(|(_, n)| **n == *node)
+        .map(|(s, _)| s.clone())
+        .collect()
+}
 
 fn msg_subject(node: &str) -> String {
     format!("sandpiper.msg.{node}")
@@ -116,11 +131,13 @@ struct Change {
     filter: Box<str>,
 }
 
-/// This node's filters: local subscriptions per filter, and the number of the last change.
+/// This node's filters: local subscriptions per filter (a shared subscription by its whole
+/// name), the number of the last change, and the shared subscriptions with members here.
 #[derive(Debug, Default)]
 struct Local {
     counts: HashMap<Box<str>, u32>,
     version: u64,
+    shares: Routes,
 }
 
 /// What this node knows of another.
@@ -196,7 +213,7 @@ pub struct Cluster {
     local: Mutex<Local>,
     peers: RwLock<HashMap<Arc<str>, Peer>>,
     changes: mpsc::UnboundedSender<Change>,
-    outbound: mpsc::Sender<(Arc<str>, Arc<Message>)>,
+    outbound: mpsc::Sender<Outbound>,
     claims: mpsc::Sender<Claim>,
     /// Retained messages accepted here, for the cluster's bucket.
     retain: mpsc::Sender<Arc<Message>>,
@@ -220,13 +237,15 @@ pub struct Cluster {
     delayed_wills: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// QoS 1/2 messages for other nodes on their way to JetStream.
     queue: Arc<queue::Queue>,
+    /// Turns of the nodes that have members of a shared subscription.
+    share_turn: AtomicU64,
     /// Its counters.
     pub stats: ClusterStats,
 }
 
 type Receivers = (
     mpsc::UnboundedReceiver<Change>,
-    mpsc::Receiver<(Arc<str>, Arc<Message>)>,
+    mpsc::Receiver<Outbound>,
     mpsc::Receiver<Claim>,
     mpsc::Receiver<Arc<Message>>,
     mpsc::Receiver<wills::Op>,
@@ -293,6 +312,7 @@ impl Cluster {
             recent: Mutex::default(),
             delayed_wills: Mutex::default(),
             queue: Arc::new(queue::Queue::new()),
+            share_turn: AtomicU64::new(0),
             stats: ClusterStats::default(),
         })
     }
@@ -362,13 +382,24 @@ impl Cluster {
     }
 
     /// Whether the QoS 1/2 message `msg` must be refused: other nodes' clients subscribe
-    /// to it and JetStream cannot hold it now (NATS away, the stream not open or not
-    /// answering, the queue to it full).
+    /// to it (or are the only members of a shared subscription to it) and JetStream cannot
+    /// hold it now (NATS away, the stream not open or not answering, the queue to it full).
     pub fn refuses(&self, msg: &Message) -> bool {
-        let refused = self.queue.refuses(self.is_connected())
-            && read(&self.peers)
-                .values()
-                .any(|p| p.routes.matches(msg.topic.as_str()));
+        let topic = msg.topic.as_str();
+        let refused = self.queue.refuses(self.is_connected()) && {
+            let peers = read(&self.peers);
+            peers.values().any(|p| p.routes.matches(topic)) || {
+                let mut there = Vec::new();
+                for p in peers.values() {
+                    p.routes.shares_matching(topic, &mut there);
+                }
+                let mut here = Vec::new();
+                if !there.is_empty() {
+                    lock(&self.local).shares.shares_matching(topic, &mut here);
+                }
+                there.iter().any(|s| !here.contains(s))
+            }
+        };
         if refused {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -378,7 +409,7 @@ impl Cluster {
     /// The other nodes heard from, with the filters each holds, sorted by name.
     pub fn nodes(&self) -> Vec<(String, usize)> {
         let mut v: Vec<_> = (read(&self.peers).iter())
-            .map(|(n, p)| (n.to_string(), p.routes.len()))
+            .map(|(n, p)| (n.to_string(), p.routes.held()))
             .collect();
         v.sort();
         v
@@ -398,6 +429,9 @@ impl crate::router::Interest for Cluster {
             Some(n) => *n += 1,
             None => {
                 local.counts.insert(filter.into(), 1);
+                if filter.starts_with("$share/") {
+                    local.shares.insert(filter);
+                }
                 local.version += 1;
                 let version = local.version;
                 let _ = self.changes.send(Change {
@@ -418,6 +452,9 @@ impl crate::router::Interest for Cluster {
         *n -= 1;
         if *n == 0 {
             local.counts.remove(filter);
+            if filter.starts_with("$share/") {
+                local.shares.remove(filter);
+            }
             local.version += 1;
             let version = local.version;
             let _ = self.changes.send(Change {
@@ -792,13 +829,13 @@ impl Cluster {
                 tracing::warn!("cluster: a message from another node was cut short");
                 break;
             };
-            match wire::read(record) {
-                Ok(mut msg) => {
+            match wire::read_shared(record) {
+                Ok((mut msg, shares)) => {
                     // A session key of the sending node means nothing here (No Local is
                     // about this node's sessions).
                     msg.publisher = None;
                     self.stats.received.fetch_add(1, Ordering::Relaxed);
-                    let routed = pipeline.route_from_node(&Arc::new(msg));
+                    let routed = pipeline.route_from_node(&Arc::new(msg), &shares);
                     ticket = ticket.max(routed.ticket);
                     // A subscriber half full: what follows waits for it, as a local
                     // publisher would (at most the back-pressure timeout), rather than
@@ -823,18 +860,14 @@ impl Cluster {
     /// Hands messages for other nodes to NATS, in the order they were accepted: what is
     /// waiting goes in one NATS message per node (records with their lengths, at most
     /// [`PACK`] bytes each).
-    async fn send(
-        &self,
-        client: async_nats::Client,
-        mut outbound: mpsc::Receiver<(Arc<str>, Arc<Message>)>,
-    ) {
+    async fn send(&self, client: async_nats::Client, mut outbound: mpsc::Receiver<Outbound>) {
         let mut packs: HashMap<Arc<str>, Pack> = HashMap::new();
         let mut batch = Vec::with_capacity(WAITING);
         loop {
             if outbound.recv_many(&mut batch, WAITING).await == 0 {
                 return;
             }
-            for (node, msg) in batch.drain(..) {
+            for (node, msg, shares) in batch.drain(..) {
                 self.outbound_bytes.fetch_sub(msg.size(), Ordering::Relaxed);
                 let pack = packs.entry(node.clone()).or_insert_with(|| Pack {
                     subject: msg_subject(&node).into(),
@@ -844,7 +877,7 @@ impl Cluster {
                 if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
                     self.publish_pack(&client, pack).await;
                 }
-                match wire::put(&mut pack.bytes, &msg) {
+                match wire::put_shared(&mut pack.bytes, &msg, &shares) {
                     Ok(()) => pack.records += 1,
                     Err(e) => {
                         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -1281,7 +1314,7 @@ async fn fetch_snapshot(client: &async_nats::Client, node: &str) -> Result<Snaps
 }
 
 impl Outlet for Cluster {
-    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>) -> Offered {
+    fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>, placed: &Placed) -> Offered {
         let _ = from;
         if msg.retain {
             let size = msg.size();
@@ -1297,9 +1330,11 @@ impl Outlet for Cluster {
         let topic = msg.topic.as_str();
         if msg.qos != crate::codec::QoS::AtMostOnce {
             // Through JetStream: the publisher's acknowledgement waits for it.
-            let nodes = (peers.iter())
-                .filter(|(_, p)| !p.routes.is_empty() && p.routes.matches(topic))
-                .map(|(n, _)| n);
+            let nodes = (peers.iter()).filter_map(|(n, p)| {
+                let shares = shares_of(placed, n);
+                let wants = !p.routes.is_empty() && p.routes.matches(topic);
+                (wants || !shares.is_empty()).then_some((n, shares))
+            });
             let mut offered = Offered::default();
             match self.queue.offer(nodes, msg) {
                 Ok(last) => offered.replicated = last,
@@ -1325,23 +1360,110 @@ impl Outlet for Cluster {
             return Offered::default();
         }
         for (name, peer) in peers.iter() {
-            if peer.routes.is_empty() || !peer.routes.matches(topic) {
+            let shares = shares_of(placed, name);
+            if shares.is_empty() && (peer.routes.is_empty() || !peer.routes.matches(topic)) {
                 continue;
             }
-            // Encoded on the cluster's thread, not on the connection's.
-            let size = msg.size();
-            if self.outbound_bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
-                || self.outbound.try_send((name.clone(), msg.clone())).is_err()
-            {
-                self.outbound_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            self.send_qos0(name, msg, shares);
         }
         Offered::default()
     }
 
     fn selects(&self, topic: &str) -> bool {
-        read(&self.peers).values().any(|p| p.routes.matches(topic))
+        read(&self.peers).values().any(|p| {
+            let mut shares = Vec::new();
+            p.routes.shares_matching(topic, &mut shares);
+            p.routes.matches(topic) || !shares.is_empty()
+        })
+    }
+
+    /// Each shared subscription with members on this node and others goes to the nodes in
+    /// turn; one with members only elsewhere, to one of those nodes in turn. The node
+    /// chosen hands the message to one of its members (the router's own turn).
+    fn place(&self, msg: &Message) -> Placed {
+        let peers = read(&self.peers);
+        if !peers.values().any(|p| p.routes.has_shares())
+            || !self.is_connected()
+            || (msg.qos != crate::codec::QoS::AtMostOnce && self.queue.refuses(true))
+        {
+            // Nothing can go elsewhere: this node serves what it has members of.
+            return Placed::default();
+        }
+        let topic = msg.topic.as_str();
+        let mut there: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        let mut found = Vec::new();
+        for (name, p) in peers.iter() {
+            p.routes.shares_matching(topic, &mut found);
+            there.extend(found.drain(..).map(|s| (s, name.clone())));
+        }
+        if there.is_empty() {
+            return Placed::default();
+        }
+        lock(&self.local).shares.shares_matching(topic, &mut found);
+        there.sort_unstable();
+        let mut placed = Vec::new();
+        for run in there.chunk_by(|a, b| a.0 == b.0) {
+            let Some((share, _)) = run.first() else {
+                continue;
+            };
+            let here = usize::from(found.contains(share));
+            let turn = self.share_turn.fetch_add(1, Ordering::Relaxed);
+            let pick = usize::try_from(turn % (run.len() + here) as u64).unwrap_or(0);
+            if let Some((share, node)) = run.get(pick) {
+                placed.push((share.clone(), node.clone()));
+            }
+        }
+        Placed(placed)
+    }
+
+    /// A node with members of `share` takes the message, in turn.
+    fn take_shared(&self, msg: &Arc<Message>, share: &crate::codec::TopicFilter) -> bool {
+        let qos0 = msg.qos == crate::codec::QoS::AtMostOnce;
+        if !self.is_connected() || (!qos0 && self.queue.refuses(true)) {
+            return false;
+        }
+        let node = {
+            let peers = read(&self.peers);
+            let mut nodes: Vec<&Arc<str>> = (peers.iter())
+                .filter(|(_, p)| p.routes.has_share(share))
+                .map(|(n, _)| n)
+                .collect();
+            if nodes.is_empty() {
+                return false;
+            }
+            nodes.sort_unstable();
+            let turn = self.share_turn.fetch_add(1, Ordering::Relaxed);
+            let pick = usize::try_from(turn % nodes.len() as u64).unwrap_or(0);
+            match nodes.get(pick) {
+                Some(n) => Arc::clone(n),
+                None => return false,
+            }
+        };
+        let shares = vec![Arc::from(share.as_str())];
+        if qos0 {
+            return self.send_qos0(&node, msg, shares);
+        }
+        let taken = self.queue.offer(std::iter::once((&node, shares)), msg);
+        matches!(taken, Ok(Some(_)))
+    }
+}
+
+impl Cluster {
+    /// Queues a QoS 0 message for `node` (encoded on the cluster's thread, not on the
+    /// connection's); false if it was dropped (the queue is full).
+    fn send_qos0(&self, node: &Arc<str>, msg: &Arc<Message>, shares: Vec<Arc<str>>) -> bool {
+        let size = msg.size();
+        if self.outbound_bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
+            || self
+                .outbound
+                .try_send((node.clone(), msg.clone(), shares))
+                .is_err()
+        {
+            self.outbound_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 }
 

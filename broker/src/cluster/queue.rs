@@ -53,8 +53,9 @@ pub(super) fn subject(node: &str) -> String {
     format!("sandpiper.q.{node}")
 }
 
-/// A message for node `node` with its ticket.
-type Queued = (u64, Arc<str>, Arc<Message>);
+/// A message for node `node` with its ticket, and the shared subscriptions that node
+/// serves it to.
+type Queued = (u64, Arc<str>, Arc<Message>, Vec<Arc<str>>);
 
 /// Messages for other nodes on their way to JetStream, and the tickets the publishers'
 /// acknowledgements wait for.
@@ -109,12 +110,13 @@ impl Queue {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Queues `msg` for each of `nodes`: the last ticket (none: no node), or the number of
-    /// nodes it was dropped for (far beyond the limit: only what nobody waits on gets
-    /// here then, as client messages are refused first).
+    /// Queues `msg` for each of `nodes` (with the shared subscriptions it serves it to):
+    /// the last ticket (none: no node), or the number of nodes it was dropped for (far
+    /// beyond the limit: only what nobody waits on gets here then, as client messages are
+    /// refused first).
     pub(super) fn offer<'a>(
         &self,
-        nodes: impl Iterator<Item = &'a Arc<str>>,
+        nodes: impl Iterator<Item = (&'a Arc<str>, Vec<Arc<str>>)>,
         msg: &Arc<Message>,
     ) -> Result<Option<u64>, usize> {
         if self.bytes.load(Ordering::Relaxed) > 2 * QUEUED_BYTES {
@@ -123,10 +125,10 @@ impl Queue {
         // Tickets are handed out in the order they reach the queue.
         let mut next = lock(&self.next);
         let mut last = None;
-        for node in nodes {
+        for (node, shares) in nodes {
             *next += 1;
             self.bytes.fetch_add(msg.size(), Ordering::Relaxed);
-            let _ = self.tx.send((*next, node.clone(), msg.clone()));
+            let _ = self.tx.send((*next, node.clone(), msg.clone(), shares));
             last = Some(*next);
         }
         Ok(last)
@@ -278,7 +280,7 @@ impl Cluster {
                         return;
                     }
                     let mut dropped = 0;
-                    for (t, node, msg) in batch.drain(..) {
+                    for (t, node, msg, shares) in batch.drain(..) {
                         pending.held.push_back(false);
                         let pack = packs.entry(node.clone()).or_default();
                         if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
@@ -286,7 +288,7 @@ impl Cluster {
                             let put = self.put(&js, &node, seq, std::mem::take(pack)).await;
                             inflight.push(put);
                         }
-                        match wire::put(&mut pack.bytes, &msg) {
+                        match wire::put_shared(&mut pack.bytes, &msg, &shares) {
                             Ok(()) => {
                                 pack.tickets.push(t);
                                 pack.size += msg.size();

@@ -2,8 +2,13 @@
 //! node wants (MQTT matching: `+` one level, `#` the rest and the parent, no wildcard at
 //! the first level of a `$` topic). A node is told of each filter when its first local
 //! subscription comes and when its last one goes, so a filter is here once or not at all.
+//! A shared subscription (`$share/GROUP/FILTER`, one per group and filter) is kept apart:
+//! at its filter's level, by its whole name.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::codec::TopicFilter;
 
 /// Most levels of a filter another node may hold here (removing walks the levels
 /// recursively); a node's own `max_topic_levels` is 128 by default.
@@ -19,11 +24,13 @@ struct Level {
     children: HashMap<Box<str>, Level>,
     /// A filter ends here.
     here: bool,
+    /// Shared subscriptions to the filter that ends here, by whole name.
+    shares: Vec<Arc<str>>,
 }
 
 impl Level {
     fn is_empty(&self) -> bool {
-        !self.here && self.children.is_empty()
+        !self.here && self.shares.is_empty() && self.children.is_empty()
     }
 }
 
@@ -31,39 +38,74 @@ impl Level {
 #[derive(Debug, Default)]
 pub struct Routes {
     root: Level,
+    /// Filters held (shared subscriptions not counted).
     len: usize,
+    /// Shared subscriptions held.
+    shares: usize,
+}
+
+/// Where a subscription sits: the levels of its filter, and its whole name if shared.
+fn place(subscription: &str) -> Option<(String, Option<Arc<str>>)> {
+    if too_deep(subscription) {
+        return None;
+    }
+    if !subscription.starts_with("$share/") {
+        return Some((subscription.to_owned(), None));
+    }
+    let f = TopicFilter::new(subscription).ok()?;
+    Some((f.filter().to_owned(), Some(subscription.into())))
 }
 
 impl Routes {
-    /// Adds `filter` (the topic part of a subscription: `$share/g/` taken off); false if
-    /// it was already here or is deeper than [`MAX_LEVELS`] (another node's word).
-    pub fn insert(&mut self, filter: &str) -> bool {
-        if too_deep(filter) {
+    /// Adds `subscription` (the topic part of a subscription, or a whole
+    /// `$share/GROUP/FILTER`); false if it was already here, is not a valid shared
+    /// subscription or is deeper than [`MAX_LEVELS`] (another node's word).
+    pub fn insert(&mut self, subscription: &str) -> bool {
+        let Some((filter, share)) = place(subscription) else {
             return false;
-        }
+        };
         let mut level = &mut self.root;
         for l in filter.split('/') {
             level = level.children.entry(l.into()).or_default();
         }
-        let new = !level.here;
-        level.here = true;
-        self.len += usize::from(new);
-        new
+        match share {
+            None => {
+                let new = !level.here;
+                level.here = true;
+                self.len += usize::from(new);
+                new
+            }
+            Some(s) => {
+                let new = !level.shares.contains(&s);
+                if new {
+                    level.shares.push(s);
+                    self.shares += 1;
+                }
+                new
+            }
+        }
     }
 
-    /// Removes `filter`; false if it was not here. Levels left empty are cut.
-    pub fn remove(&mut self, filter: &str) -> bool {
-        if too_deep(filter) {
+    /// Removes `subscription`; false if it was not here. Levels left empty are cut.
+    pub fn remove(&mut self, subscription: &str) -> bool {
+        let Some((filter, share)) = place(subscription) else {
             return false;
-        }
-        fn walk(level: &mut Level, rest: &[&str]) -> bool {
+        };
+        fn walk(level: &mut Level, rest: &[&str], share: &Option<Arc<str>>) -> bool {
             match rest.split_first() {
-                None => std::mem::replace(&mut level.here, false),
+                None => match share {
+                    None => std::mem::replace(&mut level.here, false),
+                    Some(s) => {
+                        let before = level.shares.len();
+                        level.shares.retain(|x| x != s);
+                        level.shares.len() != before
+                    }
+                },
                 Some((l, rest)) => {
                     let Some(child) = level.children.get_mut(*l) else {
                         return false;
                     };
-                    let removed = walk(child, rest);
+                    let removed = walk(child, rest, share);
                     if child.is_empty() {
                         level.children.remove(*l);
                     }
@@ -72,19 +114,71 @@ impl Routes {
             }
         }
         let levels: Vec<&str> = filter.split('/').collect();
-        let removed = walk(&mut self.root, &levels);
-        self.len -= usize::from(removed);
+        let removed = walk(&mut self.root, &levels, &share);
+        match share {
+            None => self.len -= usize::from(removed),
+            Some(_) => self.shares -= usize::from(removed),
+        }
         removed
     }
 
-    /// Filters held.
+    /// Filters held (shared subscriptions not counted).
     pub fn len(&self) -> usize {
         self.len
     }
 
-    /// Whether no filter is held.
+    /// Whether no filter is held (shared subscriptions not counted).
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Filters and shared subscriptions held.
+    pub fn held(&self) -> usize {
+        self.len + self.shares
+    }
+
+    /// Whether a shared subscription is held.
+    pub fn has_shares(&self) -> bool {
+        self.shares > 0
+    }
+
+    /// Whether the shared subscription `share` (a whole `$share/GROUP/FILTER`) is held.
+    pub fn has_share(&self, share: &TopicFilter) -> bool {
+        let mut level = &self.root;
+        for l in share.filter().split('/') {
+            match level.children.get(l) {
+                Some(c) => level = c,
+                None => return false,
+            }
+        }
+        level.shares.iter().any(|s| **s == *share.as_str())
+    }
+
+    /// Adds to `out` the shared subscriptions here whose filters match `topic`.
+    pub fn shares_matching(&self, topic: &str, out: &mut Vec<Arc<str>>) {
+        if self.shares == 0 {
+            return;
+        }
+        let levels: smallvec::SmallVec<[&str; 16]> = topic.split('/').collect();
+        let sys = topic.starts_with('$');
+        let mut stack: smallvec::SmallVec<[(&Level, usize); 16]> =
+            smallvec::smallvec![(&self.root, 0)];
+        while let Some((level, depth)) = stack.pop() {
+            let first = depth == 0 && sys;
+            if !first && let Some(h) = level.children.get("#") {
+                out.extend(h.shares.iter().cloned());
+            }
+            let Some(l) = levels.get(depth) else {
+                out.extend(level.shares.iter().cloned());
+                continue;
+            };
+            if let Some(c) = level.children.get(*l) {
+                stack.push((c, depth + 1));
+            }
+            if !first && let Some(c) = level.children.get("+") {
+                stack.push((c, depth + 1));
+            }
+        }
     }
 
     /// Whether a filter here matches `topic`.
@@ -122,6 +216,7 @@ fn matches(root: &Level, levels: &[&str], sys: bool) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -184,6 +279,25 @@ mod tests {
         assert!(r.is_empty() && r.root.children.is_empty());
     }
 
+    #[test]
+    fn shared_subscriptions_sit_apart_from_plain_filters() {
+        let mut r = Routes::default();
+        assert!(r.insert("$share/g/a/+") && r.insert("$share/h/a/+") && r.insert("a/b"));
+        assert!(!r.insert("$share/g/a/+") && !r.insert("$share//a") && !r.insert("$share/g"));
+        assert_eq!((r.len(), r.has_shares()), (1, true));
+        let mut out = Vec::new();
+        r.shares_matching("a/x", &mut out);
+        out.sort();
+        assert_eq!(out, [Arc::from("$share/g/a/+"), Arc::from("$share/h/a/+")]);
+        // A shared subscription alone does not make the node want the topic for itself.
+        assert!(!r.matches("a/x") && r.matches("a/b"));
+        let g = TopicFilter::new("$share/g/a/+").unwrap();
+        assert!(r.has_share(&g) && !r.has_share(&TopicFilter::new("$share/x/a/+").unwrap()));
+        assert!(r.remove("$share/g/a/+") && !r.remove("$share/g/a/+") && !r.has_share(&g));
+        assert!(r.remove("$share/h/a/+") && !r.has_shares());
+        assert!(r.remove("a/b") && r.root.children.is_empty());
+    }
+
     fn level() -> impl Strategy<Value = String> {
         prop_oneof![
             Just("a".to_owned()),
@@ -237,6 +351,47 @@ mod tests {
                 let want = held.iter().any(|f| plain(f, t));
                 prop_assert_eq!(r.matches(t), want, "topic {} filters {:?}", t, held);
             }
+        }
+
+        #[test]
+        fn shared_subscriptions_match_as_plain_matching_says(
+            shares in prop::collection::vec((0..3u8, filter()), 0..6),
+            plain_filters in prop::collection::vec(filter(), 0..3),
+            topics in prop::collection::vec(topic(), 1..8),
+        ) {
+            let mut r = Routes::default();
+            let mut held: Vec<(String, String)> = Vec::new();
+            for (g, f) in &shares {
+                let name = format!("$share/g{g}/{f}");
+                if TopicFilter::new(&name).is_err() {
+                    // An empty filter: not a shared subscription.
+                    prop_assert!(!r.insert(&name));
+                    continue;
+                }
+                prop_assert_eq!(r.insert(&name), !held.iter().any(|(n, _)| *n == name));
+                if !held.iter().any(|(n, _)| *n == name) {
+                    held.push((name, f.clone()));
+                }
+            }
+            for f in &plain_filters {
+                r.insert(f);
+            }
+            for t in &topics {
+                let mut got = Vec::new();
+                r.shares_matching(t, &mut got);
+                let mut got: Vec<String> = got.iter().map(|s| s.to_string()).collect();
+                got.sort();
+                let mut want: Vec<String> = (held.iter())
+                    .filter(|(_, f)| plain(f, t))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                want.sort();
+                prop_assert_eq!(got, want, "topic {}", t);
+            }
+            for (n, _) in &held {
+                prop_assert!(r.remove(n));
+            }
+            prop_assert!(!r.has_shares());
         }
     }
 }

@@ -3,6 +3,11 @@
 //! properties (most): kind 0, flags (QoS in bits 0–1, RETAIN in bit 2), the expiry as Unix
 //! milliseconds (0: none), the topic's length (u16) and bytes, then the payload; or *full*:
 //! kind 1, then the store's record of a retained message (which carries the properties).
+//! A message the receiving node is to hand to members of shared subscriptions is kind 2:
+//! how many (u16), each shared subscription (`$share/GROUP/FILTER`) after its length (u16),
+//! then the message's own plain or full record, without a length.
+
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -12,6 +17,7 @@ use crate::store::record;
 
 const PLAIN: u8 = 0;
 const FULL: u8 = 1;
+const SHARED: u8 = 2;
 
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -33,28 +39,45 @@ fn has_properties(m: &Message) -> bool {
 
 /// Appends `m`'s record, after its length, to `out` (unchanged on an error).
 pub fn put(out: &mut BytesMut, m: &Message) -> Result<(), WireError> {
+    put_shared(out, m, &[])
+}
+
+/// Appends `m`'s record, after its length, to `out`, naming the shared subscriptions the
+/// receiving node serves it to (unchanged on an error).
+pub fn put_shared(out: &mut BytesMut, m: &Message, shares: &[Arc<str>]) -> Result<(), WireError> {
     let at = out.len();
-    if has_properties(m) {
-        out.put_u32(0);
-        out.put_u8(FULL);
-        let written = record::encode_retained_into(out, m).map_err(|e| WireError(e.to_string()));
-        let len = written
-            .and_then(|()| u32::try_from(out.len() - at - 4).map_err(|_| bad("message too large")));
-        match len {
-            Ok(len) => out[at..at + 4].copy_from_slice(&len.to_be_bytes()),
-            Err(e) => {
-                out.truncate(at);
-                return Err(e);
-            }
+    out.put_u32(0);
+    let written = put_body(out, m, shares);
+    let len = written
+        .and_then(|()| u32::try_from(out.len() - at - 4).map_err(|_| bad("message too large")));
+    match len {
+        Ok(len) => {
+            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            Ok(())
         }
-        return Ok(());
+        Err(e) => {
+            out.truncate(at);
+            Err(e)
+        }
+    }
+}
+
+fn put_body(out: &mut BytesMut, m: &Message, shares: &[Arc<str>]) -> Result<(), WireError> {
+    if !shares.is_empty() {
+        out.put_u8(SHARED);
+        out.put_u16(u16::try_from(shares.len()).map_err(|_| bad("too many shared subscriptions"))?);
+        for s in shares {
+            out.put_u16(u16::try_from(s.len()).map_err(|_| bad("filter too long"))?);
+            out.put_slice(s.as_bytes());
+        }
+    }
+    if has_properties(m) {
+        out.put_u8(FULL);
+        return record::encode_retained_into(out, m).map_err(|e| WireError(e.to_string()));
     }
     let topic = m.topic.as_str();
     let topic_len = u16::try_from(topic.len()).map_err(|_| bad("topic too long"))?;
-    let len = u32::try_from(1 + 1 + 8 + 2 + topic.len() + m.payload.len())
-        .map_err(|_| bad("message too large"))?;
-    out.reserve(4 + len as usize);
-    out.put_u32(len);
+    out.reserve(1 + 1 + 8 + 2 + topic.len() + m.payload.len());
     out.put_u8(PLAIN);
     out.put_u8(m.qos as u8 | u8::from(m.retain) << 2);
     out.put_u64(m.expires_at.map_or(0, record::instant_to_unix_ms));
@@ -73,8 +96,39 @@ pub fn next<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
     Some(record)
 }
 
-/// Reads one record (the payload is copied: the pack it came in is not kept alive by it).
+/// Reads one record (the payload is copied: the pack it came in is not kept alive by it);
+/// the shared subscriptions it names are skipped.
 pub fn read(r: &[u8]) -> Result<Message, WireError> {
+    read_shared(r).map(|(m, _)| m)
+}
+
+/// Reads one record and the shared subscriptions it names (none: the receiving node
+/// serves it to none of its shared subscriptions).
+pub fn read_shared(r: &[u8]) -> Result<(Message, Vec<Arc<str>>), WireError> {
+    let (&kind, rest) = r.split_first().ok_or_else(|| bad("empty record"))?;
+    if kind != SHARED {
+        return read_body(r).map(|m| (m, Vec::new()));
+    }
+    let (n, mut rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| bad("cut short"))?;
+    let n = u16::from_be_bytes(*n);
+    let mut shares = Vec::with_capacity(usize::from(n).min(rest.len() / 2));
+    for _ in 0..n {
+        let (len, tail) = rest
+            .split_first_chunk::<2>()
+            .ok_or_else(|| bad("cut short"))?;
+        let (s, tail) = tail
+            .split_at_checked(usize::from(u16::from_be_bytes(*len)))
+            .ok_or_else(|| bad("cut short"))?;
+        let s = std::str::from_utf8(s).map_err(|_| bad("filter is not UTF-8"))?;
+        shares.push(Arc::from(s));
+        rest = tail;
+    }
+    read_body(rest).map(|m| (m, shares))
+}
+
+fn read_body(r: &[u8]) -> Result<Message, WireError> {
     let (&kind, r) = r.split_first().ok_or_else(|| bad("empty record"))?;
     match kind {
         FULL => record::decode_retained(r).map_err(|e| WireError(e.to_string())),
@@ -148,6 +202,37 @@ mod tests {
         assert_eq!(rb.qos, QoS::ExactlyOnce);
         let left = rb.expires_at.unwrap() - Instant::now();
         assert!(left > Duration::from_secs(58) && left <= Duration::from_secs(61));
+    }
+
+    #[test]
+    fn shared_subscriptions_travel_with_their_record() {
+        let mut full = message("a/b", b"one", QoS::AtLeastOnce, false);
+        full.properties.content_type = Some("text/plain".into());
+        let shares: Vec<Arc<str>> = vec!["$share/g/a/+".into(), "$share/h/#".into()];
+        let mut pack = BytesMut::new();
+        put_shared(&mut pack, &full, &shares).unwrap();
+        put_shared(
+            &mut pack,
+            &message("c", b"two", QoS::AtMostOnce, false),
+            &shares[1..],
+        )
+        .unwrap();
+        put(&mut pack, &message("d", b"", QoS::AtMostOnce, false)).unwrap();
+        let mut rest = &pack[..];
+        let (a, sa) = read_shared(next(&mut rest).unwrap()).unwrap();
+        assert_eq!(a.properties.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(sa, shares);
+        let (c, sc) = read_shared(next(&mut rest).unwrap()).unwrap();
+        assert_eq!((c.topic.as_str(), &sc[..]), ("c", &shares[1..]));
+        let (d, sd) = read_shared(next(&mut rest).unwrap()).unwrap();
+        assert_eq!((d.topic.as_str(), sd.len()), ("d", 0));
+        assert!(rest.is_empty());
+        // Every cut of a shared record is an error, never a panic.
+        let mut one = BytesMut::new();
+        put_shared(&mut one, &full, &shares).unwrap();
+        for n in 0..one.len() - 4 {
+            let _ = read_shared(&one[4..4 + n]);
+        }
     }
 
     #[test]

@@ -252,7 +252,8 @@ pub struct Router {
 /// the other nodes. Called after the change, outside the router's lock, once per
 /// subscription made or removed (a replaced one is neither).
 pub trait Interest: Send + Sync + std::fmt::Debug {
-    /// A subscription to `filter` (its topic part, without `$share/GROUP/`) was made.
+    /// A subscription to `filter` was made: the topic filter, or the whole
+    /// `$share/GROUP/FILTER` of a shared subscription (one per group and filter).
     fn subscribed(&self, filter: &str);
     /// A subscription to `filter` was removed.
     fn unsubscribed(&self, filter: &str);
@@ -301,7 +302,7 @@ impl Router {
     ) -> bool {
         let new = self.subscribe_in_trie(sub, filter, options, id);
         if new && let Some(i) = self.interest.get() {
-            i.subscribed(filter.filter());
+            i.subscribed(filter.as_str());
         }
         new
     }
@@ -395,7 +396,7 @@ impl Router {
     pub fn unsubscribe(&self, key: ClientKey, filter: &TopicFilter) -> bool {
         let removed = self.unsubscribe_in_trie(key, filter);
         if removed && let Some(i) = self.interest.get() {
-            i.unsubscribed(filter.filter());
+            i.unsubscribed(filter.as_str());
         }
         removed
     }
@@ -454,6 +455,16 @@ impl Router {
     /// Stores the message if it is retained (and the retained store has room), then
     /// routes it.
     pub fn route(&self, msg: &Arc<Message>) -> Routed {
+        self.route_sharing(msg, |_| true)
+    }
+
+    /// [`Router::route`], serving only the shared subscriptions `serve` says yes to (the
+    /// others are served by other nodes of the cluster).
+    pub fn route_sharing(
+        &self,
+        msg: &Arc<Message>,
+        serve: impl Fn(&TopicFilter) -> bool,
+    ) -> Routed {
         let (ticket, not_retained) = match msg.retain {
             true => match self.retain(msg) {
                 Ok(t) => (t, false),
@@ -461,7 +472,7 @@ impl Router {
             },
             false => (None, false),
         };
-        let mut r = self.publish(msg);
+        let mut r = self.publish_sharing(msg, serve);
         r.ticket = r.ticket.max(ticket);
         r.not_retained = not_retained;
         r
@@ -469,6 +480,16 @@ impl Router {
 
     /// Routes a message to every matching session.
     pub fn publish(&self, msg: &Arc<Message>) -> Routed {
+        self.publish_sharing(msg, |_| true)
+    }
+
+    /// Routes a message to every matching session, and to one member of each matching
+    /// shared subscription `serve` says yes to.
+    pub fn publish_sharing(
+        &self,
+        msg: &Arc<Message>,
+        serve: impl Fn(&TopicFilter) -> bool,
+    ) -> Routed {
         let root = read(&self.trie);
         let mut matches: Vec<&Entry> = Vec::new();
         let mut groups: Vec<&SharedGroup> = Vec::new();
@@ -514,6 +535,9 @@ impl Router {
         }
 
         for g in groups {
+            if !serve(&g.filter) {
+                continue;
+            }
             if let Some(e) = pick_member(g, None) {
                 let d = Delivery {
                     msg: msg.clone(),

@@ -778,7 +778,7 @@ impl Sessions {
             if f.delivery.shared.is_some() && movable {
                 let mut d = f.delivery.clone();
                 d.retain = false;
-                if self.pipeline.router().redeliver_shared(d, key).is_ok() {
+                if self.pipeline.redeliver_shared(d, key).is_ok() {
                     state.mailbox.forget(&f.delivery);
                     continue;
                 }
@@ -793,7 +793,7 @@ impl Sessions {
         let mut back = Vec::new();
         for d in moved {
             let copy = d.store_id.map(|_| d.clone());
-            match self.pipeline.router().redeliver_shared(d, key) {
+            match self.pipeline.redeliver_shared(d, key) {
                 Ok(()) => {
                     if let Some(c) = copy {
                         state.mailbox.forget(&c);
