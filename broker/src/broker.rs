@@ -195,6 +195,8 @@ impl Broker {
             topics,
         ));
         if let Some(c) = &cluster {
+            let elsewhere: Arc<dyn crate::session::Elsewhere> = c.clone();
+            let _ = sessions.elsewhere.set(elsewhere);
             let c = Arc::downgrade(c);
             let _ = sessions
                 .on_attached

@@ -474,6 +474,67 @@ def test_a_client_id_connected_to_another_node_takes_the_connection_over(nodes, 
     assert [m.text for m in new.messages.expect_exactly(1)] == ["yes"]
 
 
+def persistent(n: Node, cid: str, version: int, **kw) -> Client:
+    props = {"SessionExpiryInterval": 300} if version == 5 else None
+    return Client(n, client_id=cid, version=version, clean=False, connect_props=props, **kw)
+
+
+def sessions_on(n: Node) -> float:
+    m = n.metrics()
+    return m.get('sandpiper_sessions{state="online"}', 0) + m.get(
+        'sandpiper_sessions{state="offline"}', 0)
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
+def test_a_persistent_session_moves_to_the_node_its_client_connects_to(nodes, version):
+    a, b, c = nodes("a", "b", "c")
+    cid = uid("mv")
+    s = persistent(a, cid, version)
+    assert s.session_present is False
+    s.subscribe("mv/#", qos=1)
+    s.disconnect()
+    knows(c, "a", 1)
+    pub = Client(c, version=5)
+    for i in range(20):
+        pub.publish("mv/x", str(i), qos=1)
+    wait_until("node a queued the 20 messages",
+               lambda: counter(a, "sandpiper_cluster_received_total") >= 20)
+    # Offline on a, the client connects to b: its session, queue included, is there.
+    s = persistent(b, cid, version, manual_ack=True)
+    assert s.session_present is True
+    got = s.messages.wait_for(20)
+    assert [m.text for m in got] == [str(i) for i in range(20)]
+    assert sessions_on(a) == 0
+    # Its subscription moved with it: a message from anywhere reaches it on b, once.
+    knows(c, "b", 1)
+    knows(c, "a", 0)
+    s.messages.clear()
+    pub.publish("mv/y", "unacknowledged", qos=1)
+    (m,) = s.messages.expect_exactly(1)
+    assert m.text == "unacknowledged"
+    # Connected on b with 21 messages in flight (never acknowledged: manual_ack), the
+    # client connects to c: b closes its connection, the session moves, they come again.
+    s2 = persistent(c, cid, version)
+    assert s2.session_present is True
+    assert s.wait_disconnected(ARRIVE), "the connection on b was not closed"
+    if version == 5:
+        assert s.disconnect_rc == 0x8E
+    again = s2.messages.expect_exactly(21)
+    assert [m.text for m in again] == [str(i) for i in range(20)] + ["unacknowledged"]
+    assert all(m.dup for m in again)
+    knows(a, "c", 1)
+    Client(a, version=5).publish("mv/z", "live", qos=1)
+    assert [m.text for m in s2.messages.wait_for(22)][21] == "live"
+    assert sessions_on(b) == 0
+    # Clean Start on a: the session on c ends, nothing comes back.
+    s3 = Client(a, client_id=cid, version=version, clean=True)
+    assert s3.session_present is False
+    assert s2.wait_disconnected(ARRIVE)
+    # (c's one session left is the publisher's)
+    wait_until("the session on c ended", lambda: sessions_on(c) == 1)
+    knows(b, "c", 0)
+
+
 def retained_on(n: Node, flt: str, wait: float = 0.5) -> dict[str, str]:
     """The retained messages a fresh subscriber on node ``n`` gets for ``flt``."""
     c = Client(n, version=5)

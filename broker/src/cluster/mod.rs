@@ -42,6 +42,7 @@ mod order;
 mod queue;
 mod retained;
 mod routes;
+mod sessions;
 mod wills;
 mod wire;
 
@@ -239,6 +240,8 @@ pub struct Cluster {
     queue: Arc<queue::Queue>,
     /// Turns of the nodes that have members of a shared subscription.
     share_turn: AtomicU64,
+    /// The NATS client, once connected the first time.
+    client: std::sync::OnceLock<async_nats::Client>,
     /// Its counters.
     pub stats: ClusterStats,
 }
@@ -313,6 +316,7 @@ impl Cluster {
             delayed_wills: Mutex::default(),
             queue: Arc::new(queue::Queue::new()),
             share_turn: AtomicU64::new(0),
+            client: std::sync::OnceLock::new(),
             stats: ClusterStats::default(),
         })
     }
@@ -610,6 +614,8 @@ impl Cluster {
         let beats = subscribe(SUBJECT_BEAT.to_owned()).await;
         let asks = subscribe(snapshot_subject(&self.node)).await;
         let others_claims = subscribe(SUBJECT_CLAIM.to_owned()).await;
+        let session_asks = subscribe(sessions::SUBJECT.to_owned()).await;
+        let _ = self.client.set(client.clone());
         // Requests answered within 2 s, or tried again: a JetStream cluster that has just
         // elected its leader may not answer the first ones at all.
         let js = async_nats::jetstream::context::ContextBuilder::new()
@@ -617,7 +623,8 @@ impl Cluster {
             .build(client.clone());
         tokio::join!(
             self.retained(js.clone(), retain, pipeline.router().clone()),
-            self.claims(client.clone(), claims, others_claims, sessions),
+            self.claims(client.clone(), claims, others_claims, sessions.clone()),
+            self.give_sessions(client.clone(), session_asks, sessions),
             self.send_queued(js.clone()),
             self.wills(js.clone(), wills, pipeline.clone()),
             self.take_queued(js, pipeline.clone(), committed, backpressure),

@@ -424,6 +424,17 @@ impl Mailbox {
         }
     }
 
+    /// A new id in the session's queue table, for a delivery that goes in flight without
+    /// being queued here (a session moved from another node); `None` for a session that is
+    /// not persistent.
+    pub fn take_store_id(&self) -> Option<u64> {
+        self.store()?;
+        let mut q = self.lock();
+        let id = q.next_store_id;
+        q.next_store_id += 1;
+        Some(id)
+    }
+
     /// Moves deliveries to `out` in arrival order, at most `max` of them, taking QoS 1/2
     /// deliveries only while `credits` (free inflight slots) last; QoS 0 deliveries behind
     /// a blocked QoS 1/2 one still move. Entries on disk are read back as needed. Returns

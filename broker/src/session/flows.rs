@@ -205,6 +205,11 @@ impl Flows {
         self.inbound_qos2.insert(id);
     }
 
+    /// Inbound QoS 2 identifiers received and not yet released.
+    pub fn received_ids(&self) -> impl Iterator<Item = PacketId> + '_ {
+        self.inbound_qos2.iter().copied()
+    }
+
     /// PUBREL: releases `id`; false when it was not held (PUBCOMP with 0x92).
     pub fn released(&mut self, id: PacketId) -> bool {
         self.inbound_qos2.remove(&id)

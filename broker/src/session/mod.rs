@@ -9,6 +9,7 @@
 mod aliases;
 mod ending;
 mod flows;
+mod moving;
 mod registry;
 mod subscriptions;
 #[cfg(test)]
@@ -16,7 +17,8 @@ mod tests;
 
 pub use aliases::{InboundAliases, Naming, OutboundAliases};
 pub use flows::{Flows, Inflight, Received};
-pub use registry::{AttachListener, ExpiryListener, Sessions};
+pub use moving::{Elsewhere, Found, Moved, Wanted};
+pub use registry::{AttachListener, ExpiryListener, Given, Sessions};
 pub use subscriptions::{Permit, SubscribeLimits};
 
 use std::collections::HashMap;

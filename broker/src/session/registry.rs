@@ -21,6 +21,7 @@ use crate::store::record::{self, RecordError};
 use crate::store::{Recovered, Store};
 
 use super::ending::{self, Fate, WillAt};
+use super::moving::{Elsewhere, Found, Moved, Wanted};
 use super::{
     AttachRefused, ClientView, Flows, Inflight, Kick, PendingWill, Presence, Principal,
     SessionState, SessionView, Subscription,
@@ -112,7 +113,34 @@ pub struct Sessions {
     /// Told of every connection attached, with when it connected (the cluster tells the
     /// other nodes, which disconnect an older connection with the same client id).
     pub on_attached: std::sync::OnceLock<AttachListener>,
+    /// The other nodes of a cluster: a connection whose session is not here asks them.
+    pub elsewhere: std::sync::OnceLock<Arc<dyn Elsewhere>>,
 }
+
+/// What this node answers another that asks for a session ([`Sessions::give`]).
+#[derive(Debug)]
+pub enum Given {
+    /// No session here (or it ended here: Clean Start).
+    Nothing,
+    /// It belongs to another principal and the asker's policy refuses.
+    Refused,
+    /// The session's bytes ([`Moved::encode`]), and what [`Sessions::settle`] needs once
+    /// the asker said whether it holds it.
+    Session(Vec<u8>, Box<Handback>),
+}
+
+/// A session given to another node, kept until that node holds it.
+#[derive(Debug)]
+pub struct Handback {
+    state: SessionState,
+    will: Option<PendingWill>,
+    inflight: Vec<Inflight>,
+    queued: Vec<crate::message::Delivery>,
+}
+
+/// How long a session's queue may take to be read for another node (entries still being
+/// committed).
+const GIVE_READ_TRIES: usize = 200;
 
 /// Called with the client id of a connection attached and when it connected (Unix ms).
 pub struct AttachListener(pub Box<OnAttached>);
@@ -166,6 +194,7 @@ impl Sessions {
             next_conn: AtomicU64::new(1),
             on_expired: std::sync::OnceLock::new(),
             on_attached: std::sync::OnceLock::new(),
+            elsewhere: std::sync::OnceLock::new(),
         }
     }
 
@@ -415,7 +444,36 @@ impl Sessions {
                     None
                 }
             },
-            None => found,
+            None => match self.elsewhere.get() {
+                // Not here: maybe on another node of the cluster, which gives it up (or,
+                // with Clean Start, ends it).
+                Some(e) if found.is_none() => {
+                    let wanted = Wanted {
+                        client_id: client_id.clone(),
+                        clean: clean_start,
+                        principal: principal.clone(),
+                        policy,
+                    };
+                    match e.take(wanted).await {
+                        Found::Nothing => None,
+                        Found::Refused => {
+                            let mut slots = self.lock();
+                            if let Some(Slot::Attached(a)) = slots.get(&client_id)
+                                && a.conn == conn
+                            {
+                                slots.remove(&client_id);
+                            }
+                            return Err(AttachRefused::OtherPrincipal);
+                        }
+                        Found::Session(moved, held) => {
+                            let state = self.adopt(client_id.clone(), moved).await;
+                            held();
+                            Some((state, None))
+                        }
+                    }
+                }
+                _ => found,
+            },
         };
         let (mut state, present) = match found {
             Some((state, _will)) if !ending::will_on_connect(clean_start) => {
@@ -723,6 +781,246 @@ impl Sessions {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Makes a session moved from another node this node's: its subscriptions go into the
+    /// router, its messages into its queue (on disk), everything into the store, whose
+    /// commit this waits for (the giving node forgets the session once told).
+    async fn adopt(&self, client_id: ClientId, moved: Moved) -> SessionState {
+        let mut state = self.new_state(client_id, moved.expiry);
+        state.flows = Flows::new(PacketId::new(moved.next_id).unwrap_or(PacketId::FIRST));
+        state.principal = moved.principal;
+        state.mailbox.set_persistent(true);
+        let sub = state.subscriber();
+        let mut ticket = None;
+        for (filter, options, id) in moved.subscriptions {
+            if !self.topics.fits(filter.as_str()) {
+                tracing::warn!(client_id = %state.client_id,
+                    "moved subscription over max_topic_length or max_topic_levels: skipped");
+                continue;
+            }
+            self.pipeline.router().subscribe(&sub, &filter, options, id);
+            let s = Subscription { options, id };
+            ticket = ticket.max(state.save_subscription(&filter, Some(s)));
+            state.subscriptions.insert(filter, s);
+        }
+        for f in moved.inflight {
+            let mut d = f.delivery;
+            d.store_id = state.mailbox.take_store_id();
+            if let (Some(sid), Some((store, key))) = (d.store_id, state.mailbox.store())
+                && let Ok(t) = store.queue_put(key, sid, &d, Some((f.id, f.stage)))
+            {
+                ticket = ticket.max(t);
+            }
+            state.flows.restore([Inflight {
+                id: f.id,
+                delivery: d,
+                stage: f.stage,
+            }]);
+        }
+        for d in moved.queued {
+            if let Ok(p) = state.mailbox.push(d) {
+                ticket = ticket.max(p.ticket);
+            }
+        }
+        for id in moved.qos2_received {
+            state.flows.restore_received(id);
+            if let Some((store, key)) = state.mailbox.store() {
+                ticket = ticket.max(store.qos2_received(key, id));
+            }
+        }
+        ticket = ticket.max(state.save(record::unix_ms_now(), None));
+        if let (Some(t), Some(store)) = (ticket, &self.store) {
+            let mut committed = store.committed();
+            let durable = committed.wait_for(|c| *c >= t);
+            if tokio::time::timeout(HANDOVER_TIMEOUT, durable)
+                .await
+                .is_err()
+            {
+                tracing::warn!(client_id = %state.client_id,
+                    "a session moved from another node is not on disk yet");
+            }
+        }
+        tracing::info!(client_id = %state.client_id, queued = state.mailbox.len(),
+            inflight = state.flows.in_flight(), "session moved here from another node");
+        state
+    }
+
+    /// Another node asks for `wanted`'s session: closes its connection here (MQTT 5:
+    /// 0x8E) and gives the session up, or with Clean Start ends it here (its will, if any,
+    /// goes out). Refused when the session belongs to another principal and the asker's
+    /// policy says so. A given session stays here until [`Sessions::settle`].
+    pub async fn give(self: &Arc<Self>, wanted: Wanted) -> Given {
+        let client_id = wanted.client_id;
+        let mut clean = wanted.clean;
+        let taken = {
+            let mut slots = self.lock();
+            let owner = match slots.get(&client_id) {
+                Some(Slot::Attached(a)) => Some(&a.principal),
+                Some(Slot::Detached(d)) => d.state.principal.as_ref(),
+                None => return Given::Nothing,
+            };
+            if owner.is_some_and(|o| !o.same_as(&wanted.principal)) {
+                match wanted.policy {
+                    PrincipalPolicy::Refuse => return Given::Refused,
+                    PrincipalPolicy::Fresh => clean = true,
+                    PrincipalPolicy::Allow => {}
+                }
+            }
+            match slots.remove(&client_id) {
+                Some(Slot::Attached(mut old)) => {
+                    old.kick(Kick::TakenOver);
+                    tracing::info!(client_id = %client_id,
+                        "client connected to another node: its connection here is closed (0x8E)");
+                    // A stand-in the old connection hands its session to when it ends.
+                    let (tx, rx) = oneshot::channel();
+                    let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                    slots.insert(
+                        client_id.clone(),
+                        Slot::Attached(Box::new(Attached {
+                            conn,
+                            kick: None,
+                            handover: Some(tx),
+                            principal: old.principal.clone(),
+                            presence: old.presence.clone(),
+                            session: None,
+                        })),
+                    );
+                    Err((rx, conn))
+                }
+                Some(Slot::Detached(d)) => {
+                    if let Some(t) = &d.timer {
+                        t.abort();
+                    }
+                    Ok(Some((d.state, d.will)))
+                }
+                None => return Given::Nothing,
+            }
+        };
+        let handed = match taken {
+            Ok(h) => h,
+            Err((rx, conn)) => {
+                let h = tokio::time::timeout(HANDOVER_TIMEOUT, rx).await;
+                let mut slots = self.lock();
+                if let Some(Slot::Attached(a)) = slots.get(&client_id)
+                    && a.conn == conn
+                {
+                    slots.remove(&client_id);
+                }
+                drop(slots);
+                match h {
+                    Ok(Ok(h)) => h,
+                    _ => {
+                        tracing::warn!(client_id = %client_id,
+                            "the connection here did not hand its session over for another node");
+                        None
+                    }
+                }
+            }
+        };
+        let Some((mut state, will)) = handed else {
+            // It ended with its connection (expiry 0).
+            return Given::Nothing;
+        };
+        if clean {
+            let will = will.filter(|_| ending::will_on_connect(true));
+            self.end_with_will(state, will);
+            return Given::Nothing;
+        }
+        let mut queued = std::collections::VecDeque::new();
+        for _ in 0..GIVE_READ_TRIES {
+            if state.mailbox.drain(&mut queued, usize::MAX, usize::MAX) {
+                break;
+            }
+            // Entries on disk not committed yet.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let inflight: Vec<Inflight> = state.flows.take_inflight().into();
+        let queued: Vec<_> = queued.into();
+        let moved = Moved {
+            expiry: state.expiry,
+            next_id: state.flows.next_id().get(),
+            principal: state.principal.clone(),
+            subscriptions: (state.subscriptions.iter())
+                .map(|(f, s)| (f.clone(), s.options, s.id))
+                .collect(),
+            inflight: inflight.clone(),
+            queued: queued.clone(),
+            qos2_received: state.flows.received_ids().collect(),
+        };
+        let back = Handback {
+            state,
+            will,
+            inflight,
+            queued,
+        };
+        match moved.encode() {
+            Ok(bytes) => Given::Session(bytes, Box::new(back)),
+            Err(e) => {
+                tracing::warn!(client_id = %back.state.client_id, error = %e,
+                    "cannot move a session to another node; it stays here");
+                self.settle(Box::new(back), false);
+                Given::Nothing
+            }
+        }
+    }
+
+    /// A session given to another node: forgotten here once that node holds it (`held`),
+    /// else kept here as it was, without a connection.
+    pub fn settle(self: &Arc<Self>, back: Box<Handback>, held: bool) {
+        let Handback {
+            mut state,
+            will,
+            inflight,
+            queued,
+        } = *back;
+        if held {
+            tracing::info!(client_id = %state.client_id, "session moved to another node");
+            state.mailbox.set_online(false);
+            if let Some((store, key)) = state.mailbox.store() {
+                store.delete_session(&state.client_id, key);
+            }
+            state.mailbox.set_persistent(false);
+            for filter in state.subscriptions.keys() {
+                self.pipeline.router().unsubscribe(state.key, filter);
+            }
+            return;
+        }
+        state.flows.restore(inflight);
+        state.mailbox.unshift(queued.into_iter());
+        state.mailbox.spill();
+        let fate = ending::after_disconnect(
+            state.expiry,
+            will.as_ref().map(PendingWill::delay),
+            Duration::ZERO,
+        );
+        let Fate::Kept {
+            will: will_at,
+            expires_in,
+        } = fate
+        else {
+            self.end_with_will(state, will);
+            return;
+        };
+        let mut slots = self.lock();
+        if slots.contains_key(&state.client_id) {
+            // Connected here again meanwhile: that connection has a session of its own.
+            drop(slots);
+            self.end_with_will(state, will);
+            return;
+        }
+        let generation = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let will_in = will.as_ref().and_then(|_| will_at.in_from_now());
+        let timer = self.spawn_timers(state.client_id.clone(), generation, will_in, expires_in);
+        slots.insert(
+            state.client_id.clone(),
+            Slot::Detached(Box::new(Detached {
+                state,
+                will,
+                generation,
+                timer,
+            })),
+        );
     }
 
     fn publish_will(&self, w: PendingWill) {
