@@ -7,7 +7,9 @@ checked: a message published on one node reaches the matching subscribers of the
 its QoS and in order; a node receives only what its own clients subscribe to; MQTT
 matching (wildcards, ``$`` topics) holds across nodes; a shared subscription gives each
 message to one member in the cluster, whichever node published it, and an unacknowledged
-one goes to a member on another node when its member's session ends; a node that joins late, restarts or
+one goes to a member on another node when its member's session ends; a persistent session
+(queue, messages in flight) moves to the node its client connects to, offline or live
+(0x8E there), and Clean Start ends it where it was; a node that joins late, restarts or
 dies is learned, asked again or forgotten; one NATS server of three killed does not stop
 the routing; a client id connected to another node takes the connection over; retained
 messages (set and cleared on any node, odd and long topics) are the cluster's; a QoS 1

@@ -35,8 +35,10 @@
 //!   node picks one of the nodes with members, in turn (`Outlet::place`); the message goes
 //!   to that node naming the groups it serves, and each node's router serves only those.
 //!
-//! What issue 19 asks beyond this (sessions moving between nodes) is not built;
-//! ARCHITECTURE.md says so.
+//! - **Sessions** move to the node their client connects to (`sessions`).
+//!
+//! What issue 19 asks beyond this (sessions of a dead node resuming elsewhere, cluster-wide
+//! retained limits) is not built; ARCHITECTURE.md says so.
 
 mod order;
 mod queue;
