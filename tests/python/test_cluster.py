@@ -570,6 +570,31 @@ def test_retained_messages_are_the_clusters(nodes):
                lambda: retained_on(c, "r/#", 0.3) == {odd: "odd", "r/2": "two"}, timeout=10)
 
 
+def test_the_retained_limits_count_the_clusters_retained_messages(nodes):
+    a, b = nodes("a", "b", extra="[mqtt]\nmax_retained_messages = 3\n\n")
+    pub = Client(a, version=4)
+    for i in range(3):
+        pub.publish(f"lim/{i}", str(i), qos=1, retain=True)
+    want = {f"lim/{i}": str(i) for i in range(3)}
+    wait_until("node b has node a's retained messages",
+               lambda: retained_on(b, "lim/#", 0.3) == want, timeout=10)
+    # b holds the cluster's three: a fourth there is not kept (MQTT 3.1.1: routed only).
+    Client(b, version=4).publish("lim/3", "3", qos=1, retain=True)
+    time.sleep(0.5)
+    assert retained_on(a, "lim/#", 0.3) == want
+    assert retained_on(b, "lim/#", 0.3) == want
+    # Replacing one and clearing one work on any node; then there is room again.
+    Client(b, version=4).publish("lim/0", "zero", qos=1, retain=True)
+    pub.publish("lim/1", "", qos=1, retain=True)
+    wait_until("the clear reaches node b",
+               lambda: "lim/1" not in retained_on(b, "lim/#", 0.3), timeout=10)
+    Client(b, version=4).publish("lim/4", "4", qos=1, retain=True)
+    want = {"lim/0": "zero", "lim/2": "2", "lim/4": "4"}
+    wait_until("both nodes hold the same three",
+               lambda: retained_on(a, "lim/#", 0.3) == want == retained_on(b, "lim/#", 0.3),
+               timeout=10)
+
+
 class Flood:
     """A QoS 1 publisher (paho, MQTT 5 or 3.1.1) sending numbered messages on a thread as fast
     as its window of 64 allows, until ``count`` or ``stop()``; records which were
