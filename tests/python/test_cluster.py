@@ -506,7 +506,7 @@ def test_a_persistent_session_moves_to_the_node_its_client_connects_to(nodes, ve
     assert s.session_present is True
     got = s.messages.wait_for(20)
     assert [m.text for m in got] == [str(i) for i in range(20)]
-    assert sessions_on(a) == 0
+    wait_until("node a forgot the session", lambda: sessions_on(a) == 0)
     # Its subscription moved with it: a message from anywhere reaches it on b, once.
     knows(c, "b", 1)
     knows(c, "a", 0)
@@ -527,7 +527,7 @@ def test_a_persistent_session_moves_to_the_node_its_client_connects_to(nodes, ve
     knows(a, "c", 1)
     Client(a, version=5).publish("mv/z", "live", qos=1)
     assert [m.text for m in s2.messages.wait_for(22)][21] == "live"
-    assert sessions_on(b) == 0
+    wait_until("node b forgot the session", lambda: sessions_on(b) == 0)
     # Clean Start on a: the session on c ends, nothing comes back.
     s3 = Client(a, client_id=cid, version=version, clean=True)
     assert s3.session_present is False
@@ -843,6 +843,34 @@ def test_takeover_across_nodes_through_a_load_balancer(nodes, version):
         assert [m.text for m in second.messages.expect_exactly(1)] == ["through"]
     finally:
         lb.stop()
+
+
+@pytest.mark.timeout(120)
+def test_messages_published_while_a_session_moves_are_not_lost(nodes):
+    # Room for every message in the offline session's queue (1,000 by default; beyond, the
+    # newest are dropped, the stated policy).
+    a, b, c = nodes("a", "b", "c", extra="[mqtt]\nmax_queued_messages = 100000\n\n")
+    cid = uid("mvf")
+    s = persistent(a, cid, 5)
+    s.subscribe("fl/t", qos=1)
+    s.disconnect()
+    knows(c, "a", 1)
+    flood = Flood(c, "fl/t", 6000).start()
+    try:
+        wait_until("1,500 messages acknowledged", lambda: len(flood.acked) >= 1500, timeout=30)
+        # The session (its queue on a's disk) moves to b while c keeps publishing to it.
+        moved = persistent(b, cid, 5)
+        assert moved.session_present is True
+        flood.wait(60)
+    finally:
+        flood.close()
+    acked = set(flood.acked)
+    assert len(acked) == 6000, f"refused {len(flood.refused)}"
+    wait_until("every acknowledged message reached the session on b",
+               lambda: acked <= texts(moved), timeout=30,
+               detail=lambda: f" (missing {len(acked - texts(moved))}: "
+                              f"{sorted(acked - texts(moved))[:5]}..{sorted(acked - texts(moved))[-5:]})")
+    assert b.wait_log("session moved here from another node")
 
 
 def jetstream_consumers(nats: NatsCluster) -> int:

@@ -240,10 +240,12 @@ pub struct Cluster {
     delayed_wills: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// QoS 1/2 messages for other nodes on their way to JetStream.
     queue: Arc<queue::Queue>,
-    /// Turns of the nodes that have members of a shared subscription.
-    share_turn: AtomicU64,
+    /// Turns of the nodes that have members of a shared subscription, per subscription.
+    share_turns: Mutex<HashMap<Arc<str>, u64>>,
     /// The NATS client, once connected the first time.
     client: std::sync::OnceLock<async_nats::Client>,
+    /// This node's sessions, once started.
+    sessions: std::sync::OnceLock<Arc<crate::session::Sessions>>,
     /// Its counters.
     pub stats: ClusterStats,
 }
@@ -317,8 +319,9 @@ impl Cluster {
             recent: Mutex::default(),
             delayed_wills: Mutex::default(),
             queue: Arc::new(queue::Queue::new()),
-            share_turn: AtomicU64::new(0),
+            share_turns: Mutex::default(),
             client: std::sync::OnceLock::new(),
+            sessions: std::sync::OnceLock::new(),
             stats: ClusterStats::default(),
         })
     }
@@ -618,6 +621,7 @@ impl Cluster {
         let others_claims = subscribe(SUBJECT_CLAIM.to_owned()).await;
         let session_asks = subscribe(sessions::SUBJECT.to_owned()).await;
         let _ = self.client.set(client.clone());
+        let _ = self.sessions.set(sessions.clone());
         // Requests answered within 2 s, or tried again: a JetStream cluster that has just
         // elected its leader may not answer the first ones at all.
         let js = async_nats::jetstream::context::ContextBuilder::new()
@@ -838,8 +842,14 @@ impl Cluster {
                 tracing::warn!("cluster: a message from another node was cut short");
                 break;
             };
-            match wire::read_shared(record) {
-                Ok((mut msg, shares)) => {
+            match wire::read_record(record) {
+                Ok(wire::Record::Session(client_id, d)) => {
+                    self.stats.received.fetch_add(1, Ordering::Relaxed);
+                    let id = crate::message::ClientId::new(&client_id);
+                    let delivered = self.sessions.get().map(|s| s.deliver_moved(&id, d));
+                    ticket = ticket.max(delivered.flatten());
+                }
+                Ok(wire::Record::Routed(mut msg, shares)) => {
                     // A session key of the sending node means nothing here (No Local is
                     // about this node's sessions).
                     msg.publisher = None;
@@ -1416,7 +1426,7 @@ impl Outlet for Cluster {
                 continue;
             };
             let here = usize::from(found.contains(share));
-            let turn = self.share_turn.fetch_add(1, Ordering::Relaxed);
+            let turn = self.turn(share);
             let pick = usize::try_from(turn % (run.len() + here) as u64).unwrap_or(0);
             if let Some((share, node)) = run.get(pick) {
                 placed.push((share.clone(), node.clone()));
@@ -1441,7 +1451,7 @@ impl Outlet for Cluster {
                 return false;
             }
             nodes.sort_unstable();
-            let turn = self.share_turn.fetch_add(1, Ordering::Relaxed);
+            let turn = self.turn(&Arc::from(share.as_str()));
             let pick = usize::try_from(turn % nodes.len() as u64).unwrap_or(0);
             match nodes.get(pick) {
                 Some(n) => Arc::clone(n),
@@ -1458,6 +1468,18 @@ impl Outlet for Cluster {
 }
 
 impl Cluster {
+    /// The next turn of the shared subscription `share` (the turns of subscriptions seen
+    /// start over past 65,536 of them).
+    fn turn(&self, share: &Arc<str>) -> u64 {
+        let mut turns = lock(&self.share_turns);
+        if turns.len() >= 65_536 && !turns.contains_key(share) {
+            turns.clear();
+        }
+        let t = turns.entry(share.clone()).or_insert(0);
+        *t += 1;
+        *t
+    }
+
     /// Queues a QoS 0 message for `node` (encoded on the cluster's thread, not on the
     /// connection's); false if it was dropped (the queue is full).
     fn send_qos0(&self, node: &Arc<str>, msg: &Arc<Message>, shares: Vec<Arc<str>>) -> bool {

@@ -53,9 +53,32 @@ pub(super) fn subject(node: &str) -> String {
     format!("sandpiper.q.{node}")
 }
 
-/// A message for node `node` with its ticket, and the shared subscriptions that node
-/// serves it to.
-type Queued = (u64, Arc<str>, Arc<Message>, Vec<Arc<str>>);
+/// What goes to node `node`, with its ticket.
+type Queued = (u64, Arc<str>, Item);
+
+/// A message for another node: one to route there (with the shared subscriptions that node
+/// serves it to), or a delivery for one of its sessions.
+#[derive(Debug)]
+pub(super) enum Item {
+    Routed(Arc<Message>, Vec<Arc<str>>),
+    Session(Arc<str>, crate::message::Delivery),
+}
+
+impl Item {
+    fn size(&self) -> usize {
+        match self {
+            Item::Routed(m, _) => m.size(),
+            Item::Session(_, d) => d.msg.size(),
+        }
+    }
+
+    fn topic(&self) -> &str {
+        match self {
+            Item::Routed(m, _) => m.topic.as_str(),
+            Item::Session(_, d) => d.msg.topic.as_str(),
+        }
+    }
+}
 
 /// Messages for other nodes on their way to JetStream, and the tickets the publishers'
 /// acknowledgements wait for.
@@ -128,10 +151,33 @@ impl Queue {
         for (node, shares) in nodes {
             *next += 1;
             self.bytes.fetch_add(msg.size(), Ordering::Relaxed);
-            let _ = self.tx.send((*next, node.clone(), msg.clone(), shares));
+            let _ = (self.tx).send((*next, node.clone(), Item::Routed(msg.clone(), shares)));
             last = Some(*next);
         }
         Ok(last)
+    }
+
+    /// Queues deliveries for the session of `client_id` on `node`, in order: the last
+    /// ticket, or `None` when the queue is far beyond its limit (nothing queued).
+    pub(super) fn offer_to_session(
+        &self,
+        node: &Arc<str>,
+        client_id: &str,
+        deliveries: Vec<crate::message::Delivery>,
+    ) -> Option<u64> {
+        if self.bytes.load(Ordering::Relaxed) > 2 * QUEUED_BYTES {
+            return None;
+        }
+        let id: Arc<str> = Arc::from(client_id);
+        let mut next = lock(&self.next);
+        let mut last = None;
+        for d in deliveries {
+            *next += 1;
+            self.bytes.fetch_add(d.msg.size(), Ordering::Relaxed);
+            let _ = (self.tx).send((*next, node.clone(), Item::Session(id.clone(), d)));
+            last = Some(*next);
+        }
+        last
     }
 
     /// Whether publishers should wait for room.
@@ -280,25 +326,29 @@ impl Cluster {
                         return;
                     }
                     let mut dropped = 0;
-                    for (t, node, msg, shares) in batch.drain(..) {
+                    for (t, node, item) in batch.drain(..) {
                         pending.held.push_back(false);
                         let pack = packs.entry(node.clone()).or_default();
-                        if !pack.bytes.is_empty() && pack.bytes.len() + msg.size() > PACK {
+                        if !pack.bytes.is_empty() && pack.bytes.len() + item.size() > PACK {
                             let seq = next(&node);
                             let put = self.put(&js, &node, seq, std::mem::take(pack)).await;
                             inflight.push(put);
                         }
-                        match wire::put_shared(&mut pack.bytes, &msg, &shares) {
+                        let put = match &item {
+                            Item::Routed(msg, shares) => wire::put_shared(&mut pack.bytes, msg, shares),
+                            Item::Session(id, d) => wire::put_delivery(&mut pack.bytes, id, d),
+                        };
+                        match put {
                             Ok(()) => {
                                 pack.tickets.push(t);
-                                pack.size += msg.size();
+                                pack.size += item.size();
                             }
                             Err(e) => {
                                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(topic = %msg.topic, error = %e,
+                                tracing::warn!(topic = %item.topic(), error = %e,
                                     "cluster: message not sent to node {node}");
                                 pending.done(t);
-                                dropped += msg.size();
+                                dropped += item.size();
                             }
                         }
                     }

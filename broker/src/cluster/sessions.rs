@@ -1,13 +1,18 @@
 //! Persistent sessions moving between nodes. A connection whose session is not on its node
 //! asks the others on `sandpiper.session` (JSON: the asking node, the client id, Clean
-//! Start, the connecting principal and the asker's `principal_policy`). Every other node
-//! answers to the asker's inbox: `0` (not here), `1` (here, owned by another principal,
-//! refused), or the session in pieces of up to 256 KiB (`2`, the piece's number (u32),
-//! whether it is the last (u8), then its bytes: `session::Moved`), each with the giver's
-//! own inbox as reply subject. The asker adopts the session, writes it to its store, and
-//! once that is durable says so on the giver's inbox; the giver then forgets the session,
-//! or keeps it if no word comes within 10 s. With Clean Start the holder ends the session
-//! (publishing its will) and answers `0`.
+//! Start, the connecting principal, when it connected, and the asker's `principal_policy`).
+//! Every other node answers to the asker's inbox: `0` (not here, or here with a newer
+//! connection, which keeps it), `1` (here, owned by another principal, refused), `3` (here:
+//! wait, the session is being taken from its connection), then the session in pieces of up
+//! to 256 KiB (`2`, the piece's number (u32), whether it is the last (u8), then its bytes:
+//! `session::Moved`), each with the giver's own inbox as reply subject. The asker adopts
+//! the session, writes it to its store, and once that is durable says so on the giver's
+//! inbox (its node's name); the giver keeps the session if no word comes within 10 s.
+//! Otherwise the session leaves: what reached it on the giver meanwhile, and for 2 s more
+//! (messages on their way to the giver's subscriptions while the other nodes learn where
+//! it is now), goes after it through JetStream as deliveries for that session (`wire` kind
+//! 3); then the giver forgets it. With Clean Start the holder ends the session (publishing
+//! its will) and answers `0`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +31,16 @@ use crate::session::{Elsewhere, Found, Given, Moved, Principal, Sessions, Wanted
 pub(super) const SUBJECT: &str = "sandpiper.session";
 /// How long an asker waits for the other nodes' first answers (and between pieces).
 const ASK_WAIT: Duration = Duration::from_secs(2);
+/// How long an asker waits for a node that said it has the session (it takes it from its
+/// connection, at most 5 s, and reads its queue).
+const GIVER_WAIT: Duration = Duration::from_secs(10);
+/// Most bytes of one session taken from another node.
+const MAX_MOVED: usize = 1 << 30;
+/// Sessions given at once; more asks wait.
+const GIVING: usize = 8;
+/// How long a session that left still takes what is routed to it here, for the node it
+/// moved to.
+const LINGER: Duration = Duration::from_secs(2);
 /// How long a giver waits for the asker to hold the session.
 const HELD_WAIT: Duration = Duration::from_secs(10);
 /// Other nodes counted as answering: heard from within this.
@@ -34,6 +49,7 @@ const ALIVE: Duration = Duration::from_secs(3);
 const NOTHING: u8 = 0;
 const REFUSED: u8 = 1;
 const PIECE_KIND: u8 = 2;
+const WAIT: u8 = 3;
 
 /// A request for a session.
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,6 +61,8 @@ struct Ask {
     listener: String,
     /// 0 refuse, 1 allow, 2 fresh.
     policy: u8,
+    /// When the asking connection connected, Unix ms.
+    since_ms: u64,
 }
 
 fn policy_byte(p: PrincipalPolicy) -> u8 {
@@ -98,6 +116,7 @@ impl Elsewhere for Cluster {
             user: wanted.principal.user.as_deref().map(str::to_owned),
             listener: wanted.principal.listener.to_string(),
             policy: policy_byte(wanted.policy),
+            since_ms: wanted.since_ms,
         };
         Box::pin(async move {
             let Some(client) = client.filter(|_| others > 0) else {
@@ -140,6 +159,7 @@ async fn ask_nodes(
         match m.payload.first() {
             Some(&NOTHING) => answered += 1,
             Some(&REFUSED) => return Ok(Found::Refused),
+            Some(&WAIT) => deadline = tokio::time::Instant::now() + GIVER_WAIT,
             _ => {
                 let (Some(reply), Some((seq, last, bytes))) = (m.reply, read_piece(&m.payload))
                 else {
@@ -149,7 +169,7 @@ async fn ask_nodes(
                 deadline = tokio::time::Instant::now() + ASK_WAIT;
                 let giver = reply.to_string();
                 let (buf, next) = parts.entry(giver.clone()).or_default();
-                if seq != *next {
+                if seq != *next || buf.len() + bytes.len() > MAX_MOVED {
                     tracing::warn!(client_id = %ask.client_id,
                         "cluster: a piece of a session from another node went missing; it stays there");
                     parts.remove(&giver);
@@ -167,9 +187,10 @@ async fn ask_nodes(
                 match Moved::decode(&bytes) {
                     Ok(moved) => {
                         let client = client.clone();
+                        let node = Bytes::from(ask.node.clone());
                         let held = move || {
                             tokio::spawn(async move {
-                                let _ = client.publish(reply, Bytes::from_static(b"held")).await;
+                                let _ = client.publish(reply, node).await;
                                 let _ = client.flush().await;
                             });
                         };
@@ -190,11 +211,12 @@ async fn ask_nodes(
 impl Cluster {
     /// Answers other nodes' requests for sessions held here.
     pub(super) async fn give_sessions(
-        &self,
+        self: &Arc<Self>,
         client: async_nats::Client,
         mut asks: async_nats::Subscriber,
         sessions: Arc<Sessions>,
     ) {
+        let giving = Arc::new(tokio::sync::Semaphore::new(GIVING));
         while let Some(m) = asks.next().await {
             let Some(reply) = m.reply else {
                 continue;
@@ -209,59 +231,122 @@ impl Cluster {
             if ask.node == *self.node {
                 continue;
             }
-            tokio::spawn(give(client.clone(), reply, ask, sessions.clone()));
+            // Most asks are for sessions that are not here: answered at once.
+            if !sessions.holds(&ClientId::new(&ask.client_id)) {
+                let _ = client.publish(reply, Bytes::from_static(&[NOTHING])).await;
+                continue;
+            }
+            let _ = client
+                .publish(reply.clone(), Bytes::from_static(&[WAIT]))
+                .await;
+            let ties = *self.node < *ask.node;
+            let giving = giving.clone();
+            let (me, client, sessions) = (self.clone(), client.clone(), sessions.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = giving.acquire().await else {
+                    return;
+                };
+                me.give(client, reply, ask, ties, sessions).await;
+            });
         }
     }
 }
 
-/// Gives the session `ask` wants, if it is here, and settles it once the asker answers.
-async fn give(
-    client: async_nats::Client,
-    reply: async_nats::Subject,
-    ask: Ask,
-    sessions: Arc<Sessions>,
-) {
-    let wanted = Wanted {
-        client_id: ClientId::new(&ask.client_id),
-        clean: ask.clean,
-        principal: Principal {
-            user: ask.user.as_deref().map(Arc::from),
-            listener: Arc::from(ask.listener.as_str()),
-        },
-        policy: policy_from(ask.policy),
-    };
-    let (bytes, back) = match sessions.give(wanted).await {
-        Given::Nothing => {
-            let _ = client.publish(reply, Bytes::from_static(&[NOTHING])).await;
+impl Cluster {
+    /// Gives the session `ask` wants, if it is here; once the asker holds it, sends after
+    /// it what still reaches it here, then forgets it.
+    async fn give(
+        &self,
+        client: async_nats::Client,
+        reply: async_nats::Subject,
+        ask: Ask,
+        ties: bool,
+        sessions: Arc<Sessions>,
+    ) {
+        let wanted = Wanted {
+            client_id: ClientId::new(&ask.client_id),
+            clean: ask.clean,
+            principal: Principal {
+                user: ask.user.as_deref().map(Arc::from),
+                listener: Arc::from(ask.listener.as_str()),
+            },
+            policy: policy_from(ask.policy),
+            since_ms: ask.since_ms,
+            ties,
+        };
+        let (bytes, back) = match sessions.give(wanted).await {
+            Given::Nothing => {
+                let _ = client.publish(reply, Bytes::from_static(&[NOTHING])).await;
+                return;
+            }
+            Given::Refused => {
+                tracing::info!(client_id = %ask.client_id, node = %ask.node,
+                    "cluster: session asked for by a connection of another principal: refused");
+                let _ = client.publish(reply, Bytes::from_static(&[REFUSED])).await;
+                return;
+            }
+            Given::Session(bytes, back) => (bytes, back),
+        };
+        let held = async {
+            let inbox = client.new_inbox();
+            let mut word = client.subscribe(inbox.clone()).await.ok()?;
+            let pieces: Vec<&[u8]> = bytes.chunks(PIECE).collect();
+            let n = pieces.len();
+            for (i, p) in pieces.into_iter().enumerate() {
+                let seq = u32::try_from(i).ok()?;
+                let p = piece(seq, i + 1 == n, p);
+                (client.publish_with_reply(reply.clone(), inbox.clone(), p))
+                    .await
+                    .ok()?;
+            }
+            tokio::time::timeout(HELD_WAIT, word.next()).await.ok()?
+        };
+        let node = held
+            .await
+            .and_then(|m| std::str::from_utf8(&m.payload).ok().map(Arc::<str>::from));
+        let Some(node) = node.filter(|n| **n == *ask.node) else {
+            tracing::warn!(client_id = %ask.client_id, node = %ask.node,
+                "cluster: node {} did not take the session; it stays here", ask.node);
+            sessions.keep(back);
             return;
+        };
+        let leaving = sessions.leave(back);
+        let mut last = self.follow(&node, &leaving, leaving.take_queued().await);
+        tokio::time::sleep(LINGER).await;
+        leaving.stop_routing();
+        last = last.max(self.follow(&node, &leaving, leaving.take_queued().await));
+        if let Some(t) = last {
+            let mut replicated = self.queue.replicated();
+            let sent = replicated.wait_for(|r| *r >= t);
+            if !matches!(tokio::time::timeout(HELD_WAIT, sent).await, Ok(Ok(_))) {
+                tracing::warn!(client_id = %ask.client_id, node = %node,
+                    "cluster: messages for a session that moved are not in JetStream yet");
+            }
         }
-        Given::Refused => {
-            tracing::info!(client_id = %ask.client_id, node = %ask.node,
-                "cluster: session asked for by a connection of another principal: refused");
-            let _ = client.publish(reply, Bytes::from_static(&[REFUSED])).await;
-            return;
-        }
-        Given::Session(bytes, back) => (bytes, back),
-    };
-    let held = async {
-        let inbox = client.new_inbox();
-        let mut word = client.subscribe(inbox.clone()).await.ok()?;
-        let pieces: Vec<&[u8]> = bytes.chunks(PIECE).collect();
-        let n = pieces.len();
-        for (i, p) in pieces.into_iter().enumerate() {
-            let seq = u32::try_from(i).ok()?;
-            (client.publish_with_reply(reply.clone(), inbox.clone(), piece(seq, i + 1 == n, p)))
-                .await
-                .ok()?;
-        }
-        tokio::time::timeout(HELD_WAIT, word.next()).await.ok()?
-    };
-    let held = held.await.is_some();
-    if !held {
-        tracing::warn!(client_id = %ask.client_id, node = %ask.node,
-            "cluster: node {} did not take the session; it stays here", ask.node);
+        leaving.forget();
     }
-    sessions.settle(back, held);
+
+    /// Sends `deliveries` after a session that moved to `node`: the last ticket.
+    fn follow(
+        &self,
+        node: &Arc<str>,
+        leaving: &crate::session::Leaving,
+        deliveries: Vec<crate::message::Delivery>,
+    ) -> Option<u64> {
+        if deliveries.is_empty() {
+            return None;
+        }
+        let n = deliveries.len();
+        let client_id = leaving.client_id().as_str();
+        let last = (self.queue).offer_to_session(node, client_id, deliveries);
+        match last {
+            Some(_) => tracing::debug!(client_id, node = %node, n,
+                "cluster: messages that reached a session here sent after it"),
+            None => tracing::warn!(client_id, node = %node, n,
+                "cluster: messages that reached a session here are dropped: the queue to JetStream is full"),
+        }
+        last
+    }
 }
 
 #[cfg(test)]

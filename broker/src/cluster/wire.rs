@@ -5,7 +5,9 @@
 //! kind 1, then the store's record of a retained message (which carries the properties).
 //! A message the receiving node is to hand to members of shared subscriptions is kind 2:
 //! how many (u16), each shared subscription (`$share/GROUP/FILTER`) after its length (u16),
-//! then the message's own plain or full record, without a length.
+//! then the message's own plain or full record, without a length. A delivery for one
+//! session (what reached a session while it moved to the receiving node) is kind 3: the
+//! client id after its length (u16), then the store's queue record of the delivery.
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use crate::store::record;
 const PLAIN: u8 = 0;
 const FULL: u8 = 1;
 const SHARED: u8 = 2;
+const SESSION: u8 = 3;
 
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +97,54 @@ pub fn next<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
     let (record, tail) = tail.split_at_checked(len)?;
     *rest = tail;
     Some(record)
+}
+
+/// Appends the record of a delivery for the session of `client_id`, after its length.
+pub fn put_delivery(
+    out: &mut BytesMut,
+    client_id: &str,
+    d: &crate::message::Delivery,
+) -> Result<(), WireError> {
+    let rec = record::encode_queued(d, None).map_err(|e| WireError(e.to_string()))?;
+    let id_len = u16::try_from(client_id.len()).map_err(|_| bad("client id too long"))?;
+    let len =
+        u32::try_from(1 + 2 + client_id.len() + rec.len()).map_err(|_| bad("message too large"))?;
+    out.reserve(4 + len as usize);
+    out.put_u32(len);
+    out.put_u8(SESSION);
+    out.put_u16(id_len);
+    out.put_slice(client_id.as_bytes());
+    out.put_slice(&rec);
+    Ok(())
+}
+
+/// A record read: a message to route (and the shared subscriptions the receiving node
+/// serves it to), or a delivery for one session.
+#[derive(Debug)]
+pub enum Record {
+    /// A message to route.
+    Routed(Message, Vec<Arc<str>>),
+    /// A delivery for the session of this client id.
+    Session(String, crate::message::Delivery),
+}
+
+/// Reads one record of any kind.
+pub fn read_record(r: &[u8]) -> Result<Record, WireError> {
+    let Some((&SESSION, rest)) = r.split_first() else {
+        return read_shared(r).map(|(m, s)| Record::Routed(m, s));
+    };
+    let (len, rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| bad("cut short"))?;
+    let (id, rec) = rest
+        .split_at_checked(usize::from(u16::from_be_bytes(*len)))
+        .ok_or_else(|| bad("cut short"))?;
+    let id = std::str::from_utf8(id).map_err(|_| bad("client id is not UTF-8"))?;
+    let mut d = record::decode_queued(rec, 0)
+        .map_err(|e| WireError(e.to_string()))?
+        .delivery;
+    d.store_id = None;
+    Ok(Record::Session(id.to_owned(), d))
 }
 
 /// Reads one record (the payload is copied: the pack it came in is not kept alive by it);
@@ -232,6 +283,31 @@ mod tests {
         put_shared(&mut one, &full, &shares).unwrap();
         for n in 0..one.len() - 4 {
             let _ = read_shared(&one[4..4 + n]);
+        }
+    }
+
+    #[test]
+    fn a_delivery_for_one_session_reads_back() {
+        let d = crate::message::Delivery {
+            msg: std::sync::Arc::new(message("s/t", b"x", QoS::AtLeastOnce, false)),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            sub_ids: vec![std::num::NonZeroU32::new(5).unwrap()],
+            shared: None,
+            store_id: Some(3),
+            hooked: false,
+        };
+        let mut pack = BytesMut::new();
+        put_delivery(&mut pack, "client", &d).unwrap();
+        let mut rest = &pack[..];
+        let record = next(&mut rest).unwrap();
+        let Record::Session(id, back) = read_record(record).unwrap() else {
+            panic!("not a session's delivery");
+        };
+        assert_eq!((id.as_str(), back.msg.topic.as_str()), ("client", "s/t"));
+        assert_eq!((back.sub_ids, back.store_id), (d.sub_ids, None));
+        for n in 0..record.len() {
+            let _ = read_record(&record[..n]);
         }
     }
 

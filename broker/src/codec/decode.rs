@@ -87,6 +87,13 @@ fn check_first_byte(kind: u8, flags: u8, version: ProtocolVersion) -> Result<(),
 }
 
 /// Reads the remaining length after the first byte; `Ok(None)` until it is complete.
+/// The whole length (fixed header included) of the packet at the front of `buf`, once its
+/// fixed header is there; `None` before, or when the header is malformed (decoding says
+/// why).
+pub fn packet_len(buf: &[u8]) -> Option<usize> {
+    fixed_header(buf).ok().flatten().map(|h| h.total())
+}
+
 fn fixed_header(buf: &[u8]) -> Result<Option<FixedHeader>, DecodeError> {
     let Some((&first, rest)) = buf.split_first() else {
         return Ok(None);

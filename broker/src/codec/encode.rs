@@ -235,6 +235,9 @@ fn publish_layout(p: &Publish, v5: bool) -> Result<PublishLayout, EncodeError> {
 /// PUBLISH (MQTT 3.1.1 §3.3, MQTT 5 §3.3). DUP is never set at QoS 0 (MQTT-3.3.1-2).
 fn publish(p: &Publish, v5: bool, out: &mut BytesMut) -> Result<(), EncodeError> {
     let layout = publish_layout(p, v5)?;
+    // Room for the whole packet at once: a large payload is copied once, not again as the
+    // buffer grows around it.
+    out.reserve(5 + layout.remaining);
     let mut first = 0x30 | (p.qos.qos().bits() << 1);
     if p.dup && p.qos != PublishQoS::AtMostOnce {
         first |= 0x08;

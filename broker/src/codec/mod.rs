@@ -19,7 +19,9 @@ pub(crate) mod reader;
 mod reason;
 pub mod types;
 
-pub use decode::{decode_connect, decode_connect_limited, decode_packet, decode_packet_limited};
+pub use decode::{
+    decode_connect, decode_connect_limited, decode_packet, decode_packet_limited, packet_len,
+};
 pub use encode::{encode_packet, publish_len};
 pub use error::{ConnectError, DecodeError, EncodeError};
 pub use packet::*;

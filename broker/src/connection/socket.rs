@@ -140,7 +140,13 @@ impl Conn {
                     // Give back what a burst grew.
                     *inbuf = BytesMut::with_capacity(read_hint);
                 } else {
-                    inbuf.reserve(read_hint);
+                    // A packet larger than what is here: room for all of it at once (within
+                    // the size limit), so what has come is copied once, not at every read.
+                    let max = usize::try_from(self.config.mqtt.max_packet_size).unwrap_or(0);
+                    let rest = (codec::packet_len(inbuf))
+                        .filter(|len| *len <= max)
+                        .map_or(0, |len| len.saturating_sub(inbuf.len()));
+                    inbuf.reserve(read_hint.max(rest));
                 }
             }
             if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER * 4 {

@@ -18,7 +18,7 @@ mod tests;
 pub use aliases::{InboundAliases, Naming, OutboundAliases};
 pub use flows::{Flows, Inflight, Received};
 pub use moving::{Elsewhere, Found, Moved, Wanted};
-pub use registry::{AttachListener, ExpiryListener, Given, Sessions};
+pub use registry::{AttachListener, ExpiryListener, Given, Leaving, Sessions};
 pub use subscriptions::{Permit, SubscribeLimits};
 
 use std::collections::HashMap;

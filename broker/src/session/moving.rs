@@ -214,6 +214,11 @@ pub struct Wanted {
     pub principal: Principal,
     /// What to do when the session belongs to someone else.
     pub policy: PrincipalPolicy,
+    /// When the asking connection connected (Unix ms): a connection here since later is
+    /// newer, and stays.
+    pub since_ms: u64,
+    /// At the same millisecond, the asker wins (its node's name sorts after this one's).
+    pub ties: bool,
 }
 
 /// What the other nodes answered.

@@ -142,6 +142,51 @@ pub struct Handback {
 /// committed).
 const GIVE_READ_TRIES: usize = 200;
 
+/// A session that moved to another node, still in this node's router: what reaches it is
+/// taken ([`Leaving::take_queued`]) and sent after it, until it stops being routed to and
+/// is forgotten.
+#[derive(Debug)]
+pub struct Leaving {
+    sessions: Arc<Sessions>,
+    state: SessionState,
+}
+
+impl Leaving {
+    /// The client id.
+    pub fn client_id(&self) -> &ClientId {
+        &self.state.client_id
+    }
+
+    /// Takes what was queued for the session since it was given (from disk too).
+    pub async fn take_queued(&self) -> Vec<crate::message::Delivery> {
+        let mut out = VecDeque::new();
+        for _ in 0..GIVE_READ_TRIES {
+            if self.state.mailbox.drain(&mut out, usize::MAX, usize::MAX) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out.into()
+    }
+
+    /// Takes the session's subscriptions out of the router: nothing more reaches it here.
+    pub fn stop_routing(&self) {
+        for filter in self.state.subscriptions.keys() {
+            (self.sessions.pipeline.router()).unsubscribe(self.state.key, filter);
+        }
+    }
+
+    /// Forgets the session: deletes it from the store.
+    pub fn forget(self) {
+        let state = self.state;
+        state.mailbox.set_online(false);
+        if let Some((store, key)) = state.mailbox.store() {
+            store.delete_session(&state.client_id, key);
+        }
+        state.mailbox.set_persistent(false);
+    }
+}
+
 /// Called with the client id of a connection attached and when it connected (Unix ms).
 pub struct AttachListener(pub Box<OnAttached>);
 
@@ -453,6 +498,8 @@ impl Sessions {
                         clean: clean_start,
                         principal: principal.clone(),
                         policy,
+                        since_ms: presence.since_ms,
+                        ties: false,
                     };
                     match e.take(wanted).await {
                         Found::Nothing => None,
@@ -466,8 +513,11 @@ impl Sessions {
                             return Err(AttachRefused::OtherPrincipal);
                         }
                         Found::Session(moved, held) => {
-                            let state = self.adopt(client_id.clone(), moved).await;
-                            held();
+                            let (state, durable) = self.adopt(client_id.clone(), moved).await;
+                            // Not on disk in time: the giving node keeps its copy too.
+                            if durable {
+                                held();
+                            }
                             Some((state, None))
                         }
                     }
@@ -786,24 +836,12 @@ impl Sessions {
     /// Makes a session moved from another node this node's: its subscriptions go into the
     /// router, its messages into its queue (on disk), everything into the store, whose
     /// commit this waits for (the giving node forgets the session once told).
-    async fn adopt(&self, client_id: ClientId, moved: Moved) -> SessionState {
+    async fn adopt(&self, client_id: ClientId, moved: Moved) -> (SessionState, bool) {
         let mut state = self.new_state(client_id, moved.expiry);
         state.flows = Flows::new(PacketId::new(moved.next_id).unwrap_or(PacketId::FIRST));
         state.principal = moved.principal;
         state.mailbox.set_persistent(true);
-        let sub = state.subscriber();
         let mut ticket = None;
-        for (filter, options, id) in moved.subscriptions {
-            if !self.topics.fits(filter.as_str()) {
-                tracing::warn!(client_id = %state.client_id,
-                    "moved subscription over max_topic_length or max_topic_levels: skipped");
-                continue;
-            }
-            self.pipeline.router().subscribe(&sub, &filter, options, id);
-            let s = Subscription { options, id };
-            ticket = ticket.max(state.save_subscription(&filter, Some(s)));
-            state.subscriptions.insert(filter, s);
-        }
         for f in moved.inflight {
             let mut d = f.delivery;
             d.store_id = state.mailbox.take_store_id();
@@ -818,10 +856,16 @@ impl Sessions {
                 stage: f.stage,
             }]);
         }
+        let mut dropped = 0;
         for d in moved.queued {
-            if let Ok(p) = state.mailbox.push(d) {
-                ticket = ticket.max(p.ticket);
+            match state.mailbox.push(d) {
+                Ok(p) => ticket = ticket.max(p.ticket),
+                Err(_) => dropped += 1,
             }
+        }
+        if dropped > 0 {
+            tracing::warn!(client_id = %state.client_id, dropped,
+                "messages of a session moved from another node dropped: over this node's queue limits");
         }
         for id in moved.qos2_received {
             state.flows.restore_received(id);
@@ -829,21 +873,64 @@ impl Sessions {
                 ticket = ticket.max(store.qos2_received(key, id));
             }
         }
+        // Subscribed last: what is routed from now on comes after what was queued.
+        let sub = state.subscriber();
+        for (filter, options, id) in moved.subscriptions {
+            if !self.topics.fits(filter.as_str()) {
+                tracing::warn!(client_id = %state.client_id,
+                    "moved subscription over max_topic_length or max_topic_levels: skipped");
+                continue;
+            }
+            self.pipeline.router().subscribe(&sub, &filter, options, id);
+            let s = Subscription { options, id };
+            ticket = ticket.max(state.save_subscription(&filter, Some(s)));
+            state.subscriptions.insert(filter, s);
+        }
         ticket = ticket.max(state.save(record::unix_ms_now(), None));
+        let mut durable = true;
         if let (Some(t), Some(store)) = (ticket, &self.store) {
             let mut committed = store.committed();
-            let durable = committed.wait_for(|c| *c >= t);
-            if tokio::time::timeout(HANDOVER_TIMEOUT, durable)
-                .await
-                .is_err()
-            {
+            let written = committed.wait_for(|c| *c >= t);
+            if !matches!(
+                tokio::time::timeout(HANDOVER_TIMEOUT, written).await,
+                Ok(Ok(_))
+            ) {
                 tracing::warn!(client_id = %state.client_id,
-                    "a session moved from another node is not on disk yet");
+                    "a session moved from another node is not on disk yet: the other node keeps its copy");
+                durable = false;
             }
         }
         tracing::info!(client_id = %state.client_id, queued = state.mailbox.len(),
             inflight = state.flows.in_flight(), "session moved here from another node");
-        state
+        (state, durable)
+    }
+
+    /// A delivery for the session of `client_id`, which moved here: what reached it on the
+    /// node it left meanwhile. Returns the store ticket that makes it durable.
+    pub fn deliver_moved(&self, client_id: &ClientId, d: crate::message::Delivery) -> Option<u64> {
+        let mailbox = match self.lock().get(client_id) {
+            Some(Slot::Attached(a)) => a.session.as_ref().map(|s| s.0.clone()),
+            Some(Slot::Detached(d)) => Some(d.state.mailbox.clone()),
+            None => None,
+        };
+        let Some(mailbox) = mailbox else {
+            tracing::warn!(client_id = %client_id,
+                "a message that reached a session on the node it left is dropped: the session is not here");
+            return None;
+        };
+        match mailbox.push(d) {
+            Ok(p) => p.ticket,
+            Err(_) => {
+                tracing::warn!(client_id = %client_id,
+                    "a message that reached a session on the node it left is dropped: its queue is full");
+                None
+            }
+        }
+    }
+
+    /// Whether a session of `client_id` is here (connected or not).
+    pub fn holds(&self, client_id: &ClientId) -> bool {
+        self.lock().contains_key(client_id)
     }
 
     /// Another node asks for `wanted`'s session: closes its connection here (MQTT 5:
@@ -865,6 +952,13 @@ impl Sessions {
                     PrincipalPolicy::Refuse => return Given::Refused,
                     PrincipalPolicy::Fresh => clean = true,
                     PrincipalPolicy::Allow => {}
+                }
+            }
+            if let Some(Slot::Attached(a)) = slots.get(&client_id) {
+                let here = a.presence.since_ms;
+                if here > wanted.since_ms || (here == wanted.since_ms && !wanted.ties) {
+                    // The connection here is the newer one: it keeps the session.
+                    return Given::Nothing;
                 }
             }
             match slots.remove(&client_id) {
@@ -959,33 +1053,31 @@ impl Sessions {
             Err(e) => {
                 tracing::warn!(client_id = %back.state.client_id, error = %e,
                     "cannot move a session to another node; it stays here");
-                self.settle(Box::new(back), false);
+                self.keep(Box::new(back));
                 Given::Nothing
             }
         }
     }
 
-    /// A session given to another node: forgotten here once that node holds it (`held`),
-    /// else kept here as it was, without a connection.
-    pub fn settle(self: &Arc<Self>, back: Box<Handback>, held: bool) {
+    /// A session given to another node, which holds it now: it leaves this node
+    /// ([`Leaving`]: what still reaches it here goes after it, then it is forgotten).
+    pub fn leave(self: &Arc<Self>, back: Box<Handback>) -> Leaving {
+        tracing::info!(client_id = %back.state.client_id, "session moved to another node");
+        Leaving {
+            sessions: self.clone(),
+            state: back.state,
+        }
+    }
+
+    /// A session given to another node that did not say it holds it: kept here as it was,
+    /// without a connection.
+    pub fn keep(self: &Arc<Self>, back: Box<Handback>) {
         let Handback {
             mut state,
             will,
             inflight,
             queued,
         } = *back;
-        if held {
-            tracing::info!(client_id = %state.client_id, "session moved to another node");
-            state.mailbox.set_online(false);
-            if let Some((store, key)) = state.mailbox.store() {
-                store.delete_session(&state.client_id, key);
-            }
-            state.mailbox.set_persistent(false);
-            for filter in state.subscriptions.keys() {
-                self.pipeline.router().unsubscribe(state.key, filter);
-            }
-            return;
-        }
         state.flows.restore(inflight);
         state.mailbox.unshift(queued.into_iter());
         state.mailbox.spill();
