@@ -37,8 +37,8 @@
 //!
 //! - **Sessions** move to the node their client connects to (`sessions`).
 //!
-//! What issue 19 asks beyond this (sessions of a dead node resuming elsewhere, cluster-wide
-//! retained limits) is not built; ARCHITECTURE.md says so.
+//! What issue 19 asks beyond this (sessions of a dead node resuming elsewhere, retained
+//! limits enforced by the bucket itself) is not built; ARCHITECTURE.md says so.
 
 mod order;
 mod queue;
