@@ -234,10 +234,27 @@ fn publish_layout(p: &Publish, v5: bool) -> Result<PublishLayout, EncodeError> {
 
 /// PUBLISH (MQTT 3.1.1 §3.3, MQTT 5 §3.3). DUP is never set at QoS 0 (MQTT-3.3.1-2).
 fn publish(p: &Publish, v5: bool, out: &mut BytesMut) -> Result<(), EncodeError> {
-    let layout = publish_layout(p, v5)?;
     // Room for the whole packet at once: a large payload is copied once, not again as the
     // buffer grows around it.
-    out.reserve(5 + layout.remaining);
+    publish_head(p, v5, out, p.payload.len())?;
+    out.put_slice(&p.payload);
+    Ok(())
+}
+
+/// Encodes a PUBLISH for a peer speaking `version` without its payload, which the caller
+/// sends right after these bytes (from the shared message, not copied).
+pub fn encode_publish_head(
+    p: &Publish,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    publish_head(p, version.is_v5(), out, 0)
+}
+
+/// Everything of a PUBLISH before its payload, into room for `more` bytes after it.
+fn publish_head(p: &Publish, v5: bool, out: &mut BytesMut, more: usize) -> Result<(), EncodeError> {
+    let layout = publish_layout(p, v5)?;
+    out.reserve(5 + layout.remaining - p.payload.len() + more);
     let mut first = 0x30 | (p.qos.qos().bits() << 1);
     if p.dup && p.qos != PublishQoS::AtMostOnce {
         first |= 0x08;
@@ -257,7 +274,6 @@ fn publish(p: &Publish, v5: bool, out: &mut BytesMut) -> Result<(), EncodeError>
         put_varint(out, layout.props);
         props::put_publish(&p.properties, &mut Writer(out))?;
     }
-    out.put_slice(&p.payload);
     Ok(())
 }
 

@@ -22,7 +22,7 @@ pub mod types;
 pub use decode::{
     decode_connect, decode_connect_limited, decode_packet, decode_packet_limited, packet_len,
 };
-pub use encode::{encode_packet, publish_len};
+pub use encode::{encode_packet, encode_publish_head, publish_len};
 pub use error::{ConnectError, DecodeError, EncodeError};
 pub use packet::*;
 pub use reader::DecodeLimits;

@@ -476,7 +476,7 @@ impl Conn {
             ka_watch: 0,
             inbuf: BytesMut::new(),
             last_rx: tokio::time::Instant::now(),
-            out: BytesMut::new(),
+            out: super::out::Out::default(),
             batch: VecDeque::new(),
             window,
             client_max_packet: c.properties.maximum_packet_size.map_or(usize::MAX, |m| {

@@ -28,6 +28,7 @@ use socket::Served;
 mod deliver;
 mod handshake;
 pub mod keepalive;
+mod out;
 pub(crate) mod park;
 mod publish;
 mod socket;
@@ -397,7 +398,7 @@ struct Conn {
     /// The keep-alive tick the broker's watch wakes this connection in (0: none asked);
     /// the deadline only moves later, so one pending wake-up is enough.
     ka_watch: u64,
-    out: BytesMut,
+    out: out::Out,
     batch: VecDeque<Delivery>,
     /// Outbound inflight window: min(client Receive Maximum, max_inflight).
     window: u16,
@@ -551,7 +552,7 @@ impl Resting {
             inbuf: BytesMut::new(),
             last_rx: r.last_rx,
             ka_watch: r.ka_watch,
-            out: BytesMut::new(),
+            out: out::Out::default(),
             batch: VecDeque::new(),
             window: r.window,
             client_max_packet: r.client_max_packet,

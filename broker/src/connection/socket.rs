@@ -149,9 +149,7 @@ impl Conn {
                     inbuf.reserve(read_hint.max(rest));
                 }
             }
-            if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER * 4 {
-                self.out = BytesMut::new();
-            }
+            self.out.shrink(OUT_HIGH_WATER * 4);
             let spare = inbuf.capacity() - inbuf.len();
             // The timer is polled only when one of its deadlines can matter: a keep alive,
             // a partial packet, or the idle check of a connection with nothing pending (a
@@ -162,7 +160,7 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Served::Closed(Close::Shutdown),
-                r = wr.write_buf(&mut self.out), if !self.out.is_empty() => {
+                r = super::out::write(wr, &mut self.out), if !self.out.is_empty() => {
                     match r {
                         Ok(0) | Err(_) => return Served::Closed(Close::Lost),
                         Ok(_) => {}
@@ -324,7 +322,7 @@ impl Conn {
         let mut inbuf = std::mem::take(&mut self.inbuf);
         let served = self.serve(rd, wr, &mut inbuf, shutdown).await;
         if served == Served::Idle {
-            self.out = BytesMut::new();
+            self.out = super::out::Out::default();
         } else {
             self.inbuf = inbuf;
         }
@@ -499,7 +497,8 @@ impl Conn {
             self.send(&Packet::Disconnect(Disconnect::new(reason)));
         }
         if !self.out.is_empty() {
-            let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&self.out)).await;
+            let _ =
+                tokio::time::timeout(CLOSE_FLUSH, super::out::write_all(wr, &mut self.out)).await;
         }
         let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
         // Deliveries taken from the mailbox but not sent go back to it, in order.
@@ -541,7 +540,7 @@ impl Conn {
         let last = self.held.back().map(|(t, _)| *t);
         let ticket = last.map_or(ticket, |l| l.max(ticket));
         if last.is_none() && self.durable(ticket) {
-            if let Err(e) = codec::encode_packet(p, self.version, &mut self.out) {
+            if let Err(e) = self.out.encode(p, self.version) {
                 tracing::warn!(error = %e, packet = p.name(), "cannot encode packet");
             }
             return;

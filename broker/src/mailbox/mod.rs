@@ -395,7 +395,7 @@ impl Mailbox {
                         }
                         q.disk.count += 1;
                         q.bytes += size;
-                        let congested = self.congested(q.len());
+                        let congested = self.congested(q.len(), q.bytes);
                         drop(q);
                         self.signal();
                         return Ok(Pushed { ticket, congested });
@@ -406,7 +406,7 @@ impl Mailbox {
             let seq = q.next_seq;
             q.next_seq += 1;
             q.lane(d.qos).push_back((seq, d));
-            congested = self.congested(q.len());
+            congested = self.congested(q.len(), q.bytes);
         }
         self.signal();
         Ok(Pushed { ticket, congested })
@@ -486,13 +486,13 @@ impl Mailbox {
             // Sizes of entries read at start were estimates: an empty queue holds 0 bytes.
             q.bytes = 0;
         }
-        let len = q.len();
+        let (len, bytes) = (q.len(), q.bytes);
         drop(q);
-        if len < self.pressure_at() {
+        if !self.pressed(len, bytes, 1) {
             if self.waiting.swap(false, Ordering::AcqRel) {
                 self.room.notify_waiters();
             }
-            if len < self.pressure_at() / 2 && self.stalled.swap(false, Ordering::AcqRel) {
+            if !self.pressed(len, bytes, 2) && self.stalled.swap(false, Ordering::AcqRel) {
                 tracing::info!("subscriber caught up: back-pressure resumes");
             }
         }
@@ -612,13 +612,16 @@ impl Mailbox {
     }
 
     /// The queue length from which publishers are asked to wait.
-    fn pressure_at(&self) -> usize {
-        (self.limits.max_messages() / 2).max(1)
+    /// Whether a queue of `len` messages and `bytes` bytes is half full (by either limit;
+    /// `shift` 1), or a quarter full (`shift` 2).
+    fn pressed(&self, len: usize, bytes: usize, shift: u32) -> bool {
+        len >= (self.limits.max_messages() >> shift).max(1)
+            || bytes >= (self.limits.max_bytes() >> shift).max(1)
     }
 
-    fn congested(&self, len: usize) -> bool {
+    fn congested(&self, len: usize, bytes: usize) -> bool {
         self.limits.backpressure.load(Ordering::Relaxed)
-            && len >= self.pressure_at()
+            && self.pressed(len, bytes, 1)
             && self.is_online()
             && !self.stalled.load(Ordering::Acquire)
     }
@@ -631,7 +634,11 @@ impl Mailbox {
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.waiting.store(true, Ordering::Release);
-            if !self.congested(self.len()) {
+            let (len, bytes) = {
+                let q = self.lock();
+                (q.len(), q.bytes)
+            };
+            if !self.congested(len, bytes) {
                 return;
             }
             notified.await;

@@ -40,6 +40,29 @@ mod queue {
         assert!(!m.take_wake());
     }
 
+    /// Large messages fill the bytes limit long before the count: publishers are held
+    /// back at half of either, and let go once the queue is under half of both.
+    #[test]
+    fn half_the_bytes_limit_holds_publishers_back_too() {
+        let m = Mailbox::new(QueueLimits {
+            max_messages: 1000,
+            max_bytes: 10_000,
+            backpressure: true,
+        });
+        m.set_online(true);
+        let big = |n: u8| Delivery::for_test(QoS::AtLeastOnce, &[n; 2000]);
+        assert!(!m.push(big(1)).unwrap().congested);
+        assert!(!m.push(big(2)).unwrap().congested);
+        // 6,000 of 10,000 bytes (the topic counts too): half full, three messages of 1,000.
+        assert!(m.push(big(3)).unwrap().congested);
+        let mut out = VecDeque::new();
+        assert!(m.drain(&mut out, 1, 10));
+        assert!(m.push(big(4)).unwrap().congested);
+        out.clear();
+        assert!(m.drain(&mut out, 2, 10));
+        assert!(!m.push(big(5)).unwrap().congested);
+    }
+
     #[test]
     fn shared_limits_change_every_mailbox_at_once() {
         let limits = SharedLimits::new(QueueLimits {
