@@ -311,6 +311,25 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Records from another node: any bytes read as a message, a session's delivery
+        /// or an error, never a panic.
+        #[test]
+        fn any_bytes_read_or_fail_cleanly(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            kind in 0u8..5,
+        ) {
+            let mut r = vec![kind];
+            r.extend_from_slice(&bytes);
+            let _ = read_record(&r);
+            let _ = read_shared(&r);
+            let mut rest = &bytes[..];
+            while let Some(rec) = next(&mut rest) {
+                let _ = read_record(rec);
+            }
+        }
+    }
+
     #[test]
     fn damaged_records_are_errors_not_panics() {
         let mut pack = BytesMut::new();

@@ -338,6 +338,29 @@ mod tests {
         assert_eq!(back.principal, anonymous.principal);
     }
 
+    proptest::proptest! {
+        /// Bytes from another node: nothing panics, and whatever decodes encodes to bytes
+        /// that decode to the same session.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            cut in 0usize..2000,
+        ) {
+            let mut whole = session().encode().unwrap();
+            whole.truncate(cut.min(whole.len()));
+            whole.extend_from_slice(&bytes);
+            for input in [&bytes[..], &whole[..]] {
+                if let Ok(m) = Moved::decode(input) {
+                    let again = Moved::decode(&m.encode().unwrap()).unwrap();
+                    proptest::prop_assert_eq!(again.subscriptions, m.subscriptions);
+                    proptest::prop_assert_eq!(again.qos2_received, m.qos2_received);
+                    proptest::prop_assert_eq!(again.queued.len(), m.queued.len());
+                    proptest::prop_assert_eq!(again.inflight.len(), m.inflight.len());
+                }
+            }
+        }
+    }
+
     #[test]
     fn damaged_bytes_are_errors_not_panics() {
         let bytes = session().encode().unwrap();
