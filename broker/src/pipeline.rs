@@ -118,10 +118,11 @@ pub trait Outlet: Send + Sync + std::fmt::Debug {
         Placed::default()
     }
     /// Takes a message of the shared subscription `share` that this node cannot hand to
-    /// any member (its member left), for a member elsewhere; false if there is none.
-    fn take_shared(&self, msg: &Arc<Message>, share: &TopicFilter) -> bool {
+    /// any member (its member left), for a member elsewhere: what makes it durable there,
+    /// or `None` if there is no such member.
+    fn take_shared(&self, msg: &Arc<Message>, share: &TopicFilter) -> Option<Offered> {
         let _ = (msg, share);
-        false
+        None
     }
 }
 
@@ -260,7 +261,7 @@ impl Pipeline {
             return self.router.publish_sharing(msg, |_| false);
         }
         let served = std::cell::RefCell::new(vec![false; shares.len()]);
-        let routed = self.router.publish_sharing(msg, |g| {
+        let mut routed = self.router.publish_sharing(msg, |g| {
             match shares.iter().position(|s| **s == *g.as_str()) {
                 Some(i) => {
                     if let Some(s) = served.borrow_mut().get_mut(i) {
@@ -276,9 +277,12 @@ impl Pipeline {
             if served {
                 continue;
             }
-            let taken = TopicFilter::new(share)
-                .is_ok_and(|f| outlets.iter().any(|o| o.take_shared(msg, &f)));
-            if !taken {
+            let taken = (TopicFilter::new(share).ok())
+                .and_then(|f| outlets.iter().find_map(|o| o.take_shared(msg, &f)));
+            if let Some(o) = &taken {
+                // The pack it came in is acknowledged once the next node's copy is held.
+                routed.replicated = routed.replicated.max(o.replicated);
+            } else {
                 crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
                 tracing::debug!(topic = %msg.topic, share = %share,
                     "message of a shared subscription dropped: no member here or elsewhere");
@@ -300,7 +304,10 @@ impl Pipeline {
             return Err(d);
         };
         let outlets = self.outlets.get().map_or(&[][..], Vec::as_slice);
-        match outlets.iter().any(|o| o.take_shared(&d.msg, share)) {
+        match outlets
+            .iter()
+            .any(|o| o.take_shared(&d.msg, share).is_some())
+        {
             true => Ok(()),
             false => Err(d),
         }

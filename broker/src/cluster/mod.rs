@@ -822,19 +822,21 @@ impl Cluster {
         backpressure: Option<Duration>,
     ) {
         while let Some(m) = messages.next().await {
-            self.route_pack(&m.payload, &pipeline, backpressure).await;
+            let _ = self.route_pack(&m.payload, &pipeline, backpressure).await;
         }
     }
 
     /// Routes the records of one pack from another node to this node's sessions: the
-    /// store ticket of what that wrote.
+    /// store ticket of what that wrote, and the cluster ticket of what it handed on to
+    /// other nodes (shared messages whose members here are gone).
     async fn route_pack(
         &self,
         pack: &[u8],
         pipeline: &Pipeline,
         backpressure: Option<Duration>,
-    ) -> Option<u64> {
+    ) -> (Option<u64>, Option<u64>) {
         let mut ticket = None;
+        let mut replicated = None;
         let mut rest = pack;
         while !rest.is_empty() {
             let Some(record) = wire::next(&mut rest) else {
@@ -856,6 +858,7 @@ impl Cluster {
                     self.stats.received.fetch_add(1, Ordering::Relaxed);
                     let routed = pipeline.route_from_node(&Arc::new(msg), &shares);
                     ticket = ticket.max(routed.ticket);
+                    replicated = replicated.max(routed.replicated);
                     // A subscriber half full: what follows waits for it, as a local
                     // publisher would (at most the back-pressure timeout), rather than
                     // overflowing its queue with the rest of the pack.
@@ -873,7 +876,7 @@ impl Cluster {
                 }
             }
         }
-        ticket
+        (ticket, replicated)
     }
 
     /// Hands messages for other nodes to NATS, in the order they were accepted: what is
@@ -1436,10 +1439,14 @@ impl Outlet for Cluster {
     }
 
     /// A node with members of `share` takes the message, in turn.
-    fn take_shared(&self, msg: &Arc<Message>, share: &crate::codec::TopicFilter) -> bool {
+    fn take_shared(
+        &self,
+        msg: &Arc<Message>,
+        share: &crate::codec::TopicFilter,
+    ) -> Option<Offered> {
         let qos0 = msg.qos == crate::codec::QoS::AtMostOnce;
         if !self.is_connected() || (!qos0 && self.queue.refuses(true)) {
-            return false;
+            return None;
         }
         let node = {
             let peers = read(&self.peers);
@@ -1448,22 +1455,24 @@ impl Outlet for Cluster {
                 .map(|(n, _)| n)
                 .collect();
             if nodes.is_empty() {
-                return false;
+                return None;
             }
             nodes.sort_unstable();
             let turn = self.turn(&Arc::from(share.as_str()));
             let pick = usize::try_from(turn % nodes.len() as u64).unwrap_or(0);
-            match nodes.get(pick) {
-                Some(n) => Arc::clone(n),
-                None => return false,
-            }
+            Arc::clone(nodes.get(pick)?)
         };
         let shares = vec![Arc::from(share.as_str())];
         if qos0 {
-            return self.send_qos0(&node, msg, shares);
+            return self.send_qos0(&node, msg, shares).then(Offered::default);
         }
-        let taken = self.queue.offer(std::iter::once((&node, shares)), msg);
-        matches!(taken, Ok(Some(_)))
+        match self.queue.offer(std::iter::once((&node, shares)), msg) {
+            Ok(Some(t)) => Some(Offered {
+                replicated: Some(t),
+                ..Offered::default()
+            }),
+            _ => None,
+        }
     }
 }
 

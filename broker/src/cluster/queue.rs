@@ -617,9 +617,14 @@ impl Cluster {
         committed: &mut watch::Receiver<u64>,
         backpressure: Option<Duration>,
     ) -> bool {
-        let ticket = self.route_pack(&m.payload, pipeline, backpressure).await;
+        let (ticket, handed_on) = self.route_pack(&m.payload, pipeline, backpressure).await;
         if let Some(t) = ticket
             && committed.wait_for(|c| *c >= t).await.is_err()
+        {
+            return false;
+        }
+        if let Some(t) = handed_on
+            && self.queue.replicated().wait_for(|r| *r >= t).await.is_err()
         {
             return false;
         }
