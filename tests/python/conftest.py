@@ -28,7 +28,6 @@ import threading
 import time
 import urllib.request
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -345,11 +344,11 @@ class SplitBroker:
 
     # -- what clients use -------------------------------------------------------------------
     def place(self, client_id: str, chosen: bool) -> tuple[str, int]:
-        """The node a client connects to: by its id when the test chose it, else in turn."""
-        if chosen:
-            i = zlib.crc32(client_id.encode()) % len(self.nodes)
-        else:
-            i, self._turn = self._turn, (self._turn + 1) % len(self.nodes)
+        """The node a client connects to: the nodes in turn, so a client that connects again
+        (its client id chosen by the test) may land on the other node, and its session moves
+        there."""
+        del client_id, chosen
+        i, self._turn = self._turn, (self._turn + 1) % len(self.nodes)
         return self.nodes[i].host, self.nodes[i].port
 
     def settle(self, retained: bool = False) -> None:
