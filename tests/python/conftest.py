@@ -262,7 +262,9 @@ class _Nats:
         if not server:
             pytest.fail("--across-nodes needs nats-server (tests/install provides it)")
         self.dir = Path(tempfile.mkdtemp(prefix="sandpiper-nats-"))
-        self.port, http = _free_port(), _free_port()
+        self.port = _free_port()
+        while (http := _free_port()) == self.port:
+            pass
         (self.dir / "n.conf").write_text(
             f'listen: 127.0.0.1:{self.port}\nhttp: 127.0.0.1:{http}\n'
             f'jetstream {{ store_dir: "{self.dir / "js"}" }}\n')

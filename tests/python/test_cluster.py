@@ -69,9 +69,19 @@ class NatsCluster:
         """``tls``: a folder of ``tests/certs/generate``: clients connect with TLS and show a
         certificate the test CA signed."""
         self.dir = Path(tempfile.mkdtemp(prefix="sandpiper-nats-"))
-        self.client_ports = [free_port() for _ in range(size)]
-        self.route_ports = [free_port() for _ in range(size)]
-        self.http_ports = [free_port() for _ in range(size)]
+        # Each port once: the system may hand a port just probed and let go out again, and
+        # a route dialing a monitoring port never forms (a full run once failed so).
+        taken: set[int] = set()
+
+        def port() -> int:
+            while (p := free_port()) in taken:
+                pass
+            taken.add(p)
+            return p
+
+        self.client_ports = [port() for _ in range(size)]
+        self.route_ports = [port() for _ in range(size)]
+        self.http_ports = [port() for _ in range(size)]
         self.procs: list[subprocess.Popen | None] = [None] * size
         self.scheme = "tls" if tls else "nats"
         routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.route_ports)
