@@ -103,10 +103,15 @@ class NatsCluster:
             self.procs[i] = subprocess.Popen(
                 [NATS_SERVER, "-c", str(self.dir / f"n{i}.conf")],
                 stdout=subprocess.DEVNULL, stderr=open(self.dir / f"n{i}.log", "wb"))
-        for i in range(len(self.procs)):
-            wait_until(f"nats-server n{i} routed to the others, JetStream with a leader",
-                       lambda i=i: self.routes(i) >= len(self.procs) - 1 and self.leader(i),
-                       timeout=20, detail=lambda: "\n" + self.logs())
+        try:
+            for i in range(len(self.procs)):
+                wait_until(f"nats-server n{i} routed to the others, JetStream with a leader",
+                           lambda i=i: self.routes(i) >= len(self.procs) - 1 and self.leader(i),
+                           timeout=20, detail=lambda: "\n" + self.logs())
+        except BaseException:
+            # No fixture stops what never started: the servers would outlive the run.
+            self.stop()
+            raise
         return self
 
     def leader(self, i: int) -> bool:
