@@ -1393,9 +1393,11 @@ impl Outlet for Cluster {
 
     fn selects(&self, topic: &str) -> bool {
         read(&self.peers).values().any(|p| {
-            let mut shares = Vec::new();
-            p.routes.shares_matching(topic, &mut shares);
-            p.routes.matches(topic) || !shares.is_empty()
+            p.routes.matches(topic) || {
+                let mut shares = Vec::new();
+                p.routes.shares_matching(topic, &mut shares);
+                !shares.is_empty()
+            }
         })
     }
 

@@ -48,9 +48,17 @@ pub fn put(out: &mut BytesMut, m: &Message) -> Result<(), WireError> {
 /// Appends `m`'s record, after its length, to `out`, naming the shared subscriptions the
 /// receiving node serves it to (unchanged on an error).
 pub fn put_shared(out: &mut BytesMut, m: &Message, shares: &[Arc<str>]) -> Result<(), WireError> {
+    framed(out, |out| put_body(out, m, shares))
+}
+
+/// Appends what `body` writes after its length (`out` unchanged on an error).
+fn framed(
+    out: &mut BytesMut,
+    body: impl FnOnce(&mut BytesMut) -> Result<(), WireError>,
+) -> Result<(), WireError> {
     let at = out.len();
     out.put_u32(0);
-    let written = put_body(out, m, shares);
+    let written = body(out);
     let len = written
         .and_then(|()| u32::try_from(out.len() - at - 4).map_err(|_| bad("message too large")));
     match len {
@@ -107,15 +115,28 @@ pub fn put_delivery(
 ) -> Result<(), WireError> {
     let rec = record::encode_queued(d, None).map_err(|e| WireError(e.to_string()))?;
     let id_len = u16::try_from(client_id.len()).map_err(|_| bad("client id too long"))?;
-    let len =
-        u32::try_from(1 + 2 + client_id.len() + rec.len()).map_err(|_| bad("message too large"))?;
-    out.reserve(4 + len as usize);
-    out.put_u32(len);
-    out.put_u8(SESSION);
-    out.put_u16(id_len);
-    out.put_slice(client_id.as_bytes());
-    out.put_slice(&rec);
-    Ok(())
+    framed(out, |out| {
+        out.put_u8(SESSION);
+        out.put_u16(id_len);
+        out.put_slice(client_id.as_bytes());
+        out.put_slice(&rec);
+        Ok(())
+    })
+}
+
+/// Takes a length (u16) and that many bytes from the front of `r`.
+fn take16<'a>(r: &mut &'a [u8]) -> Result<&'a [u8], WireError> {
+    let (len, rest) = r.split_first_chunk::<2>().ok_or_else(|| bad("cut short"))?;
+    let (bytes, rest) = rest
+        .split_at_checked(usize::from(u16::from_be_bytes(*len)))
+        .ok_or_else(|| bad("cut short"))?;
+    *r = rest;
+    Ok(bytes)
+}
+
+/// [`take16`] as UTF-8 text; `what` names it in the error.
+fn text16<'a>(r: &mut &'a [u8], what: &str) -> Result<&'a str, WireError> {
+    std::str::from_utf8(take16(r)?).map_err(|_| WireError(format!("{what} is not UTF-8")))
 }
 
 /// A record read: a message to route (and the shared subscriptions the receiving node
@@ -130,16 +151,10 @@ pub enum Record {
 
 /// Reads one record of any kind.
 pub fn read_record(r: &[u8]) -> Result<Record, WireError> {
-    let Some((&SESSION, rest)) = r.split_first() else {
+    let Some((&SESSION, mut rec)) = r.split_first() else {
         return read_shared(r).map(|(m, s)| Record::Routed(m, s));
     };
-    let (len, rest) = rest
-        .split_first_chunk::<2>()
-        .ok_or_else(|| bad("cut short"))?;
-    let (id, rec) = rest
-        .split_at_checked(usize::from(u16::from_be_bytes(*len)))
-        .ok_or_else(|| bad("cut short"))?;
-    let id = std::str::from_utf8(id).map_err(|_| bad("client id is not UTF-8"))?;
+    let id = text16(&mut rec, "client id")?;
     let mut d = record::decode_queued(rec, 0)
         .map_err(|e| WireError(e.to_string()))?
         .delivery;
@@ -166,15 +181,7 @@ pub fn read_shared(r: &[u8]) -> Result<(Message, Vec<Arc<str>>), WireError> {
     let n = u16::from_be_bytes(*n);
     let mut shares = Vec::with_capacity(usize::from(n).min(rest.len() / 2));
     for _ in 0..n {
-        let (len, tail) = rest
-            .split_first_chunk::<2>()
-            .ok_or_else(|| bad("cut short"))?;
-        let (s, tail) = tail
-            .split_at_checked(usize::from(u16::from_be_bytes(*len)))
-            .ok_or_else(|| bad("cut short"))?;
-        let s = std::str::from_utf8(s).map_err(|_| bad("filter is not UTF-8"))?;
-        shares.push(Arc::from(s));
-        rest = tail;
+        shares.push(Arc::from(text16(&mut rest, "filter")?));
     }
     read_body(rest).map(|m| (m, shares))
 }
@@ -185,12 +192,9 @@ fn read_body(r: &[u8]) -> Result<Message, WireError> {
         FULL => record::decode_retained(r).map_err(|e| WireError(e.to_string())),
         PLAIN => {
             let (&flags, r) = r.split_first().ok_or_else(|| bad("cut short"))?;
-            let (expires, r) = r.split_first_chunk::<8>().ok_or_else(|| bad("cut short"))?;
-            let (topic_len, r) = r.split_first_chunk::<2>().ok_or_else(|| bad("cut short"))?;
-            let (topic, payload) = r
-                .split_at_checked(usize::from(u16::from_be_bytes(*topic_len)))
-                .ok_or_else(|| bad("cut short"))?;
-            let topic = std::str::from_utf8(topic).map_err(|_| bad("topic is not UTF-8"))?;
+            let (expires, mut payload) =
+                r.split_first_chunk::<8>().ok_or_else(|| bad("cut short"))?;
+            let topic = text16(&mut payload, "topic")?;
             let topic = TopicName::new(topic).map_err(|e| WireError(e.to_string()))?;
             let qos = match flags & 3 {
                 0 => QoS::AtMostOnce,
