@@ -1,11 +1,14 @@
 //! Persistent sessions moving between nodes. A connection whose session is not on its node
 //! asks the others on `sandpiper.session` (JSON: the asking node, the client id, Clean
 //! Start, the connecting principal, when it connected, and the asker's `principal_policy`).
-//! Every other node answers to the asker's inbox: `0` (not here, or here with a newer
-//! connection, which keeps it), `1` (here, owned by another principal, refused), `3` (here:
-//! wait, the session is being taken from its connection), then the session in pieces of up
+//! Every other node answers to the asker's inbox: `0` and its name (not here, or here with
+//! a newer connection, which keeps it), `1` (here, owned by another principal, refused), `3`
+//! and its name (here: wait, the session is being taken from its connection; a `0` may
+//! follow if the connection turns out newer), then the session in pieces of up
 //! to 256 KiB (`2`, the piece's number (u32), whether it is the last (u8), then its bytes:
-//! `session::Moved`), each with the giver's own inbox as reply subject. The asker adopts
+//! `session::Moved`), each with the giver's own inbox as reply subject. The asker waits for
+//! the nodes it heard from lately, by name (a node that joined a moment ago and answers is
+//! not taken for one of them), and for every node that said wait. It adopts
 //! the session, writes it to its store, and once that is durable says so on the giver's
 //! inbox (its node's name); the giver keeps the session if no word comes within 10 s.
 //! Otherwise the session leaves: what reached it on the giver meanwhile, and for 2 s more
@@ -14,6 +17,7 @@
 //! 3); then the giver forgets it. With Clean Start the holder ends the session (publishing
 //! its will) and answers `0`.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,10 +109,11 @@ fn read_piece(m: &[u8]) -> Option<(u32, bool, &[u8])> {
 impl Elsewhere for Cluster {
     fn take(&self, wanted: Wanted) -> Pin<Box<dyn Future<Output = Found> + Send + 'static>> {
         let client = self.client.get().cloned().filter(|_| self.is_connected());
-        let others = read(&self.peers)
-            .values()
-            .filter(|p| p.heard.elapsed() < ALIVE)
-            .count();
+        let others: HashSet<Arc<str>> = read(&self.peers)
+            .iter()
+            .filter(|(_, p)| p.heard.elapsed() < ALIVE)
+            .map(|(name, _)| name.clone())
+            .collect();
         let ask = Ask {
             node: self.node.to_string(),
             client_id: wanted.client_id.as_str().to_owned(),
@@ -119,7 +124,7 @@ impl Elsewhere for Cluster {
             since_ms: wanted.since_ms,
         };
         Box::pin(async move {
-            let Some(client) = client.filter(|_| others > 0) else {
+            let Some(client) = client.filter(|_| !others.is_empty()) else {
                 return Found::Nothing;
             };
             match ask_nodes(&client, &ask, others).await {
@@ -134,36 +139,57 @@ impl Elsewhere for Cluster {
     }
 }
 
-/// Asks the other nodes for a session and waits for `others` answers, or the session.
+/// An answer naming its node: `kind`, then the name.
+fn named(kind: u8, node: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(1 + node.len());
+    b.put_u8(kind);
+    b.put_slice(node.as_bytes());
+    b.freeze()
+}
+
+/// Asks the other nodes for a session and waits for the answers of `others` and of every
+/// node that said it has the session, or the session.
 async fn ask_nodes(
     client: &async_nats::Client,
     ask: &Ask,
-    others: usize,
+    mut others: HashSet<Arc<str>>,
 ) -> Result<Found, async_nats::Error> {
     let inbox = client.new_inbox();
     let mut answers = client.subscribe(inbox.clone()).await?;
     client
         .publish_with_reply(SUBJECT, inbox, serde_json::to_vec(ask)?.into())
         .await?;
-    let mut answered = 0;
+    // Nodes that said they have the session.
+    let mut waiting: HashSet<Arc<str>> = HashSet::new();
     // Pieces by giver (its reply subject): the bytes so far and the next number.
     let mut parts: std::collections::HashMap<String, (Vec<u8>, u32)> =
         std::collections::HashMap::new();
     let mut deadline = tokio::time::Instant::now() + ASK_WAIT;
-    while answered < others {
+    while !others.is_empty() || !waiting.is_empty() {
         let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await else {
-            tracing::debug!(client_id = %ask.client_id, answered, others,
+            tracing::debug!(client_id = %ask.client_id, silent = ?others, waiting = ?waiting,
                 "cluster: not every node answered a session request");
             break;
         };
+        let name = || std::str::from_utf8(m.payload.get(1..).unwrap_or_default()).ok();
         match m.payload.first() {
-            Some(&NOTHING) => answered += 1,
+            Some(&NOTHING) => {
+                if let Some(n) = name() {
+                    others.remove(n);
+                    waiting.remove(n);
+                }
+            }
             Some(&REFUSED) => return Ok(Found::Refused),
-            Some(&WAIT) => deadline = tokio::time::Instant::now() + GIVER_WAIT,
+            Some(&WAIT) => {
+                if let Some(n) = name() {
+                    others.remove(n);
+                    waiting.insert(Arc::from(n));
+                }
+                deadline = tokio::time::Instant::now() + GIVER_WAIT;
+            }
             _ => {
                 let (Some(reply), Some((seq, last, bytes))) = (m.reply, read_piece(&m.payload))
                 else {
-                    answered += 1;
                     continue;
                 };
                 deadline = tokio::time::Instant::now() + ASK_WAIT;
@@ -173,7 +199,6 @@ async fn ask_nodes(
                     tracing::warn!(client_id = %ask.client_id,
                         "cluster: a piece of a session from another node went missing; it stays there");
                     parts.remove(&giver);
-                    answered += 1;
                     continue;
                 }
                 buf.extend_from_slice(bytes);
@@ -199,7 +224,6 @@ async fn ask_nodes(
                     Err(e) => {
                         tracing::warn!(client_id = %ask.client_id, error = %e,
                             "cluster: a session from another node could not be read; it stays there");
-                        answered += 1;
                     }
                 }
             }
@@ -233,12 +257,10 @@ impl Cluster {
             }
             // Most asks are for sessions that are not here: answered at once.
             if !sessions.holds(&ClientId::new(&ask.client_id)) {
-                let _ = client.publish(reply, Bytes::from_static(&[NOTHING])).await;
+                let _ = client.publish(reply, named(NOTHING, &self.node)).await;
                 continue;
             }
-            let _ = client
-                .publish(reply.clone(), Bytes::from_static(&[WAIT]))
-                .await;
+            let _ = client.publish(reply.clone(), named(WAIT, &self.node)).await;
             let ties = *self.node < *ask.node;
             let giving = giving.clone();
             let (me, client, sessions) = (self.clone(), client.clone(), sessions.clone());
@@ -276,7 +298,7 @@ impl Cluster {
         };
         let (bytes, back) = match sessions.give(wanted).await {
             Given::Nothing => {
-                let _ = client.publish(reply, Bytes::from_static(&[NOTHING])).await;
+                let _ = client.publish(reply, named(NOTHING, &self.node)).await;
                 return;
             }
             Given::Refused => {
