@@ -292,14 +292,18 @@ async fn serve<R, W>(
     match refusal {
         None => connection::run(broker, info, peer, rd, wr).await,
         // Boxed: a refusal's state would otherwise be part of every connection's task.
-        Some(reason) => Box::pin(refuse(rd, wr, reason)).await,
+        Some(reason) => Box::pin(refuse(rd, wr, reason, &info.stop)).await,
     }
 }
 
 /// Reads the client's CONNECT (briefly) to learn its version, answers with a refusing
 /// CONNACK and closes.
-async fn refuse<R, W>(mut rd: R, mut wr: W, reason: ReasonCode)
-where
+async fn refuse<R, W>(
+    mut rd: R,
+    mut wr: W,
+    reason: ReasonCode,
+    stop: &tokio_util::sync::CancellationToken,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -321,7 +325,7 @@ where
         return;
     };
     connection::send_connack_and_close(&mut wr, version, reason, REFUSE_WAIT).await;
-    connection::linger(&mut rd).await;
+    connection::linger(&mut rd, stop).await;
 }
 
 /// One connection counted in the global and the listener's gauges while it lives (kept by

@@ -299,7 +299,7 @@ async fn end<R, W>(
     drop(open);
     (*conn).finish(close, wr).await;
     if close.broker_first() {
-        linger(rd).await;
+        linger(rd, &listener.stop).await;
     }
 }
 
@@ -341,7 +341,7 @@ where
         Ok(Err(ReadError::Decode(e))) => {
             tracing::info!(error = %e.error, "bad CONNECT: closing");
             refuse_connect(wr, &e).await;
-            linger(rd).await;
+            linger(rd, &listener.stop).await;
             return None;
         }
     };
@@ -349,7 +349,7 @@ where
     let conn = Conn::accept(broker, listener, peer, *connect, (&mut *rd, &mut inbuf), wr).await;
     let Some(conn) = conn else {
         // Refused (CONNACK with a reason code sent) or failed.
-        linger(rd).await;
+        linger(rd, &listener.stop).await;
         return None;
     };
     Some((Box::new(conn), inbuf))
@@ -365,18 +365,25 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// unread data in its receive buffer is reset (RFC 1122 §4.2.2.13), and a reset destroys
 /// what the client has not read yet: the packet that tells it why, and the
 /// acknowledgements before it.
-pub(crate) async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+pub(crate) async fn linger<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    stop: &tokio_util::sync::CancellationToken,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut left = LINGER_BYTES;
-    let _ = tokio::time::timeout(LINGER, async {
+    let read = tokio::time::timeout(LINGER, async {
         while left > 0 {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => left = left.saturating_sub(n),
             }
         }
-    })
-    .await;
+    });
+    // A listener stopping (shutdown, a reload removing it) does not wait for its clients.
+    tokio::select! {
+        _ = read => {}
+        () = stop.cancelled() => {}
+    }
 }
 
 /// A connected client.
