@@ -18,7 +18,8 @@ subscriber's node; a client id connected through a TCP load balancer (haproxy, r
 is taken over on the other node; 21,000 persistent QoS 1 subscriptions over three nodes get
 their offline messages with two JetStream consumers per node; with all of NATS gone a node refuses the QoS 1/2 messages other nodes
 want (MQTT 5 0x97, 3.1.1 no PUBACK), still routes between its own clients, is not ready, and
-recovers by itself.
+recovers by itself; nodes sign in to NATS over TLS with a client certificate, with a
+``.creds`` file (operator mode) and with an NKEY seed.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ if not nats_version_ok(NATS_SERVER):
 class NatsCluster:
     """Three nats-servers routed to each other, JetStream on, on free loopback ports."""
 
-    def __init__(self, size: int = 3, tls: Path | None = None):
+    def __init__(self, size: int = 3, tls: Path | None = None, extra: str = ""):
         """``tls``: a folder of ``tests/certs/generate``: clients connect with TLS and show a
-        certificate the test CA signed."""
+        certificate the test CA signed. ``extra``: more of each server's configuration."""
         self.dir = Path(tempfile.mkdtemp(prefix="sandpiper-nats-"))
         # Each port once: the system may hand a port just probed and let go out again, and
         # a route dialing a monitoring port never forms (a full run once failed so).
@@ -96,7 +97,7 @@ class NatsCluster:
             if tls:
                 text += (f'tls {{ cert_file: "{tls / "server.pem"}", key_file: "{tls / "server.key"}", '
                          f'ca_file: "{tls / "ca.pem"}", verify: true }}\n')
-            (self.dir / f"n{i}.conf").write_text(text)
+            (self.dir / f"n{i}.conf").write_text(text + extra)
 
     def start(self) -> "NatsCluster":
         for i in range(len(self.procs)):
@@ -1045,6 +1046,139 @@ def test_nodes_reach_nats_over_tls_with_a_client_certificate(tmp_path):
             assert not ready(n), f"node {n.name} is ready"
             assert counter(n, "sandpiper_cluster_connected") == 0
             assert n.wait_log(r"WARN.*cannot connect to NATS", 1), n.log()
+        assert sorted(nats.clients(0)) == ["sandpiper a", "sandpiper b"]
+    finally:
+        for n in started:
+            n.stop()
+        nats.stop()
+
+
+# NKEYs and NATS JWTs, as nsc makes them: an Ed25519 key, its public half named by a prefix
+# byte, a CRC-16 (XMODEM) and base32; a JWT signed by its issuer's key ("ed25519-nkey").
+def _crc16(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def _b32(raw: bytes) -> str:
+    import base64
+    raw += _crc16(raw).to_bytes(2, "little")
+    return base64.b32encode(raw).decode().rstrip("=")
+
+
+class NKey:
+    """An NKEY of one kind: ``operator``, ``account`` or ``user``."""
+    PREFIX = {"operator": 14 << 3, "account": 0, "user": 20 << 3}
+
+    def __init__(self, kind: str):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives import serialization
+        self.key = Ed25519PrivateKey.generate()
+        prefix = self.PREFIX[kind]
+        raw_public = self.key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                       serialization.PublicFormat.Raw)
+        raw_seed = self.key.private_bytes(serialization.Encoding.Raw,
+                                          serialization.PrivateFormat.Raw,
+                                          serialization.NoEncryption())
+        self.public = _b32(bytes([prefix]) + raw_public)
+        self.seed = _b32(bytes([(18 << 3) | (prefix >> 5), (prefix & 31) << 3]) + raw_seed)
+
+    def jwt(self, subject: str, kind: str, nats: dict) -> str:
+        """A JWT this key issues about ``subject``."""
+        import base64
+        import hashlib
+
+        def enc(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).decode().rstrip("=")
+        claims = {"iat": int(time.time()), "iss": self.public, "name": kind, "sub": subject,
+                  "nats": {**nats, "type": kind, "version": 2}}
+        claims["jti"] = base64.b32encode(
+            hashlib.sha256(json.dumps(claims).encode()).digest()).decode().rstrip("=")
+        head = enc(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        body = enc(json.dumps(claims).encode())
+        return f"{head}.{body}.{enc(self.key.sign(f'{head}.{body}'.encode()))}"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("way", ["creds", "nkey"])
+def test_nodes_authenticate_at_nats_with_a_creds_file_or_an_nkey(tmp_path, way):
+    """``creds``: a nats-server in operator mode (JWTs, JetStream for the account) admits
+    nodes with the user's ``.creds`` file. ``nkey``: one whose users are NKEYs admits nodes
+    with a seed file. Through either, the nodes route QoS 1 to each other; a node with
+    another user's keys never gets in and is not ready, a missing file is logged."""
+    user, stranger = NKey("user"), NKey("user")
+    if way == "creds":
+        operator, account, system = NKey("operator"), NKey("account"), NKey("account")
+        everything = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                      "wildcards": True, "conn": -1, "leaf": -1, "mem_storage": -1,
+                      "disk_storage": -1, "streams": -1, "consumer": -1}
+        (tmp_path / "op.jwt").write_text(operator.jwt(operator.public, "operator", {}))
+        account_jwt = operator.jwt(account.public, "account", {"limits": everything})
+        system_jwt = operator.jwt(system.public, "account", {})
+        extra = (f'operator: "{tmp_path / "op.jwt"}"\nsystem_account: {system.public}\n'
+                 f'resolver: MEMORY\nresolver_preload: {{ {account.public}: "{account_jwt}", '
+                 f'{system.public}: "{system_jwt}" }}\n')
+
+        def keys(k: NKey, path: Path) -> None:
+            token = account.jwt(k.public, "user",
+                                {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+            path.write_text("-----BEGIN NATS USER JWT-----\n" + token +
+                            "\n------END NATS USER JWT------\n\n"
+                            "-----BEGIN USER NKEY SEED-----\n" + k.seed +
+                            "\n------END USER NKEY SEED------\n")
+        # A stranger whose JWT another account signed: the server knows no such account.
+        outsider = NKey("account")
+
+        def stranger_keys(path: Path) -> None:
+            token = outsider.jwt(stranger.public, "user", {"subs": -1, "data": -1, "payload": -1})
+            path.write_text("-----BEGIN NATS USER JWT-----\n" + token +
+                            "\n------END NATS USER JWT------\n\n"
+                            "-----BEGIN USER NKEY SEED-----\n" + stranger.seed +
+                            "\n------END USER NKEY SEED------\n")
+    else:
+        extra = f'authorization {{ users = [ {{ nkey: {user.public} }} ] }}\n'
+
+        def keys(k: NKey, path: Path) -> None:
+            path.write_text(k.seed + "\n")
+
+        def stranger_keys(path: Path) -> None:
+            keys(stranger, path)
+    nats = NatsCluster(size=1, extra=extra).start()
+    started: list[Node] = []
+
+    def node(name: str, path: Path) -> Node:
+        text = node_config() + (f'\n[cluster]\nnode = "{name}"\nnats = ["{nats.urls()[0]}"]\n'
+                                f'node_timeout_ms = 3000\n{way} = "{path}"\n')
+        n = Node(text)
+        n.name = name
+        started.append(n)
+        return n.start()
+
+    try:
+        keys(user, tmp_path / "u.keys")
+        a, b = node("a", tmp_path / "u.keys"), node("b", tmp_path / "u.keys")
+        for n in (a, b):
+            wait_until(f"node {n.name} ready", lambda n=n: ready(n), timeout=15,
+                       detail=lambda n=n: "\n" + n.log() + "\n" + nats.logs())
+        sub = Client(b, version=5)
+        sub.subscribe("keys/x", qos=1)
+        knows(a, "b", 1)
+        Client(a, version=5).publish("keys/x", f"signed in by {way}", qos=1)
+        assert [m.text for m in sub.messages.expect_exactly(1)] == [f"signed in by {way}"]
+        stranger_keys(tmp_path / "s.keys")
+        intruder, lost = node("c", tmp_path / "s.keys"), node("d", tmp_path / "missing")
+        time.sleep(3)
+        for n in (intruder, lost):
+            assert not ready(n), f"node {n.name} is ready"
+            assert counter(n, "sandpiper_cluster_connected") == 0
+        assert intruder.wait_log(r"WARN.*cannot connect to NATS", 1), intruder.log()
+        assert lost.wait_log(r"ERROR.*cannot read the (NATS credentials|NKEY seed) file", 1), \
+            lost.log()
         assert sorted(nats.clients(0)) == ["sandpiper a", "sandpiper b"]
     finally:
         for n in started:

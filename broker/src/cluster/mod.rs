@@ -541,6 +541,28 @@ impl Cluster {
         if let Some(t) = &c.token {
             options = options.token(t.clone());
         }
+        if let Some(path) = &c.creds {
+            options = options.credentials_file(path).await.map_err(|e| {
+                tracing::error!(path = %path.display(), error = %e,
+                    "cluster: cannot read the NATS credentials file of [cluster] creds");
+                e
+            })?;
+        }
+        if let Some(path) = &c.nkey {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                tracing::error!(path = %path.display(), error = %e,
+                    "cluster: cannot read the NKEY seed file of [cluster] nkey");
+                e
+            })?;
+            // The seed alone, or the seed's line among others (nsc's `.nk` files).
+            let seed = seed.lines().map(str::trim).find(|l| l.starts_with("SU"));
+            let Some(seed) = seed else {
+                tracing::error!(path = %path.display(),
+                    "cluster: the file of [cluster] nkey holds no user NKEY seed (a line starting SU)");
+                return Err("no user NKEY seed".into());
+            };
+            options = options.nkey(seed.to_owned());
+        }
         for path in [&c.ca, &c.cert, &c.key].into_iter().flatten() {
             // Read at each connection attempt, where a failure shows only as an I/O error.
             if let Err(e) = std::fs::metadata(path) {

@@ -22,6 +22,13 @@ pub struct ClusterConfig {
     pub password: Option<String>,
     /// Token at NATS (instead of a user name and password).
     pub token: Option<String>,
+    /// A NATS credentials file (`.creds`: the user's JWT and its NKEY seed, as `nsc` and
+    /// the NATS account servers write them), for servers in operator (JWT) mode; read when
+    /// the node starts.
+    pub creds: Option<PathBuf>,
+    /// A file holding an NKEY user seed (`SU...`), for servers whose users are NKEYs
+    /// without JWTs; read when the node starts.
+    pub nkey: Option<PathBuf>,
     /// PEM CA certificates that sign the NATS servers' certificates. Given (or `cert`),
     /// the connection to NATS must be TLS; without it a `tls://` address is verified
     /// against the system's CAs.
@@ -80,8 +87,16 @@ impl ClusterConfig {
         if self.user.is_some() != self.password.is_some() {
             return invalid("user and password go together");
         }
-        if self.user.is_some() && self.token.is_some() {
-            return invalid("either user and password or token");
+        let ways = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.creds.is_some(),
+            self.nkey.is_some(),
+        ];
+        if ways.into_iter().filter(|w| *w).count() > 1 {
+            return invalid(
+                "one way to authenticate at NATS: user and password, token, creds or nkey",
+            );
         }
         if self.cert.is_some() != self.key.is_some() {
             return invalid("cert and key go together");
@@ -122,6 +137,8 @@ mod tests {
             "node = \"a\"\nnats = []",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"u\"",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nuser = \"u\"\npassword = \"p\"\ntoken = \"t\"",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\ntoken = \"t\"\ncreds = \"u.creds\"",
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\ncreds = \"u.creds\"\nnkey = \"u.nk\"",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 0",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplicas = 6",
             "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nreplica = 3",
