@@ -108,8 +108,6 @@ pub trait Outlet: Send + Sync + std::fmt::Debug {
     /// Queues `msg` where it selects it; `placed` are the shared subscriptions other nodes
     /// serve it to ([`Outlet::place`]).
     fn offer(&self, from: &Origin<'_>, msg: &Arc<Message>, placed: &Placed) -> Offered;
-    /// Whether `topic` would be taken.
-    fn selects(&self, topic: &str) -> bool;
     /// Chooses, before `msg` is routed, which node serves each shared subscription its
     /// topic matches where several nodes have members (the cluster); this node's router
     /// skips those placed elsewhere.
@@ -154,6 +152,8 @@ pub struct Offered {
     pub replicated: Option<u64>,
     /// A queue of the outlet that is behind: the publisher should wait for room.
     pub congested: Option<Arc<dyn crate::mailbox::Room>>,
+    /// The outlet took the message for somewhere (another node, a bridge).
+    pub taken: bool,
 }
 
 /// Transform, route and sinks, shared by every connection, the session registry (wills)
@@ -230,22 +230,24 @@ impl Pipeline {
             true => self.router.route(msg),
             false => (self.router).route_sharing(msg, |g| !placed.elsewhere(g.as_str())),
         };
-        if routed.delivered == 0
-            && !msg.retain
-            && !self.plugins.sink_selects(msg.topic.as_str())
-            && !outlets.iter().any(|o| o.selects(msg.topic.as_str()))
-        {
-            crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
-        }
         let publisher = &from.client(&self.nobody).client_id;
         routed.ticket = routed.ticket.max(self.plugins.sink_offer(publisher, msg));
+        let mut taken = false;
         for o in outlets {
             let offered = o.offer(from, msg, &placed);
             routed.ticket = routed.ticket.max(offered.ticket);
             routed.replicated = routed.replicated.max(offered.replicated);
+            taken |= offered.taken;
             if routed.congested.is_none() {
                 routed.congested = offered.congested;
             }
+        }
+        if routed.delivered == 0
+            && !taken
+            && !msg.retain
+            && !self.plugins.sink_selects(msg.topic.as_str())
+        {
+            crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
         }
         routed
     }

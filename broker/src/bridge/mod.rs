@@ -259,6 +259,7 @@ impl Outlet for Bridges {
             if matches!(from, Origin::Bridge { name } if *name == b.config.name) {
                 continue;
             }
+            offered.taken |= b.map.out_qos(msg.topic.as_str()).is_some();
             let (ticket, congested) = b.offer(msg);
             offered.ticket = offered.ticket.max(ticket);
             if congested && offered.congested.is_none() {
@@ -267,10 +268,6 @@ impl Outlet for Bridges {
             }
         }
         offered
-    }
-
-    fn selects(&self, topic: &str) -> bool {
-        self.list.iter().any(|b| b.map.out_qos(topic).is_some())
     }
 }
 

@@ -62,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ClusterConfig;
 use crate::message::Message;
 use crate::pipeline::{Offered, Origin, Outlet, Pipeline, Placed};
-use routes::Routes;
+use routes::{Routes, Topic};
 
 /// Messages waiting to be handed to NATS; beyond, messages for other nodes are dropped.
 const OUTBOUND: usize = 65_536;
@@ -394,7 +394,7 @@ impl Cluster {
     /// to it (or are the only members of a shared subscription to it) and JetStream cannot
     /// hold it now (NATS away, the stream not open or not answering, the queue to it full).
     pub fn refuses(&self, msg: &Message) -> bool {
-        let topic = msg.topic.as_str();
+        let topic = &Topic::new(msg.topic.as_str());
         let refused = self.queue.refuses(self.is_connected()) && {
             let peers = read(&self.peers);
             peers.values().any(|p| p.routes.matches(topic)) || {
@@ -1371,16 +1371,20 @@ impl Outlet for Cluster {
             }
         }
         let peers = read(&self.peers);
-        let topic = msg.topic.as_str();
+        let topic = &Topic::new(msg.topic.as_str());
+        let mut offered = Offered::default();
         if msg.qos != crate::codec::QoS::AtMostOnce {
             // Through JetStream: the publisher's acknowledgement waits for it.
+            let taken = std::cell::Cell::new(false);
             let nodes = (peers.iter()).filter_map(|(n, p)| {
                 let shares = shares_of(placed, n);
-                let wants = !p.routes.is_empty() && p.routes.matches(topic);
-                (wants || !shares.is_empty()).then_some((n, shares))
+                let wants = p.routes.matches(topic) || !shares.is_empty();
+                taken.set(taken.get() || wants);
+                wants.then_some((n, shares))
             });
-            let mut offered = Offered::default();
-            match self.queue.offer(nodes, msg) {
+            let queued = self.queue.offer(nodes, msg);
+            offered.taken = taken.get();
+            match queued {
                 Ok(last) => offered.replicated = last,
                 Err(n) => {
                     self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
@@ -1396,31 +1400,20 @@ impl Outlet for Cluster {
         }
         if !self.is_connected() {
             // The NATS client would queue 2,048 publishes, then hold the cluster's tasks.
-            let n = peers
-                .values()
-                .filter(|p| p.routes.matches(msg.topic.as_str()))
-                .count();
+            let n = peers.values().filter(|p| p.routes.matches(topic)).count();
             self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
-            return Offered::default();
+            offered.taken = n > 0;
+            return offered;
         }
         for (name, peer) in peers.iter() {
             let shares = shares_of(placed, name);
-            if shares.is_empty() && (peer.routes.is_empty() || !peer.routes.matches(topic)) {
+            if shares.is_empty() && !peer.routes.matches(topic) {
                 continue;
             }
+            offered.taken = true;
             self.send_qos0(name, msg, shares);
         }
-        Offered::default()
-    }
-
-    fn selects(&self, topic: &str) -> bool {
-        read(&self.peers).values().any(|p| {
-            p.routes.matches(topic) || {
-                let mut shares = Vec::new();
-                p.routes.shares_matching(topic, &mut shares);
-                !shares.is_empty()
-            }
-        })
+        offered
     }
 
     /// Each shared subscription with members on this node and others goes to the nodes in
@@ -1435,7 +1428,7 @@ impl Outlet for Cluster {
             // Nothing can go elsewhere: this node serves what it has members of.
             return Placed::default();
         }
-        let topic = msg.topic.as_str();
+        let topic = &Topic::new(msg.topic.as_str());
         let mut there: Vec<(Arc<str>, Arc<str>)> = Vec::new();
         let mut found = Vec::new();
         for (name, p) in peers.iter() {
@@ -1556,7 +1549,8 @@ mod tests {
         // Overlapping (a snapshot covered its first op): applied from number 3.
         assert!(apply_changes(&mut p, &changes(2, 4, &["+b", "-b", "+c"])));
         assert_eq!(p.version, 4);
-        assert!(p.routes.matches("a/x") && !p.routes.matches("b") && p.routes.matches("c"));
+        let m = |t: &str| p.routes.matches(&Topic::new(t));
+        assert!(m("a/x") && !m("b") && m("c"));
         // A gap, a count of ops that does not fit its numbers, numbers at the edge: refused.
         assert!(!apply_changes(&mut p, &changes(6, 6, &["+d"])));
         assert!(!apply_changes(&mut p, &changes(5, 6, &["+d"])));
@@ -1566,6 +1560,6 @@ mod tests {
         p.version = u64::MAX - 1;
         assert!(apply_changes(&mut p, &changes(u64::MAX, u64::MAX, &["+d"])));
         assert!(apply_changes(&mut p, &changes(u64::MAX, u64::MAX, &["+e"])));
-        assert!(!p.routes.matches("e"));
+        assert!(!p.routes.matches(&Topic::new("e")));
     }
 }

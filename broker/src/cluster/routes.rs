@@ -8,7 +8,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::codec::TopicFilter;
+use crate::router::TreeHasher;
 
 /// Most levels of a filter another node may hold here (removing walks the levels
 /// recursively); a node's own `max_topic_levels` is 128 by default.
@@ -18,10 +21,30 @@ fn too_deep(filter: &str) -> bool {
     filter.bytes().filter(|b| *b == b'/').count() >= MAX_LEVELS
 }
 
-/// One level of the tree.
+/// A topic split into its levels once, to be matched against every node's filters.
+#[derive(Debug)]
+pub struct Topic<'a> {
+    levels: SmallVec<[&'a str; 16]>,
+    /// The topic starts with `$`: no wildcard matches its first level.
+    sys: bool,
+}
+
+impl<'a> Topic<'a> {
+    pub fn new(topic: &'a str) -> Self {
+        Topic {
+            levels: topic.split('/').collect(),
+            sys: topic.starts_with('$'),
+        }
+    }
+}
+
+/// One level of the tree. The wildcards' children are kept beside the map: a topic is
+/// matched with one lookup per level, not three.
 #[derive(Debug, Default)]
 struct Level {
-    children: HashMap<Box<str>, Level>,
+    children: HashMap<Box<str>, Level, TreeHasher>,
+    plus: Option<Box<Level>>,
+    hash: Option<Box<Level>>,
     /// A filter ends here.
     here: bool,
     /// Shared subscriptions to the filter that ends here, by whole name.
@@ -30,7 +53,45 @@ struct Level {
 
 impl Level {
     fn is_empty(&self) -> bool {
-        !self.here && self.shares.is_empty() && self.children.is_empty()
+        !self.here
+            && self.shares.is_empty()
+            && self.children.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_none()
+    }
+
+    fn child(&self, l: &str) -> Option<&Level> {
+        match l {
+            "+" => self.plus.as_deref(),
+            "#" => self.hash.as_deref(),
+            _ => self.children.get(l),
+        }
+    }
+
+    fn child_mut(&mut self, l: &str) -> Option<&mut Level> {
+        match l {
+            "+" => self.plus.as_deref_mut(),
+            "#" => self.hash.as_deref_mut(),
+            _ => self.children.get_mut(l),
+        }
+    }
+
+    fn child_or_new(&mut self, l: &str) -> &mut Level {
+        match l {
+            "+" => self.plus.get_or_insert_default(),
+            "#" => self.hash.get_or_insert_default(),
+            _ => self.children.entry(l.into()).or_default(),
+        }
+    }
+
+    fn cut(&mut self, l: &str) {
+        match l {
+            "+" => self.plus = None,
+            "#" => self.hash = None,
+            _ => {
+                self.children.remove(l);
+            }
+        }
     }
 }
 
@@ -66,7 +127,7 @@ impl Routes {
         };
         let mut level = &mut self.root;
         for l in filter.split('/') {
-            level = level.children.entry(l.into()).or_default();
+            level = level.child_or_new(l);
         }
         match share {
             None => {
@@ -102,12 +163,12 @@ impl Routes {
                     }
                 },
                 Some((l, rest)) => {
-                    let Some(child) = level.children.get_mut(*l) else {
+                    let Some(child) = level.child_mut(l) else {
                         return false;
                     };
                     let removed = walk(child, rest, share);
                     if child.is_empty() {
-                        level.children.remove(*l);
+                        level.cut(l);
                     }
                     removed
                 }
@@ -127,11 +188,6 @@ impl Routes {
         self.len
     }
 
-    /// Whether no filter is held (shared subscriptions not counted).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Filters and shared subscriptions held.
     pub fn held(&self) -> usize {
         self.len + self.shares
@@ -146,7 +202,7 @@ impl Routes {
     pub fn has_share(&self, share: &TopicFilter) -> bool {
         let mut level = &self.root;
         for l in share.filter().split('/') {
-            match level.children.get(l) {
+            match level.child(l) {
                 Some(c) => level = c,
                 None => return false,
             }
@@ -155,51 +211,45 @@ impl Routes {
     }
 
     /// Adds to `out` the shared subscriptions here whose filters match `topic`.
-    pub fn shares_matching(&self, topic: &str, out: &mut Vec<Arc<str>>) {
+    pub fn shares_matching(&self, topic: &Topic<'_>, out: &mut Vec<Arc<str>>) {
         if self.shares == 0 {
             return;
         }
-        let levels: smallvec::SmallVec<[&str; 16]> = topic.split('/').collect();
-        let sys = topic.starts_with('$');
-        let mut stack: smallvec::SmallVec<[(&Level, usize); 16]> =
-            smallvec::smallvec![(&self.root, 0)];
+        let mut stack: SmallVec<[(&Level, usize); 16]> = smallvec::smallvec![(&self.root, 0)];
         while let Some((level, depth)) = stack.pop() {
-            let first = depth == 0 && sys;
-            if !first && let Some(h) = level.children.get("#") {
+            let first = depth == 0 && topic.sys;
+            if !first && let Some(h) = &level.hash {
                 out.extend(h.shares.iter().cloned());
             }
-            let Some(l) = levels.get(depth) else {
+            let Some(l) = topic.levels.get(depth) else {
                 out.extend(level.shares.iter().cloned());
                 continue;
             };
             if let Some(c) = level.children.get(*l) {
                 stack.push((c, depth + 1));
             }
-            if !first && let Some(c) = level.children.get("+") {
+            if !first && let Some(c) = &level.plus {
                 stack.push((c, depth + 1));
             }
         }
     }
 
     /// Whether a filter here matches `topic`.
-    pub fn matches(&self, topic: &str) -> bool {
-        let levels: smallvec::SmallVec<[&str; 16]> = topic.split('/').collect();
-        let sys = topic.starts_with('$');
-        matches(&self.root, &levels, sys)
+    pub fn matches(&self, topic: &Topic<'_>) -> bool {
+        self.len > 0 && matches(&self.root, topic)
     }
 }
 
 /// Walks with a stack of its own (a topic may have thousands of levels): (level, how
-/// many of the topic's levels it stands for). `sys`: the topic starts with `$`, and no
-/// wildcard matches its first level.
-fn matches(root: &Level, levels: &[&str], sys: bool) -> bool {
-    let mut stack: smallvec::SmallVec<[(&Level, usize); 16]> = smallvec::smallvec![(root, 0)];
+/// many of the topic's levels it stands for).
+fn matches(root: &Level, topic: &Topic<'_>) -> bool {
+    let mut stack: SmallVec<[(&Level, usize); 16]> = smallvec::smallvec![(root, 0)];
     while let Some((level, depth)) = stack.pop() {
-        let first = depth == 0 && sys;
-        if !first && level.children.get("#").is_some_and(|h| h.here) {
+        let first = depth == 0 && topic.sys;
+        if !first && level.hash.as_ref().is_some_and(|h| h.here) {
             return true;
         }
-        let Some(l) = levels.get(depth) else {
+        let Some(l) = topic.levels.get(depth) else {
             if level.here {
                 return true;
             }
@@ -208,7 +258,7 @@ fn matches(root: &Level, levels: &[&str], sys: bool) -> bool {
         if let Some(c) = level.children.get(*l) {
             stack.push((c, depth + 1));
         }
-        if !first && let Some(c) = level.children.get("+") {
+        if !first && let Some(c) = &level.plus {
             stack.push((c, depth + 1));
         }
     }
@@ -220,6 +270,14 @@ fn matches(root: &Level, levels: &[&str], sys: bool) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn m(r: &Routes, topic: &str) -> bool {
+        r.matches(&Topic::new(topic))
+    }
+
+    fn sm(r: &Routes, topic: &str, out: &mut Vec<Arc<str>>) {
+        r.shares_matching(&Topic::new(topic), out)
+    }
 
     /// MQTT matching written the plain way, to check the tree against.
     fn plain(filter: &str, topic: &str) -> bool {
@@ -245,15 +303,15 @@ mod tests {
     fn wildcards_match_as_mqtt_says() {
         let mut r = Routes::default();
         r.insert("a/#");
-        assert!(r.matches("a") && r.matches("a/b/c") && !r.matches("b"));
+        assert!(m(&r, "a") && m(&r, "a/b/c") && !m(&r, "b"));
         let mut r = Routes::default();
         r.insert("+/x");
-        assert!(r.matches("a/x") && r.matches("/x") && !r.matches("$SYS/x") && !r.matches("a"));
+        assert!(m(&r, "a/x") && m(&r, "/x") && !m(&r, "$SYS/x") && !m(&r, "a"));
         let mut r = Routes::default();
         r.insert("#");
-        assert!(r.matches("anything/at/all") && !r.matches("$SYS/broker"));
+        assert!(m(&r, "anything/at/all") && !m(&r, "$SYS/broker"));
         r.insert("$SYS/#");
-        assert!(r.matches("$SYS/broker"));
+        assert!(m(&r, "$SYS/broker"));
     }
 
     #[test]
@@ -263,9 +321,9 @@ mod tests {
         assert!(r.insert(&deep));
         assert!(!r.insert(&vec!["+"; MAX_LEVELS + 1].join("/")));
         let topic = vec!["x"; MAX_LEVELS - 1].join("/");
-        assert!(r.matches(&topic));
-        assert!(!r.matches(&vec!["x"; 60_000].join("/")));
-        assert!(r.remove(&deep) && r.is_empty());
+        assert!(m(&r, &topic));
+        assert!(!m(&r, &vec!["x"; 60_000].join("/")));
+        assert!(r.remove(&deep) && (r.len() == 0));
     }
 
     #[test]
@@ -274,9 +332,9 @@ mod tests {
         assert!(r.insert("a/b/c") && r.insert("a/+") && !r.insert("a/b/c"));
         assert_eq!(r.len(), 2);
         assert!(r.remove("a/b/c") && !r.remove("a/b/c") && !r.remove("a/b"));
-        assert!(r.matches("a/q") && !r.matches("a/b/c"));
+        assert!(m(&r, "a/q") && !m(&r, "a/b/c"));
         assert!(r.remove("a/+"));
-        assert!(r.is_empty() && r.root.children.is_empty());
+        assert!((r.len() == 0) && r.root.children.is_empty());
     }
 
     #[test]
@@ -286,11 +344,11 @@ mod tests {
         assert!(!r.insert("$share/g/a/+") && !r.insert("$share//a") && !r.insert("$share/g"));
         assert_eq!((r.len(), r.has_shares()), (1, true));
         let mut out = Vec::new();
-        r.shares_matching("a/x", &mut out);
+        sm(&r, "a/x", &mut out);
         out.sort();
         assert_eq!(out, [Arc::from("$share/g/a/+"), Arc::from("$share/h/a/+")]);
         // A shared subscription alone does not make the node want the topic for itself.
-        assert!(!r.matches("a/x") && r.matches("a/b"));
+        assert!(!m(&r, "a/x") && m(&r, "a/b"));
         let g = TopicFilter::new("$share/g/a/+").unwrap();
         assert!(r.has_share(&g) && !r.has_share(&TopicFilter::new("$share/x/a/+").unwrap()));
         assert!(r.remove("$share/g/a/+") && !r.remove("$share/g/a/+") && !r.has_share(&g));
@@ -349,7 +407,7 @@ mod tests {
             prop_assert_eq!(r.len(), held.len());
             for t in &topics {
                 let want = held.iter().any(|f| plain(f, t));
-                prop_assert_eq!(r.matches(t), want, "topic {} filters {:?}", t, held);
+                prop_assert_eq!(m(&r, t), want, "topic {} filters {:?}", t, held);
             }
         }
 
@@ -378,7 +436,7 @@ mod tests {
             }
             for t in &topics {
                 let mut got = Vec::new();
-                r.shares_matching(t, &mut got);
+                sm(&r, t, &mut got);
                 let mut got: Vec<String> = got.iter().map(|s| s.to_string()).collect();
                 got.sort();
                 let mut want: Vec<String> = (held.iter())
