@@ -207,6 +207,70 @@ struct Piece {
     last: bool,
 }
 
+/// The queue of QoS 0 (and retained) messages for other nodes: what waits in it, and
+/// room for publishers. A publisher whose message found it half full (in messages or
+/// bytes) waits for room, at most `backpressure_timeout_ms`, as for a local subscriber's
+/// queue; after such a wait ran out the queue holds nobody back until it is below half
+/// again, and what comes beyond its limit is dropped and counted.
+#[derive(Debug, Default)]
+struct Outgoing {
+    bytes: std::sync::atomic::AtomicUsize,
+    /// Messages in `outbound` (retained ones, in their own channel, not counted).
+    len: std::sync::atomic::AtomicUsize,
+    stalled: AtomicBool,
+    warned: AtomicBool,
+    room: tokio::sync::Notify,
+}
+
+impl Outgoing {
+    fn full_half(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > OUTBOUND_BYTES / 2
+            || self.len.load(Ordering::Relaxed) > OUTBOUND / 2
+    }
+
+    fn congested(&self) -> bool {
+        !self.stalled.load(Ordering::Relaxed) && self.full_half()
+    }
+
+    /// `bytes` and `messages` have left the queue.
+    fn release(&self, bytes: usize, messages: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.len.fetch_sub(messages, Ordering::Relaxed);
+        if !self.full_half() {
+            self.stalled.store(false, Ordering::Relaxed);
+            self.room.notify_waiters();
+        }
+    }
+}
+
+impl crate::mailbox::Room for Outgoing {
+    fn wait_for_room(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                let woken = self.room.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if !self.congested() {
+                    return;
+                }
+                woken.await;
+            }
+        })
+    }
+
+    fn mark_stalled(&self) {
+        if self.stalled.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        // Warned once; a queue that keeps falling behind says so in its dropped count.
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "cluster: the queue of QoS 0 messages for other nodes is not keeping up: publishers are no longer held back for it (beyond its limit messages are dropped, counted in sandpiper_cluster_dropped_total)"
+            );
+        }
+    }
+}
+
 /// This node's part in a cluster.
 pub struct Cluster {
     config: ClusterConfig,
@@ -222,8 +286,8 @@ pub struct Cluster {
     retain: mpsc::Sender<Arc<Message>>,
     /// Wills of the connections here, for the wills' bucket; requests to look for orphans.
     wills: mpsc::Sender<wills::Op>,
-    /// Bytes of the messages in `outbound` and `retain`.
-    outbound_bytes: std::sync::atomic::AtomicUsize,
+    /// What waits in `outbound` and `retain`, and room for the publishers waiting on it.
+    outgoing: Arc<Outgoing>,
     /// The receiving ends, taken by [`Cluster::start`].
     receivers: Mutex<Option<Receivers>>,
     connected: AtomicBool,
@@ -304,7 +368,7 @@ impl Cluster {
             claims,
             retain,
             wills,
-            outbound_bytes: std::sync::atomic::AtomicUsize::new(0),
+            outgoing: Arc::default(),
             receivers: Mutex::new(Some((
                 changes_rx,
                 outbound_rx,
@@ -713,7 +777,7 @@ impl Cluster {
             loop {
                 tokio::select! {
                     Some(m) = mine.recv() => {
-                        self.outbound_bytes.fetch_sub(m.size(), Ordering::Relaxed);
+                        self.outgoing.release(m.size(), 0);
                         let key = retained::key(m.topic.as_str());
                         let done = if m.payload.is_empty() {
                             store.delete(&key).await.map_err(|e| e.to_string())
@@ -911,8 +975,9 @@ impl Cluster {
             if outbound.recv_many(&mut batch, WAITING).await == 0 {
                 return;
             }
+            let taken: usize = batch.iter().map(|(_, m, _)| m.size()).sum();
+            self.outgoing.release(taken, batch.len());
             for (node, msg, shares) in batch.drain(..) {
-                self.outbound_bytes.fetch_sub(msg.size(), Ordering::Relaxed);
                 let pack = packs.entry(node.clone()).or_insert_with(|| Pack {
                     subject: msg_subject(&node).into(),
                     bytes: BytesMut::new(),
@@ -1362,10 +1427,10 @@ impl Outlet for Cluster {
         let _ = from;
         if msg.retain {
             let size = msg.size();
-            if self.outbound_bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
+            if self.outgoing.bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
                 || self.retain.try_send(msg.clone()).is_err()
             {
-                self.outbound_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.outgoing.bytes.fetch_sub(size, Ordering::Relaxed);
                 tracing::warn!(topic = %msg.topic,
                     "cluster: retained message not put in the cluster's bucket (queue full)");
             }
@@ -1412,6 +1477,10 @@ impl Outlet for Cluster {
             }
             offered.taken = true;
             self.send_qos0(name, msg, shares);
+        }
+        if offered.taken && self.outgoing.congested() {
+            let room: Arc<dyn crate::mailbox::Room> = self.outgoing.clone();
+            offered.congested = Some(room);
         }
         offered
     }
@@ -1510,21 +1579,24 @@ impl Cluster {
     /// connection's); false if it was dropped (the queue is full).
     fn send_qos0(&self, node: &Arc<str>, msg: &Arc<Message>, shares: Vec<Arc<str>>) -> bool {
         let size = msg.size();
-        if self.outbound_bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
+        let o = &self.outgoing;
+        if o.bytes.fetch_add(size, Ordering::Relaxed) + size > OUTBOUND_BYTES
             || self
                 .outbound
                 .try_send((node.clone(), msg.clone(), shares))
                 .is_err()
         {
-            self.outbound_bytes.fetch_sub(size, Ordering::Relaxed);
+            o.bytes.fetch_sub(size, Ordering::Relaxed);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        o.len.fetch_add(1, Ordering::Relaxed);
         true
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly on purpose")]
 mod tests {
     use super::*;
 
@@ -1561,5 +1633,40 @@ mod tests {
         assert!(apply_changes(&mut p, &changes(u64::MAX, u64::MAX, &["+d"])));
         assert!(apply_changes(&mut p, &changes(u64::MAX, u64::MAX, &["+e"])));
         assert!(!p.routes.matches(&Topic::new("e")));
+    }
+
+    #[tokio::test]
+    async fn the_outgoing_queue_holds_publishers_back_while_half_full() {
+        use crate::mailbox::Room;
+        let o = Arc::new(Outgoing::default());
+        o.len.store(OUTBOUND / 2, Ordering::Relaxed);
+        assert!(!o.congested());
+        o.bytes.store(OUTBOUND_BYTES / 2 + 10, Ordering::Relaxed);
+        assert!(o.congested());
+        let waiter = tokio::spawn({
+            let o = o.clone();
+            async move { o.wait_for_room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        // Still above half: nobody is woken.
+        o.release(5, 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        o.release(5, 0);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        // A wait that ran out: nobody is held back until the queue is below half again.
+        o.len.store(OUTBOUND, Ordering::Relaxed);
+        assert!(o.congested());
+        o.mark_stalled();
+        assert!(!o.congested());
+        o.release(0, OUTBOUND / 4);
+        assert!(!o.congested(), "still above half, still stalled");
+        o.release(0, OUTBOUND / 2);
+        o.len.store(OUTBOUND, Ordering::Relaxed);
+        assert!(o.congested(), "below half once: holding back again");
     }
 }
