@@ -27,7 +27,7 @@ use crate::message::Delivery;
 use crate::message::{ClientKey, Draft, Message};
 use crate::plugins::flow::Fate;
 use crate::plugins::{ClientInfo, Hooks, Plugins};
-use crate::router::{Routed, Router};
+use crate::router::{Routed, Router, Serve};
 
 /// Who a message comes from.
 #[derive(Debug, Clone, Copy)]
@@ -257,38 +257,68 @@ impl Pipeline {
     /// and of its shared subscriptions only those in `shares` (the node that accepted it
     /// chose this one to serve them).
     /// A shared subscription whose members here are gone meanwhile goes on to another node
-    /// with members, if there is one.
-    pub fn route_from_node(&self, msg: &Arc<Message>, shares: &[Arc<str>]) -> Routed {
+    /// with members, if there is one. So does one whose members here are all offline,
+    /// unless the message was `handed_on` already (by a node that had no member, or none
+    /// online, or from a member that left): then an offline member here takes it, as one
+    /// broker gives a group's message to an offline member when no member is online.
+    pub fn route_from_node(
+        &self,
+        msg: &Arc<Message>,
+        shares: &[Arc<str>],
+        handed_on: bool,
+    ) -> Routed {
         if shares.is_empty() {
             return self.router.publish_sharing(msg, |_| false);
         }
         let served = std::cell::RefCell::new(vec![false; shares.len()]);
-        let mut routed = self.router.publish_sharing(msg, |g| {
-            match shares.iter().position(|s| **s == *g.as_str()) {
-                Some(i) => {
-                    if let Some(s) = served.borrow_mut().get_mut(i) {
-                        *s = true;
-                    }
-                    true
+        let how = match handed_on {
+            true => Serve::Any,
+            false => Serve::Online,
+        };
+        let mut asleep = Vec::new();
+        let serve = |g: &TopicFilter| match shares.iter().position(|s| **s == *g.as_str()) {
+            Some(i) => {
+                if let Some(s) = served.borrow_mut().get_mut(i) {
+                    *s = true;
                 }
-                None => false,
+                how
             }
-        });
+            None => Serve::No,
+        };
+        let mut routed = self.router.publish_serving(msg, true, serve, &mut asleep);
         let outlets = self.outlets.get().map_or(&[][..], Vec::as_slice);
+        let hand_on = |share: &TopicFilter, routed: &mut Routed| {
+            let taken = outlets.iter().find_map(|o| o.take_shared(msg, share));
+            if let Some(o) = &taken {
+                // The pack it came in is acknowledged once the next node's copy is held.
+                routed.replicated = routed.replicated.max(o.replicated);
+            }
+            taken.is_some()
+        };
         for (share, served) in shares.iter().zip(served.into_inner()) {
             if served {
                 continue;
             }
-            let taken = (TopicFilter::new(share).ok())
-                .and_then(|f| outlets.iter().find_map(|o| o.take_shared(msg, &f)));
-            if let Some(o) = &taken {
-                // The pack it came in is acknowledged once the next node's copy is held.
-                routed.replicated = routed.replicated.max(o.replicated);
-            } else {
+            let taken = TopicFilter::new(share).is_ok_and(|f| hand_on(&f, &mut routed));
+            if !taken {
                 crate::metrics::inc(crate::metrics::C::DroppedNoSubscriber);
                 tracing::debug!(topic = %msg.topic, share = %share,
                     "message of a shared subscription dropped: no member here or elsewhere");
             }
+        }
+        for share in asleep {
+            if hand_on(&share, &mut routed) {
+                continue;
+            }
+            // No other node has members: an offline member here takes it.
+            let only = |g: &TopicFilter| match *g == share {
+                true => Serve::Any,
+                false => Serve::No,
+            };
+            let here = self
+                .router
+                .publish_serving(msg, false, only, &mut Vec::new());
+            routed.merge(here);
         }
         routed
     }

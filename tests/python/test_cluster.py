@@ -6,8 +6,9 @@ ports, and Sandpiper nodes whose ``[cluster]`` names them; clients are paho-mqtt
 checked: a message published on one node reaches the matching subscribers of the others at
 its QoS and in order; a node receives only what its own clients subscribe to; MQTT
 matching (wildcards, ``$`` topics) holds across nodes; a shared subscription gives each
-message to one member in the cluster, whichever node published it, and an unacknowledged
-one goes to a member on another node when its member's session ends; a persistent session
+message to one member in the cluster, whichever node published it, a connected member
+before an offline one, and an unacknowledged one goes to a member on another node when its
+member's session ends; a persistent session
 (queue, messages in flight) moves to the node its client connects to, offline or live
 (0x8E there), and Clean Start ends it where it was; a node that joins late, restarts or
 dies is learned, asked again or forgotten; one NATS server of three killed does not stop
@@ -382,6 +383,34 @@ def test_an_unacknowledged_shared_message_goes_to_a_member_on_another_node(nodes
     stuck.close()  # its session ends: the message moves to the member on c
     (m,) = other.messages.expect_exactly(1, timeout=10)
     assert (m.text, m.qos) == ("precious", 1)
+
+
+def test_a_shared_message_goes_to_a_connected_member_before_an_offline_one(nodes):
+    """One member of a group on a, connected; one on b, a persistent session gone offline.
+    Messages published on c take turns between the two nodes, and b hands its turns on to
+    a, whose connected member gets them all; once a's member leaves, b's offline member
+    takes the group's messages and gets them when it comes back."""
+    a, b, c = nodes("a", "b", "c")
+    group = f"$share/{uid('off')}/off/x"
+    cid = uid("asleep")
+    asleep = persistent(b, cid, 5)
+    asleep.subscribe(group, qos=1)
+    asleep.disconnect()
+    awake = Client(a, version=5)
+    awake.subscribe(group, qos=1)
+    knows(c, "a", 1)
+    knows(c, "b", 1)
+    pub = Client(c, version=5)
+    for i in range(20):
+        pub.publish("off/x", str(i), qos=1)
+    assert sorted(int(m.text) for m in awake.messages.expect_exactly(20)) == list(range(20))
+    awake.disconnect()
+    knows(c, "a", 0)
+    for i in range(20, 25):
+        pub.publish("off/x", str(i), qos=1)
+    back = persistent(b, cid, 5)
+    assert back.session_present is True
+    assert [m.text for m in back.messages.expect_exactly(5)] == [str(i) for i in range(20, 25)]
 
 
 def test_a_late_node_learns_the_filters_and_a_killed_one_is_forgotten(nodes):

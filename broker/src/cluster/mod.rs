@@ -73,6 +73,11 @@ const WAITING: usize = 4096;
 /// Most bytes of records in one NATS message (NATS's default maximum payload is 1 MiB);
 /// a larger record goes alone (and is dropped if NATS refuses it).
 const PACK: usize = 256 * 1024;
+/// First among the shared subscriptions a message is sent to a node for (`wire` kind 2),
+/// this empty name says the message was handed on: by a node whose members of the group
+/// were gone or all offline, or from a member that left. The receiving node gives it to
+/// an offline member rather than hand it on again.
+const HANDED_ON: &str = "";
 /// Between two heartbeats.
 const BEAT: Duration = Duration::from_secs(1);
 /// Most bytes of filters in one piece of a snapshot.
@@ -937,12 +942,16 @@ impl Cluster {
                     let delivered = self.sessions.get().map(|s| s.deliver_moved(&id, d));
                     ticket = ticket.max(delivered.flatten());
                 }
-                Ok(wire::Record::Routed(mut msg, shares)) => {
+                Ok(wire::Record::Routed(mut msg, mut shares)) => {
                     // A session key of the sending node means nothing here (No Local is
                     // about this node's sessions).
                     msg.publisher = None;
                     self.stats.received.fetch_add(1, Ordering::Relaxed);
-                    let routed = pipeline.route_from_node(&Arc::new(msg), &shares);
+                    let handed_on = shares.first().is_some_and(|s| **s == *HANDED_ON);
+                    if handed_on {
+                        shares.remove(0);
+                    }
+                    let routed = pipeline.route_from_node(&Arc::new(msg), &shares, handed_on);
                     ticket = ticket.max(routed.ticket);
                     replicated = replicated.max(routed.replicated);
                     // A subscriber half full: what follows waits for it, as a local
@@ -1548,7 +1557,7 @@ impl Outlet for Cluster {
             let pick = usize::try_from(turn % nodes.len() as u64).unwrap_or(0);
             Arc::clone(nodes.get(pick)?)
         };
-        let shares = vec![Arc::from(share.as_str())];
+        let shares = vec![Arc::from(HANDED_ON), Arc::from(share.as_str())];
         if qos0 {
             return self.send_qos0(&node, msg, shares).then(Offered::default);
         }

@@ -220,7 +220,28 @@ pub struct Routed {
     pub congested: Option<Arc<dyn crate::mailbox::Room>>,
 }
 
+/// Which of a matching shared subscription's members a routing serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// None: another node of the cluster serves the group.
+    No,
+    /// One member, a connected one if there is one.
+    Any,
+    /// One connected member; none connected: the group is given back.
+    Online,
+}
+
 impl Routed {
+    /// Adds what another routing of the same message did.
+    pub fn merge(&mut self, other: Routed) {
+        self.delivered += other.delivered;
+        self.ticket = self.ticket.max(other.ticket);
+        self.replicated = self.replicated.max(other.replicated);
+        if self.congested.is_none() {
+            self.congested = other.congested;
+        }
+    }
+
     fn add(&mut self, mailbox: &Arc<Mailbox>, pushed: Result<Pushed, crate::mailbox::Refused>) {
         if let Ok(p) = pushed {
             self.delivered += 1;
@@ -490,6 +511,23 @@ impl Router {
         msg: &Arc<Message>,
         serve: impl Fn(&TopicFilter) -> bool,
     ) -> Routed {
+        let serve = |g: &TopicFilter| match serve(g) {
+            true => Serve::Any,
+            false => Serve::No,
+        };
+        self.publish_serving(msg, true, serve, &mut Vec::new())
+    }
+
+    /// Routes a message from another node: to every matching session if `plain`, and to
+    /// one member of each matching shared subscription as `serve` says; the groups
+    /// `Serve::Online` found no connected member of go to `asleep`.
+    pub fn publish_serving(
+        &self,
+        msg: &Arc<Message>,
+        plain: bool,
+        serve: impl Fn(&TopicFilter) -> Serve,
+        asleep: &mut Vec<TopicFilter>,
+    ) -> Routed {
         let root = read(&self.trie);
         let mut matches: Vec<&Entry> = Vec::new();
         let mut groups: Vec<&SharedGroup> = Vec::new();
@@ -497,6 +535,9 @@ impl Router {
         collect(&root, topic, &mut matches, &mut groups);
 
         let mut routed = Routed::default();
+        if !plain {
+            matches.clear();
+        }
         if matches.len() > 1 {
             matches.sort_by_key(|e| e.sub.key);
         }
@@ -535,10 +576,16 @@ impl Router {
         }
 
         for g in groups {
-            if !serve(&g.filter) {
+            let how = serve(&g.filter);
+            if how == Serve::No {
                 continue;
             }
-            if let Some(e) = pick_member(g, None) {
+            let picked = pick_member(g, None);
+            if how == Serve::Online && !picked.is_some_and(|e| e.sub.mailbox.is_online()) {
+                asleep.push(g.filter.clone());
+                continue;
+            }
+            if let Some(e) = picked {
                 let d = Delivery {
                     msg: msg.clone(),
                     qos: msg.qos.min(e.options.qos),

@@ -155,6 +155,37 @@ fn shared_group_delivers_to_one_member() {
 }
 
 #[test]
+fn serving_online_gives_back_a_group_whose_members_are_offline() {
+    let r = Router::new();
+    let (asleep, plain) = (sub(1), sub(2));
+    asleep.mailbox.set_online(false);
+    let f = TopicFilter::new("$share/g/t/#").unwrap();
+    r.subscribe(
+        &asleep,
+        &f,
+        SubscriptionOptions::qos(QoS::AtLeastOnce),
+        None,
+    );
+    let p = TopicFilter::new("t/#").unwrap();
+    r.subscribe(&plain, &p, SubscriptionOptions::qos(QoS::AtLeastOnce), None);
+    let m = msg("t/1", QoS::AtLeastOnce);
+    let mut given_back = Vec::new();
+    let routed = r.publish_serving(&m, true, |_| Serve::Online, &mut given_back);
+    assert_eq!((routed.delivered, given_back), (1, vec![f.clone()]));
+    assert_eq!(drain(&plain).len(), 1);
+    assert!(drain(&asleep).is_empty());
+    // Any member, and no plain subscriber a second time.
+    let mut none = Vec::new();
+    let routed = r.publish_serving(&m, false, |_| Serve::Any, &mut none);
+    assert_eq!((routed.delivered, none.len()), (1, 0));
+    assert_eq!((drain(&asleep).len(), drain(&plain).len()), (1, 0));
+    // Online again: served at once.
+    asleep.mailbox.set_online(true);
+    let routed = r.publish_serving(&m, false, |_| Serve::Online, &mut none);
+    assert_eq!((routed.delivered, none.len()), (1, 0));
+}
+
+#[test]
 fn unsubscribe_prunes() {
     let r = Router::new();
     let a = sub(1);
