@@ -296,6 +296,8 @@ pub struct Cluster {
     /// The receiving ends, taken by [`Cluster::start`].
     receivers: Mutex<Option<Receivers>>,
     connected: AtomicBool,
+    /// When the connection to NATS was last made.
+    connected_at: Mutex<Option<Instant>>,
     /// A failed connection attempt was logged since the last connection.
     connect_warned: AtomicBool,
     /// Counts connections to NATS made (the first and each reconnection).
@@ -382,6 +384,7 @@ impl Cluster {
                 wills_rx,
             ))),
             connected: AtomicBool::new(false),
+            connected_at: Mutex::new(None),
             connect_warned: AtomicBool::new(false),
             connects: tokio::sync::watch::Sender::new(0),
             bucket_open: AtomicBool::new(false),
@@ -446,6 +449,11 @@ impl Cluster {
     /// Whether the NATS connection is up.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// When the connection to NATS was last made.
+    fn connected_at(&self) -> Option<Instant> {
+        *lock(&self.connected_at)
     }
 
     /// Whether the stream of QoS 1/2 messages between nodes is open.
@@ -658,6 +666,7 @@ impl Cluster {
                     async_nats::Event::Connected => {
                         me.connect_warned.store(false, Ordering::Relaxed);
                         me.connected.store(true, Ordering::Relaxed);
+                        *lock(&me.connected_at) = Some(Instant::now());
                         me.connects.send_modify(|n| *n += 1);
                         tracing::info!(node = %me.node, "cluster: connected to NATS");
                     }

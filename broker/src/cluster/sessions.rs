@@ -8,7 +8,9 @@
 //! to 256 KiB (`2`, the piece's number (u32), whether it is the last (u8), then its bytes:
 //! `session::Moved`), each with the giver's own inbox as reply subject. The asker waits for
 //! the nodes it heard from lately, by name (a node that joined a moment ago and answers is
-//! not taken for one of them), and for every node that said wait. It adopts
+//! not taken for one of them), and for every node that said wait; a node connected to
+//! NATS for less than 1.5 s (it may not have heard every heartbeat yet) also waits until
+//! then for a node it does not know to say wait. It adopts
 //! the session, writes it to its store, and once that is durable says so on the giver's
 //! inbox (its node's name); the giver keeps the session if no word comes within 10 s.
 //! Otherwise the session leaves: what reached it on the giver meanwhile, and for 2 s more
@@ -49,6 +51,10 @@ const LINGER: Duration = Duration::from_secs(2);
 const HELD_WAIT: Duration = Duration::from_secs(10);
 /// Other nodes counted as answering: heard from within this.
 const ALIVE: Duration = Duration::from_secs(3);
+/// A node connected to NATS for less than this may not have heard every other node's
+/// heartbeat (one a second) yet: its requests wait this long after the connection for a
+/// node that has the session, whether it knows that node or not.
+const YOUNG: Duration = Duration::from_millis(1500);
 
 const NOTHING: u8 = 0;
 const REFUSED: u8 = 1;
@@ -123,11 +129,14 @@ impl Elsewhere for Cluster {
             policy: policy_byte(wanted.policy),
             since_ms: wanted.since_ms,
         };
+        let young = (self.connected_at())
+            .map(|t| tokio::time::Instant::from_std(t + YOUNG))
+            .filter(|u| *u > tokio::time::Instant::now());
         Box::pin(async move {
-            let Some(client) = client.filter(|_| !others.is_empty()) else {
+            let Some(client) = client.filter(|_| !others.is_empty() || young.is_some()) else {
                 return Found::Nothing;
             };
-            match ask_nodes(&client, &ask, others).await {
+            match ask_nodes(&client, &ask, others, young).await {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(client_id = %ask.client_id, error = %e,
@@ -148,11 +157,13 @@ fn named(kind: u8, node: &str) -> Bytes {
 }
 
 /// Asks the other nodes for a session and waits for the answers of `others` and of every
-/// node that said it has the session, or the session.
+/// node that said it has the session (and, on a node that has just connected, until
+/// `young` for a node it does not know yet to say so), or the session.
 async fn ask_nodes(
     client: &async_nats::Client,
     ask: &Ask,
     mut others: HashSet<Arc<str>>,
+    young: Option<tokio::time::Instant>,
 ) -> Result<Found, async_nats::Error> {
     let inbox = client.new_inbox();
     let mut answers = client.subscribe(inbox.clone()).await?;
@@ -165,10 +176,18 @@ async fn ask_nodes(
     let mut parts: std::collections::HashMap<String, (Vec<u8>, u32)> =
         std::collections::HashMap::new();
     let mut deadline = tokio::time::Instant::now() + ASK_WAIT;
-    while !others.is_empty() || !waiting.is_empty() {
-        let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await else {
-            tracing::debug!(client_id = %ask.client_id, silent = ?others, waiting = ?waiting,
-                "cluster: not every node answered a session request");
+    loop {
+        let settled = others.is_empty() && waiting.is_empty();
+        let end = match young {
+            _ if !settled => deadline,
+            Some(y) if y > tokio::time::Instant::now() => y.min(deadline),
+            _ => break,
+        };
+        let Ok(Some(m)) = tokio::time::timeout_at(end, answers.next()).await else {
+            if !settled {
+                tracing::debug!(client_id = %ask.client_id, silent = ?others, waiting = ?waiting,
+                    "cluster: not every node answered a session request");
+            }
             break;
         };
         let name = || std::str::from_utf8(m.payload.get(1..).unwrap_or_default()).ok();
