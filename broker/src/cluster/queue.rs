@@ -188,17 +188,7 @@ impl Queue {
 
 impl crate::mailbox::Room for Queue {
     fn wait_for_room(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            loop {
-                let woken = self.room.notified();
-                tokio::pin!(woken);
-                woken.as_mut().enable();
-                if !self.congested() {
-                    return;
-                }
-                woken.await;
-            }
-        })
+        Box::pin(crate::mailbox::until_room(&self.room, || self.congested()))
     }
 
     fn mark_stalled(&self) {}

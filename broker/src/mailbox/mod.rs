@@ -157,6 +157,21 @@ pub trait Room: Send + Sync + std::fmt::Debug {
     fn mark_stalled(&self);
 }
 
+/// Resolves once `congested` says no, checked again each time `room` wakes its waiters:
+/// the wait of a [`Room`] whose queue wakes `room` when it drains.
+pub async fn until_room(room: &tokio::sync::Notify, congested: impl Fn() -> bool) {
+    loop {
+        let woken = room.notified();
+        tokio::pin!(woken);
+        // Registered before the check: a wake-up between the two is not lost.
+        woken.as_mut().enable();
+        if !congested() {
+            return;
+        }
+        woken.await;
+    }
+}
+
 impl Room for Mailbox {
     fn wait_for_room(
         &self,
