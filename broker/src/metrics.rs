@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::codec::ProtocolVersion;
 
@@ -350,42 +350,45 @@ pub fn reloads() -> Vec<(String, &'static str, u64)> {
 
 /// Connections open, by listener and protocol version. Changed once per connection and
 /// close, never per packet.
-static OPEN: std::sync::Mutex<BTreeMap<(Arc<str>, &'static str), i64>> =
-    std::sync::Mutex::new(BTreeMap::new());
+/// The open connections' gauges by (listener, protocol).
+type OpenGauges = BTreeMap<(Arc<str>, &'static str), Arc<AtomicI64>>;
 
-fn open_map() -> std::sync::MutexGuard<'static, BTreeMap<(Arc<str>, &'static str), i64>> {
+static OPEN: std::sync::Mutex<OpenGauges> = std::sync::Mutex::new(BTreeMap::new());
+
+fn open_map() -> std::sync::MutexGuard<'static, OpenGauges> {
     // Each critical section is one map update: a poisoned lock is still sound.
     OPEN.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Counts one open connection until dropped.
+/// Counts one open connection until dropped: a pointer to its (listener, protocol)
+/// gauge, 8 bytes in every connection.
 #[derive(Debug)]
 pub struct OpenConnection {
-    key: (Arc<str>, &'static str),
+    gauge: Arc<AtomicI64>,
 }
 
 /// Makes the series of `listener` and `version` exist (at 0) before any client connects.
 pub fn expect_connections(listener: &Arc<str>, version: ProtocolVersion) {
     open_map()
         .entry((listener.clone(), protocol_label(version)))
-        .or_insert(0);
+        .or_default();
 }
 
 /// Counts a connection open on `listener` with `version`, until the guard is dropped.
 pub fn open(listener: &Arc<str>, version: ProtocolVersion) -> OpenConnection {
-    let key = (listener.clone(), protocol_label(version));
-    let mut map = open_map();
-    *map.entry(key.clone()).or_insert(0) += 1;
+    let gauge = open_map()
+        .entry((listener.clone(), protocol_label(version)))
+        .or_default()
+        .clone();
+    gauge.fetch_add(1, Ordering::Relaxed);
     let now = CONNECTED.fetch_add(1, Ordering::Relaxed) + 1;
     MAX_CONNECTED.fetch_max(now, Ordering::Relaxed);
-    OpenConnection { key }
+    OpenConnection { gauge }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        if let Some(n) = open_map().get_mut(&self.key) {
-            *n -= 1;
-        }
+        self.gauge.fetch_sub(1, Ordering::Relaxed);
         CONNECTED.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -405,7 +408,7 @@ pub fn connected() -> (i64, i64) {
 pub fn open_connections() -> Vec<(Arc<str>, &'static str, i64)> {
     open_map()
         .iter()
-        .map(|((l, p), n)| (l.clone(), *p, *n))
+        .map(|((l, p), n)| (l.clone(), *p, n.load(Ordering::Relaxed)))
         .collect()
 }
 

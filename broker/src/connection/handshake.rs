@@ -403,7 +403,8 @@ impl Conn {
                 principal,
                 cfg.session_principal,
                 crate::session::Presence {
-                    peer,
+                    ip: peer.ip(),
+                    port: peer.port(),
                     protocol: v,
                     keep_alive,
                     since_ms: crate::store::record::unix_ms_now(),

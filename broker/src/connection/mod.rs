@@ -691,6 +691,6 @@ mod task_size {
     #[test]
     fn a_resting_connection_stays_small() {
         let size = std::mem::size_of::<super::Resting>();
-        assert!(size <= 416, "Resting is {size} bytes");
+        assert!(size <= 336, "Resting is {size} bytes");
     }
 }

@@ -89,7 +89,7 @@ impl Conn {
         let sub = self.state.subscriber();
         let events = self.broker.plugins.wants_events();
         // Retained messages are collected only while the session's queue has room for them.
-        let (mut room, mut room_bytes) = self.state.mailbox.room();
+        let (mut room, mut room_bytes) = self.state.mailbox.room_left();
         let now = Instant::now();
         let mut retained = Vec::new();
         for g in &out.granted {

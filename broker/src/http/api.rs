@@ -265,7 +265,7 @@ fn client_json(c: &crate::session::ClientView) -> Map<String, Value> {
         "client_id": c.client_id.as_str(),
         "user": c.principal.user.as_deref(),
         "listener": &*c.principal.listener,
-        "peer": c.presence.peer.to_string(),
+        "peer": c.presence.peer().to_string(),
         "protocol": metrics::protocol_label(c.presence.protocol),
         "keep_alive": c.presence.keep_alive,
         "connected_at": c.presence.since_ms,

@@ -83,6 +83,10 @@ pub struct Pushed {
 /// leave in arrival order. While the inflight window is full, QoS 0 messages behind queued
 /// QoS 1/2 ones still go out (MQTT 5 §4.9 allows either; a full window should not delay
 /// fire-and-forget traffic), and order within each QoS is always kept (MQTT-4.6.0).
+///
+/// Made when the session first has something to queue (or a question, or a queue on
+/// disk) and kept from then on: most idle clients never get a message, and every byte of
+/// a mailbox is kept by every idle client.
 #[derive(Debug)]
 struct Queue {
     qos0: VecDeque<(u64, Delivery)>,
@@ -95,6 +99,14 @@ struct Queue {
     disk: DiskTail,
     /// Questions to the connection serving the session (the admin API's), rarely any.
     asks: Vec<oneshot::Sender<Inspection>>,
+}
+
+/// A mailbox's queue, `None` until it is first needed.
+type Lazy = Option<Box<Queue>>;
+
+/// The length and bytes of a queue that may not be made yet.
+fn size_of_queue(q: &Lazy) -> (usize, usize) {
+    q.as_ref().map_or((0, 0), |q| (q.len(), q.bytes))
 }
 
 /// The part of a persistent session's queue that lives only in the store: the entries with
@@ -196,14 +208,20 @@ pub enum Refused {
 /// A session's queue of deliveries waiting to be sent.
 #[derive(Debug)]
 pub struct Mailbox {
-    queue: Mutex<Queue>,
+    queue: Mutex<Lazy>,
     notify: Notify,
     online: AtomicBool,
     dropped: AtomicU64,
     limits: Arc<SharedLimits>,
-    durable: Option<Durable>,
-    /// Publishers waiting for room are woken through this.
-    room: Notify,
+    /// Where a persistent session's queue is written (every session of a broker with a
+    /// store has one; `persistent` says whether it is used).
+    durable: Option<(Arc<Store>, ClientKey)>,
+    /// QoS 1/2 deliveries are written to `durable` (a session with expiry 0 costs no disk
+    /// writes).
+    persistent: AtomicBool,
+    /// Publishers waiting for room are woken through this (made by the first one: most
+    /// sessions never hold a publisher back).
+    room: std::sync::OnceLock<Box<Notify>>,
     /// Someone waits on `room`.
     waiting: AtomicBool,
     /// The session did not make room within the back-pressure timeout: it no longer holds
@@ -237,37 +255,33 @@ pub struct Inspection {
     pub inflight: usize,
 }
 
-/// Where a persistent session's queue is written.
-#[derive(Debug)]
-struct Durable {
-    store: Arc<Store>,
-    key: ClientKey,
-    on: AtomicBool,
-}
-
-/// The queue, locked; what changed in its size while locked goes to the broker-wide
-/// gauges of queued messages and bytes when it is unlocked.
+/// The queue, locked and made; what changed in its size while locked goes to the
+/// broker-wide gauges of queued messages and bytes when it is unlocked.
 struct Locked<'a> {
-    q: std::sync::MutexGuard<'a, Queue>,
+    q: std::sync::MutexGuard<'a, Lazy>,
     before: (usize, usize),
 }
 
 impl std::ops::Deref for Locked<'_> {
     type Target = Queue;
     fn deref(&self) -> &Queue {
-        &self.q
+        match &*self.q {
+            Some(q) => q,
+            // `Mailbox::lock` made it.
+            None => unreachable!("a locked queue is made"),
+        }
     }
 }
 
 impl std::ops::DerefMut for Locked<'_> {
     fn deref_mut(&mut self) -> &mut Queue {
-        &mut self.q
+        self.q.get_or_insert_with(|| Box::new(Queue::new()))
     }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        let after = (self.q.len(), self.q.bytes);
+        let after = size_of_queue(&self.q);
         if after != self.before {
             // Wrapping: the gauges are sums of signed changes.
             metrics::add(
@@ -286,8 +300,9 @@ impl Drop for Mailbox {
     fn drop(&mut self) {
         // What it still holds leaves the broker-wide gauges with it.
         let q = self.queue.get_mut().unwrap_or_else(|e| e.into_inner());
-        metrics::add(C::QueuedMessages, (q.len() as u64).wrapping_neg());
-        metrics::add(C::QueuedBytes, (q.bytes as u64).wrapping_neg());
+        let (len, bytes) = size_of_queue(q);
+        metrics::add(C::QueuedMessages, (len as u64).wrapping_neg());
+        metrics::add(C::QueuedBytes, (bytes as u64).wrapping_neg());
     }
 }
 
@@ -296,13 +311,14 @@ impl Mailbox {
     pub fn new(limits: impl Into<Arc<SharedLimits>>) -> Mailbox {
         let limits = limits.into();
         Mailbox {
-            queue: Mutex::new(Queue::new()),
+            queue: Mutex::new(None),
             notify: Notify::new(),
             online: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             limits,
             durable: None,
-            room: Notify::new(),
+            persistent: AtomicBool::new(false),
+            room: std::sync::OnceLock::new(),
             waiting: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             asked: AtomicBool::new(false),
@@ -319,34 +335,28 @@ impl Mailbox {
         key: ClientKey,
     ) -> Mailbox {
         let mut m = Mailbox::new(limits);
-        m.durable = Some(Durable {
-            store,
-            key,
-            on: AtomicBool::new(false),
-        });
+        m.durable = Some((store, key));
         m
     }
 
     /// Turns writing to the store on or off (a session with expiry 0 costs no disk writes).
     pub fn set_persistent(&self, on: bool) {
-        if let Some(d) = &self.durable {
-            d.on.store(on, Ordering::Release);
+        if self.durable.is_some() {
+            self.persistent.store(on, Ordering::Release);
         }
     }
 
     /// Whether deliveries are written to the store.
     pub fn is_persistent(&self) -> bool {
-        self.durable
-            .as_ref()
-            .is_some_and(|d| d.on.load(Ordering::Acquire))
+        self.durable.is_some() && self.persistent.load(Ordering::Acquire)
     }
 
     /// The store and session key, when persistent.
     pub fn store(&self) -> Option<(&Arc<Store>, ClientKey)> {
         self.durable
             .as_ref()
-            .filter(|d| d.on.load(Ordering::Acquire))
-            .map(|d| (&d.store, d.key))
+            .filter(|_| self.persistent.load(Ordering::Acquire))
+            .map(|(store, key)| (store, *key))
     }
 
     /// Deletes the durable copy of a delivery that was acknowledged or dropped.
@@ -365,12 +375,38 @@ impl Mailbox {
         q.bytes += bytes;
     }
 
+    /// The queue, locked, made if it was not.
     fn lock(&self) -> Locked<'_> {
+        let mut q = self.peek();
+        let before = size_of_queue(&q);
+        q.get_or_insert_with(|| Box::new(Queue::new()));
+        Locked { q, before }
+    }
+
+    /// The queue, locked as it is (`None`: nothing was ever queued), to read.
+    fn peek(&self) -> std::sync::MutexGuard<'_, Lazy> {
         // A panic while holding this lock cannot leave the queue inconsistent (each
         // operation is a single push/pop), so a poisoned lock is still usable.
-        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let before = (q.len(), q.bytes);
-        Locked { q, before }
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The queue's length and bytes.
+    fn size(&self) -> (usize, usize) {
+        size_of_queue(&self.peek())
+    }
+
+    /// Publishers waiting for room wait on this.
+    fn room(&self) -> &Notify {
+        self.room.get_or_init(|| Box::new(Notify::new()))
+    }
+
+    /// Wakes the publishers waiting for room, if any wait.
+    fn wake_waiters(&self) {
+        if self.waiting.swap(false, Ordering::AcqRel)
+            && let Some(room) = self.room.get()
+        {
+            room.notify_waiters();
+        }
     }
 
     /// Queues a delivery and wakes the connection. Overflow policy: the new message is
@@ -459,6 +495,9 @@ impl Mailbox {
     /// The store is read without the queue's lock, so publishers pushing to this session
     /// never wait for a database read.
     pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize, mut credits: usize) -> bool {
+        if self.peek().is_none() {
+            return true;
+        }
         let mut q = self.lock();
         let start = out.len();
         let mut stalled = false;
@@ -504,9 +543,7 @@ impl Mailbox {
         let (len, bytes) = (q.len(), q.bytes);
         drop(q);
         if !self.pressed(len, bytes, 1) {
-            if self.waiting.swap(false, Ordering::AcqRel) {
-                self.room.notify_waiters();
-            }
+            self.wake_waiters();
             if !self.pressed(len, bytes, 2) && self.stalled.swap(false, Ordering::AcqRel) {
                 tracing::info!("subscriber caught up: back-pressure resumes");
             }
@@ -559,6 +596,10 @@ impl Mailbox {
     /// Puts deliveries back at the front, before everything queued, in their order (used
     /// when a connection hands back what it took but did not send).
     pub fn unshift(&self, items: impl DoubleEndedIterator<Item = Delivery>) {
+        let mut items = items.peekable();
+        if items.peek().is_none() {
+            return;
+        }
         let mut q = self.lock();
         let mut seq = q.first_seq();
         for d in items.rev() {
@@ -571,6 +612,9 @@ impl Mailbox {
 
     /// Removes and returns the deliveries for which `take` is true, in order.
     pub fn extract(&self, mut take: impl FnMut(&Delivery) -> bool) -> Vec<Delivery> {
+        if self.peek().is_none() {
+            return Vec::new();
+        }
         let mut guard = self.lock();
         let q = &mut *guard;
         let mut out: Vec<(u64, Delivery)> = Vec::new();
@@ -593,17 +637,17 @@ impl Mailbox {
     }
 
     /// How many more messages, and how many more bytes, the queue takes before it is full.
-    pub fn room(&self) -> (usize, usize) {
-        let q = self.lock();
+    pub fn room_left(&self) -> (usize, usize) {
+        let (len, bytes) = self.size();
         (
-            self.limits.max_messages().saturating_sub(q.len()),
-            self.limits.max_bytes().saturating_sub(q.bytes),
+            self.limits.max_messages().saturating_sub(len),
+            self.limits.max_bytes().saturating_sub(bytes),
         )
     }
 
     /// Number of queued deliveries.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.size().0
     }
 
     /// True when nothing is queued.
@@ -621,8 +665,8 @@ impl Mailbox {
         self.online.store(online, Ordering::Release);
         if online {
             self.signal();
-        } else if self.waiting.swap(false, Ordering::AcqRel) {
-            self.room.notify_waiters();
+        } else {
+            self.wake_waiters();
         }
     }
 
@@ -645,14 +689,11 @@ impl Mailbox {
     /// offline, or it was marked stalled.
     pub async fn wait_for_room(&self) {
         loop {
-            let notified = self.room.notified();
+            let notified = self.room().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.waiting.store(true, Ordering::Release);
-            let (len, bytes) = {
-                let q = self.lock();
-                (q.len(), q.bytes)
-            };
+            let (len, bytes) = self.size();
             if !self.congested(len, bytes) {
                 return;
             }
@@ -669,15 +710,13 @@ impl Mailbox {
                 "subscriber is not keeping up: its messages overflow instead of holding publishers back"
             );
         }
-        if self.waiting.swap(false, Ordering::AcqRel) {
-            self.room.notify_waiters();
-        }
+        self.wake_waiters();
     }
 
     /// Drops the in-memory copy of a persistent session's QoS 1/2 queue: an offline session
     /// keeps it on disk only, and reads it back when a connection drains it.
     pub fn spill(&self) {
-        if self.is_persistent() {
+        if self.is_persistent() && self.peek().is_some() {
             let mut q = self.lock();
             let all_stored = q.acked.iter().all(|(_, d)| d.store_id.is_some());
             // The lowest id, not the front's: deliveries put back at the front (shared

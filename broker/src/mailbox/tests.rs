@@ -285,3 +285,32 @@ mod disk {
         assert!(m.is_empty());
     }
 }
+
+mod size {
+    use super::super::*;
+
+    /// Every session has a mailbox, shared with the router (an `Arc`, 16 bytes of counts before
+    /// it): 128 bytes with them, one of the allocator's size classes. Its queue is made only
+    /// when something is queued, so an idle client that gets nothing never has one.
+    #[test]
+    fn an_idle_mailbox_stays_small_and_makes_no_queue() {
+        let size = std::mem::size_of::<Mailbox>();
+        assert!(size + 16 <= 128, "Mailbox is {size} bytes");
+        let m = Mailbox::new(QueueLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            backpressure: true,
+        });
+        m.set_online(true);
+        let mut out = VecDeque::new();
+        assert!(m.drain(&mut out, 10, 10));
+        assert!(out.is_empty() && m.is_empty());
+        assert_eq!(m.room_left(), (100, 1 << 20));
+        m.wake();
+        m.unshift(std::iter::empty());
+        assert!(m.extract(|_| true).is_empty());
+        m.set_online(false);
+        m.spill();
+        assert!(m.peek().is_none(), "an idle mailbox made its queue");
+    }
+}

@@ -35,16 +35,18 @@ pub struct Gate {
     /// Made on the first verdict to keep (boxed: most connections of a broker without
     /// authorization plugins never have one, and every byte here is kept by every idle
     /// client).
-    #[expect(
-        clippy::box_collection,
-        reason = "8 bytes inline instead of a map header of 48 in every connection"
-    )]
-    cache: Option<Box<HashMap<Box<str>, Slots>>>,
+    cache: Option<Box<Cache>>,
+    /// The chain generation the session's subscriptions were last authorized with.
+    subscriptions_generation: u64,
+}
+
+/// The verdicts a connection keeps, made by one generation of the chain.
+#[derive(Default)]
+struct Cache {
+    verdicts: HashMap<Box<str>, Slots>,
     /// Verdicts cached (over every topic).
     cached: usize,
     generation: u64,
-    /// The chain generation the session's subscriptions were last authorized with.
-    subscriptions_generation: u64,
 }
 
 impl Gate {
@@ -55,8 +57,6 @@ impl Gate {
             plugins,
             client,
             cache: None,
-            cached: 0,
-            generation,
             subscriptions_generation: generation,
         }
     }
@@ -96,7 +96,7 @@ impl Gate {
     pub fn check(&mut self, action: Action, topic: &str, qos: QoS, retain: bool) -> Verdict {
         self.refresh();
         if let Some(v) = (self.cache.as_ref())
-            .and_then(|c| c.get(topic))
+            .and_then(|c| c.verdicts.get(topic))
             .and_then(|s| s[slot(action, qos, retain)])
         {
             return v;
@@ -117,11 +117,11 @@ impl Gate {
     /// one call per plugin.
     pub fn check_many(&mut self, requests: &[Request<'_>]) -> Vec<Verdict> {
         self.refresh();
-        let generation = self.generation;
+        let generation = self.plugins.generation();
         let mut out: Vec<Option<Verdict>> = requests
             .iter()
             .map(|r| {
-                let s = self.cache.as_ref()?.get(r.topic)?;
+                let s = self.cache.as_ref()?.verdicts.get(r.topic)?;
                 s[slot(r.action, r.qos, r.retain)]
             })
             .collect();
@@ -129,9 +129,8 @@ impl Gate {
         if !missing.is_empty() {
             let ask: Vec<Request<'_>> = missing.iter().map(|&i| requests[i].clone()).collect();
             let verdicts = self.plugins.authorize(&self.client, &ask);
-            if self.cached + missing.len() > MAX_CACHED {
+            if (self.cache.as_ref()).is_some_and(|c| c.cached + missing.len() > MAX_CACHED) {
                 self.cache = None;
-                self.cached = 0;
             }
             // A chain swapped during the call may have answered with the old chain: use
             // the answers, but cache them only if the generation did not move.
@@ -140,14 +139,19 @@ impl Gate {
                 out[i] = Some(v);
                 let r = &requests[i];
                 if cache {
-                    let map = self.cache.get_or_insert_with(Box::default);
-                    let slots = match map.get_mut(r.topic) {
+                    let c = self.cache.get_or_insert_with(|| {
+                        Box::new(Cache {
+                            generation,
+                            ..Cache::default()
+                        })
+                    });
+                    let slots = match c.verdicts.get_mut(r.topic) {
                         Some(s) => s,
-                        None => map.entry(Box::from(r.topic)).or_insert([None; 24]),
+                        None => (c.verdicts).entry(Box::from(r.topic)).or_insert([None; 24]),
                     };
                     let s = &mut slots[slot(r.action, r.qos, r.retain)];
                     if s.is_none() {
-                        self.cached += 1;
+                        c.cached += 1;
                     }
                     *s = Some(v);
                 }
@@ -202,10 +206,8 @@ impl Gate {
     /// Drops the cached verdicts if the chain changed since they were made.
     fn refresh(&mut self) {
         let generation = self.plugins.generation();
-        if generation != self.generation {
+        if (self.cache.as_ref()).is_some_and(|c| c.generation != generation) {
             self.cache = None;
-            self.cached = 0;
-            self.generation = generation;
         }
     }
 }

@@ -286,17 +286,28 @@ impl PendingWill {
 
 pub use crate::mailbox::Kick;
 
-/// Where and how a client is connected (for the admin API).
+/// Where and how a client is connected (for the admin API). Its address is kept as an IP
+/// and a port (an IPv6 scope and flow label are not shown): 16 bytes less than a
+/// `SocketAddr` in every connected client's registry slot.
 #[derive(Debug, Clone)]
 pub struct Presence {
-    /// The client's address.
-    pub peer: std::net::SocketAddr,
+    /// The client's IP address.
+    pub ip: std::net::IpAddr,
+    /// The client's port.
+    pub port: u16,
     /// The protocol version of its CONNECT.
     pub protocol: crate::codec::ProtocolVersion,
     /// The keep alive in force, in seconds (0: none).
     pub keep_alive: u16,
     /// When it connected, in Unix milliseconds.
     pub since_ms: u64,
+}
+
+impl Presence {
+    /// The client's address.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.ip, self.port)
+    }
 }
 
 /// A connected client, as the admin API lists it.

@@ -1200,3 +1200,14 @@ impl Sessions {
         }
     }
 }
+
+#[cfg(test)]
+mod size {
+    /// Every connected client has one slot: 120 bytes and the allocator's 8-byte header
+    /// or size class (128) per client. A change that grows it grows every connection.
+    #[test]
+    fn an_attached_slot_stays_small() {
+        let size = std::mem::size_of::<super::Attached>();
+        assert!(size <= 120, "Attached is {size} bytes");
+    }
+}
