@@ -383,6 +383,13 @@ impl Mailbox {
         Locked { q, before }
     }
 
+    /// The queue, locked, if it was made (one lock: `drain` runs at every wake-up).
+    fn lock_made(&self) -> Option<Locked<'_>> {
+        let q = self.peek();
+        let before = size_of_queue(&q);
+        q.is_some().then_some(Locked { q, before })
+    }
+
     /// The queue, locked as it is (`None`: nothing was ever queued), to read.
     fn peek(&self) -> std::sync::MutexGuard<'_, Lazy> {
         // A panic while holding this lock cannot leave the queue inconsistent (each
@@ -495,10 +502,11 @@ impl Mailbox {
     /// The store is read without the queue's lock, so publishers pushing to this session
     /// never wait for a database read.
     pub fn drain(&self, out: &mut VecDeque<Delivery>, max: usize, mut credits: usize) -> bool {
-        if self.peek().is_none() {
-            return true;
-        }
-        let mut q = self.lock();
+        let mut q = match self.lock_made() {
+            Some(q) => q,
+            // Nothing was ever queued: nothing to move, nobody waiting for room.
+            None => return true,
+        };
         let start = out.len();
         let mut stalled = false;
         while out.len() < max {
@@ -612,10 +620,9 @@ impl Mailbox {
 
     /// Removes and returns the deliveries for which `take` is true, in order.
     pub fn extract(&self, mut take: impl FnMut(&Delivery) -> bool) -> Vec<Delivery> {
-        if self.peek().is_none() {
+        let Some(mut guard) = self.lock_made() else {
             return Vec::new();
-        }
-        let mut guard = self.lock();
+        };
         let q = &mut *guard;
         let mut out: Vec<(u64, Delivery)> = Vec::new();
         let mut bytes = 0;
@@ -716,8 +723,9 @@ impl Mailbox {
     /// Drops the in-memory copy of a persistent session's QoS 1/2 queue: an offline session
     /// keeps it on disk only, and reads it back when a connection drains it.
     pub fn spill(&self) {
-        if self.is_persistent() && self.peek().is_some() {
-            let mut q = self.lock();
+        if self.is_persistent()
+            && let Some(mut q) = self.lock_made()
+        {
             let all_stored = q.acked.iter().all(|(_, d)| d.store_id.is_some());
             // The lowest id, not the front's: deliveries put back at the front (shared
             // ones no other member took) may have higher ids than those behind them.
