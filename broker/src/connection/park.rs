@@ -41,17 +41,18 @@ impl<C> Tcp<C> {
     }
 }
 
-/// An idle connection: its state and its socket, out of tokio's reactor (one allocation;
-/// a slot of the park holds a pointer to it and its generation).
+/// An idle connection: its state and its socket, out of tokio's reactor, and which
+/// parking this is (a wake-up that names an earlier one of its slot, from a stale mailbox
+/// name or an event read before the socket left the set, does not wake this one). One
+/// allocation; a slot of the park holds a pointer to it.
 struct Parked {
     tcp: Tcp<Resting>,
     socket: std::net::TcpStream,
+    generation: u32,
 }
 
-/// A slot of the park: a parked connection and which parking of the slot this is (a
-/// wake-up that names an earlier one, from a stale mailbox name or an event read before
-/// the socket left the set, does not wake this one).
-type Slot = Option<(Box<Parked>, u32)>;
+/// A slot of the park: a parked connection, if any.
+type Slot = Option<Box<Parked>>;
 
 /// The name a parked connection goes by (in its mailbox and as its `epoll` token): its
 /// slot + 1 in the low half, the slot's generation in the high half; never 0.
@@ -124,10 +125,10 @@ impl Park {
         let Some(slot) = slots.parked.get_mut(key) else {
             return;
         };
-        if slot.as_ref().is_none_or(|(_, g)| *g != generation) {
+        if slot.as_ref().is_none_or(|p| p.generation != generation) {
             return;
         }
-        if let Some((p, _)) = slot.take() {
+        if let Some(p) = slot.take() {
             slots.free.push(key);
             self.resume(p);
         }
@@ -145,7 +146,7 @@ impl Park {
         let broker = p.tcp.conn.broker.clone();
         match &broker.runtime {
             Some(rt) => {
-                let Parked { tcp, socket } = *p;
+                let Parked { tcp, socket, .. } = *p;
                 broker.tasks.spawn_on(super::resume(tcp, socket), rt);
             }
             // Not reached: a connection parks only when the broker has a runtime.
@@ -276,7 +277,11 @@ pub(super) fn park_tcp(
             rt,
         );
     }
-    let parked = Box::new(Parked { tcp, socket });
+    let parked = Box::new(Parked {
+        tcp,
+        socket,
+        generation,
+    });
     // Something that came while parking (a delivery, a question, a kick, the keep-alive
     // watch) left the mailbox's wake-up unanswered: serve it now. Under the lock, so that
     // no task of this connection's but ours exists while its wake-up is taken (one woken
@@ -285,7 +290,7 @@ pub(super) fn park_tcp(
         slots.free.push(key);
         park.resume(parked);
     } else if let Some(slot) = slots.parked.get_mut(key) {
-        *slot = Some((parked, generation));
+        *slot = Some(parked);
     }
     Parking::Parked
 }
@@ -299,8 +304,8 @@ impl Park {
         for (key, slot) in slots.parked.iter_mut().enumerate() {
             if slot
                 .as_ref()
-                .is_some_and(|(p, _)| Arc::ptr_eq(&p.tcp.listener, listener))
-                && let Some((p, _)) = slot.take()
+                .is_some_and(|p| Arc::ptr_eq(&p.tcp.listener, listener))
+                && let Some(p) = slot.take()
             {
                 woken.push((key, p));
             }

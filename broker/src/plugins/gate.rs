@@ -116,8 +116,7 @@ impl Gate {
     /// Verdicts for a batch of requests; only the ones not cached go to the plugins, in
     /// one call per plugin.
     pub fn check_many(&mut self, requests: &[Request<'_>]) -> Vec<Verdict> {
-        self.refresh();
-        let generation = self.plugins.generation();
+        let generation = self.refresh();
         let mut out: Vec<Option<Verdict>> = requests
             .iter()
             .map(|r| {
@@ -203,11 +202,13 @@ impl Gate {
         verdicts
     }
 
-    /// Drops the cached verdicts if the chain changed since they were made.
-    fn refresh(&mut self) {
+    /// Drops the cached verdicts if the chain changed since they were made; returns the
+    /// generation the cache now stands for (verdicts of another are not added to it).
+    fn refresh(&mut self) -> u64 {
         let generation = self.plugins.generation();
         if (self.cache.as_ref()).is_some_and(|c| c.generation != generation) {
             self.cache = None;
         }
+        generation
     }
 }
