@@ -266,6 +266,8 @@ def test_messages_reach_the_other_nodes_at_their_qos_and_in_order(nodes):
     (kept,) = late.messages.expect_exactly(1)
     assert kept.text == "kept" and kept.retain
     assert counter(a, "sandpiper_cluster_dropped_total") == 0
+    # Every connection attached here was told to the other nodes (the series exists at 0).
+    assert a.metrics().get("sandpiper_cluster_claims_dropped_total") == 0
 
 
 def test_a_node_receives_only_what_its_clients_subscribe_to(nodes):

@@ -129,6 +129,9 @@ pub struct ClusterStats {
     pub damaged: AtomicU64,
     /// QoS 1/2 messages refused because JetStream could not hold them for other nodes.
     pub refused: AtomicU64,
+    /// Connections attached here that the other nodes were not told of (the queue of
+    /// claims was full).
+    pub claims_dropped: AtomicU64,
 }
 
 /// One change of this node's interest.
@@ -397,11 +400,21 @@ impl Cluster {
     /// nodes are told, and disconnect an older one with the same client id.
     pub fn attached(&self, client_id: &crate::message::ClientId, since_ms: u64) {
         self.reconnected(client_id.as_str(), since_ms);
-        let _ = self.claims.try_send(Claim {
+        let claim = Claim {
             node: self.node.to_string(),
             client_id: client_id.as_str().to_owned(),
             since_ms,
-        });
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.claims.try_send(claim) {
+            let n = self.stats.claims_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == 1 || n.is_multiple_of(1000) {
+                tracing::warn!(
+                    dropped = n,
+                    client_id = client_id.as_str(),
+                    "cluster: too many connections waiting to be told to the other nodes; this one is not told (an older connection with its client id on another node is not closed)"
+                );
+            }
+        }
     }
 
     /// Connection `conn` with will `w` was attached here: the will goes into the cluster's

@@ -643,6 +643,11 @@ fn cluster(o: &mut String, broker: &Broker) {
             "QoS 1/2 messages refused because JetStream could not hold them for other nodes (NATS away, its queue full).",
             &s.refused,
         ),
+        (
+            "sandpiper_cluster_claims_dropped_total",
+            "Connections attached here that the other nodes were not told of (their queue full): an older connection with the same client id elsewhere stays open.",
+            &s.claims_dropped,
+        ),
     ];
     for (name, help, v) in rows {
         single(o, name, "counter", help, v.load(Ordering::Relaxed));
