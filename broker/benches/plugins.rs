@@ -87,9 +87,11 @@ fn host(files: &[(&str, PathBuf, &str)]) -> Arc<Plugins> {
 fn client() -> ClientInfo {
     ClientInfo {
         client_id: "bench-client".into(),
-        username: Some("bench".into()),
-        listener: "default".into(),
-        attributes: Vec::new(),
+        principal: Arc::new(sandpiper::message::Principal {
+            user: Some("bench".into()),
+            listener: "default".into(),
+        }),
+        attributes: Box::default(),
     }
 }
 

@@ -23,7 +23,7 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::Parser;
 use sandpiper::codec::{MessageProperties, ProtocolVersion, QoS, TopicName};
-use sandpiper::message::Draft;
+use sandpiper::message::{Draft, Principal};
 use sandpiper::plugins::flow::Fate;
 use sandpiper::plugins::host::Host;
 use sandpiper::plugins::{Action, ClientInfo, ConnectInfo, Hooks, Plugins, Request};
@@ -168,9 +168,11 @@ fn main() -> anyhow::Result<()> {
 
     let client = ClientInfo {
         client_id: "dev-1".into(),
-        username: args.user.clone(),
-        listener: "default".into(),
-        attributes: Vec::new(),
+        principal: Arc::new(Principal {
+            user: args.user.as_deref().map(Arc::from),
+            listener: "default".into(),
+        }),
+        attributes: Box::default(),
     };
     let mut hook = if hooks.has(Hooks::AUTHENTICATE) {
         Hook::Authenticate(ConnectInfo {

@@ -82,9 +82,14 @@ pub async fn start(
     let socket = TcpListener::bind(config.bind).await?;
     let addr = socket.local_addr()?;
     let stop = broker.shutdown.child_token();
+    let listener_name: Arc<str> = name.as_str().into();
     let listener = Arc::new(Listener {
         info: Arc::new(ListenerInfo {
-            name: name.as_str().into(),
+            name: listener_name.clone(),
+            anonymous: Arc::new(crate::message::Principal {
+                user: None,
+                listener: listener_name,
+            }),
             allow_anonymous: config.anonymous_allowed(),
             protocols: config.versions(),
             username_from_cert: config.username_from_cert,

@@ -8,6 +8,30 @@ use bytes::Bytes;
 
 use crate::codec::{MessageProperties, QoS, TopicFilter, TopicName, Will};
 
+/// Who a session belongs to: the user name as authenticated (by a plugin or a client
+/// certificate; none for an anonymous client) and the listener it came through. Held as an
+/// `Arc`, shared by a session, its connection's plugin gate and the registry; the anonymous
+/// clients of a listener share the listener's one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The authenticated user name.
+    pub user: Option<Arc<str>>,
+    /// The listener's name.
+    pub listener: Arc<str>,
+}
+
+impl Principal {
+    /// Whether `other` is the same principal: the same authenticated user (on whatever
+    /// listener), or, for anonymous clients, the same listener.
+    pub fn same_as(&self, other: &Principal) -> bool {
+        match (&self.user, &other.user) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.listener == other.listener,
+            _ => false,
+        }
+    }
+}
+
 /// A client identifier as the client sent it or the broker assigned it. Shared (every
 /// idle connection, its session and the plugins' view of it hold the same one), compared
 /// and hashed as the string.

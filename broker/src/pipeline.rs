@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use crate::codec::TopicFilter;
 use crate::message::Delivery;
-use crate::message::{ClientKey, Draft, Message};
+use crate::message::{ClientKey, Draft, Message, Principal};
 use crate::plugins::flow::Fate;
 use crate::plugins::{ClientInfo, Hooks, Plugins};
 use crate::router::{Routed, Router, Serve};
@@ -180,9 +180,11 @@ impl Pipeline {
             retain_available,
             nobody: ClientInfo {
                 client_id: "".into(),
-                username: None,
-                listener: "".into(),
-                attributes: Vec::new(),
+                principal: Arc::new(Principal {
+                    user: None,
+                    listener: "".into(),
+                }),
+                attributes: Box::default(),
             },
         }
     }

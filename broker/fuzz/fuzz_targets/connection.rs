@@ -19,6 +19,7 @@ use sandpiper::broker::Broker;
 use sandpiper::codec::ProtocolVersion;
 use sandpiper::config::{Config, Durability};
 use sandpiper::connection::{self, ListenerInfo};
+use sandpiper::message::Principal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Env {
@@ -49,8 +50,13 @@ fn env() -> &'static Env {
             Ok(b) => b,
             Err(e) => panic!("broker: {e}"),
         };
+        let name: Arc<str> = "fuzz".into();
         let listener = Arc::new(ListenerInfo {
-            name: "fuzz".into(),
+            name: name.clone(),
+            anonymous: Arc::new(Principal {
+                user: None,
+                listener: name,
+            }),
             allow_anonymous: true,
             protocols: vec![
                 ProtocolVersion::V3_1,
@@ -59,6 +65,7 @@ fn env() -> &'static Env {
             ],
             username_from_cert: false,
             client_cert: None,
+            stop: broker.shutdown.child_token(),
         });
         Env {
             rt,

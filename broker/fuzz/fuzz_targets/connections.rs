@@ -21,6 +21,7 @@ use sandpiper::broker::Broker;
 use sandpiper::codec::ProtocolVersion;
 use sandpiper::config::{Config, Durability};
 use sandpiper::connection::{self, ListenerInfo};
+use sandpiper::message::Principal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, WriteHalf};
 use tokio::task::JoinHandle;
 
@@ -56,8 +57,13 @@ fn env() -> &'static Env {
             Ok(b) => b,
             Err(e) => panic!("broker: {e}"),
         };
+        let name: Arc<str> = "fuzz".into();
         let listener = Arc::new(ListenerInfo {
-            name: "fuzz".into(),
+            name: name.clone(),
+            anonymous: Arc::new(Principal {
+                user: None,
+                listener: name,
+            }),
             allow_anonymous: true,
             protocols: vec![
                 ProtocolVersion::V3_1,
@@ -66,6 +72,7 @@ fn env() -> &'static Env {
             ],
             username_from_cert: false,
             client_cert: None,
+            stop: broker.shutdown.child_token(),
         });
         Env {
             rt,

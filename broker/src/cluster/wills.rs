@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{Cluster, lock, read, wire};
-use crate::message::{ClientId, Draft};
+use crate::message::{ClientId, Draft, Principal};
 use crate::pipeline::{Origin, Pipeline};
 use crate::plugins::ClientInfo;
 use crate::session::PendingWill;
@@ -104,14 +104,14 @@ pub(super) fn encode(w: &PendingWill, at_ms: u64) -> Result<Bytes, wire::WireErr
         b.put_slice(s.as_bytes());
     };
     text(&mut b, w.client.client_id.as_str());
-    match &w.client.username {
+    match w.client.username() {
         Some(u) => {
             b.put_u8(1);
             text(&mut b, u);
         }
         None => b.put_u8(0),
     }
-    text(&mut b, &w.client.listener);
+    text(&mut b, w.client.listener());
     b.put_u32(w.delay());
     let msg = Draft::from_will(w.will.clone()).into_message(None);
     let mut record = BytesMut::new();
@@ -159,9 +159,11 @@ fn decode(mut v: &[u8]) -> Option<(ClientInfo, u32, Draft, Option<u64>)> {
     let msg = wire::read(record).ok()?;
     let client = ClientInfo {
         client_id: ClientId::new(&client_id),
-        username,
-        listener: listener.into(),
-        attributes: Vec::new(),
+        principal: Arc::new(Principal {
+            user: username.map(Arc::from),
+            listener: listener.into(),
+        }),
+        attributes: Box::default(),
     };
     let draft = Draft {
         topic: msg.topic,
@@ -441,9 +443,11 @@ mod tests {
             origin: 7,
             client: ClientInfo {
                 client_id: ClientId::new("c1"),
-                username: Some("u".into()),
-                listener: "default".into(),
-                attributes: Vec::new(),
+                principal: Arc::new(Principal {
+                    user: Some("u".into()),
+                    listener: "default".into(),
+                }),
+                attributes: Box::default(),
             },
         };
         let v = encode(&w, 1_700_000_000_123).unwrap();
@@ -452,8 +456,8 @@ mod tests {
         // An entry of the version before (no time) still reads.
         assert!(decode(&v[..v.len() - 8]).unwrap().3.is_none());
         assert_eq!(client.client_id.as_str(), "c1");
-        assert_eq!(client.username.as_deref(), Some("u"));
-        assert_eq!(&*client.listener, "default");
+        assert_eq!(client.username(), Some("u"));
+        assert_eq!(&**client.listener(), "default");
         assert_eq!(delay, 0);
         assert_eq!(draft.topic.as_str(), "gone/a");
         assert_eq!(&draft.payload[..], b"bye");

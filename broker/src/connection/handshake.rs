@@ -365,17 +365,21 @@ impl Conn {
             // listener that lets anonymous clients in) never reaches `authorize`.
             _ => (cert_user.map(str::to_owned), Vec::new(), None),
         };
-        let principal = crate::session::Principal {
-            user: username.as_deref().map(Arc::from),
-            listener: listener.name.clone(),
+        // Anonymous clients share their listener's principal; an authenticated one has
+        // its own, shared by its session, its gate and the registry.
+        let principal = match username {
+            Some(user) => Arc::new(crate::session::Principal {
+                user: Some(user.into()),
+                listener: listener.name.clone(),
+            }),
+            None => listener.anonymous.clone(),
         };
         let mut gate = crate::plugins::gate::Gate::new(
             broker.plugins.clone(),
             crate::plugins::ClientInfo {
                 client_id: client_id.clone(),
-                username,
-                listener: listener.name.clone(),
-                attributes,
+                principal: principal.clone(),
+                attributes: attributes.into_boxed_slice(),
             },
         );
         let mut will = c.will;
@@ -508,7 +512,7 @@ impl Conn {
         }
         metrics::inc(C::Connected);
         tracing::info!(
-            user = conn.gate.client().username.as_deref().unwrap_or(""),
+            user = conn.gate.client().username().unwrap_or(""),
             listener = %listener.name,
             protocol = %v,
             clean_start = c.clean_start,

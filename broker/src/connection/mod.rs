@@ -42,6 +42,9 @@ pub(crate) use handshake::send_connack_and_close;
 pub struct ListenerInfo {
     /// Listener name, for logs and plugins.
     pub name: Arc<str>,
+    /// The principal of its anonymous clients (the listener's name, no user), shared by
+    /// them all.
+    pub anonymous: Arc<crate::message::Principal>,
     /// Whether unauthenticated clients may connect.
     pub allow_anonymous: bool,
     /// MQTT versions accepted; a CONNECT of another gets 0x84 (3.x: return code 1).
@@ -691,6 +694,6 @@ mod task_size {
     #[test]
     fn a_resting_connection_stays_small() {
         let size = std::mem::size_of::<super::Resting>();
-        assert!(size <= 336, "Resting is {size} bytes");
+        assert!(size <= 272, "Resting is {size} bytes");
     }
 }

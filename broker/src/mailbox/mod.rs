@@ -27,22 +27,30 @@ pub struct QueueLimits {
     pub backpressure: bool,
 }
 
-/// The queue limits every mailbox of a broker shares, so that a configuration reload
-/// changes them for every session at once (and a mailbox keeps a pointer, not a copy).
+/// What every mailbox of a broker shares: the queue limits, so that a configuration
+/// reload changes them for every session at once, and the store persistent sessions' queues
+/// are written to (a mailbox keeps a pointer to these, not a copy).
 #[derive(Debug)]
 pub struct SharedLimits {
     max_messages: AtomicUsize,
     max_bytes: AtomicUsize,
     backpressure: AtomicBool,
+    store: Option<Arc<Store>>,
 }
 
 impl SharedLimits {
-    /// Limits to share.
+    /// Limits to share, without a store.
     pub fn new(l: QueueLimits) -> Arc<SharedLimits> {
+        SharedLimits::with_store(l, None)
+    }
+
+    /// Limits to share, and the store of the mailboxes' persistent sessions, if any.
+    pub fn with_store(l: QueueLimits, store: Option<Arc<Store>>) -> Arc<SharedLimits> {
         Arc::new(SharedLimits {
             max_messages: AtomicUsize::new(l.max_messages),
             max_bytes: AtomicUsize::new(l.max_bytes),
             backpressure: AtomicBool::new(l.backpressure),
+            store,
         })
     }
 
@@ -99,6 +107,9 @@ struct Queue {
     disk: DiskTail,
     /// Questions to the connection serving the session (the admin API's), rarely any.
     asks: Vec<oneshot::Sender<Inspection>>,
+    /// Messages dropped because the queue was full (for the log: the first and every
+    /// 1,000th).
+    dropped: u64,
 }
 
 /// A mailbox's queue, `None` until it is first needed.
@@ -128,6 +139,7 @@ impl Queue {
             next_seq: u64::MAX / 2,
             next_store_id: 1,
             disk: DiskTail::default(),
+            dropped: 0,
             asks: Vec::new(),
         }
     }
@@ -211,12 +223,11 @@ pub struct Mailbox {
     queue: Mutex<Lazy>,
     notify: Notify,
     online: AtomicBool,
-    dropped: AtomicU64,
+    /// The limits, and the store (if the broker has one).
     limits: Arc<SharedLimits>,
-    /// Where a persistent session's queue is written (every session of a broker with a
-    /// store has one; `persistent` says whether it is used).
-    durable: Option<(Arc<Store>, ClientKey)>,
-    /// QoS 1/2 deliveries are written to `durable` (a session with expiry 0 costs no disk
+    /// The session's key, under which a persistent session's queue is written.
+    key: ClientKey,
+    /// QoS 1/2 deliveries are written to the store (a session with expiry 0 costs no disk
     /// writes).
     persistent: AtomicBool,
     /// Publishers waiting for room are woken through this (made by the first one: most
@@ -307,16 +318,21 @@ impl Drop for Mailbox {
 }
 
 impl Mailbox {
-    /// An empty, offline mailbox.
+    /// An empty, offline mailbox (of key 0: not for a broker with a store).
     pub fn new(limits: impl Into<Arc<SharedLimits>>) -> Mailbox {
-        let limits = limits.into();
+        Mailbox::with_key(limits, 0)
+    }
+
+    /// An empty, offline mailbox of the session `key`: with a store in `limits`, its QoS
+    /// 1/2 deliveries are written there under `key` while [`Mailbox::set_persistent`] is
+    /// on.
+    pub fn with_key(limits: impl Into<Arc<SharedLimits>>, key: ClientKey) -> Mailbox {
         Mailbox {
             queue: Mutex::new(None),
             notify: Notify::new(),
             online: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            limits,
-            durable: None,
+            limits: limits.into(),
+            key,
             persistent: AtomicBool::new(false),
             room: std::sync::OnceLock::new(),
             waiting: AtomicBool::new(false),
@@ -327,36 +343,30 @@ impl Mailbox {
         }
     }
 
-    /// An empty, offline mailbox whose QoS 1/2 deliveries are written to `store` under the
-    /// session `key` while [`Mailbox::set_persistent`] is on.
-    pub fn with_store(
-        limits: impl Into<Arc<SharedLimits>>,
-        store: Arc<Store>,
-        key: ClientKey,
-    ) -> Mailbox {
-        let mut m = Mailbox::new(limits);
-        m.durable = Some((store, key));
-        m
+    /// An empty, offline mailbox (limits of its own) whose QoS 1/2 deliveries are written
+    /// to `store` under the session `key` while [`Mailbox::set_persistent`] is on.
+    pub fn with_store(limits: QueueLimits, store: Arc<Store>, key: ClientKey) -> Mailbox {
+        Mailbox::with_key(SharedLimits::with_store(limits, Some(store)), key)
     }
 
     /// Turns writing to the store on or off (a session with expiry 0 costs no disk writes).
     pub fn set_persistent(&self, on: bool) {
-        if self.durable.is_some() {
+        if self.limits.store.is_some() {
             self.persistent.store(on, Ordering::Release);
         }
     }
 
     /// Whether deliveries are written to the store.
     pub fn is_persistent(&self) -> bool {
-        self.durable.is_some() && self.persistent.load(Ordering::Acquire)
+        self.limits.store.is_some() && self.persistent.load(Ordering::Acquire)
     }
 
     /// The store and session key, when persistent.
     pub fn store(&self) -> Option<(&Arc<Store>, ClientKey)> {
-        self.durable
-            .as_ref()
-            .filter(|_| self.persistent.load(Ordering::Acquire))
-            .map(|(store, key)| (store, *key))
+        if !self.persistent.load(Ordering::Acquire) {
+            return None;
+        }
+        self.limits.store.as_ref().map(|store| (store, self.key))
     }
 
     /// Deletes the durable copy of a delivery that was acknowledged or dropped.
@@ -432,8 +442,10 @@ impl Mailbox {
             if q.len() >= self.limits.max_messages()
                 || q.bytes.saturating_add(size) > self.limits.max_bytes()
             {
+                q.dropped += 1;
+                let n = q.dropped;
                 drop(q);
-                self.count_drop(d.qos);
+                count_drop(n, d.qos);
                 return Err(Refused::Full);
             }
             if d.qos != QoS::AtMostOnce
@@ -469,19 +481,21 @@ impl Mailbox {
         self.signal();
         Ok(Pushed { ticket, congested })
     }
+}
 
-    fn count_drop(&self, qos: QoS) {
-        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::inc(C::DroppedQueueFull);
-        if n == 1 || n.is_multiple_of(1000) {
-            tracing::warn!(
-                dropped = n,
-                qos = qos.bits(),
-                "session queue full: dropping newest messages"
-            );
-        }
+/// Counts the `n`th message a full queue dropped, and logs the first and every 1,000th.
+fn count_drop(n: u64, qos: QoS) {
+    metrics::inc(C::DroppedQueueFull);
+    if n == 1 || n.is_multiple_of(1000) {
+        tracing::warn!(
+            dropped = n,
+            qos = qos.bits(),
+            "session queue full: dropping newest messages"
+        );
     }
+}
 
+impl Mailbox {
     /// A new id in the session's queue table, for a delivery that goes in flight without
     /// being queued here (a session moved from another node); `None` for a session that is
     /// not persistent.

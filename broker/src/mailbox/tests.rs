@@ -290,12 +290,12 @@ mod size {
     use super::super::*;
 
     /// Every session has a mailbox, shared with the router (an `Arc`, 16 bytes of counts before
-    /// it): 128 bytes with them, one of the allocator's size classes. Its queue is made only
+    /// it): 112 bytes with them, one of the allocator's size classes (the next is 128). Its queue is made only
     /// when something is queued, so an idle client that gets nothing never has one.
     #[test]
     fn an_idle_mailbox_stays_small_and_makes_no_queue() {
         let size = std::mem::size_of::<Mailbox>();
-        assert!(size + 16 <= 128, "Mailbox is {size} bytes");
+        assert!(size + 16 <= 112, "Mailbox is {size} bytes");
         let m = Mailbox::new(QueueLimits {
             max_messages: 100,
             max_bytes: 1 << 20,

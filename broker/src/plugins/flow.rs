@@ -35,8 +35,8 @@ pub enum BadMessage {
 pub(super) fn client_to_wit(c: &ClientInfo) -> types::Client {
     types::Client {
         client_id: c.client_id.to_string(),
-        username: c.username.clone(),
-        listener: c.listener.to_string(),
+        username: c.username().map(str::to_owned),
+        listener: c.listener().to_string(),
         attributes: super::attrs(&c.attributes),
     }
 }

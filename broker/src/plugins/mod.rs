@@ -37,7 +37,7 @@ use bindings::hooks::{authenticate as auth, authorize as authz, share};
 use bindings::sandpiper::plugin::types;
 
 use crate::codec::{Carrier, ProtocolVersion, QoS, ReasonCode, plugin_refusal};
-use crate::message::ClientId;
+use crate::message::{ClientId, Principal};
 use plugin::CallError;
 pub use plugin::{Hooks, Plugin};
 use sidecar::DecideFailure;
@@ -168,12 +168,24 @@ impl std::fmt::Debug for AuthDecision {
 pub struct ClientInfo {
     /// Client identifier (shared with the session: every idle connection keeps one).
     pub client_id: ClientId,
-    /// User name (after authentication).
-    pub username: Option<String>,
-    /// Listener name (shared with the listener).
-    pub listener: Arc<str>,
-    /// Attributes set by authentication.
-    pub attributes: Vec<(String, String)>,
+    /// Who it is: the user name after authentication and the listener (shared with the
+    /// session; anonymous clients share their listener's).
+    pub principal: Arc<Principal>,
+    /// Attributes set by authentication (a boxed slice: 8 bytes less than a `Vec` in every
+    /// idle connection, and no allocation when empty).
+    pub attributes: Box<[(String, String)]>,
+}
+
+impl ClientInfo {
+    /// The user name after authentication.
+    pub fn username(&self) -> Option<&str> {
+        self.principal.user.as_deref()
+    }
+
+    /// The listener's name.
+    pub fn listener(&self) -> &Arc<str> {
+        &self.principal.listener
+    }
 }
 
 /// What an authorize request is about.

@@ -15,6 +15,7 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 
+pub use crate::message::Principal;
 pub use aliases::{InboundAliases, Naming, OutboundAliases};
 pub use flows::{Flows, Inflight, Received};
 pub use moving::{Elsewhere, Found, Moved, Wanted};
@@ -67,30 +68,9 @@ pub struct SessionState {
     /// Session Expiry Interval in seconds; [`NEVER_EXPIRES`] for never, 0 for "ends with the
     /// connection".
     pub expiry: u32,
-    /// Who owns the session (`None`: not known, for sessions stored before it was kept).
-    pub principal: Option<Principal>,
-}
-
-/// Who a session belongs to: the user name as authenticated (by a plugin or a client
-/// certificate; none for an anonymous client) and the listener it came through.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// The authenticated user name.
-    pub user: Option<Arc<str>>,
-    /// The listener's name.
-    pub listener: Arc<str>,
-}
-
-impl Principal {
-    /// Whether `other` is the same principal: the same authenticated user (on whatever
-    /// listener), or, for anonymous clients, the same listener.
-    pub fn same_as(&self, other: &Principal) -> bool {
-        match (&self.user, &other.user) {
-            (Some(a), Some(b)) => a == b,
-            (None, None) => self.listener == other.listener,
-            _ => false,
-        }
-    }
+    /// Who owns the session (`None`: not known, for sessions stored before it was kept);
+    /// shared with the connection's plugin gate and the registry's slot.
+    pub principal: Option<Arc<Principal>>,
 }
 
 /// Why a connection gets no session.
