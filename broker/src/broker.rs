@@ -100,6 +100,8 @@ impl Broker {
     /// sessions with their subscriptions and queues. Must run inside the tokio runtime
     /// (restored sessions get their expiry timers).
     pub fn new(config: Config) -> Result<Arc<Broker>, StoreError> {
+        // Parked connections count their last read from here: before any connection.
+        crate::connection::epoch();
         let (store, mut recovered) = Store::open(&config.store)?;
         let store = Arc::new(store);
         let path = config.store.data_dir.display().to_string();

@@ -1101,6 +1101,47 @@ async fn until_parked(http: SocketAddr, n: u64) {
     }
 }
 
+/// A parked MQTT 5 client keeps what its CONNECT set, which a parked connection stores
+/// compactly or in a box of its own: its Maximum Packet Size (a message over it is not
+/// sent to it, MQTT-3.1.2-25) and the topic aliases the broker defined toward it (the
+/// alias of the first delivery names the topic in the later ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_v5_client_keeps_its_packet_limit_and_topic_aliases() {
+    let (mut broker, _, _) = start_with_tokens("", "");
+    let http = broker.http_addr();
+    let mut o = v5::options(&broker, "parked-v5");
+    o.set_topic_alias_max(Some(4));
+    o.set_max_packet_size(Some(200));
+    let mut sub = v5::Client::connect(o).await;
+    sub.subscribe_ok("pk/#", v5::QoS::AtMostOnce).await;
+    until_parked(http, 1).await;
+    let mut publisher = v5::Client::connect(v5::options(&broker, "parked-v5-pub")).await;
+    publisher
+        .publish("pk/t", v5::QoS::AtMostOnce, false, &[b'x'; 300])
+        .await;
+    publisher
+        .publish("pk/t", v5::QoS::AtMostOnce, false, b"1")
+        .await;
+    let first = sub.recv().await;
+    assert_eq!(
+        (v5::topic(&first).as_str(), &first.payload[..]),
+        ("pk/t", &b"1"[..]),
+        "the message over the subscriber's Maximum Packet Size is not sent"
+    );
+    let alias = first.properties.as_ref().and_then(|p| p.topic_alias);
+    assert!(alias.is_some(), "the first delivery defines an alias");
+    // Both parked again; the next delivery wakes the subscriber, which names the topic
+    // by the alias it defined before.
+    until_parked(http, 2).await;
+    publisher
+        .publish("pk/t", v5::QoS::AtMostOnce, false, b"2")
+        .await;
+    let second = sub.recv().await;
+    assert_eq!(&second.payload[..], b"2");
+    assert_eq!(second.properties.and_then(|p| p.topic_alias), alias);
+    unharmed(&mut broker);
+}
+
 /// An idle plain TCP connection waits without a task (parked), and everything that
 /// concerns it still reaches it: the admin API's question and kick, a delivery, a takeover,
 /// the client's hang-up (its will), and the broker's shutdown.

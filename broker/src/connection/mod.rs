@@ -457,28 +457,68 @@ struct Conn {
     bridge: bool,
 }
 
-/// A parked connection's [`Conn`] without what only a served connection uses: its
-/// buffers and queues (empty when it parks), the back-pressure pause and the store's
-/// commit watch, 168 bytes less for every idle client.
+/// A parked connection's [`Conn`] without what only a served connection uses (its
+/// buffers and queues, empty when it parks, the back-pressure pause and the store's
+/// commit watch), and the rest kept compactly: what few clients use in one box, times and
+/// limits in 4 or 8 bytes, the plugin gate without what the session and the broker have.
+/// Every idle client keeps one.
 struct Resting {
     broker: Arc<Broker>,
     config: Arc<crate::config::Config>,
-    version: ProtocolVersion,
     state: crate::session::SessionState,
     conn_id: u64,
-    last_rx: tokio::time::Instant,
-    ka_watch: u64,
-    window: u16,
-    client_max_packet: usize,
+    /// When the client last sent something, in nanoseconds after [`epoch`].
+    last_rx: u64,
     alias_in: InboundAliases,
-    alias_out: Option<Box<OutboundAliases>>,
     will: Option<Box<PendingWill>>,
+    gate: crate::plugins::gate::RestingGate,
+    /// What few clients have: outbound topic aliases, re-authentication, attributes
+    /// authentication set (`None` when all are empty).
+    rare: Option<Box<Rare>>,
+    /// The keep-alive watch's tick (0: none asked, or past `u32::MAX`: then a wake-up asks
+    /// again, and the watch wakes the connection twice).
+    ka_watch: u32,
+    /// The client's Maximum Packet Size (`u32::MAX`: none, which no packet reaches).
+    client_max_packet: u32,
     keep_alive_ms: u32,
     connect_expiry: u32,
-    gate: crate::plugins::gate::Gate,
-    reauth: Option<Box<Reauth>>,
+    window: u16,
+    version: ProtocolVersion,
     revoked: bool,
     bridge: bool,
+}
+
+/// What a parked connection keeps in a box of its own, when it has any of it.
+struct Rare {
+    alias_out: Option<Box<OutboundAliases>>,
+    reauth: Option<Box<Reauth>>,
+    attributes: Box<[(String, String)]>,
+}
+
+/// The instant parked connections count their last read from: set when the first broker
+/// starts ([`crate::broker::Broker::new`]), so that it precedes every connection's.
+pub(crate) fn epoch() -> tokio::time::Instant {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(tokio::time::Instant::now)
+}
+
+/// `at` as a parked connection keeps it: nanoseconds after [`epoch`] (an instant before it
+/// counts as the epoch).
+fn since_epoch(at: tokio::time::Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A client's Maximum Packet Size as a parked connection keeps it (`usize::MAX`, none,
+/// as `u32::MAX`: no packet is that long), and back.
+fn packet_limit_to_u32(limit: usize) -> u32 {
+    u32::try_from(limit).unwrap_or(u32::MAX)
+}
+
+fn packet_limit_from_u32(limit: u32) -> usize {
+    match limit {
+        u32::MAX => usize::MAX,
+        m => usize::try_from(m).unwrap_or(usize::MAX),
+    }
 }
 
 impl Conn {
@@ -488,23 +528,31 @@ impl Conn {
         let c = *self;
         debug_assert!(c.inbuf.is_empty() && c.out.is_empty() && c.held.is_empty());
         debug_assert!(c.batch.is_empty() && c.pending.is_empty() && c.paused.is_none());
+        let (gate, attributes) = c.gate.rest();
+        let rare =
+            (c.alias_out.is_some() || c.reauth.is_some() || !attributes.is_empty()).then(|| {
+                Box::new(Rare {
+                    alias_out: c.alias_out,
+                    reauth: c.reauth,
+                    attributes,
+                })
+            });
         Resting {
             broker: c.broker,
             config: c.config,
-            version: c.version,
             state: c.state,
             conn_id: c.conn_id,
-            last_rx: c.last_rx,
-            ka_watch: c.ka_watch,
-            window: c.window,
-            client_max_packet: c.client_max_packet,
+            last_rx: since_epoch(c.last_rx),
             alias_in: c.alias_in,
-            alias_out: c.alias_out,
             will: c.will,
+            gate,
+            rare,
+            ka_watch: u32::try_from(c.ka_watch).unwrap_or(0),
+            client_max_packet: packet_limit_to_u32(c.client_max_packet),
             keep_alive_ms: c.keep_alive_ms,
             connect_expiry: c.connect_expiry,
-            gate: c.gate,
-            reauth: c.reauth,
+            window: c.window,
+            version: c.version,
             revoked: c.revoked,
             bridge: c.bridge,
         }
@@ -550,6 +598,15 @@ impl Resting {
     /// The connection served again.
     fn wake(self) -> Box<Conn> {
         let r = self;
+        let (alias_out, reauth, attributes) = match r.rare {
+            Some(rare) => (rare.alias_out, rare.reauth, rare.attributes),
+            None => (None, None, Box::default()),
+        };
+        let gate = (r.gate).wake(
+            r.broker.plugins.clone(),
+            r.state.client_id.clone(),
+            attributes,
+        );
         Box::new(Conn {
             committed: r.broker.store.committed(),
             replicated: r.broker.cluster.as_ref().map(|c| c.replicated()),
@@ -560,14 +617,14 @@ impl Resting {
             conn_id: r.conn_id,
             handed_on: false,
             inbuf: BytesMut::new(),
-            last_rx: r.last_rx,
-            ka_watch: r.ka_watch,
+            last_rx: epoch() + Duration::from_nanos(r.last_rx),
+            ka_watch: u64::from(r.ka_watch),
             out: out::Out::default(),
             batch: VecDeque::new(),
             window: r.window,
-            client_max_packet: r.client_max_packet,
+            client_max_packet: packet_limit_from_u32(r.client_max_packet),
             alias_in: r.alias_in,
-            alias_out: r.alias_out,
+            alias_out,
             will: r.will,
             keep_alive_ms: r.keep_alive_ms,
             held: VecDeque::new(),
@@ -575,9 +632,9 @@ impl Resting {
             input_stopped: false,
             paused: None,
             connect_expiry: r.connect_expiry,
-            gate: r.gate,
+            gate,
             pending: Vec::new(),
-            reauth: r.reauth,
+            reauth,
             revoked: r.revoked,
             bridge: r.bridge,
         })
@@ -690,10 +747,27 @@ mod task_size {
         assert!(size <= 416, "connection::run's future is {size} bytes");
     }
 
+    /// A parked connection's compact last-read time and packet limit come back as they were.
+    #[test]
+    fn a_parked_connections_times_and_limits_come_back_whole() {
+        use std::time::Duration;
+        let epoch = super::epoch();
+        for after in [0, 1, 999_999_999, 86_400 * 1_000_000_007] {
+            let at = epoch + Duration::from_nanos(after);
+            assert_eq!(epoch + Duration::from_nanos(super::since_epoch(at)), at);
+        }
+        for limit in [0, 1, 268_435_460, u32::MAX as usize - 1, usize::MAX] {
+            let kept = super::packet_limit_to_u32(limit);
+            assert_eq!(super::packet_limit_from_u32(kept), limit);
+        }
+        // A limit of u32::MAX bytes comes back as none: no packet reaches either.
+        assert_eq!(super::packet_limit_from_u32(u32::MAX), usize::MAX);
+    }
+
     /// What a parked connection keeps of its state: every idle plain TCP client holds one.
     #[test]
     fn a_resting_connection_stays_small() {
         let size = std::mem::size_of::<super::Resting>();
-        assert!(size <= 272, "Resting is {size} bytes");
+        assert!(size <= 208, "Resting is {size} bytes");
     }
 }

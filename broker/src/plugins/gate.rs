@@ -40,6 +40,37 @@ pub struct Gate {
     subscriptions_generation: u64,
 }
 
+/// A gate while its connection is parked: what [`Gate`] keeps but the client id (the
+/// session has it), the plugins (the broker has them) and the attributes (the parked
+/// connection keeps them with its rarely used state, most clients have none).
+pub struct RestingGate {
+    principal: Arc<crate::message::Principal>,
+    cache: Option<Box<Cache>>,
+    subscriptions_generation: u64,
+}
+
+impl RestingGate {
+    /// The gate again, for the client `client_id` with its `attributes`, over `plugins`
+    /// (the ones it was made with).
+    pub fn wake(
+        self,
+        plugins: Arc<Plugins>,
+        client_id: crate::message::ClientId,
+        attributes: Box<[(String, String)]>,
+    ) -> Gate {
+        Gate {
+            plugins,
+            client: ClientInfo {
+                client_id,
+                principal: self.principal,
+                attributes,
+            },
+            cache: self.cache,
+            subscriptions_generation: self.subscriptions_generation,
+        }
+    }
+}
+
 /// The verdicts a connection keeps, made by one generation of the chain.
 #[derive(Default)]
 struct Cache {
@@ -76,6 +107,16 @@ impl Gate {
     /// Who the client is, as authentication left it.
     pub fn client(&self) -> &ClientInfo {
         &self.client
+    }
+
+    /// The gate as a parked connection keeps it, and the client's attributes.
+    pub fn rest(self) -> (RestingGate, Box<[(String, String)]>) {
+        let gate = RestingGate {
+            principal: self.client.principal,
+            cache: self.cache,
+            subscriptions_generation: self.subscriptions_generation,
+        };
+        (gate, self.client.attributes)
     }
 
     /// Whether any plugin authorizes: one relaxed atomic load. When false, everything is
