@@ -56,21 +56,63 @@ type Handover = Option<(SessionState, Option<PendingWill>)>;
 #[derive(Debug)]
 struct Attached {
     conn: u64,
-    kick: Option<oneshot::Sender<Kick>>,
-    handover: Option<oneshot::Sender<Handover>>,
+    /// The channels a connection needs only while it connects or takes over (`None` once
+    /// both are gone: every idle client keeps a slot, and a channel's sender is 16 bytes).
+    waits: Option<Box<Waits>>,
     principal: Arc<Principal>,
     presence: Presence,
     /// The session's queue and expiry, once the connection has its session.
     session: Option<(Arc<Mailbox>, u32)>,
 }
 
+/// A slot's channels to its connection while it connects or takes over.
+#[derive(Debug)]
+struct Waits {
+    /// A kick before the connection has its session (later ones go through its mailbox).
+    kick: Option<oneshot::Sender<Kick>>,
+    /// Where the connection this one took over hands the session.
+    handover: Option<oneshot::Sender<Handover>>,
+}
+
+impl Waits {
+    /// The channels, boxed, unless there are none.
+    fn boxed(
+        kick: Option<oneshot::Sender<Kick>>,
+        handover: Option<oneshot::Sender<Handover>>,
+    ) -> Option<Box<Waits>> {
+        (kick.is_some() || handover.is_some()).then(|| Box::new(Waits { kick, handover }))
+    }
+}
+
 impl Attached {
+    /// Takes the kick channel, if the connection still has one.
+    fn take_kick(&mut self) -> Option<oneshot::Sender<Kick>> {
+        let kick = self.waits.as_mut()?.kick.take();
+        self.tidy_waits();
+        kick
+    }
+
+    /// Takes the handover channel, if the slot has one.
+    fn take_handover(&mut self) -> Option<oneshot::Sender<Handover>> {
+        let handover = self.waits.as_mut()?.handover.take();
+        self.tidy_waits();
+        handover
+    }
+
+    /// Drops the channels' box once both are gone.
+    fn tidy_waits(&mut self) {
+        if (self.waits.as_ref()).is_some_and(|w| w.kick.is_none() && w.handover.is_none()) {
+            self.waits = None;
+        }
+    }
+
     /// Tells the connection to close, and wakes it: through the session's mailbox once
     /// the connection has its session (an idle connection waits on its mailbox, or is
     /// parked without a task, `connection::park`); before, through the kick channel,
     /// which the connection reads once when it has its session.
     fn kick(&mut self, why: Kick) {
-        match (&self.session, self.kick.take()) {
+        let channel = self.take_kick();
+        match (&self.session, channel) {
             (Some((mailbox, _)), _) => mailbox.kick(why),
             (None, Some(k)) => {
                 let _ = k.send(why);
@@ -437,8 +479,7 @@ impl Sessions {
         let attached = |handover| {
             Slot::Attached(Box::new(Attached {
                 conn,
-                kick: Some(kick_tx),
-                handover,
+                waits: Waits::boxed(Some(kick_tx), handover),
                 principal: principal.clone(),
                 presence: presence.clone(),
                 session: None,
@@ -561,7 +602,7 @@ impl Sessions {
             // served the session before is forgotten.
             state.mailbox.clear_kick();
             a.session = Some((state.mailbox.clone(), expiry));
-            a.kick = None;
+            drop(a.take_kick());
         }
         if let Some(l) = self.on_attached.get() {
             (l.0)(&state.client_id, presence.since_ms);
@@ -613,7 +654,7 @@ impl Sessions {
         };
         if a.conn != conn {
             // Taken over: hand the session to the new connection.
-            match a.handover.take() {
+            match a.take_handover() {
                 Some(tx) if fate == Fate::EndsNow => {
                     // The session ended with its connection: nothing to resume.
                     drop(slots);
@@ -976,8 +1017,7 @@ impl Sessions {
                         client_id.clone(),
                         Slot::Attached(Box::new(Attached {
                             conn,
-                            kick: None,
-                            handover: Some(tx),
+                            waits: Waits::boxed(None, Some(tx)),
                             principal: old.principal.clone(),
                             presence: old.presence.clone(),
                             session: None,
@@ -1206,11 +1246,11 @@ impl Sessions {
 
 #[cfg(test)]
 mod size {
-    /// Every connected client has one slot: 96 bytes, one of the allocator's size classes
-    /// (the next is 112). A change that grows it grows every connection.
+    /// Every connected client has one slot: 80 bytes at most, one of the allocator's size
+    /// classes (the next is 96). A change that grows it grows every connection.
     #[test]
     fn an_attached_slot_stays_small() {
         let size = std::mem::size_of::<super::Attached>();
-        assert!(size <= 96, "Attached is {size} bytes");
+        assert!(size <= 80, "Attached is {size} bytes");
     }
 }
