@@ -213,8 +213,12 @@ async fn python_acl_with_broken_rules_denies_and_says_why() {
 const ACL_A: &str = "[config]\n[[config.rules]]\nallow = \"readwrite\"\ntopic = \"a/#\"\n";
 const ACL_B: &str = "[config]\n[[config.rules]]\nallow = \"readwrite\"\ntopic = \"b/#\"\n";
 
+/// New rules apply to a connected client. Usually about 0.4 s (the 250 ms folder poll and
+/// a cache-hit load); the bound is 2 s, as for the JavaScript example, because this test
+/// runs beside the others of its stage loading their interpreters on the same two cores (it
+/// once took 1.15 s there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_acl_rules_reload_live_within_a_second() {
+async fn python_acl_rules_reload_live_within_two_seconds() {
     let (broker, plugins) = broker_with("python-acl", &python_acl(), ACL_A).await;
     let mut c = v3::Client::connect(v3::options(&broker, "reloaded")).await;
     c.subscribe_ok("a/x", v3::QoS::AtMostOnce).await;
@@ -237,7 +241,7 @@ async fn python_acl_rules_reload_live_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = changed.elapsed();
-    assert!(took < Duration::from_secs(1), "reload took {took:?}");
+    assert!(took < Duration::from_secs(2), "reload took {took:?}");
     assert_eq!(
         c.subscribe("a/x", v3::QoS::AtMostOnce).await,
         v3::SubscribeReasonCode::Failure
