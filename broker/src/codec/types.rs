@@ -279,18 +279,49 @@ fn validate_filter_levels(s: &str) -> Result<(), TopicError> {
 /// Does `filter` (without share prefix) match `topic`? `$`-topics are never matched by a
 /// filter starting with a wildcard (MQTT-4.7.2-1).
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+    // Byte by byte, both at the start of a level on each turn (`/` is one byte in UTF-8
+    // and never part of another character): no level iterators on the way of every
+    // message a sink or a bridge selects.
+    let (f, t) = (filter.as_bytes(), topic.as_bytes());
+    if t.first() == Some(&b'$') && matches!(f.first(), Some(b'+' | b'#')) {
         return false;
     }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
+    let (mut i, mut j) = (0, 0);
     loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
+        let level_end = f.get(i + 1).is_none_or(|&c| c == b'/');
+        match f.get(i) {
+            Some(b'#') if level_end => return true,
+            Some(b'+') if level_end => {
+                i += 1;
+                while t.get(j).is_some_and(|&c| c != b'/') {
+                    j += 1;
+                }
+            }
+            _ => {
+                while let Some(&c) = f.get(i).filter(|&&c| c != b'/') {
+                    if t.get(j) != Some(&c) {
+                        return false;
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                if t.get(j).is_some_and(|&c| c != b'/') {
+                    return false;
+                }
+            }
+        }
+        // Both at a `/` or at their end.
+        match (i < f.len(), j < t.len()) {
+            (false, false) => return true,
+            (true, true) => {
+                i += 1;
+                j += 1;
+            }
+            // "a/#" matches "a" as well.
+            (true, false) => {
+                return f.get(i + 1) == Some(&b'#') && f.get(i + 2).is_none_or(|&c| c == b'/');
+            }
+            (false, true) => return false,
         }
     }
 }
@@ -566,6 +597,28 @@ mod tests {
             let tl: Vec<&str> = t.split('/').collect();
             let dollar_guard = t.starts_with('$') && (f.starts_with('+') || f.starts_with('#'));
             prop_assert_eq!(filter_matches(&f, &t), reference(&fl, &tl) && !dollar_guard);
+        }
+
+        /// Any text as filter and topic, valid or not: the byte-wise matcher agrees with
+        /// matching level by level on split strings.
+        #[test]
+        fn matches_like_split_levels_on_any_text(f in "[ab/+#$é]{0,8}", t in "[ab/+#$é]{0,8}") {
+            let split = || {
+                if t.starts_with('$') && f.starts_with(['+', '#']) {
+                    return false;
+                }
+                let (mut fl, mut tl) = (f.split('/'), t.split('/'));
+                loop {
+                    match (fl.next(), tl.next()) {
+                        (Some("#"), _) => return true,
+                        (Some("+"), Some(_)) => {}
+                        (Some(a), Some(b)) if a == b => {}
+                        (None, None) => return true,
+                        _ => return false,
+                    }
+                }
+            };
+            prop_assert_eq!(filter_matches(&f, &t), split());
         }
 
         #[test]
