@@ -212,6 +212,9 @@ pub struct Plugin {
     /// The contract version the component was built against (the `@X.Y.Z` of its
     /// `sandpiper:plugin/...` exports; empty if it names none).
     pub contract: String,
+    /// Its sink queue (it belongs to the name: every version of the plugin finds the
+    /// same), kept at the first message it takes so that the next ones do not look it up.
+    pub(super) sink: std::sync::OnceLock<Arc<super::sink::SinkQueue>>,
 }
 
 impl Plugin {
@@ -262,6 +265,7 @@ impl Plugin {
             stats: Default::default(),
             version: String::new(),
             contract: contract_of(component, &host.engine),
+            sink: std::sync::OnceLock::new(),
         };
         let first = plugin.instantiate()?;
         plugin.put(first);

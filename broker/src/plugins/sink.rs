@@ -50,21 +50,21 @@ pub struct SinkQueue {
     cv: Condvar,
     /// Its counters.
     pub stats: SinkStats,
-    /// When the waiting records were queued: (second of the process, records), oldest
-    /// first; one entry per second that queued any.
+    /// When the waiting records were queued: (Unix second, records), oldest first; one
+    /// entry per second that queued any.
     ages: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl SinkQueue {
-    /// Appends a record; returns the store ticket that makes it durable.
-    fn push(&self, bytes: &[u8], max_queue: u64) -> Option<u64> {
+    /// Appends a record received in Unix second `now`; returns the store ticket that
+    /// makes it durable.
+    fn push(&self, bytes: &[u8], max_queue: u64, now: u64) -> Option<u64> {
         let a = self.log.push(bytes, max_queue);
         {
             let mut ages = self.ages.lock().unwrap_or_else(|p| p.into_inner());
             if a.dropped_oldest {
                 take_oldest(&mut ages, 1);
             }
-            let now = crate::metrics::uptime().as_secs();
             match ages.back_mut() {
                 Some((s, n)) if *s == now => *n += 1,
                 _ => ages.push_back((now, 1)),
@@ -126,7 +126,7 @@ impl SinkQueue {
     pub fn oldest_age(&self) -> Duration {
         let ages = self.ages.lock().unwrap_or_else(|p| p.into_inner());
         match ages.front() {
-            Some((s, _)) => crate::metrics::uptime().saturating_sub(Duration::from_secs(*s)),
+            Some((s, _)) => Duration::from_secs(unix_s_now().saturating_sub(*s)),
             None => Duration::ZERO,
         }
     }
@@ -138,6 +138,11 @@ impl SinkQueue {
             let _ = self.cv.wait_timeout(idle, d);
         }
     }
+}
+
+/// The wall clock in whole seconds since the Unix epoch.
+fn unix_s_now() -> u64 {
+    crate::store::record::unix_ms_now() / 1000
 }
 
 /// Forgets the queue times of the `n` oldest records.
@@ -180,22 +185,32 @@ impl Plugins {
         }
         let chain = self.chain();
         RECORD.with_borrow_mut(|record| {
-            let mut encoded = false;
+            // One clock reading per message: its record's time and its queue's age.
+            let mut received_ms = None;
             let mut ticket = None;
             for p in &chain.plugins {
                 if !p.hooks.has(Hooks::SINK) || !p.sidecar.selects(msg.topic.as_str()) {
                     continue;
                 }
-                let Some(q) = self.sink_queue(&p.name) else {
-                    continue;
+                let q = match p.sink.get() {
+                    Some(q) => q,
+                    None => match self.sink_queue(&p.name) {
+                        Some(q) => p.sink.get_or_init(|| q),
+                        None => continue,
+                    },
                 };
-                if !encoded {
-                    if !Store::sink_record_into(record, publisher, msg) {
-                        return None;
+                let at_ms = match received_ms {
+                    Some(ms) => ms,
+                    None => {
+                        let ms = crate::store::record::unix_ms_now();
+                        if !Store::sink_record_at(record, publisher, ms, msg) {
+                            return None;
+                        }
+                        received_ms = Some(ms);
+                        ms
                     }
-                    encoded = true;
-                }
-                ticket = ticket.max(q.push(record, p.sidecar.sink.max_queue));
+                };
+                ticket = ticket.max(q.push(record, p.sidecar.sink.max_queue, at_ms / 1000));
             }
             // A large message's room is not kept for the next ones.
             if record.capacity() > 1024 * 1024 {
@@ -254,7 +269,7 @@ impl Plugins {
             cv: Condvar::new(),
             stats: SinkStats::default(),
             ages: Mutex::new(if waiting > 0 {
-                VecDeque::from([(crate::metrics::uptime().as_secs(), waiting)])
+                VecDeque::from([(unix_s_now(), waiting)])
             } else {
                 VecDeque::new()
             }),

@@ -137,8 +137,18 @@ impl Store {
     /// [`Store::sink_record`] written into `out` (cleared first); false (logged) when the
     /// message cannot be encoded.
     pub fn sink_record_into(out: &mut bytes::BytesMut, publisher: &str, msg: &Message) -> bool {
+        Store::sink_record_at(out, publisher, record::unix_ms_now(), msg)
+    }
+
+    /// [`Store::sink_record_into`] for a message received at `at_ms` (Unix ms).
+    pub fn sink_record_at(
+        out: &mut bytes::BytesMut,
+        publisher: &str,
+        at_ms: u64,
+        msg: &Message,
+    ) -> bool {
         out.clear();
-        match record::encode_sink(out, publisher, record::unix_ms_now(), msg) {
+        match record::encode_sink(out, publisher, at_ms, msg) {
             Ok(()) => true,
             Err(e) => {
                 out.clear();

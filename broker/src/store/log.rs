@@ -114,22 +114,33 @@ impl Shared {
     /// consumed meanwhile) as rows, and the consumed prefix. Called by the writer thread
     /// when it takes an [`Op::Log`] into a commit.
     pub(super) fn take(&self) -> Vec<Op> {
-        let mut st = self.lock();
-        st.queued = None;
         let key = QueueKey::Sink(self.name.clone());
         let mut ops = Vec::new();
-        let consumed = st.first - 1;
-        if consumed > st.stored_consumed {
-            ops.push(Op::Queue(QueueOp::DeleteThrough(key.clone(), consumed)));
-            let marker = consumed.to_be_bytes().to_vec();
-            ops.push(Op::Queue(QueueOp::Put(key.clone(), MARKER, marker)));
-            st.stored_consumed = consumed;
-        }
-        let from = st.unwritten_from.max(st.first);
+        // Under the lock only what the rows need (the records are shared, not copied):
+        // a publisher appending meanwhile waits for the lock, not for the rows' copies.
+        let (records, unwritten) = {
+            let mut st = self.lock();
+            st.queued = None;
+            let consumed = st.first - 1;
+            if consumed > st.stored_consumed {
+                ops.push(Op::Queue(QueueOp::DeleteThrough(key.clone(), consumed)));
+                let marker = consumed.to_be_bytes().to_vec();
+                ops.push(Op::Queue(QueueOp::Put(key.clone(), MARKER, marker)));
+                st.stored_consumed = consumed;
+            }
+            let from = st.unwritten_from.max(st.first);
+            let records: Vec<(u64, Bytes)> = st.mem_from(from).cloned().collect();
+            let unwritten = st.unwritten_bytes;
+            st.unwritten_from = st.next;
+            st.unwritten_bytes = 0;
+            st.evict();
+            (records, unwritten)
+        };
+        self.written.notify_all();
         // (sequence number of its last record, bytes)
         let mut row: Option<(u64, Vec<u8>)> = None;
-        let room = st.unwritten_bytes.min(ROW_BYTES) + 4 * st.mem_from(from).len();
-        for (seq, rec) in st.mem_from(from) {
+        let room = unwritten.min(ROW_BYTES) + 4 * records.len();
+        for (seq, rec) in &records {
             let (last, bytes) = row.get_or_insert_with(|| (*seq, row_head(*seq, room)));
             *last = *seq;
             bytes.extend_from_slice(&u32::try_from(rec.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -143,11 +154,6 @@ impl Shared {
         if let Some(r) = row.take() {
             ops.push(row_op(&key, r));
         }
-        st.unwritten_from = st.next;
-        st.unwritten_bytes = 0;
-        st.evict();
-        drop(st);
-        self.written.notify_all();
         ops
     }
 }

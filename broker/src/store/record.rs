@@ -105,12 +105,20 @@ fn put_message(
             message: properties,
         },
     };
-    let mut packet = BytesMut::new();
-    codec::encode_packet(&Packet::Publish(p), ProtocolVersion::V5, &mut packet)
-        .map_err(|e| RecordError(e.to_string()))?;
-    let len = u32::try_from(packet.len()).map_err(|_| bad("message too large"))?;
-    out.put_u32(len);
-    out.put_slice(&packet);
+    // The packet goes straight after its length, which is filled in once it is known.
+    let at = out.len();
+    out.put_u32(0);
+    if let Err(e) = codec::encode_packet(&Packet::Publish(p), ProtocolVersion::V5, out) {
+        out.truncate(at);
+        return Err(RecordError(e.to_string()));
+    }
+    let Ok(len) = u32::try_from(out.len() - at - 4) else {
+        out.truncate(at);
+        return Err(bad("message too large"));
+    };
+    if let Some(head) = out.get_mut(at..at + 4) {
+        head.copy_from_slice(&len.to_be_bytes());
+    }
     Ok(())
 }
 
