@@ -20,7 +20,8 @@ is taken over on the other node; 21,000 persistent QoS 1 subscriptions over thre
 their offline messages with two JetStream consumers per node; with all of NATS gone a node refuses the QoS 1/2 messages other nodes
 want (MQTT 5 0x97, 3.1.1 no PUBACK), still routes between its own clients, is not ready, and
 recovers by itself; nodes sign in to NATS over TLS with a client certificate, with a
-``.creds`` file (operator mode) and with an NKEY seed.
+``.creds`` file (operator mode) and with an NKEY seed; with ``nats_order = "listed"`` each
+node stays on the first NATS server of its own list.
 """
 
 from __future__ import annotations
@@ -185,12 +186,12 @@ def nodes(request, nats):
     started: list[Node] = []
 
     def make(*names: str, urls: list[str] | None = None, replicas: int = 1,
-             extra: str = "") -> list[Node]:
+             extra: str = "", cluster: str = "") -> list[Node]:
         out = []
         for name in names:
             servers = ", ".join(f'"{u}"' for u in (urls or nats.urls()))
             text = node_config(extra=extra) + (f'\n[cluster]\nnode = "{name}"\nnats = [{servers}]\n'
-                                    f'node_timeout_ms = 3000\nreplicas = {replicas}\n')
+                                    f'node_timeout_ms = 3000\nreplicas = {replicas}\n{cluster}')
             n = Node(text)
             started.append(n)
             n.name = name
@@ -486,6 +487,27 @@ def test_routing_goes_on_when_a_nats_server_dies(nats, nodes):
     (c,) = nodes("c", replicas=3)
     wait_until("node c reads the bucket", lambda: retained_on(c, "kept/#", 0.3) == {
         "kept/r": "three copies"}, timeout=15)
+
+
+def test_listed_order_keeps_each_node_on_its_first_nats_server(nats, nodes):
+    """``nats_order = "listed"``: each node connects to the first server of its own list
+    (as a node beside its own NATS server would), and messages still cross between them."""
+    urls = nats.urls()
+    listed = 'nats_order = "listed"\n'
+    a, = nodes("a", urls=[urls[1], urls[0], urls[2]], cluster=listed)
+    b, = nodes("b", urls=[urls[2], urls[1], urls[0]], cluster=listed)
+    wait_until("node a on server 1 and node b on server 2",
+               lambda: "sandpiper a" in nats.clients(1) and "sandpiper b" in nats.clients(2),
+               timeout=10, detail=lambda: f" {[nats.clients(i) for i in range(3)]}")
+    sub = Client(b, version=5)
+    sub.subscribe("listed/#", qos=1)
+    knows(a, "b", 1)
+    pub = Client(a, version=4)
+    for i in range(50):
+        pub.publish("listed/x", str(i), qos=1)
+    assert [m.text for m in sub.messages.wait_for(50, timeout=10)] == [str(i) for i in range(50)]
+    # Still on the servers they were put on.
+    assert "sandpiper a" in nats.clients(1) and "sandpiper b" in nats.clients(2)
 
 
 def test_a_message_over_nats_max_payload_is_dropped_and_holds_up_nothing(nodes):

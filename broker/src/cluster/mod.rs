@@ -615,6 +615,9 @@ impl Cluster {
             .reconnect_delay_callback(|attempt| {
                 Duration::from_millis(100 * (attempt as u64).min(20))
             });
+        if c.nats_order == crate::config::NatsOrder::Listed {
+            options = options.retain_servers_order();
+        }
         if let (Some(u), Some(p)) = (&c.user, &c.password) {
             options = options.user_and_password(u.clone(), p.clone());
         }

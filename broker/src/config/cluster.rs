@@ -13,9 +13,13 @@ use super::ConfigError;
 pub struct ClusterConfig {
     /// This node's name, unique in the cluster: letters, digits, `-` and `_`, at most 64.
     pub node: String,
-    /// NATS servers (`nats://host:port`, or `host:port`); the client connects to one and
-    /// learns the others from it.
+    /// NATS servers (`nats://host:port`, or `host:port`); the client connects to one
+    /// (which one: `nats_order`) and learns the others from it.
     pub nats: Vec<String>,
+    /// Which of `nats` the node connects to: one at random (the default, which spreads
+    /// the nodes over the servers), or the first it can reach in the order listed.
+    #[serde(default)]
+    pub nats_order: NatsOrder,
     /// User name at NATS (with `password`).
     pub user: Option<String>,
     /// Password at NATS.
@@ -51,6 +55,20 @@ pub struct ClusterConfig {
     /// QoS 1/2 messages for other nodes wait, then are refused.
     #[serde(default = "default_queue_max_bytes")]
     pub queue_max_bytes: u64,
+}
+
+/// `[cluster] nats_order`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsOrder {
+    /// A server picked at random, another at random when it fails.
+    #[default]
+    Random,
+    /// The first server listed that answers, the next ones in turn when it fails: a node
+    /// beside its own NATS server lists that one first, and its messages to the nodes on
+    /// that server cross no NATS route. A node that moved stays on its server until that
+    /// connection fails; each reconnection tries the list from the top.
+    Listed,
 }
 
 fn default_queue_max_bytes() -> u64 {
@@ -131,7 +149,14 @@ mod tests {
         let cl = c.cluster.unwrap();
         assert_eq!(cl.node, "a-1");
         assert_eq!(cl.node_timeout_ms, 10_000);
+        assert_eq!(cl.nats_order, super::NatsOrder::Random);
+        let listed = parse("node = \"a\"\nnats = [\"127.0.0.1:4222\"]\nnats_order = \"listed\"\n");
+        assert_eq!(
+            listed.unwrap().cluster.unwrap().nats_order,
+            super::NatsOrder::Listed
+        );
         for bad in [
+            "node = \"a\"\nnats = [\"nats://127.0.0.1:4222\"]\nnats_order = \"first\"",
             "node = \"a.b\"\nnats = [\"nats://127.0.0.1:4222\"]",
             "node = \"\"\nnats = [\"nats://127.0.0.1:4222\"]",
             "node = \"a\"\nnats = []",

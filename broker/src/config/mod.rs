@@ -11,7 +11,7 @@ mod cluster;
 mod listener;
 
 pub use bridge::{BridgeConfig, BridgeProtocol, BridgeTopic, Direction, Remote};
-pub use cluster::ClusterConfig;
+pub use cluster::{ClusterConfig, NatsOrder};
 pub use listener::DEFAULT_CONNECTION_RATE;
 use listener::default_listeners;
 pub use listener::{ListenerConfig, ListenerKind, Protocol};
