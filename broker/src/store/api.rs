@@ -131,16 +131,11 @@ impl Store {
     /// `None` when it cannot be encoded (logged).
     pub fn sink_record(publisher: &str, msg: &Message) -> Option<Vec<u8>> {
         let mut out = bytes::BytesMut::new();
-        Store::sink_record_into(&mut out, publisher, msg).then(|| out.to_vec())
+        Store::sink_record_at(&mut out, publisher, record::unix_ms_now(), msg).then(|| out.to_vec())
     }
 
-    /// [`Store::sink_record`] written into `out` (cleared first); false (logged) when the
-    /// message cannot be encoded.
-    pub fn sink_record_into(out: &mut bytes::BytesMut, publisher: &str, msg: &Message) -> bool {
-        Store::sink_record_at(out, publisher, record::unix_ms_now(), msg)
-    }
-
-    /// [`Store::sink_record_into`] for a message received at `at_ms` (Unix ms).
+    /// [`Store::sink_record`] for a message received at `at_ms` (Unix ms), written into
+    /// `out` (cleared first); false (logged) when the message cannot be encoded.
     pub fn sink_record_at(
         out: &mut bytes::BytesMut,
         publisher: &str,
